@@ -1,0 +1,339 @@
+"""Checkpoints: DeepMind's released pickle (read safely) and this project's own format.
+
+The project's format is one file, a zip (``.npz``-compatible: ``np.load`` opens it) of
+``.npy`` arrays plus ``metadata.json``; no pickle is written or read:
+
+- ``params/<module path>/<name>.npy``: the Haiku parameters.
+- ``trees/<name>/<leaf index>.npy``: optional extra pytrees (optimizer state, RNG key),
+  restored against a template of the same structure with ``load_tree``.
+- ``metadata.json``: ``{"format": ..., "config": {...}, "metadata": {...}}``.
+
+Writes are atomic: a temporary file in the same directory, flushed and fsynced, then
+renamed over the target, so a crash or ``kill -9`` mid-write leaves the previous file
+intact. DeepMind's pickle is read through an unpickler that admits numpy arrays and plain
+containers only; anything else (a pickle that would call a function) is refused before
+it runs.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+import re
+import tempfile
+import zipfile
+from typing import Any, Mapping
+
+import jax
+import ml_collections
+import numpy as np
+
+FORMAT = 'perceiver-io-checkpoint/1'
+_METADATA = 'metadata.json'
+
+Params = Mapping[str, Mapping[str, Any]]
+
+
+class CheckpointError(ValueError):
+  """A checkpoint file is unreadable, unsafe, or does not match the model."""
+
+
+# --------------------------------------------------------------------------------------
+# DeepMind's pickle.
+
+# (module, name) pairs a numpy-array pickle needs, in numpy 1.x and 2.x spellings.
+_SAFE_GLOBALS = frozenset({
+    ('numpy.core.multiarray', '_reconstruct'),
+    ('numpy._core.multiarray', '_reconstruct'),
+    ('numpy.core.multiarray', 'scalar'),
+    ('numpy._core.multiarray', 'scalar'),
+    ('numpy.core.numeric', '_frombuffer'),   # arrays under pickle protocol 5
+    ('numpy._core.numeric', '_frombuffer'),
+    ('numpy', 'ndarray'),
+    ('numpy', 'dtype'),
+    ('collections', 'OrderedDict'),
+    ('_codecs', 'encode'),   # how protocol 2 spells a bytes object (str -> latin-1 bytes)
+})
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+
+  def find_class(self, module, name):
+    if (module, name) in _SAFE_GLOBALS:
+      return super().find_class(module, name)
+    raise pickle.UnpicklingError(
+        f'refused to load global {module}.{name}: only numpy arrays and plain containers '
+        'are allowed in a parameter pickle')
+
+
+def load_deepmind_pickle(path, config=None) -> dict:
+  """Reads ``language_perceiver_io_bytes.pickle`` (module -> name -> array) safely.
+
+  Args:
+    path: the pickle file.
+    config: if given, every parameter path and shape is checked against the masked LM
+      this config builds (see ``check_params``).
+
+  Returns:
+    The parameters as a nested dict of numpy arrays.
+
+  Raises:
+    CheckpointError: naming the file, when it is not a safe parameter pickle or does
+      not match the config.
+  """
+  path = os.fspath(path)
+  try:
+    with open(path, 'rb') as f:
+      raw = _RestrictedUnpickler(f).load()
+  except OSError as e:
+    raise CheckpointError(f'{path}: cannot read: {e}') from e
+  except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, IndexError,
+          TypeError, ValueError) as e:
+    raise CheckpointError(f'{path}: not a safe parameter pickle: {e}') from e
+  params = _as_params(raw, path)
+  if config is not None:
+    from perceiver import transform  # pylint: disable=import-outside-toplevel
+    check_params(params, expected_shapes(transform.masked_lm(config), config), source=path)
+  return params
+
+
+def _as_params(raw, source) -> dict:
+  if not isinstance(raw, Mapping):
+    raise CheckpointError(f'{source}: expected a dict of modules, got {type(raw).__name__}')
+  params = {}
+  for module, leaves in raw.items():
+    if not isinstance(module, str) or not isinstance(leaves, Mapping):
+      raise CheckpointError(f'{source}: entry {module!r} is not module name -> dict')
+    params[module] = {}
+    for name, value in leaves.items():
+      if not isinstance(value, np.ndarray) or value.dtype == object:
+        raise CheckpointError(f'{source}: {module}/{name} is not a numeric numpy array '
+                              f'({type(value).__name__})')
+      params[module][name] = value
+  return params
+
+
+# --------------------------------------------------------------------------------------
+# Checking a parameter tree.
+
+def expected_shapes(transformed, config, num_positions=None) -> dict:
+  """The {module: {name: shape}} an ``hk.Transformed`` of this project creates."""
+  length = num_positions or min(config.max_seq_len, 8)
+  ids = jax.ShapeDtypeStruct((1, length), np.int32)
+  shapes = jax.eval_shape(lambda i: transformed.init(jax.random.PRNGKey(0), i, None), ids)
+  return {m: {n: tuple(v.shape) for n, v in leaves.items()} for m, leaves in shapes.items()}
+
+
+def check_params(params: Params, expected: Mapping[str, Mapping[str, tuple]],
+                 source='parameters') -> None:
+  """Raises CheckpointError listing every missing, unexpected and mis-shaped parameter."""
+  have = {f'{m}/{n}': tuple(np.shape(v)) for m, leaves in params.items()
+          for n, v in leaves.items()}
+  want = {f'{m}/{n}': tuple(s) for m, leaves in expected.items() for n, s in leaves.items()}
+  problems = []
+  missing = sorted(set(want) - set(have))
+  extra = sorted(set(have) - set(want))
+  wrong = sorted(k for k in set(want) & set(have) if want[k] != have[k])
+  if missing:
+    problems.append(f'missing {len(missing)}: ' + ', '.join(missing[:20]))
+  if extra:
+    problems.append(f'unexpected {len(extra)}: ' + ', '.join(extra[:20]))
+  if wrong:
+    problems.append(f'mis-shaped {len(wrong)}: ' + ', '.join(
+        f'{k} {list(have[k])} (expected {list(want[k])})' for k in wrong[:20]))
+  if problems:
+    raise CheckpointError(f'{source} does not match the model: ' + '; '.join(problems))
+
+
+# --------------------------------------------------------------------------------------
+# The project's own format.
+
+def _jsonable(value, what):
+  try:
+    return json.loads(json.dumps(value))
+  except (TypeError, ValueError) as e:
+    raise TypeError(f'checkpoint {what} must be JSON-serialisable: {e}') from e
+
+
+def _write_npy(zf: zipfile.ZipFile, name: str, array) -> None:
+  array = np.asarray(array)
+  if array.dtype == object:
+    raise TypeError(f'{name}: object arrays cannot be saved')
+  with zf.open(name, 'w', force_zip64=True) as f:
+    np.lib.format.write_array(f, array, allow_pickle=False)
+
+
+def _read_npy(zf: zipfile.ZipFile, name: str, source: str) -> np.ndarray:
+  try:
+    with zf.open(name) as f:
+      return np.lib.format.read_array(io.BufferedReader(f), allow_pickle=False)
+  except (ValueError, KeyError, zipfile.BadZipFile, OSError, EOFError) as e:
+    raise CheckpointError(f'{source}: entry {name} is unreadable: {e}') from e
+
+
+def save(path, params: Params, config, *, trees: Mapping[str, Any] | None = None,
+         **metadata) -> str:
+  """Writes params (+ config, optional pytrees, JSON metadata) atomically to ``path``.
+
+  Args:
+    path: the checkpoint file (conventionally ``*.npz``); its directory is created.
+    params: {module: {name: array}}, e.g. from ``init``.
+    config: the model ConfigDict (or dict) that builds these params.
+    trees: optional {name: pytree of arrays}, e.g. {'opt_state': ..., 'rng': key}.
+    **metadata: JSON-serialisable values (step, data position, ...).
+
+  Returns:
+    ``path``.
+  """
+  path = os.fspath(path)
+  config_dict = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else config
+  header = {'format': FORMAT, 'config': _jsonable(config_dict, 'config'),
+            'metadata': _jsonable(metadata, 'metadata'), 'trees': {}}
+  directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + '.', suffix='.tmp', dir=directory)
+  try:
+    with os.fdopen(fd, 'wb') as raw:
+      with zipfile.ZipFile(raw, 'w', zipfile.ZIP_STORED) as zf:
+        for module in sorted(params):
+          for name in sorted(params[module]):
+            _write_npy(zf, f'params/{module}/{name}.npy',
+                       jax.device_get(params[module][name]))
+        for tree_name, tree in (trees or {}).items():
+          leaves, treedef = jax.tree.flatten(tree)
+          header['trees'][tree_name] = {'num_leaves': len(leaves), 'treedef': str(treedef)}
+          for i, leaf in enumerate(leaves):
+            _write_npy(zf, f'trees/{tree_name}/{i}.npy', _plain_array(leaf))
+        zf.writestr(_METADATA, json.dumps(header, indent=1, sort_keys=True))
+      raw.flush()
+      os.fsync(raw.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+    raise
+  _fsync_directory(directory)
+  return path
+
+
+def _plain_array(leaf):
+  """Typed PRNG keys are stored as their raw uint32 data."""
+  if isinstance(leaf, jax.Array) and jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+    leaf = jax.random.key_data(leaf)
+  return np.asarray(jax.device_get(leaf))
+
+
+def _fsync_directory(directory):
+  try:
+    fd = os.open(directory, os.O_RDONLY)
+  except OSError:
+    return
+  try:
+    os.fsync(fd)
+  except OSError:
+    pass
+  finally:
+    os.close(fd)
+
+
+def _open(path) -> zipfile.ZipFile:
+  path = os.fspath(path)
+  if not os.path.exists(path):
+    raise CheckpointError(f'{path}: no such checkpoint')
+  try:
+    return zipfile.ZipFile(path, 'r')
+  except (zipfile.BadZipFile, OSError) as e:
+    raise CheckpointError(f'{path}: not a {FORMAT} file: {e}') from e
+
+
+def _header(zf, source) -> dict:
+  try:
+    header = json.loads(zf.read(_METADATA))
+  except (KeyError, ValueError) as e:
+    raise CheckpointError(f'{source}: missing or corrupt {_METADATA}: {e}') from e
+  if header.get('format') != FORMAT:
+    raise CheckpointError(f'{source}: format {header.get("format")!r}, expected {FORMAT!r}')
+  return header
+
+
+_PARAM_ENTRY = re.compile(r'^params/(.+)/([^/]+)\.npy$')
+
+
+def load(path):
+  """Reads a checkpoint written by ``save``.
+
+  Returns:
+    (params {module: {name: np.ndarray}}, config ConfigDict, metadata dict).
+  """
+  source = os.fspath(path)
+  with _open(path) as zf:
+    header = _header(zf, source)
+    params: dict = {}
+    for name in zf.namelist():
+      match = _PARAM_ENTRY.match(name)
+      if match:
+        params.setdefault(match.group(1), {})[match.group(2)] = _read_npy(zf, name, source)
+  if not params:
+    raise CheckpointError(f'{source}: contains no parameters')
+  return params, ml_collections.ConfigDict(header['config']), header['metadata']
+
+
+def load_tree(path, name: str, template):
+  """Restores the pytree saved as ``trees[name]`` into the structure of ``template``."""
+  source = os.fspath(path)
+  with _open(path) as zf:
+    header = _header(zf, source)
+    info = header['trees'].get(name)
+    if info is None:
+      raise CheckpointError(f'{source}: has no saved tree {name!r} '
+                            f'(has: {", ".join(header["trees"]) or "none"})')
+    leaves, treedef = jax.tree.flatten(template)
+    if len(leaves) != info['num_leaves']:
+      raise CheckpointError(f'{source}: tree {name!r} has {info["num_leaves"]} leaves, the '
+                            f'template {len(leaves)}')
+    restored = []
+    for i, like in enumerate(leaves):
+      value = _read_npy(zf, f'trees/{name}/{i}.npy', source)
+      if isinstance(like, jax.Array) and jax.dtypes.issubdtype(like.dtype,
+                                                               jax.dtypes.prng_key):
+        value = jax.random.wrap_key_data(value, impl=jax.random.key_impl(like))
+      elif np.shape(like) != value.shape:
+        raise CheckpointError(f'{source}: tree {name!r} leaf {i} has shape {value.shape}, '
+                              f'expected {np.shape(like)}')
+      restored.append(value)
+  return jax.tree.unflatten(treedef, restored)
+
+
+def is_own_checkpoint(path) -> bool:
+  path = os.fspath(path)
+  return os.path.isfile(path) and zipfile.is_zipfile(path)
+
+
+def load_any(path, config=None):
+  """Loads parameters from any supported form, detected from the path.
+
+  - this project's checkpoint (a zip written by ``save``): its own config;
+  - DeepMind's pickle: ``config`` or, by default, ``configs.language_mlm()``;
+  - a Hugging Face ``PerceiverForMaskedLM`` directory (``config.json`` + weights):
+    converted on the fly (see ``perceiver.hf``).
+
+  Returns:
+    (params, config, metadata).
+  """
+  from perceiver import configs  # pylint: disable=import-outside-toplevel
+  path = os.fspath(path)
+  if os.path.isdir(path):
+    if not os.path.exists(os.path.join(path, 'config.json')):
+      raise CheckpointError(f'{path}: a directory, but not a Hugging Face checkpoint '
+                            '(no config.json)')
+    from perceiver import hf  # pylint: disable=import-outside-toplevel
+    params, hf_config = hf.load_hf_checkpoint(path)
+    return params, hf_config, {'source': 'huggingface', 'path': path}
+  if is_own_checkpoint(path):
+    return load(path)
+  if not os.path.exists(path):
+    raise CheckpointError(f'{path}: no such checkpoint')
+  config = config or configs.language_mlm()
+  return load_deepmind_pickle(path, config), config, {'source': 'deepmind', 'path': path}

@@ -1,0 +1,139 @@
+"""Model configurations as plain data (``ml_collections.ConfigDict``).
+
+``encoder`` and ``decoder`` hold the keyword arguments of the original
+``PerceiverEncoder`` and ``BasicDecoder``, exactly as DeepMind's masked language
+modelling colab passes them; changing one changes the model as that keyword changes
+the original. The remaining fields are this project's:
+
+- ``classifier``: the sequence-classification decoder (one trainable query) and its
+  2-layer tanh MLP head, used by ``perceiver.transform.classifier`` (GLUE).
+- ``compute_dtype``: 'float32' (the original's arithmetic) or 'bfloat16' (bfloat16 matmul
+  inputs, float32 accumulation, float32 parameters, norms, softmax and residuals).
+- ``fusion_barrier``: 'auto' (on for XLA:CPU), 'on' or 'off'; see ``perceiver.layers.fusion_barrier``.
+  It changes speed on XLA:CPU, never values.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from perceiver import tokenizer
+
+
+def _language(d_model, d_latents, num_latents, num_self_attends, max_seq_len, qk_channels,
+              num_heads) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(
+      vocab_size=tokenizer.VOCAB_SIZE,
+      d_model=d_model,
+      max_seq_len=max_seq_len,
+      encoder=dict(
+          num_self_attends_per_block=num_self_attends,
+          num_blocks=1,
+          z_index_dim=num_latents,
+          num_z_channels=d_latents,
+          num_self_attend_heads=num_heads,
+          num_cross_attend_heads=num_heads,
+          qk_channels=qk_channels,
+          v_channels=d_latents,
+          use_query_residual=True,
+          cross_attend_widening_factor=1,
+          self_attend_widening_factor=1),
+      decoder=dict(
+          output_num_channels=d_latents,
+          position_encoding_type='trainable',
+          output_index_dims=max_seq_len,
+          num_z_channels=d_latents,
+          qk_channels=qk_channels,
+          v_channels=d_model,
+          num_heads=num_heads,
+          final_project=False,
+          use_query_residual=False,
+          trainable_position_encoding_kwargs=dict(num_channels=d_model)),
+      classifier=dict(
+          # The paper's single-task GLUE model: the MLM decoder replaced by one trainable
+          # query attending to the latents (same widths as the MLM decoder), then a
+          # 2-layer MLP (hidden d_model, tanh). Chosen here to mirror the MLM decoder.
+          decoder=dict(
+              position_encoding_type='trainable',
+              qk_channels=qk_channels,
+              v_channels=d_model,
+              num_heads=num_heads,
+              final_project=False,
+              use_query_residual=False,
+              trainable_position_encoding_kwargs=dict(num_channels=d_model)),
+          head_hidden_size=d_model,
+          head_dropout_prob=0.0),
+      compute_dtype='float32',
+      fusion_barrier='auto',
+  ))
+
+
+def language_mlm() -> ml_collections.ConfigDict:
+  """DeepMind's released model: the paper's 201M-parameter 'Perceiver IO' on UTF-8 bytes.
+
+  2048 bytes of d_model 768 -> 256 latents of 1280 channels, 26 latent self-attends.
+  This is the configuration of ``language_perceiver_io_bytes.pickle``.
+  """
+  return _language(d_model=768, d_latents=1280, num_latents=256, num_self_attends=26,
+                   max_seq_len=2048, qk_channels=8 * 32, num_heads=8)
+
+
+def language_mlm_plusplus() -> ml_collections.ConfigDict:
+  """The paper's larger 'Perceiver IO++' (GLUE 81.8): 40 latent self-attends of 1536 channels.
+
+  The paper gives its depth (40), latent width (1536) and size (425M); the other widths
+  (256 latents, qk 256, 8 heads, d_model 768) are taken from the released model, which
+  gives 425M parameters (``count_params`` in the tests). No checkpoint was released.
+  """
+  return _language(d_model=768, d_latents=1536, num_latents=256, num_self_attends=40,
+                   max_seq_len=2048, qk_channels=8 * 32, num_heads=8)
+
+
+def tiny(max_seq_len=64) -> ml_collections.ConfigDict:
+  """A small model of the same structure, for tests and smoke runs on a CPU."""
+  return _language(d_model=32, d_latents=48, num_latents=8, num_self_attends=2,
+                   max_seq_len=max_seq_len, qk_channels=16, num_heads=4)
+
+
+def small(max_seq_len=512) -> ml_collections.ConfigDict:
+  """A ~10M-parameter model for short CPU experiments."""
+  return _language(d_model=256, d_latents=384, num_latents=64, num_self_attends=6,
+                   max_seq_len=max_seq_len, qk_channels=128, num_heads=8)
+
+
+PRESETS = {
+    'language_mlm': language_mlm,
+    'language_mlm_plusplus': language_mlm_plusplus,
+    'small': small,
+    'tiny': tiny,
+}
+
+
+def get(name: str) -> ml_collections.ConfigDict:
+  """A preset by name; the error lists the known ones."""
+  if name not in PRESETS:
+    raise ValueError(f'unknown model preset {name!r}; known: {", ".join(sorted(PRESETS))}')
+  return PRESETS[name]()
+
+
+def validate(config) -> None:
+  """Raises ValueError naming the field when a config cannot build a working model."""
+  dec = config.decoder
+  if dec.get('position_encoding_type', 'trainable') == 'trainable':
+    rows = dec.output_index_dims
+    if not isinstance(rows, int) or rows < config.max_seq_len:
+      raise ValueError(f'decoder.output_index_dims ({rows!r}) must be an int >= max_seq_len '
+                       f'({config.max_seq_len}): one query per input position.')
+  if dec.get('final_project', True):
+    width, source = dec.output_num_channels, 'decoder.output_num_channels'
+  else:
+    width = dec.trainable_position_encoding_kwargs.num_channels
+    source = 'decoder.trainable_position_encoding_kwargs.num_channels'
+    if dec.get('concat_preprocessed_input', False):
+      width, source = width + config.d_model, source + ' + d_model'
+  if width != config.d_model:
+    raise ValueError(f'the decoder outputs {source} = {width} channels, but the tied '
+                     f'embedding decoder needs d_model = {config.d_model}.')
+  if config.compute_dtype not in ('float32', 'bfloat16'):
+    raise ValueError(f"compute_dtype must be 'float32' or 'bfloat16', got "
+                     f'{config.compute_dtype!r}')

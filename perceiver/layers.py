@@ -1,0 +1,283 @@
+"""Attention building blocks of the Perceiver, named and initialised as in DeepMind's code.
+
+Shapes use B for batch, N for query positions, M for key/value positions, H for heads.
+
+Mixed precision: every module takes ``compute_dtype``. Parameters stay float32; with
+``compute_dtype=bfloat16`` the inputs and weights of each matmul are cast to bfloat16 and
+the products accumulate in float32, so layer norms, softmax, residuals and the loss all
+stay float32. With float32 (the default) the computation is the original's.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+
+# The original masks attention logits with -1e30 (float32) before the softmax.
+_LARGE = 1e30
+
+
+def low_precision_dtype(compute_dtype) -> Optional[jnp.dtype]:
+  """The dtype to cast matmul inputs to, or None when computing in float32."""
+  dtype = jnp.dtype(compute_dtype)
+  return None if dtype == jnp.float32 else dtype
+
+
+def attend(q, k, v, *, attention_mask=None, dropout_prob=0.0, compute_dtype=jnp.float32):
+  """Multi-head scaled dot-product attention.
+
+  Args:
+    q: [B, N, H, Dqk] queries.
+    k: [B, M, H, Dqk] keys.
+    v: [B, M, H, Dv] values.
+    attention_mask: optional [B, N, M]; nonzero where query n may attend to key m.
+    dropout_prob: dropout on the attention weights (applied only if > 0).
+    compute_dtype: dtype of the two matmuls' inputs (accumulation is float32).
+
+  Returns:
+    [B, N, H * Dv]. A query row whose mask is all zero outputs zeros, as in the original
+    (a fully masked softmax row would otherwise average every value uniformly).
+  """
+  batch, n, heads, d_qk = q.shape
+  d_v = v.shape[-1]
+  low = low_precision_dtype(compute_dtype)
+  if low is not None:
+    q, k, v = q.astype(low), k.astype(low), v.astype(low)
+  logits = jnp.einsum('bnhd,bmhd->bhnm', q, k, preferred_element_type=jnp.float32)
+  logits = logits * (1.0 / math.sqrt(d_qk))
+  if attention_mask is not None:
+    logits = jnp.where(attention_mask[:, None, :, :], logits, -_LARGE)
+  weights = jax.nn.softmax(logits)
+  if dropout_prob > 0:
+    weights = hk.dropout(hk.next_rng_key(), dropout_prob, weights)
+  if low is not None:
+    weights = weights.astype(low)
+  out = jnp.einsum('bhnm,bmhd->bnhd', weights, v, preferred_element_type=jnp.float32)
+  out = out.reshape(batch, n, heads * d_v)
+  if attention_mask is not None:
+    nothing_to_attend = jnp.all(attention_mask == 0, axis=2, keepdims=True)  # [B, N, 1]
+    out = jnp.where(nothing_to_attend, jnp.zeros_like(out), out)
+  return out
+
+
+def cross_attention_mask(query_mask, kv_mask):
+  """[B, N] x [B, M] -> [B, N, M] outer product of two validity masks."""
+  return query_mask[:, :, None] * kv_mask[:, None, :]
+
+
+def layer_norm(x, name=None):
+  """Layer norm over the last axis with learned scale and offset (Haiku's eps 1e-5)."""
+  return hk.LayerNorm(axis=-1, create_scale=True, create_offset=True, name=name)(x)
+
+
+class Linear(hk.Module):
+  """A dense layer with the parameters of ``hk.Linear`` (``w`` [in, out], ``b`` [out]).
+
+  Initialised as the original's ``conv_1d``: VarianceScaling(init_scale), fan-in,
+  truncated normal; zero bias. ``w_init=None`` keeps Haiku's own default instead.
+  """
+
+  def __init__(self, output_size, *, init_scale=1.0, with_bias=True, w_init='variance_scaling',
+               compute_dtype=jnp.float32, name=None):
+    super().__init__(name=name)
+    self.output_size = output_size
+    self.with_bias = with_bias
+    if w_init == 'variance_scaling':
+      w_init = hk.initializers.VarianceScaling(init_scale)
+    self.w_init = w_init
+    self.compute_dtype = compute_dtype
+
+  def __call__(self, x):
+    """[..., in] -> [..., out]."""
+    fan_in = x.shape[-1]
+    w_init = self.w_init or hk.initializers.TruncatedNormal(1.0 / math.sqrt(fan_in))
+    w = hk.get_parameter('w', [fan_in, self.output_size], jnp.float32, init=w_init)
+    low = low_precision_dtype(self.compute_dtype)
+    if low is None:
+      y = jnp.dot(x, w)
+    else:
+      y = jnp.dot(x.astype(low), w.astype(low), preferred_element_type=jnp.float32)
+    if self.with_bias:
+      y = y + hk.get_parameter('b', [self.output_size], jnp.float32, init=jnp.zeros)
+    return y
+
+
+class Attention(hk.Module):
+  """Multi-headed attention: Q/K/V projections, ``attend``, output projection.
+
+  Its parameters are ``linear`` (Q), ``linear_1`` (K), ``linear_2`` (V), ``linear_3`` (out).
+  Channel defaults follow the original: qk from the query input, v from qk, output from v.
+  """
+
+  def __init__(self, num_heads=8, init_scale=1.0, with_final_bias=True,
+               final_init_scale_multiplier=1.0, dropout_prob=0.0, qk_channels=None,
+               v_channels=None, output_channels=None, compute_dtype=jnp.float32, name=None):
+    super().__init__(name=name)
+    self.num_heads = num_heads
+    self.init_scale = init_scale
+    self.with_final_bias = with_final_bias
+    self.final_init_scale = final_init_scale_multiplier * init_scale
+    self.dropout_prob = dropout_prob
+    self.qk_channels = qk_channels
+    self.v_channels = v_channels
+    self.output_channels = output_channels
+    self.compute_dtype = compute_dtype
+
+  def __call__(self, inputs_q, inputs_kv, attention_mask=None):
+    """[B, N, Cq], [B, M, Ckv] -> [B, N, output_channels]."""
+    qk_channels = self.qk_channels or inputs_q.shape[-1]
+    v_channels = self.v_channels or qk_channels
+    output_channels = self.output_channels or v_channels
+    for what, channels in (('qk_channels', qk_channels), ('v_channels', v_channels)):
+      if channels % self.num_heads:
+        raise ValueError(f'{what} ({channels}) must be divisible by num_heads '
+                         f'({self.num_heads}).')
+    dense = lambda size: Linear(size, init_scale=self.init_scale,
+                                compute_dtype=self.compute_dtype)
+    q = dense(qk_channels)(inputs_q)
+    k = dense(qk_channels)(inputs_kv)
+    v = dense(v_channels)(inputs_kv)
+    heads = lambda x: x.reshape(x.shape[:2] + (self.num_heads, x.shape[-1] // self.num_heads))
+    out = attend(heads(q), heads(k), heads(v), attention_mask=attention_mask,
+                 dropout_prob=self.dropout_prob, compute_dtype=self.compute_dtype)
+    return Linear(output_channels, init_scale=self.final_init_scale,
+                  with_bias=self.with_final_bias, compute_dtype=self.compute_dtype)(out)
+
+
+class MLP(hk.Module):
+  """Transformer feed-forward: Linear(widening x C), GELU (tanh form, as jax.nn.gelu), Linear(C)."""
+
+  def __init__(self, widening_factor=4, dropout_prob=0.0, init_scale=1.0,
+               compute_dtype=jnp.float32, name=None):
+    super().__init__(name=name)
+    self.widening_factor = widening_factor
+    self.dropout_prob = dropout_prob
+    self.init_scale = init_scale
+    self.compute_dtype = compute_dtype
+
+  def __call__(self, x, *, is_training):
+    """[B, N, C] -> [B, N, C]."""
+    channels = x.shape[-1]
+    x = Linear(self.widening_factor * channels, init_scale=self.init_scale,
+               compute_dtype=self.compute_dtype)(x)
+    x = jax.nn.gelu(x)
+    x = Linear(channels, init_scale=self.init_scale, compute_dtype=self.compute_dtype)(x)
+    return dropout(x, self.dropout_prob, is_training)
+
+
+def dropout(x, rate, is_training):
+  """Dropout at ``rate`` while training; the identity otherwise (no RNG needed)."""
+  if is_training and rate > 0:
+    return hk.dropout(hk.next_rng_key(), rate, x)
+  return x
+
+
+class SelfAttention(hk.Module):
+  """Pre-norm self-attention block: x + Attn(LN(x)), then + MLP(LN(.))."""
+
+  def __init__(self, widening_factor=4, dropout_prob=0.0, dropout_attn_prob=0.0, num_heads=8,
+               att_init_scale=1.0, dense_init_scale=1.0, qk_channels=None, v_channels=None,
+               compute_dtype=jnp.float32, name=None):
+    super().__init__(name=name)
+    self.widening_factor = widening_factor
+    self.dropout_prob = dropout_prob
+    self.dropout_attn_prob = dropout_attn_prob
+    self.num_heads = num_heads
+    self.att_init_scale = att_init_scale
+    self.dense_init_scale = dense_init_scale
+    self.qk_channels = qk_channels
+    self.v_channels = v_channels
+    self.compute_dtype = compute_dtype
+
+  def __call__(self, inputs, *, attention_mask=None, is_training):
+    """[B, N, C] -> [B, N, C]."""
+    qkv = layer_norm(inputs)
+    attention = Attention(
+        num_heads=self.num_heads, init_scale=self.att_init_scale,
+        qk_channels=self.qk_channels, v_channels=self.v_channels,
+        dropout_prob=self.dropout_attn_prob if is_training else 0.0,
+        compute_dtype=self.compute_dtype)(qkv, qkv, attention_mask=attention_mask)
+    x = inputs + dropout(attention, self.dropout_prob, is_training)
+    mlp = MLP(widening_factor=self.widening_factor, dropout_prob=self.dropout_prob,
+              init_scale=self.dense_init_scale, compute_dtype=self.compute_dtype)
+    return x + mlp(layer_norm(x), is_training=is_training)
+
+
+class CrossAttention(hk.Module):
+  """Pre-norm cross-attention block: [q +] Attn(LN(q), LN(kv)), then + MLP(LN(.)).
+
+  The output has the query's channels. ``shape_for_attn`` picks the default qk width
+  from the query ('q') or the key/value ('kv') input when ``qk_channels`` is None.
+  """
+
+  def __init__(self, widening_factor=1, dropout_prob=0.0, dropout_attn_prob=0.0, num_heads=8,
+               att_init_scale=1.0, dense_init_scale=1.0, shape_for_attn='kv',
+               use_query_residual=True, qk_channels=None, v_channels=None,
+               compute_dtype=jnp.float32, name=None):
+    super().__init__(name=name)
+    if shape_for_attn not in ('q', 'kv'):
+      raise ValueError(f"shape_for_attn must be 'q' or 'kv', got {shape_for_attn!r}")
+    self.widening_factor = widening_factor
+    self.dropout_prob = dropout_prob
+    self.dropout_attn_prob = dropout_attn_prob
+    self.num_heads = num_heads
+    self.att_init_scale = att_init_scale
+    self.dense_init_scale = dense_init_scale
+    self.shape_for_attn = shape_for_attn
+    self.use_query_residual = use_query_residual
+    self.qk_channels = qk_channels
+    self.v_channels = v_channels
+    self.compute_dtype = compute_dtype
+
+  def __call__(self, inputs_q, inputs_kv, *, attention_mask=None, is_training):
+    """[B, N, Cq], [B, M, Ckv] -> [B, N, Cq]."""
+    default_qk = inputs_q.shape[-1] if self.shape_for_attn == 'q' else inputs_kv.shape[-1]
+    attention = Attention(
+        num_heads=self.num_heads, init_scale=self.att_init_scale,
+        dropout_prob=self.dropout_attn_prob if is_training else 0.0,
+        qk_channels=self.qk_channels or default_qk, v_channels=self.v_channels,
+        output_channels=inputs_q.shape[-1], compute_dtype=self.compute_dtype)(
+            layer_norm(inputs_q), layer_norm(inputs_kv), attention_mask=attention_mask)
+    attention = dropout(attention, self.dropout_prob, is_training)
+    # Without the query residual (decoders whose queries are positions, not content),
+    # the block's output is the attention alone.
+    x = inputs_q + attention if self.use_query_residual else attention
+    mlp = MLP(widening_factor=self.widening_factor, dropout_prob=self.dropout_prob,
+              init_scale=self.dense_init_scale, compute_dtype=self.compute_dtype)
+    return x + mlp(layer_norm(x), is_training=is_training)
+
+
+@jax.custom_vjp
+def fusion_barrier(x):
+  """Identity whose backward pass is a hard boundary for XLA's fusion.
+
+  Why: in the backward pass of a deep pre-norm stack, the elementwise chain that
+  accumulates the residual stream's cotangent through each layer's layer norms gets fused
+  by XLA:CPU into the next layer's weight-gradient ops and recomputed there, once per
+  layer: backward time grows quadratically with depth. A ``lax.cond`` is opaque to
+  fusion, so routing the cotangent through one (on a predicate only known at run time)
+  materialises it once per layer. ``optimization_barrier`` does not do this on CPU (XLA
+  drops it before fusion). The forward pass and every value are unchanged.
+  """
+  return x
+
+
+def _fusion_barrier_fwd(x):
+  return x, None
+
+
+def _fusion_barrier_bwd(_, cotangent):
+  flat = cotangent.reshape(-1)
+  always = jnp.logical_not(jnp.isnan(flat[0]) & jnp.isinf(flat[0]))  # unknown to XLA
+  # Both branches return the cotangent unchanged. The second is written as a double
+  # flip because XLA turns a conditional whose branches are all cheap elementwise ops
+  # back into a select, which fuses again.
+  return (jax.lax.cond(always, lambda t: t, lambda t: jnp.flip(jnp.flip(t, -1), -1),
+                       cotangent),)
+
+
+fusion_barrier.defvjp(_fusion_barrier_fwd, _fusion_barrier_bwd)

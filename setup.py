@@ -1,0 +1,27 @@
+"""Perceiver IO for language: JAX/Haiku model, MLM pretraining, GLUE fine-tuning."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name='perceiver-io-jax',
+    version='0.1.0',
+    description=('Byte-level Perceiver IO masked language model in JAX/Haiku, faithful to '
+                 "DeepMind's released checkpoint, with MLM pretraining and GLUE fine-tuning."),
+    packages=find_packages(include=['perceiver', 'perceiver.*', 'train', 'train.*', 'eval',
+                                    'eval.*', 'bench', 'bench.*']),
+    python_requires='>=3.10',
+    install_requires=[
+        'jax>=0.4.30',
+        'jaxlib>=0.4.30',
+        'dm-haiku>=0.0.13',
+        'optax>=0.2.2',
+        'numpy>=1.24',
+        'chex>=0.1.86',
+        'absl-py>=1.4',
+        'ml-collections>=0.1.1',
+    ],
+    extras_require={
+        'dev': ['pytest>=7'],
+    },
+    license='Apache-2.0',
+)

@@ -1,0 +1,218 @@
+"""Checkpoints: the safe pickle loader, atomic saves, restores, and fill_mask end to end."""
+
+import os
+import pathlib
+import pickle
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from perceiver import checkpoint
+from perceiver import configs
+from perceiver import fill_mask
+from perceiver import transform
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope='module')
+def tiny_params():
+  config = configs.tiny()
+  params = transform.masked_lm(config).init(jax.random.PRNGKey(0),
+                                            jnp.zeros((1, 8), jnp.int32))
+  return config, jax.tree.map(np.asarray, params)
+
+
+def _write_deepmind_pickle(path, params, protocol=pickle.HIGHEST_PROTOCOL):
+  """The released format: a pickled plain dict of module -> dict of name -> numpy array."""
+  plain = {m: {n: np.asarray(v) for n, v in d.items()} for m, d in params.items()}
+  with open(path, 'wb') as f:
+    pickle.dump(plain, f, protocol=protocol)
+
+
+class _RunsCommand:
+
+  def __init__(self, command):
+    self.command = command
+
+  def __reduce__(self):
+    return (os.system, (self.command,))
+
+
+@pytest.mark.parametrize('protocol', [2, 4, 5])
+def test_deepmind_pickle_loads_and_is_checked(tiny_params, tmp_path, protocol):
+  config, params = tiny_params
+  path = tmp_path / 'tiny.pickle'
+  _write_deepmind_pickle(path, params, protocol)
+  loaded = checkpoint.load_deepmind_pickle(path, config)
+  assert jax.tree.all(jax.tree.map(np.array_equal, loaded, params))
+
+
+def test_restricted_unpickler_refuses_code_and_runs_nothing(tmp_path):
+  marker = tmp_path / 'pwned'
+  path = tmp_path / 'evil.pickle'
+  with open(path, 'wb') as f:
+    pickle.dump({'embed': {'embeddings': _RunsCommand(f'touch {marker}')}}, f)
+  with pytest.raises(checkpoint.CheckpointError, match=r'evil.pickle.*posix.system|'
+                     r'evil.pickle.*os.system'):
+    checkpoint.load_deepmind_pickle(path)
+  assert not marker.exists()
+
+
+def test_pickle_with_missing_extra_and_misshaped_params_is_named(tiny_params, tmp_path):
+  config, params = tiny_params
+  bad = {m: dict(d) for m, d in params.items()}
+  del bad['embedding_decoder']
+  bad['embed']['embeddings'] = np.zeros((10, 32), np.float32)
+  bad['extra_module'] = {'w': np.zeros(3, np.float32)}
+  path = tmp_path / 'bad.pickle'
+  _write_deepmind_pickle(path, bad)
+  with pytest.raises(checkpoint.CheckpointError) as info:
+    checkpoint.load_deepmind_pickle(path, config)
+  message = str(info.value)
+  assert 'bad.pickle' in message
+  assert 'missing 1: embedding_decoder/bias' in message
+  assert 'unexpected 1: extra_module/w' in message
+  assert 'embed/embeddings [10, 32] (expected [262, 32])' in message
+
+
+def test_save_and_load_round_trip_with_optimizer_state(tiny_params, tmp_path):
+  config, params = tiny_params
+  opt = optax.lamb(1e-3)
+  opt_state = opt.init(params)
+  key = jax.random.key(7)
+  path = checkpoint.save(tmp_path / 'ckpt.npz', params, config,
+                         trees={'opt_state': opt_state, 'rng': key}, step=12,
+                         data={'epoch': 1, 'offset': 99})
+  loaded, loaded_config, metadata = checkpoint.load(path)
+  assert loaded_config == config
+  assert metadata == {'step': 12, 'data': {'epoch': 1, 'offset': 99}}
+  assert jax.tree.all(jax.tree.map(np.array_equal, loaded, params))
+  restored = checkpoint.load_tree(path, 'opt_state', opt.init(params))
+  assert jax.tree.structure(restored) == jax.tree.structure(opt_state)
+  assert jax.tree.all(jax.tree.map(np.array_equal, restored, opt_state))
+  restored_key = checkpoint.load_tree(path, 'rng', jax.random.key(0))
+  assert np.array_equal(jax.random.key_data(restored_key), jax.random.key_data(key))
+  # np.load opens it too (no pickle needed).
+  with np.load(path, allow_pickle=False) as npz:
+    np.testing.assert_array_equal(npz['params/embed/embeddings'], params['embed']['embeddings'])
+
+
+def test_failed_write_keeps_the_previous_checkpoint(tiny_params, tmp_path, monkeypatch):
+  config, params = tiny_params
+  path = tmp_path / 'ckpt.npz'
+  checkpoint.save(path, params, config, step=1)
+
+  calls = []
+
+  def exploding_write(zf, name, array):
+    calls.append(name)
+    if len(calls) == 5:
+      raise RuntimeError('disk full')
+    return original(zf, name, array)
+
+  original = checkpoint._write_npy
+  monkeypatch.setattr(checkpoint, '_write_npy', exploding_write)
+  with pytest.raises(RuntimeError, match='disk full'):
+    checkpoint.save(path, params, config, step=2)
+  assert checkpoint.load(path)[2] == {'step': 1}
+  assert sorted(os.listdir(tmp_path)) == ['ckpt.npz']   # no temporary left behind
+
+
+def test_kill_9_during_a_write_leaves_the_previous_checkpoint_loadable(tiny_params, tmp_path):
+  config, params = tiny_params
+  path = tmp_path / 'ckpt.npz'
+  checkpoint.save(path, params, config, step=1)
+  # A child process writes a large checkpoint (about 400 MB) to the same path; it is
+  # killed with SIGKILL as soon as its temporary file appears.
+  script = textwrap.dedent(f'''
+      import numpy as np
+      from perceiver import checkpoint, configs
+      big = {{'m': {{'w%d' % i: np.ones((2500, 10000), np.float32) for i in range(4)}}}}
+      checkpoint.save({str(path)!r}, big, configs.tiny(), step=2)
+  ''')
+  child = subprocess.Popen([sys.executable, '-c', script], cwd=ROOT)
+  deadline = time.time() + 120
+  while time.time() < deadline and not any(n.endswith('.tmp') for n in os.listdir(tmp_path)):
+    assert child.poll() is None, 'the writer exited before it was killed'
+    time.sleep(0.01)
+  time.sleep(0.2)
+  child.send_signal(signal.SIGKILL)
+  child.wait()
+  assert child.returncode == -signal.SIGKILL
+  loaded, _, metadata = checkpoint.load(path)
+  assert metadata == {'step': 1}
+  assert jax.tree.all(jax.tree.map(np.array_equal, loaded, params))
+
+
+def test_corrupt_or_foreign_files_are_named(tmp_path):
+  junk = tmp_path / 'junk.npz'
+  junk.write_bytes(b'PK\x03\x04 this is not a zip')
+  with pytest.raises(checkpoint.CheckpointError, match='junk.npz'):
+    checkpoint.load(junk)
+  with pytest.raises(checkpoint.CheckpointError, match='no such checkpoint'):
+    checkpoint.load(tmp_path / 'absent.npz')
+  with pytest.raises(TypeError, match='JSON-serialisable'):
+    checkpoint.save(tmp_path / 'x.npz', {}, {}, when=object())
+
+
+def test_fill_mask_fills_the_marked_span(tiny_params, tmp_path):
+  data, spans = fill_mask.parse_marked(b'some words are[[ missing.]]')
+  assert data == b'some words are missing.' and spans == [(14, 23)]
+  config, params = tiny_params
+  path = checkpoint.save(tmp_path / 'tiny.npz', params, config)
+  ids, predicted, filled = fill_mask.fill(params, config, data, spans)
+  assert np.all(ids[14:23] == 3) and len(predicted[0]) == 9
+  logits = transform.masked_lm(config).apply(params, None, jnp.asarray(ids[None]))
+  np.testing.assert_array_equal(predicted[0], np.argmax(logits[0, 14:23], -1))
+  assert filled[:14] == data[:14]
+  # The command, end to end, on the saved checkpoint.
+  result = subprocess.run(
+      [sys.executable, '-m', 'perceiver.fill_mask', f'--checkpoint={path}',
+       '--text=some words are[[ missing.]]'],
+      cwd=ROOT, capture_output=True, text=True, check=True)
+  assert f"span 14:23 was ' missing.' -> " in result.stdout
+  assert f'ids {predicted[0].tolist()}' in result.stdout
+  result = subprocess.run(
+      [sys.executable, '-m', 'perceiver.fill_mask', f'--checkpoint={path}',
+       '--text=some words are[[ missing.]]', '--span=0:4'],
+      cwd=ROOT, capture_output=True, text=True, check=True)
+  assert "span 0:4 was 'some' -> " in result.stdout
+  assert "masked: '____ words are_________' (13 bytes" in result.stdout
+  bad = subprocess.run([sys.executable, '-m', 'perceiver.fill_mask', f'--checkpoint={path}',
+                        '--text=abc', '--span=2:9'], cwd=ROOT, capture_output=True, text=True)
+  assert bad.returncode != 0 and '--span=' in bad.stderr and 'END <= 3' in bad.stderr
+
+
+# Published with transformers' converter for DeepMind's checkpoint: the model card's
+# sentence, padded to 2048 (no CLS/SEP), bytes 51:60 masked.
+_KNOWN_LOGITS = [[-11.8336, -11.6850, -11.8483], [-12.8149, -12.5863, -12.7904],
+                 [-12.8440, -12.6410, -12.8646]]
+_KNOWN_ARGMAX = [38, 115, 111, 121, 121, 111, 116, 109, 52]
+
+
+def test_released_checkpoint_gives_the_published_outputs():
+  path = os.environ.get('PERCEIVER_DEEPMIND_PICKLE')
+  if not path:
+    pytest.skip('set PERCEIVER_DEEPMIND_PICKLE to language_perceiver_io_bytes.pickle '
+                '(see checkpoints/README.md) to check the released model\'s outputs')
+  config = configs.language_mlm()
+  params = checkpoint.load_deepmind_pickle(path, config)
+  text = b'This is an incomplete sentence where some words are missing.'
+  ids = np.zeros((1, 2048), np.int32)
+  ids[0, :len(text)] = np.frombuffer(text, np.uint8) + 6
+  ids[0, 51:60] = 3
+  mask = (ids != 0).astype(np.int32)
+  mask[0, 51:60] = 1
+  logits = jax.jit(transform.masked_lm(config).apply)(params, None, ids, mask)
+  np.testing.assert_allclose(logits[0, :3, :3], _KNOWN_LOGITS, atol=1e-4)
+  assert np.argmax(logits[0, 51:60], -1).tolist() == _KNOWN_ARGMAX
+  assert bytes(np.array(_KNOWN_ARGMAX) - 6).decode() == ' missing.'
