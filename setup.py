@@ -14,7 +14,7 @@ setup(
         'jax>=0.4.30',
         'jaxlib>=0.4.30',
         'dm-haiku>=0.0.13',
-        'optax>=0.2.2',
+        'optax>=0.2.5',
         'numpy>=1.24',
         'chex>=0.1.86',
         'absl-py>=1.4',

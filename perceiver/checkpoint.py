@@ -280,6 +280,14 @@ def load(path):
   return params, ml_collections.ConfigDict(header['config']), header['metadata']
 
 
+def load_config(path):
+  """The model config of a checkpoint, without reading its arrays."""
+  source = os.fspath(path)
+  with _open(path) as zf:
+    header = _header(zf, source)
+  return ml_collections.ConfigDict(header['config'])
+
+
 def load_tree(path, name: str, template):
   """Restores the pytree saved as ``trees[name]`` into the structure of ``template``."""
   source = os.fspath(path)

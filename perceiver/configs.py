@@ -20,8 +20,14 @@ import ml_collections
 from perceiver import tokenizer
 
 
-def _language(d_model, d_latents, num_latents, num_self_attends, max_seq_len, qk_channels,
-              num_heads) -> ml_collections.ConfigDict:
+def language(d_model, d_latents, num_latents, num_self_attends, max_seq_len, qk_channels,
+             num_heads) -> ml_collections.ConfigDict:
+  """A language Perceiver IO of the released model's structure with other widths/depth.
+
+  The tied decoder needs its queries (and so its output) ``d_model`` wide; the other
+  widths follow the released configuration's pattern (v = latent width in the encoder,
+  d_model in the decoder).
+  """
   return ml_collections.ConfigDict(dict(
       vocab_size=tokenizer.VOCAB_SIZE,
       d_model=d_model,
@@ -74,7 +80,7 @@ def language_mlm() -> ml_collections.ConfigDict:
   2048 bytes of d_model 768 -> 256 latents of 1280 channels, 26 latent self-attends.
   This is the configuration of ``language_perceiver_io_bytes.pickle``.
   """
-  return _language(d_model=768, d_latents=1280, num_latents=256, num_self_attends=26,
+  return language(d_model=768, d_latents=1280, num_latents=256, num_self_attends=26,
                    max_seq_len=2048, qk_channels=8 * 32, num_heads=8)
 
 
@@ -85,19 +91,19 @@ def language_mlm_plusplus() -> ml_collections.ConfigDict:
   (256 latents, qk 256, 8 heads, d_model 768) are taken from the released model, which
   gives 425M parameters (``count_params`` in the tests). No checkpoint was released.
   """
-  return _language(d_model=768, d_latents=1536, num_latents=256, num_self_attends=40,
+  return language(d_model=768, d_latents=1536, num_latents=256, num_self_attends=40,
                    max_seq_len=2048, qk_channels=8 * 32, num_heads=8)
 
 
 def tiny(max_seq_len=64) -> ml_collections.ConfigDict:
   """A small model of the same structure, for tests and smoke runs on a CPU."""
-  return _language(d_model=32, d_latents=48, num_latents=8, num_self_attends=2,
+  return language(d_model=32, d_latents=48, num_latents=8, num_self_attends=2,
                    max_seq_len=max_seq_len, qk_channels=16, num_heads=4)
 
 
 def small(max_seq_len=512) -> ml_collections.ConfigDict:
   """A ~10M-parameter model for short CPU experiments."""
-  return _language(d_model=256, d_latents=384, num_latents=64, num_self_attends=6,
+  return language(d_model=256, d_latents=384, num_latents=64, num_self_attends=6,
                    max_seq_len=max_seq_len, qk_channels=128, num_heads=8)
 
 

@@ -1,0 +1,227 @@
+"""MLM training: exact resume, device-count invariance, signals, non-finite stops, flags."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from perceiver import checkpoint
+from perceiver import configs as model_configs
+from train import masking
+from train import mlm
+from train import optim
+from train.configs import mlm as mlm_configs
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _corpus(directory):
+  rng = np.random.default_rng(0)
+  words = ['alpha', 'beta', 'gamma', 'delta', 'epsilon', 'zeta', 'eta', 'theta', 'iota']
+  lines = []
+  for i in range(300):
+    text = ' '.join(rng.choice(words, size=rng.integers(5, 30)))
+    lines.append(json.dumps({'text': f'Doc {i}: {text}.'}))
+  path = directory / 'corpus.jsonl'
+  path.write_text('\n'.join(lines) + '\n')
+  return str(path)
+
+
+def tiny_config(directory, **train):
+  """A seconds-fast config on a generated corpus."""
+  c = mlm_configs.get_config('smoke')
+  c.unlock()
+  c.model = model_configs.tiny(max_seq_len=64)
+  c.model.encoder.dropout_prob = 0.0
+  corpus = _corpus(directory)
+  c.data.sources = {'gen': {'paths': corpus, 'weight': 1.0, 'text_field': 'text'}}
+  c.data.eval_paths = corpus
+  c.data.shuffle_block = 32
+  c.data.prefetch = 2
+  c.train.update(dict(steps=6, batch_size=4, log_every=1, eval_every=0, checkpoint_every=3,
+                      eval_batches=1, peak_flops_per_device=0.0))
+  c.train.update(train)
+  c.optimizer.warmup_steps = 2
+  c.optimizer.decay_steps = 100
+  c.lock()
+  return c
+
+
+def _params(path):
+  return checkpoint.load(path)[0]
+
+
+def _records(workdir, kind='train'):
+  lines = pathlib.Path(workdir, 'metrics.jsonl').read_text().splitlines()
+  return [r for r in map(json.loads, lines) if r['kind'] == kind]
+
+
+def test_resume_after_k_steps_is_bit_identical_to_a_straight_run(tmp_path):
+  straight = tmp_path / 'straight'
+  split = tmp_path / 'split'
+  mlm.train(tiny_config(tmp_path, steps=6), str(straight))
+  mlm.train(tiny_config(tmp_path, steps=3), str(split))
+  assert [r['step'] for r in _records(split)] == [1, 2, 3]
+  mlm.train(tiny_config(tmp_path, steps=6), str(split))   # resumes at step 3
+  a, b = _params(straight / 'ckpt_000000006.npz'), _params(split / 'ckpt_000000006.npz')
+  assert jax.tree.all(jax.tree.map(np.array_equal, a, b))
+  losses_straight = [r['loss'] for r in _records(straight)]
+  losses_split = [r['loss'] for r in _records(split)]
+  assert losses_split == losses_straight
+  opt_template = optim.make(tiny_config(tmp_path).optimizer).init(a)
+  oa = checkpoint.load_tree(straight / 'ckpt_000000006.npz', 'opt_state', opt_template)
+  ob = checkpoint.load_tree(split / 'ckpt_000000006.npz', 'opt_state', opt_template)
+  assert jax.tree.all(jax.tree.map(np.array_equal, oa, ob))
+
+
+def test_training_lowers_the_masked_byte_loss(tmp_path):
+  config = tiny_config(tmp_path, steps=60, log_every=20, checkpoint_every=60)
+  mlm.train(config, str(tmp_path / 'run'))
+  losses = [r['loss'] for r in _records(tmp_path / 'run')]
+  assert losses[-1] < 0.6 * losses[0], losses
+
+
+_TWO_DEVICE_SCRIPT = textwrap.dedent('''
+    import json, pathlib, sys
+    sys.path.insert(0, {tests!r})
+    import jax
+    from test_train import tiny_config
+    from train import mlm
+    assert jax.local_device_count() == {devices}, jax.devices()
+    tmp = pathlib.Path({tmp!r})
+    mlm.train(tiny_config(tmp, steps=3, grad_accum_steps={accum}), str(tmp / 'run{devices}{accum}'))
+''')
+
+
+@pytest.mark.parametrize('devices,accum', [(2, 1), (1, 2)])
+def test_two_devices_or_accumulation_give_the_one_device_losses(tmp_path, devices, accum):
+  reference = tmp_path / 'one'
+  mlm.train(tiny_config(tmp_path, steps=3), str(reference))
+  env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+  script = _TWO_DEVICE_SCRIPT.format(tests=str(ROOT / 'tests'), devices=devices,
+                                     tmp=str(tmp_path), accum=accum)
+  subprocess.run([sys.executable, '-c', script], cwd=ROOT, env=env, check=True)
+  other = tmp_path / f'run{devices}{accum}'
+  want = [r['loss'] for r in _records(reference)]
+  got = [r['loss'] for r in _records(other)]
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  a, b = _params(reference / 'ckpt_000000003.npz'), _params(other / 'ckpt_000000003.npz')
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
+
+
+def test_sigterm_writes_a_checkpoint_and_exits_zero_then_resumes(tmp_path):
+  workdir = tmp_path / 'run'
+  config_args = ['--config.train.steps=100000', '--config.train.log_every=1',
+                 '--config.train.checkpoint_every=100000', '--config.train.eval_every=0']
+  proc = subprocess.Popen(
+      [sys.executable, '-m', 'train.mlm', f'--workdir={workdir}', *config_args],
+      cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  metrics = workdir / 'metrics.jsonl'
+  deadline = time.time() + 240
+  while time.time() < deadline and not (metrics.exists() and
+                                        len(metrics.read_text().splitlines()) >= 3):
+    assert proc.poll() is None, proc.stdout.read()
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGTERM)
+  out, _ = proc.communicate(timeout=120)
+  assert proc.returncode == 0, out
+  assert 'stopped by signal' in out
+  steps = sorted(int(p.name[5:14]) for p in workdir.glob('ckpt_*.npz'))
+  assert len(steps) == 1 and steps[0] >= 3
+  # Resuming continues from that step.
+  done = subprocess.run(
+      [sys.executable, '-m', 'train.mlm', f'--workdir={workdir}',
+       f'--config.train.steps={steps[0] + 2}', '--config.train.eval_every=0'],
+      cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr
+  assert f'resuming from {workdir}/ckpt_{steps[0]:09d}.npz' in done.stdout
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+  real_make = optim.make
+
+  def poisoned(config):
+    def nan_at_step_4(updates, state, params=None):
+      del params
+      count = state + 1
+      updates = jax.tree.map(lambda u: jnp.where(count == 4, jnp.nan, u), updates)
+      return updates, count
+    return optax.chain(real_make(config), optax.GradientTransformation(
+        lambda params: jnp.zeros([], jnp.int32), nan_at_step_4))
+
+  monkeypatch.setattr(optim, 'make', poisoned)
+  workdir = tmp_path / 'run'
+  with pytest.raises(mlm.TrainingError, match='non-finite') as info:
+    mlm.train(tiny_config(tmp_path, steps=8, checkpoint_every=1), str(workdir))
+  assert 'ckpt_000000003.npz' in str(info.value)
+  steps = sorted(p.name for p in workdir.glob('ckpt_*.npz'))
+  assert steps[-1] == 'ckpt_000000003.npz'
+  params = _params(workdir / steps[-1])
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
+
+
+def test_decoding_only_masked_positions_gives_the_same_loss(tmp_path):
+  config = tiny_config(tmp_path)
+  from perceiver import transform
+  model = transform.masked_lm(config.model)
+  ids = np.random.default_rng(0).integers(6, 262, (3, 64)).astype(np.int32)
+  ids[:, ::5] = ord(' ') + 6
+  masker = masking.WordMasker(0.3, max_predictions=40)
+  batch = masker(ids, np.ones_like(ids), np.random.default_rng(1))
+  params = model.init(jax.random.PRNGKey(0), ids)
+  full_loss, full_m = mlm.make_loss_fn(model, False)(params, None, batch, True)
+  part_loss, part_m = mlm.make_loss_fn(model, True)(params, None, batch, True)
+  np.testing.assert_allclose(part_loss, full_loss, rtol=1e-5)
+  np.testing.assert_allclose(part_m['correct'], full_m['correct'])
+  assert mlm.count_fn(batch) == batch['weights'].sum() > 0
+
+
+def test_config_typos_and_bad_batch_sizes_are_named(tmp_path):
+  typo = subprocess.run([sys.executable, '-m', 'train.mlm', f'--workdir={tmp_path}',
+                         '--config.train.stepz=3'], cwd=ROOT, capture_output=True, text=True)
+  assert typo.returncode != 0 and 'stepz' in typo.stderr
+  bad = subprocess.run([sys.executable, '-m', 'train.mlm', f'--workdir={tmp_path}',
+                        '--config=train/configs/mlm.py:nope'], cwd=ROOT, capture_output=True,
+                       text=True)
+  assert bad.returncode != 0 and "unknown preset 'nope'" in bad.stderr
+  with pytest.raises(mlm.TrainingError, match=r'train.batch_size=5 must be divisible'):
+    mlm.train(tiny_config(tmp_path, batch_size=5, grad_accum_steps=2), str(tmp_path / 'r'))
+  missing = tiny_config(tmp_path)
+  missing.data.sources.gen.paths = str(tmp_path / 'nothing-*.jsonl')
+  with pytest.raises(mlm.data_lib.DataError, match=r'data.sources.gen.paths: no file'):
+    mlm.train(missing, str(tmp_path / 'm'))
+
+
+def test_resuming_with_another_model_config_is_refused(tmp_path):
+  mlm.train(tiny_config(tmp_path, steps=3), str(tmp_path / 'run'))
+  other = tiny_config(tmp_path, steps=6)
+  other.model.encoder.num_self_attends_per_block = 3
+  with pytest.raises(mlm.TrainingError, match='encoder'):
+    mlm.train(other, str(tmp_path / 'run'))
+
+
+def test_paper_preset_has_the_papers_hyperparameters():
+  c = mlm_configs.get_config('paper')
+  assert c.model.to_dict() == dict(model_configs.language_mlm().to_dict(),
+                                   encoder=dict(model_configs.language_mlm().encoder.to_dict(),
+                                                dropout_prob=0.0))
+  assert (c.optimizer.name, c.optimizer.learning_rate, c.optimizer.warmup_steps,
+          c.optimizer.decay, c.optimizer.decay_steps, c.optimizer.weight_decay) == (
+              'lamb', 0.00125, 1000, 'cosine', 500_000, 0.01)
+  assert (c.train.steps, c.train.batch_size, c.masking.mask_prob) == (500_000, 2048, 0.15)
+  assert {k: v.weight for k, v in c.data.sources.items()} == {'c4': 0.7, 'wikipedia': 0.3}
+  assert c.data.docs_per_example == 10 and c.model.max_seq_len == 2048
+  lr = optim.schedule(c.optimizer)
+  np.testing.assert_allclose([lr(0), lr(500), lr(1000), lr(500_000)],
+                             [0.0, 0.000625, 0.00125, 0.0], atol=1e-9)

@@ -1,0 +1,110 @@
+"""Periodic training checkpoints in a run directory: save, keep the last N, resume.
+
+Each checkpoint is one ``perceiver.checkpoint`` file, ``ckpt_<step>.npz``, holding the
+parameters and model config, the optimizer state and RNG key as extra trees, and JSON
+metadata (step, data position, anything else the run passes). Files are written
+atomically, so the newest complete file is always a consistent resume point; leftovers
+of an interrupted write (``*.tmp``) are removed at start. Only process 0 writes the
+checkpoint; with several hosts, each also writes its own input-pipeline position beside
+it (``ckpt_<step>.data-<host>.json``), since every host reads a different shard.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+from typing import Optional
+
+import jax
+from jax.experimental import multihost_utils
+
+from perceiver import checkpoint
+
+_NAME = re.compile(r'^ckpt_(\d+)\.npz$')
+
+
+class CheckpointManager:
+  """Checkpoints of one run under ``directory``."""
+
+  def __init__(self, directory: str, keep: int = 3):
+    if keep < 1:
+      raise ValueError(f'keep must be >= 1, got {keep}')
+    self.directory = directory
+    self.keep = keep
+    if jax.process_index() == 0:
+      os.makedirs(directory, exist_ok=True)
+      for stale in glob.glob(os.path.join(directory, 'ckpt_*.npz.*.tmp')):
+        os.unlink(stale)
+
+  def steps(self):
+    """Steps of the complete checkpoints present, ascending."""
+    if not os.path.isdir(self.directory):
+      return []
+    found = (_NAME.match(name) for name in os.listdir(self.directory))
+    return sorted(int(m.group(1)) for m in found if m)
+
+  def path(self, step: int) -> str:
+    return os.path.join(self.directory, f'ckpt_{step:09d}.npz')
+
+  def latest(self) -> Optional[str]:
+    steps = self.steps()
+    return self.path(steps[-1]) if steps else None
+
+  def _data_path(self, step: int, host: int) -> str:
+    return os.path.join(self.directory, f'ckpt_{step:09d}.data-{host}.json')
+
+  def save(self, step: int, params, config, *, opt_state=None, rng=None, data_state=None,
+           **metadata) -> str:
+    """Writes the checkpoint of ``step`` (host arrays) and prunes old ones.
+
+    ``data_state`` is this host's input position (JSON); every host must call ``save``.
+    """
+    path = self.path(step)
+    if jax.process_count() > 1:
+      tmp = self._data_path(step, jax.process_index()) + '.tmp'
+      with open(tmp, 'w', encoding='utf-8') as f:
+        json.dump(data_state, f)
+        f.flush()
+        os.fsync(f.fileno())
+      os.replace(tmp, self._data_path(step, jax.process_index()))
+      multihost_utils.sync_global_devices(f'data state of step {step} written')
+    if jax.process_index() == 0:
+      trees = {}
+      if opt_state is not None:
+        trees['opt_state'] = opt_state
+      if rng is not None:
+        trees['rng'] = rng
+      checkpoint.save(path, params, config, trees=trees, step=int(step), data=data_state,
+                      **metadata)
+      for old in self.steps()[:-self.keep]:
+        os.unlink(self.path(old))
+        for sidecar in glob.glob(os.path.join(self.directory, f'ckpt_{old:09d}.data-*.json')):
+          os.unlink(sidecar)
+    return path
+
+  def load_data_state(self, step: int, metadata: dict):
+    """This host's input position saved with the checkpoint of ``step``."""
+    if jax.process_count() == 1:
+      return metadata.get('data')
+    path = self._data_path(step, jax.process_index())
+    if not os.path.exists(path):
+      raise FileNotFoundError(f'{path}: this host\'s data position for step {step} is '
+                              'missing; was the run started with another number of hosts?')
+    with open(path, encoding='utf-8') as f:
+      return json.load(f)
+
+  def saved_config(self, path: str):
+    """The model config stored in ``path`` (read without loading any array)."""
+    return checkpoint.load_config(path)
+
+  def restore(self, path: str, opt_state_template=None, rng_template=None):
+    """Returns (params, config, metadata, opt_state | None, rng | None) from ``path``."""
+    params, config, metadata = checkpoint.load(path)
+    opt_state = rng = None
+    if opt_state_template is not None:
+      opt_state = checkpoint.load_tree(path, 'opt_state', opt_state_template)
+    if rng_template is not None:
+      rng = checkpoint.load_tree(path, 'rng', rng_template)
+    return params, config, metadata, opt_state, rng

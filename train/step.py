@@ -1,0 +1,152 @@
+"""One train step and one eval step, ``pmap``ped over all devices; shared by MLM and GLUE.
+
+A task supplies two pure functions:
+
+- ``loss_fn(params, rng, batch, is_training) -> (loss_sum, metric_sums)``: the *sum* of
+  the per-example (or per-masked-byte) losses of its micro-batch, and sums of any metrics
+  (e.g. correct predictions);
+- ``count_fn(batch) -> scalar``: how many terms that sum has (examples, masked bytes).
+
+The step divides by the global count (summed over micro-batches and devices) before
+differentiating, so the gradient is exactly that of the mean loss over the global batch,
+however it is split across devices and accumulation steps: one device and eight give the
+same update for the same global batch.
+
+Batches handed to a pmapped step are [devices, accum_steps, per_device_batch, ...].
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, Iterator, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+AXIS = 'devices'
+
+
+class TrainState(NamedTuple):
+  step: jax.Array        # int32 scalar
+  params: Any
+  opt_state: Any
+  rng: jax.Array         # base PRNG key (uint32[2]); step keys are derived from it
+
+
+def _device_rng(rng, step):
+  return jax.random.fold_in(jax.random.fold_in(rng, step), jax.lax.axis_index(AXIS))
+
+
+def make_train_step(loss_fn: Callable, count_fn: Callable,
+                    optimizer: optax.GradientTransformation,
+                    learning_rate_fn: Callable | None = None) -> Callable:
+  """Returns ``step(state, batch) -> (state, metrics)``, pmapped, donating ``state``.
+
+  ``metrics`` holds global sums (``loss``, the task's metric sums, ``count``) plus
+  ``grad_norm``, ``learning_rate`` and ``finite`` (1 if loss and gradients are finite).
+  """
+
+  def step(state: TrainState, batch):
+    accum = jax.tree.leaves(batch)[0].shape[0]
+    total = jax.lax.psum(
+        sum(count_fn(jax.tree.map(lambda x, i=i: x[i], batch)) for i in range(accum)), AXIS)
+    total = jnp.maximum(total, 1)
+    base_rng = _device_rng(state.rng, state.step)
+
+    def micro(carry, inputs):
+      grads, sums = carry
+      index, micro_batch = inputs
+
+      def scaled(params):
+        loss_sum, metric_sums = loss_fn(params, jax.random.fold_in(base_rng, index),
+                                        micro_batch, True)
+        return loss_sum / total, (loss_sum, metric_sums)
+
+      micro_grads, (loss_sum, metric_sums) = jax.grad(scaled, has_aux=True)(state.params)
+      grads = jax.tree.map(jnp.add, grads, micro_grads)
+      sums = jax.tree.map(jnp.add, sums, {'loss': loss_sum, **metric_sums})
+      return (grads, sums), None
+
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    sums0 = jax.tree.map(jnp.zeros_like, jax.eval_shape(
+        lambda: {'loss': jnp.zeros(()), **loss_fn(
+            state.params, base_rng, jax.tree.map(lambda x: x[0], batch), True)[1]}))
+    (grads, sums), _ = jax.lax.scan(micro, (zeros, sums0), (jnp.arange(accum), batch))
+    grads = jax.lax.psum(grads, AXIS)
+    sums = jax.lax.psum(sums, AXIS)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    grad_norm = optax.tree.norm(grads)
+    metrics = dict(sums, count=total.astype(jnp.float32), grad_norm=grad_norm,
+                   finite=(jnp.isfinite(sums['loss']) & jnp.isfinite(grad_norm)).astype(
+                       jnp.float32))
+    if learning_rate_fn is not None:
+      metrics['learning_rate'] = learning_rate_fn(state.step)
+    return TrainState(state.step + 1, params, opt_state, state.rng), metrics
+
+  return jax.pmap(step, axis_name=AXIS, donate_argnums=(0,))
+
+
+def make_eval_step(loss_fn: Callable, count_fn: Callable) -> Callable:
+  """Returns ``eval_step(params, batch) -> global metric sums`` (pmapped, no dropout).
+
+  ``batch`` is [devices, per_device_batch, ...].
+  """
+
+  def step(params, batch):
+    loss_sum, metric_sums = loss_fn(params, None, batch, False)
+    sums = {'loss': loss_sum, **metric_sums, 'count': count_fn(batch).astype(jnp.float32)}
+    return jax.lax.psum(sums, AXIS)
+
+  return jax.pmap(step, axis_name=AXIS)
+
+
+def _per_device(pieces):
+  """One array per local device -> a [devices, ...] array laid out as pmap expects."""
+  devices = jax.local_devices()
+  sharding = jax.sharding.NamedSharding(jax.sharding.Mesh(np.array(devices), (AXIS,)),
+                                        jax.sharding.PartitionSpec(AXIS))
+  arrays = [jax.device_put(np.asarray(p)[None], d) for p, d in zip(pieces, devices)]
+  return jax.make_array_from_single_device_arrays(
+      (len(devices),) + np.shape(pieces[0]), sharding, arrays)
+
+
+def replicate(tree):
+  """Copies a pytree to every local device (leading device axis)."""
+  n = jax.local_device_count()
+  return jax.tree.map(lambda x: _per_device([jax.device_get(x)] * n), tree)
+
+
+def unreplicate(tree):
+  """The first device's copy of a replicated pytree, as numpy arrays on the host."""
+  return jax.device_get(jax.tree.map(lambda x: x.addressable_shards[0].data[0], tree))
+
+
+def shard(batch: Dict[str, np.ndarray], accum_steps: int | None = None):
+  """[local_batch, ...] -> [devices, (accum_steps,) per_device, ...] on the devices."""
+  n = jax.local_device_count()
+
+  def split(x):
+    if x.shape[0] % (n * (accum_steps or 1)):
+      raise ValueError(f'local batch of {x.shape[0]} does not split over {n} devices x '
+                       f'{accum_steps or 1} accumulation steps')
+    shape = (n, accum_steps, -1) if accum_steps else (n, -1)
+    return _per_device(list(x.reshape(shape + x.shape[1:])))
+
+  return jax.tree.map(split, batch)
+
+
+def prefetch_to_device(iterator: Iterator, size: int = 2, accum_steps: int | None = None):
+  """Yields (device batch, extra) while the next ``size`` batches are already in transit.
+
+  ``iterator`` yields (host batch, extra); ``extra`` (e.g. the data position) is passed
+  through untouched.
+  """
+  queue = []
+  for batch, extra in iterator:
+    queue.append((shard(batch, accum_steps), extra))
+    if len(queue) > size:
+      yield queue.pop(0)
+  while queue:
+    yield queue.pop(0)
