@@ -136,14 +136,22 @@ class Example(NamedTuple):
 
 @dataclasses.dataclass
 class Split:
-  """A split's examples and the rows skipped (QQP only) as ``(line number, reason)``."""
+  """A split's examples, and the rows skipped (QQP only) as ``(line number, reason)``."""
   path: str
   examples: list[Example]
   skipped: list[tuple[int, str]]
+  official_rows: int
 
   def summary(self) -> str:
-    """One line for the log, e.g. 'QQP/train.tsv: 363846 examples, 0 rows skipped'."""
-    text = f'{self.path}: {len(self.examples)} examples, {len(self.skipped)} rows skipped'
+    """One line for the log, e.g. 'GLUE/QQP/dev.tsv: 40430 examples, 0 rows skipped'.
+
+    The lines skipped are listed (the first ten), and the official number of examples
+    is added where the file's differs from it.
+    """
+    text = f'{self.path}: {len(self.examples)} examples'
+    if len(self.examples) != self.official_rows:
+      text += f' (the official file has {self.official_rows})'
+    text += f', {len(self.skipped)} rows skipped'
     if self.skipped:
       text += ' (lines ' + ', '.join(str(line) for line, _ in self.skipped[:10])
       text += ', ...)' if len(self.skipped) > 10 else ')'
@@ -339,9 +347,11 @@ def load_split(data_dir, task_name: str | Task, split: str) -> Split:
                                                        where)))
   if layout.has_header and num_lines == 0:
     raise GlueDataError(f'{path}: empty file; expected the header {list(layout.columns)}')
-  result = Split(path, examples, skipped)
+  result = Split(path, examples, skipped, layout.official_rows)
   if skipped:
-    logging.warning('%s (%s)', result.summary(), skipped[0][1])
+    logging.warning('%s; first: %s', result.summary(), skipped[0][1])
+  elif len(examples) != layout.official_rows:
+    logging.warning('%s', result.summary())
   return result
 
 

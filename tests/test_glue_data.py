@@ -122,6 +122,14 @@ def test_every_split_of_every_task_reads_its_official_layout(glue, name, split):
       assert example.label == labels[i % len(labels)]
 
 
+def test_a_row_count_unlike_the_official_files_is_logged(glue, caplog):
+  with caplog.at_level(logging.WARNING):
+    result = glue_data.load_split(glue, 'sst2', 'dev')
+  assert result.summary().endswith('SST-2/dev.tsv: 5 examples (the official file has 872), '
+                                   '0 rows skipped')
+  assert '(the official file has 872)' in caplog.text
+
+
 def test_tasks_labels_outputs_and_submission_files():
   assert tuple(glue_data.TASKS) == ('cola', 'sst2', 'mrpc', 'stsb', 'qqp', 'mnli', 'qnli',
                                     'rte', 'wnli')
@@ -250,8 +258,9 @@ def test_qqp_malformed_rows_are_skipped_and_reported(tmp_path, caplog):
   assert [e.index for e in result.examples] == ['1', '3']
   assert result.examples[1].text_b == ''
   assert result.skipped == [(3, '4 columns, expected 6'), (4, '3 columns, expected 6')]
-  assert result.summary().endswith('QQP/train.tsv: 2 examples, 2 rows skipped (lines 3, 4)')
-  assert '2 rows skipped (lines 3, 4)' in caplog.text
+  assert result.summary().endswith('QQP/train.tsv: 2 examples (the official file has '
+                                    '363846), 2 rows skipped (lines 3, 4)')
+  assert '2 rows skipped (lines 3, 4); first: 4 columns, expected 6' in caplog.text
   # Labels stay strict in QQP too.
   _write(tmp_path / 'QQP' / 'dev.tsv', ['id\tqid1\tqid2\tquestion1\tquestion2\tis_duplicate',
                                         '1\t11\t12\tHow?\tWhy?\tyes'])
@@ -334,6 +343,7 @@ def test_real_glue_files_have_the_official_row_counts(name):
       assert len(result.examples) <= count, result.summary()
     else:
       assert (len(result.examples), len(result.skipped)) == (count, 0), result.summary()
+      assert result.summary() == f'{result.path}: {count} examples, 0 rows skipped'
     labels = {e.label for e in result.examples}
     if split.startswith('test') or split == 'diagnostic':
       assert labels == {None}
