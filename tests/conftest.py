@@ -16,3 +16,17 @@ def shared_path(*parts):
     pytest.skip(f'{path} not found: these tests read the data in ../shared '
                 '(set PERCEIVER_SHARED to its location)')
   return path
+
+
+def glue_dir():
+  """The GLUE directory for real-data tests: $PERCEIVER_GLUE_DIR, else ../shared/data/glue.
+
+  Skips, naming PERCEIVER_GLUE_DIR, where neither is a directory (a user's fresh machine).
+  """
+  env = os.environ.get('PERCEIVER_GLUE_DIR')
+  candidates = ([pathlib.Path(env)] if env else []) + [SHARED / 'data' / 'glue']
+  for path in candidates:
+    if path.is_dir():
+      return path
+  pytest.skip('no GLUE directory: set PERCEIVER_GLUE_DIR to one laid out as the GLUE '
+              f'download script writes it (tried {", ".join(map(str, candidates))})')
