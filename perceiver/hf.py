@@ -644,6 +644,16 @@ def _format_problems(source, missing, extra, wrong) -> str:
   return f'{source} does not match the model: ' + '; '.join(problems)
 
 
+def expected_hf_shapes(config) -> Dict[str, tuple]:
+  """{transformers tensor name: shape} of ``PerceiverForMaskedLM`` for this config."""
+  expected = _expected(config)
+  shapes = {}
+  for pair in tensor_pairs(config):
+    shape = tuple(expected[pair.module][pair.name])
+    shapes[pair.hf] = shape[::-1] if pair.transpose else shape
+  return shapes
+
+
 def hf_to_params(tensors: Mapping[str, np.ndarray], config, source='state dict') -> dict:
   """Maps a ``PerceiverForMaskedLM`` state dict onto the masked LM's Haiku parameters.
 
