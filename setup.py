@@ -22,6 +22,12 @@ setup(
     ],
     extras_require={
         'dev': ['pytest>=7'],
+        # Hugging Face interop (perceiver.hf, perceiver.convert): transformers' PyTorch
+        # PerceiverForMaskedLM for .bin checkpoints and the interop tests. Reading and
+        # writing model.safetensors needs neither. Validated together: transformers 5.24.0
+        # requires torch>=2.6 and Python>=3.11. Off PyPI's default index torch is a CUDA
+        # build; for CPU add --extra-index-url https://download.pytorch.org/whl/cpu.
+        'hf': ['transformers==5.24.0', 'torch==2.13.0'],
     },
     license='Apache-2.0',
 )

@@ -324,19 +324,21 @@ def load_any(path, config=None):
 
   - this project's checkpoint (a zip written by ``save``): its own config;
   - DeepMind's pickle: ``config`` or, by default, ``configs.language_mlm()``;
-  - a Hugging Face ``PerceiverForMaskedLM`` directory (``config.json`` + weights):
+  - a Hugging Face ``PerceiverForMaskedLM`` directory (``config.json`` + weights), or
+    its weights file (``.safetensors``, ``.bin``) with ``config.json`` beside it:
     converted on the fly (see ``perceiver.hf``).
 
   Returns:
     (params, config, metadata).
   """
   from perceiver import configs  # pylint: disable=import-outside-toplevel
+  from perceiver import hf  # pylint: disable=import-outside-toplevel
   path = os.fspath(path)
-  if os.path.isdir(path):
-    if not os.path.exists(os.path.join(path, 'config.json')):
-      raise CheckpointError(f'{path}: a directory, but not a Hugging Face checkpoint '
-                            '(no config.json)')
-    from perceiver import hf  # pylint: disable=import-outside-toplevel
+  if os.path.isdir(path) and not os.path.exists(os.path.join(path, 'config.json')):
+    raise CheckpointError(f'{path}: a directory, but not a Hugging Face checkpoint '
+                          '(no config.json)')
+  # Before the zip test: a PyTorch .bin is a zip file too.
+  if hf.is_hf_checkpoint(path):
     params, hf_config = hf.load_hf_checkpoint(path)
     return params, hf_config, {'source': 'huggingface', 'path': path}
   if is_own_checkpoint(path):
