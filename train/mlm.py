@@ -130,6 +130,21 @@ def eval_batches(config, workdir, host_batch):
   return [next(it)[0] for _ in range(config.train.eval_batches)]
 
 
+def unigram_baseline(batches) -> Dict[str, float]:
+  """What a model that ignores context scores on these batches' masked bytes.
+
+  ``baseline_accuracy``: always predicting the most frequent masked byte;
+  ``baseline_loss``: the entropy (nats) of the masked bytes' own distribution.
+  """
+  counts = np.zeros(256 + 6)
+  for batch in batches:
+    np.add.at(counts, batch['labels'][batch['weights'] > 0], 1)
+  if not counts.sum():
+    return {}
+  p = counts[counts > 0] / counts.sum()
+  return {'baseline_accuracy': float(p.max()), 'baseline_loss': float(-(p * np.log(p)).sum())}
+
+
 # --------------------------------------------------------------------------------------
 # The loss.
 
@@ -253,16 +268,18 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, float]:
                         train_config=config.to_json())
     log.note(f'saved {path}')
 
+  baseline = unigram_baseline(held_out)
+
   def evaluate(step):
     if not held_out:
       return
     sums = None
     for batch in held_out:
-      out = jax.device_get(step_lib.unreplicate(eval_step(state.params, step_lib.shard(batch))))
+      out = step_lib.unreplicate(eval_step(state.params, step_lib.shard(batch)))
       sums = out if sums is None else {k: sums[k] + out[k] for k in sums}
     log.write(step, {'loss': sums['loss'] / max(sums['count'], 1),
                      'accuracy': sums['correct'] / max(sums['count'], 1),
-                     'masked_bytes': sums['count']}, kind='eval')
+                     'masked_bytes': sums['count'], **baseline}, kind='eval')
 
   step = start_step
   last = {}
