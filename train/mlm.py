@@ -113,7 +113,8 @@ def train_batches(config, workdir, host_batch, state=None):
 
 def eval_batches(config, workdir, host_batch):
   """A fixed list of held-out masked batches (same every evaluation and every run)."""
-  if not config.data.eval_paths or config.train.eval_batches <= 0:
+  if (not config.data.eval_paths or config.train.eval_batches <= 0
+      or config.train.eval_every <= 0):
     return []
   paths, _ = corpus.resolve(config.data.eval_paths, os.path.join(workdir, 'data'))
   files = data_lib.expand_paths(paths, 'data.eval_paths')
