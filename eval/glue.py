@@ -528,8 +528,9 @@ def finetune(task: glue_data.Task, data: Dict[str, EncodedSplit], init: Init, co
   devices = jax.local_device_count()
   eval_batch = _round_up(max(config.eval.batch_size, 1), devices)
   epochs = config.train.epochs
-  if epochs < 1:
-    raise GlueError(f'train.epochs must be >= 1, got {epochs}')
+  for field in ('epochs', 'log_every'):
+    if config.train[field] < 1:
+      raise GlueError(f'train.{field} must be >= 1, got {config.train[field]}')
   steps_per_epoch = math.ceil(len(train) / batch_size)
   total = epochs * steps_per_epoch
   opt_config = _optimizer_config(config, learning_rate, total)
@@ -612,7 +613,7 @@ def finetune(task: glue_data.Task, data: Dict[str, EncodedSplit], init: Init, co
 _OUTPUT_FILES = ('dev_metrics.json', 'metrics.jsonl', 'sweep.json', 'log.txt')
 
 
-def _prepare_task_dir(task_dir: str, overwrite: bool, clean: bool):
+def prepare_task_dir(task_dir: str, overwrite: bool, clean: bool):
   """Refuses a finished task folder unless ``overwrite``; with ``clean``, removes the
   files an earlier (finished or interrupted) run of this command left there."""
   finished = os.path.join(task_dir, 'dev_metrics.json')
@@ -668,6 +669,20 @@ def _predict_test(task, data, init, params, config, out_dir, log) -> List[str]:
   return written
 
 
+def _adopt_best_point(task, task_dir: str, best: RunResult, points: List[dict],
+                      log: RunLog) -> Dict[str, Any]:
+  """Writes ``sweep.json`` and copies the best point's predictions and metrics.jsonl up."""
+  point = os.path.basename(best.run_dir)
+  summary = dict(best.summary, checkpoint=os.path.join(point, best.summary['checkpoint']),
+                 sweep={'best': point, 'points': points})
+  glue_io.write_json_atomic(os.path.join(task_dir, 'sweep.json'), summary['sweep'])
+  names = [f'{split}_predictions.tsv' for split in task.dev_splits] + ['metrics.jsonl']
+  for name in names:
+    shutil.copyfile(os.path.join(best.run_dir, name), os.path.join(task_dir, name))
+  log.note(f'  best grid point: {point} (dev score {best.score:.4f})')
+  return summary
+
+
 def run_task(task_name: str, config, data_dir: str, workdir: str, init: Init, *,
              do_predict: bool = False, sweep: bool = False, overwrite: bool = False,
              log: Optional[RunLog] = None) -> Dict[str, Any]:
@@ -676,7 +691,7 @@ def run_task(task_name: str, config, data_dir: str, workdir: str, init: Init, *,
   task = glue_data.get_task(task_name)
   task_dir = os.path.join(workdir, task.name)
   points = _grid(config, sweep)
-  _prepare_task_dir(task_dir, overwrite, clean=True)
+  prepare_task_dir(task_dir, overwrite, clean=True)
   start = time.time()
   with log.to_file(os.path.join(task_dir, 'log.txt'), mode='w'):
     max_seq_len = resolve_max_seq_len(config, init.model_config)
@@ -702,14 +717,7 @@ def run_task(task_name: str, config, data_dir: str, workdir: str, init: Init, *,
         best = result
     summary = dict(best.summary)
     if sweep:
-      point = os.path.basename(best.run_dir)
-      summary['checkpoint'] = os.path.join(point, summary['checkpoint'])
-      summary['sweep'] = {'best': point, 'points': points_done}
-      glue_io.write_json_atomic(os.path.join(task_dir, 'sweep.json'), summary['sweep'])
-      for name in [f'{split}_predictions.tsv' for split in task.dev_splits] + [
-          'metrics.jsonl']:
-        shutil.copyfile(os.path.join(best.run_dir, name), os.path.join(task_dir, name))
-      log.note(f'  best grid point: {point} (dev score {best.score:.4f})')
+      summary = _adopt_best_point(task, task_dir, best, points_done, log)
     if do_predict:
       written = _predict_test(task, data, init, best.params, config,
                               os.path.join(workdir, SUBMISSION_DIR), log)
@@ -755,7 +763,7 @@ def run(task: str, config, data_dir: str, workdir: str, init_checkpoint: Optiona
   else:
     names, missing = [task], []
   for name in names:   # before any work: refuse finished outputs up front
-    _prepare_task_dir(os.path.join(workdir, name), overwrite, clean=False)
+    prepare_task_dir(os.path.join(workdir, name), overwrite, clean=False)
   os.makedirs(workdir, exist_ok=True)
   start = time.time()
   with log.to_file(os.path.join(workdir, 'log.txt')):
@@ -795,21 +803,27 @@ def run(task: str, config, data_dir: str, workdir: str, init_checkpoint: Optiona
 # Command line.
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file('config', _CONFIG_FILE, 'GLUE config file[:preset] '
-                                '(presets: paper, smoke).', lock_config=True)
-flags.DEFINE_string('task', None, 'cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, wnli, '
-                    'or all (every task whose folder is in --data_dir).')
-flags.DEFINE_string('data_dir', None, 'The GLUE directory, as the download script lays it '
-                    'out (CoLA/, SST-2/, ...).')
-flags.DEFINE_string('workdir', None, 'Output directory: DIR/<task>/ per task.')
-flags.DEFINE_string('init_checkpoint', None, "DeepMind's pickle, this project's checkpoint, "
-                    'or a Hugging Face checkpoint; without it the model starts from scratch.')
-flags.DEFINE_bool('do_predict', False, 'Also write the test predictions in the GLUE '
-                  "server's format to DIR/submission/.")
-flags.DEFINE_bool('sweep', False, 'Run the grid sweep.batch_sizes x sweep.learning_rates '
-                  'and keep the best dev score per task.')
-flags.DEFINE_bool('overwrite', False, 'Replace a task folder that holds a finished run.')
-flags.mark_flags_as_required(['task', 'data_dir', 'workdir'])
+
+
+def define_flags():
+  """The command's flags; defined only when run as a command (``train.mlm`` also has a
+  ``--config`` flag, and both modules may be imported into one process)."""
+  config_flags.DEFINE_config_file('config', _CONFIG_FILE, 'GLUE config file[:preset] '
+                                  '(presets: paper, smoke).', lock_config=True)
+  flags.DEFINE_string('task', None, 'cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, wnli, '
+                      'or all (every task whose folder is in --data_dir).')
+  flags.DEFINE_string('data_dir', None, 'The GLUE directory, as the download script lays '
+                      'it out (CoLA/, SST-2/, ...).')
+  flags.DEFINE_string('workdir', None, 'Output directory: DIR/<task>/ per task.')
+  flags.DEFINE_string('init_checkpoint', None, "DeepMind's pickle, this project's "
+                      'checkpoint, or a Hugging Face checkpoint; without it the model '
+                      'starts from scratch.')
+  flags.DEFINE_bool('do_predict', False, 'Also write the test predictions in the GLUE '
+                    "server's format to DIR/submission/.")
+  flags.DEFINE_bool('sweep', False, 'Run the grid sweep.batch_sizes x sweep.learning_rates '
+                    'and keep the best dev score per task.')
+  flags.DEFINE_bool('overwrite', False, 'Replace a task folder that holds a finished run.')
+  flags.mark_flags_as_required(['task', 'data_dir', 'workdir'])
 
 
 def main(argv):
@@ -826,4 +840,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main)

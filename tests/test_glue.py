@@ -242,7 +242,8 @@ def test_sweep_runs_each_grid_point_and_keeps_the_best(tmp_path):
 
 def _tiny_mlm_params(config):
   ids = jnp.zeros((1, 8), jnp.int32)
-  params = jax.device_get(jax.jit(transform.masked_lm(config).init)(jax.random.PRNGKey(7), ids))
+  init = jax.jit(transform.masked_lm(config).init)
+  params = jax.device_get(init(jax.random.PRNGKey(7), ids))
   # Distinct values, so a copy is told apart from a fresh initialisation.
   leaves, treedef = jax.tree.flatten(params)
   rng = np.random.default_rng(3)
@@ -406,7 +407,7 @@ def test_a_finished_task_is_refused_and_overwrite_clears_only_our_files(tmp_path
   with pytest.raises(glue.GlueError, match='wnli already holds a finished run.*--overwrite'):
     glue.run('wnli', tiny_config(), str(data_dir), str(tmp_path / 'out'))
   assert all((task_dir / name).exists() for name in ours)   # refused before touching them
-  glue._prepare_task_dir(str(task_dir), overwrite=True, clean=True)  # pylint: disable=protected-access
+  glue.prepare_task_dir(str(task_dir), overwrite=True, clean=True)
   assert not any((task_dir / name).exists() for name in ours)
   assert all((task_dir / name).exists() for name in theirs)
 
@@ -447,6 +448,41 @@ def test_command_line_fine_tunes_from_a_project_mlm_checkpoint(tmp_path):
   assert (tmp_path / 'out' / 'submission' / 'WNLI.tsv').is_file()
   assert json.loads((tmp_path / 'out' / 'wnli' / 'dev_metrics.json').read_text())[
       'init'] == str(path)
+
+
+_TWO_DEVICES = """
+import sys
+sys.path.insert(0, {root!r})
+import jax
+from eval import glue
+from tests.test_glue import tiny_config
+assert jax.local_device_count() == 2, jax.devices()
+glue.run('wnli', tiny_config(**{{'train.epochs': 2, 'dropout.encoder': 0.0,
+                                 'dropout.head': 0.0}}), {data!r}, {out!r})
+"""
+
+
+def test_two_devices_give_the_one_device_run(tmp_path):
+  # Without dropout: its masks come from per-device keys (train.step), so with dropout
+  # two layouts agree in distribution only. Batches of 8 (4 per device), 20 examples:
+  # the last batch of each epoch is half padding.
+  data_dir = str(write_task(tmp_path / 'glue', 'wnli', num_train=20, num_dev=9))
+  config = tiny_config(**{'train.epochs': 2, 'dropout.encoder': 0.0, 'dropout.head': 0.0})
+  glue.run('wnli', config, data_dir, str(tmp_path / 'one'))
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2')
+  script = _TWO_DEVICES.format(root=str(ROOT), data=data_dir, out=str(tmp_path / 'two'))
+  subprocess.run([sys.executable, '-c', script], cwd=ROOT, env=env, check=True,
+                 capture_output=True)
+  runs = {}
+  for name in ('one', 'two'):
+    task_dir = tmp_path / name / 'wnli'
+    lines = (task_dir / 'metrics.jsonl').read_text().splitlines()
+    runs[name] = ([json.loads(line) for line in lines],
+                  (task_dir / 'dev_predictions.tsv').read_text())
+  (one, one_preds), (two, two_preds) = runs['one'], runs['two']
+  assert [r['step'] for r in one] == [r['step'] for r in two]
+  np.testing.assert_allclose([r['loss'] for r in two], [r['loss'] for r in one], rtol=1e-4)
+  assert two_preds == one_preds
 
 
 # --------------------------------------------------------------------------------------
