@@ -289,6 +289,34 @@ def test_init_from_a_deepmind_format_pickle_copies_the_trunk_exactly(tmp_path, m
   _check_trunk_copied(init, mlm_params)
 
 
+def test_paper_preset_has_table_13s_settings():
+  c = glue_configs.get_config()   # the default preset
+  assert c.model.to_dict() == model_configs.language_mlm().to_dict()
+  assert (c.train.epochs, c.optimizer.name, c.optimizer.warmup_steps,
+          c.optimizer.weight_decay) == (10, 'lamb', 200, 0.01)
+  assert tuple(c.sweep.batch_sizes) == (16, 32, 64)
+  assert tuple(c.sweep.learning_rates) == (1e-4, 5e-5, 2e-5, 1e-5)
+  assert c.train.batch_size in c.sweep.batch_sizes
+  assert c.optimizer.learning_rate in c.sweep.learning_rates
+  with pytest.raises(ValueError, match="unknown preset 'nope'.*known: paper, smoke"):
+    glue_configs.get_config('nope')
+
+
+def test_the_released_checkpoints_parameters_fill_the_paper_presets_trunk():
+  # The released pickle's names and shapes, as recorded in tests/data.
+  released = {}
+  for line in (ROOT / 'tests' / 'data' / 'language_perceiver_io_bytes.params.txt'
+               ).read_text().splitlines():
+    path, shape = line.split(' ', 1)
+    released[path] = tuple(int(d) for d in shape.strip('[]').split(','))
+  model_config = glue_configs.get_config('paper').model   # = configs.language_mlm()
+  trunk = {f'{m}/{n}': shape for m, leaves in glue.trunk_shapes(model_config).items()
+           for n, shape in leaves.items()}
+  assert trunk and all(released.get(path) == shape for path, shape in trunk.items())
+  unused = {path.split('/')[0] for path in set(released) - set(trunk)}
+  assert unused == {'basic_decoder', 'embedding_decoder'}   # the MLM decoder only
+
+
 def test_bad_init_checkpoints_are_named(tmp_path):
   config = model_configs.tiny(max_seq_len=SEQ)
   with pytest.raises(checkpoint.CheckpointError, match='nothing.npz: no such checkpoint'):
