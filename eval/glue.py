@@ -762,6 +762,10 @@ def run(task: str, config, data_dir: str, workdir: str, init_checkpoint: Optiona
                       f'({", ".join(t.directory for t in glue_data.TASKS.values())})')
   else:
     names, missing = [task], []
+    folder = os.path.join(data_dir, glue_data.TASKS[task].directory)
+    if not os.path.isdir(folder):
+      raise GlueError(f'{task}: folder {folder} not found (the GLUE download script '
+                      f'puts {task} in {glue_data.TASKS[task].directory}/ under --data_dir)')
   for name in names:   # before any work: refuse finished outputs up front
     prepare_task_dir(os.path.join(workdir, name), overwrite, clean=False)
   os.makedirs(workdir, exist_ok=True)

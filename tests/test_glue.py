@@ -401,8 +401,13 @@ def test_bad_input_is_an_error_naming_the_file_line_task_or_field(tmp_path):
     glue.run('sst-2', config, str(data_dir), out)
   with pytest.raises(glue.GlueError, match='--data_dir .*nowhere: no such directory'):
     glue.run('rte', config, str(tmp_path / 'nowhere'), out)
-  with pytest.raises(glue_data.GlueDataError, match=r'folder .*SST-2 not found'):
+  with pytest.raises(glue.GlueError, match=r'sst2: folder .*SST-2 not found'):
     glue.run('sst2', config, str(data_dir), out)
+  (data_dir / 'RTE' / 'train.tsv').rename(data_dir / 'RTE' / 'train.tsv.bak')
+  with pytest.raises(glue_data.GlueDataError, match=r'rte: file .*RTE/train\.tsv not found'):
+    glue.run('rte', config, str(data_dir), out)
+  (data_dir / 'RTE' / 'train.tsv.bak').rename(data_dir / 'RTE' / 'train.tsv')
+  assert not os.path.exists(out + '/sst2')
   with pytest.raises(glue.GlueError, match='holds none of the GLUE task folders'):
     glue.run('all', config, str(tmp_path), out)
   with pytest.raises(glue.GlueError, match=r'train.batch_size=3 must be a positive '
