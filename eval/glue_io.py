@@ -43,6 +43,11 @@ def _write_text_atomic(path, text: str) -> str:
   return path
 
 
+def write_text_atomic(path, text: str) -> str:
+  """Writes ``text`` (UTF-8, '\\n' line ends) to ``path`` atomically; returns ``path``."""
+  return _write_text_atomic(path, text)
+
+
 def write_json_atomic(path, obj) -> str:
   """Writes ``obj`` as indented JSON; NaN or infinity is a ValueError, not bad JSON."""
   return _write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True,

@@ -102,6 +102,27 @@ def make_eval_step(loss_fn: Callable, count_fn: Callable) -> Callable:
   return jax.pmap(step, axis_name=AXIS)
 
 
+def make_predict_step(predict_fn: Callable) -> Callable:
+  """Returns ``predict_step(params, batch) -> per-example outputs``, pmapped, no dropout.
+
+  ``predict_fn(params, batch)`` maps a per-device batch [per_device, ...] to outputs
+  [per_device, ...] (e.g. logits); nothing is summed across devices, so the caller gets
+  every example's output, [devices, per_device, ...]; ``gather_examples`` puts them back
+  in the order of the host batch handed to ``shard``.
+  """
+  return jax.pmap(predict_fn, axis_name=AXIS)
+
+
+def gather_examples(tree):
+  """Per-example outputs [devices, per_device, ...] -> host numpy [devices * per_device, ...].
+
+  The inverse of ``shard(batch)`` (without accumulation): row i of the result is the
+  output for row i of the host batch.
+  """
+  return jax.tree.map(
+      lambda x: np.asarray(jax.device_get(x)).reshape((-1,) + tuple(x.shape[2:])), tree)
+
+
 def _per_device(pieces):
   """One array per local device -> a [devices, ...] array laid out as pmap expects."""
   devices = jax.local_devices()

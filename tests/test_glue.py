@@ -1,0 +1,533 @@
+"""GLUE fine-tuning (eval.glue): generated GLUE-format files and a tiny model, then one
+end-to-end run on the real files (../shared/data/glue, or $PERCEIVER_GLUE_DIR)."""
+
+import json
+import os
+import pathlib
+import pickle
+import subprocess
+import sys
+
+import jax
+from jax.experimental.compilation_cache import compilation_cache
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from eval import glue
+from eval import glue_data
+from eval import metrics
+from eval.configs import glue as glue_configs
+from perceiver import checkpoint
+from perceiver import configs as model_configs
+from perceiver import transform
+from train import step as step_lib
+from tests.conftest import glue_dir
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SEQ = 64
+
+_CACHE_OPTIONS = ('jax_compilation_cache_dir', 'jax_persistent_cache_min_compile_time_secs')
+
+
+@pytest.fixture(autouse=True, scope='module')
+def compilation_cache_dir(tmp_path_factory):
+  """JAX's persistent compilation cache, for this module only.
+
+  Most runs here fine-tune the same tiny model on batches of one shape: with the cache,
+  its train and predict steps compile once for the module instead of once per run
+  (about 10 s each on a 2-core CPU). What is computed does not change.
+  """
+  saved = {name: getattr(jax.config, name) for name in _CACHE_OPTIONS}
+  path = str(tmp_path_factory.mktemp('jax_cache'))
+  compilation_cache.reset_cache()
+  jax.config.update('jax_compilation_cache_dir', path)
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.2)
+  yield path
+  for name, value in saved.items():
+    jax.config.update(name, value)
+  compilation_cache.reset_cache()
+
+
+# Words that give each label away, so a tiny model can learn something in a few steps.
+_CUES = ['alpha', 'beta', 'gamma']
+
+
+def _cell(task, layout, column, i, split_name):
+  labels = task.labels
+  cue = _CUES[i % 3 if task.is_regression else i % len(labels)]
+  if column == layout.label:
+    return f'{(i % 3) * 2.5:.3f}' if task.is_regression else labels[i % len(labels)]
+  if column == layout.index:
+    return str(1000 + i)
+  if column == layout.text_a:
+    return f'{split_name} row {i} says {cue} here'
+  if column == layout.text_b:
+    return f'and {cue} again {i % 7}'
+  return 'x'
+
+
+def write_task(root, name, num_train=24, num_dev=10, num_test=6):
+  """Writes every split of ``name`` (but MNLI's diagnostic set) in the official layout."""
+  task = glue_data.TASKS[name]
+  for layout in task.splits:
+    if layout.name == 'diagnostic':
+      continue
+    n = num_train if layout.name == 'train' else (num_dev if layout.label else num_test)
+    lines = ['\t'.join(layout.columns)] if layout.has_header else []
+    lines += ['\t'.join(_cell(task, layout, c, i, layout.name) for c in layout.columns)
+              for i in range(n)]
+    path = pathlib.Path(root) / layout.path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text('\n'.join(lines) + '\n', encoding='utf-8')
+  return root
+
+
+def tiny_config(**overrides):
+  """The smoke preset shrunk to seconds: a tiny model, 64 bytes, small batches."""
+  c = glue_configs.get_config('smoke')
+  c.model = model_configs.tiny(max_seq_len=SEQ)
+  c.data.max_train_examples = 0
+  c.data.length_multiple = 16
+  c.train.update(dict(epochs=2, batch_size=8, log_every=2))
+  c.eval.batch_size = 8
+  c.optimizer.learning_rate = 3e-3
+  c.optimizer.warmup_steps = 2
+  c.sweep.batch_sizes = (4, 8)
+  c.sweep.learning_rates = (3e-3,)
+  for key, value in overrides.items():
+    section, field = key.split('.')
+    c[section][field] = value
+  c.lock()
+  return c
+
+
+def read_tsv(path):
+  lines = pathlib.Path(path).read_text(encoding='utf-8').splitlines()
+  return lines[0].split('\t'), [line.split('\t') for line in lines[1:]]
+
+
+def recompute(task, path):
+  """task_metrics from a written dev_predictions file (label strings or 3-decimal scores)."""
+  _, rows = read_tsv(path)
+  if task.is_regression:
+    preds = np.array([float(r[1]) for r in rows])
+    labels = np.array([float(r[2]) for r in rows])
+  else:
+    preds = np.array([task.labels.index(r[1]) for r in rows])
+    labels = np.array([task.labels.index(r[2]) for r in rows])
+  return preds, labels
+
+
+def check_task_outputs(task_name, data_dir, task_dir, has_log=True):
+  """The written predictions, metrics and checkpoint agree with each other and the data."""
+  task = glue_data.TASKS[task_name]
+  summary = json.loads((task_dir / 'dev_metrics.json').read_text())
+  for split in task.dev_splits:
+    header, rows = read_tsv(task_dir / f'{split}_predictions.tsv')
+    assert header == ['index', 'prediction', 'label']
+    examples = glue_data.load_split(data_dir, task, split).examples
+    assert [r[0] for r in rows] == [e.index for e in examples]
+    gold = [f'{e.label:.3f}' if task.is_regression else e.label for e in examples]
+    assert [r[2] for r in rows] == gold
+    preds, labels = recompute(task, task_dir / f'{split}_predictions.tsv')
+    key = task.result_key(split)
+    assert summary['results'][key] == metrics.task_metrics(key, preds, labels)
+  assert summary['main_score'] == glue.selection_score(task, summary['results'])
+  best = [e for e in summary['epochs'] if e['epoch'] == summary['best_epoch']][0]
+  assert best['results'] == summary['results']
+  assert summary['main_score'] == max(e['score'] for e in summary['epochs'])
+  records = [json.loads(line) for line in (task_dir / 'metrics.jsonl').read_text().splitlines()]
+  assert {r['kind'] for r in records} == {'train', 'eval'}
+  assert [r['epoch'] for r in records if r['kind'] == 'eval'] == [
+      e['epoch'] for e in summary['epochs']]
+  if has_log:
+    assert (task_dir / 'log.txt').read_text().count('new best dev score') >= 1
+  return summary
+
+
+def test_single_task_writes_consistent_outputs_and_a_loadable_best_checkpoint(tmp_path):
+  data_dir = write_task(tmp_path / 'glue', 'sst2')
+  out = glue.run('sst2', tiny_config(), str(data_dir), str(tmp_path / 'out'),
+                 do_predict=True)
+  task_dir = tmp_path / 'out' / 'sst2'
+  summary = check_task_outputs('sst2', data_dir, task_dir)
+  assert out['results'] == summary['results'] and out['tasks_run'] == ['sst2']
+  assert summary['num_examples'] == {'train': 24, 'dev': 10, 'test': 6}
+  assert summary['total_steps'] == 2 * 3 and summary['init'] == 'scratch'
+  # The best epoch's checkpoint reproduces the written dev predictions.
+  params, config, meta = checkpoint.load(task_dir / summary['checkpoint'])
+  assert (meta['task'], meta['epoch'], meta['step']) == ('sst2', summary['best_epoch'],
+                                                         summary['best_step'])
+  assert meta['num_outputs'] == 2 and meta['labels'] == ['0', '1']
+  model = transform.classifier(config, meta['num_outputs'])
+  split = glue_data.load_split(data_dir, 'sst2', 'dev')
+  enc = glue.encode_split(glue_data.TASKS['sst2'], split, 'dev', SEQ, 16)
+  predict_step = step_lib.make_predict_step(glue.make_predict_fn(model))
+  outputs = glue.predict(predict_step, step_lib.replicate(params), enc, 8)
+  _, rows = read_tsv(task_dir / 'dev_predictions.tsv')
+  assert [r[1] for r in rows] == [str(i) for i in outputs.argmax(-1)]
+  # The submission file: the test file's indices, label strings.
+  header, rows = read_tsv(tmp_path / 'out' / 'submission' / 'SST-2.tsv')
+  assert header == ['index', 'prediction']
+  assert [r[0] for r in rows] == [str(1000 + i) for i in range(6)]   # the 'index' column
+  assert {r[1] for r in rows} <= {'0', '1'}
+  assert summary['submission'] == [os.path.join('..', 'submission', 'SST-2.tsv')]
+
+
+def test_stsb_is_a_regression_with_three_decimal_predictions(tmp_path):
+  data_dir = write_task(tmp_path / 'glue', 'stsb')
+  glue.run('stsb', tiny_config(), str(data_dir), str(tmp_path / 'out'), do_predict=True)
+  summary = check_task_outputs('stsb', data_dir, tmp_path / 'out' / 'stsb')
+  assert set(summary['results']['stsb']) == {'pearson', 'spearman'}
+  _, rows = read_tsv(tmp_path / 'out' / 'stsb' / 'dev_predictions.tsv')
+  assert all(len(r[1].split('.')[1]) == 3 for r in rows)
+  _, rows = read_tsv(tmp_path / 'out' / 'submission' / 'STS-B.tsv')
+  assert [r[0] for r in rows] == [str(1000 + i) for i in range(6)]
+  assert all(np.isfinite(float(r[1])) for r in rows)
+  params, config, meta = checkpoint.load(tmp_path / 'out' / 'stsb' / summary['checkpoint'])
+  assert meta['num_outputs'] == 1 and meta['labels'] == []
+  assert params['classification_head/linear_1']['w'].shape[-1] == 1
+
+
+def test_all_runs_the_present_tasks_and_tables_the_rest_as_missing(tmp_path, capsys):
+  data_dir = tmp_path / 'glue'
+  write_task(data_dir, 'mnli')
+  write_task(data_dir, 'wnli')
+  out = glue.run('all', tiny_config(**{'train.epochs': 1}), str(data_dir),
+                 str(tmp_path / 'out'), do_predict=True)
+  assert out['tasks_run'] == ['mnli', 'wnli']
+  assert out['missing_tasks'] == ['cola', 'sst2', 'mrpc', 'stsb', 'qqp', 'qnli', 'rte']
+  assert set(out['results']) == {'mnli-m', 'mnli-mm', 'wnli'}
+  assert out['average'] is None
+  check_task_outputs('mnli', data_dir, tmp_path / 'out' / 'mnli')
+  check_task_outputs('wnli', data_dir, tmp_path / 'out' / 'wnli')
+  table = (tmp_path / 'out' / 'glue_table.txt').read_text()
+  assert table.strip() == metrics.format_table(out['results'])
+  saved = json.loads((tmp_path / 'out' / 'glue_results.json').read_text())
+  assert saved['results'] == out['results'] and saved['missing_tasks'] == out['missing_tasks']
+  assert set(saved['wall_time_s']) == {'mnli', 'wnli', 'total'}
+  printed = capsys.readouterr().out
+  assert table.strip() in printed
+  assert 'warning: no folder in' in printed and 'cola (CoLA/)' in printed
+  assert 'AX.tsv (the diagnostic set' in printed
+  assert sorted(os.listdir(tmp_path / 'out' / 'submission')) == [
+      'MNLI-m.tsv', 'MNLI-mm.tsv', 'WNLI.tsv']
+  _, rows = read_tsv(tmp_path / 'out' / 'submission' / 'MNLI-mm.tsv')
+  assert {r[1] for r in rows} <= {'contradiction', 'entailment', 'neutral'}
+  assert 'not in the average' in table and 'average' in (tmp_path / 'out' / 'log.txt').read_text()
+
+
+def test_sweep_runs_each_grid_point_and_keeps_the_best(tmp_path):
+  data_dir = write_task(tmp_path / 'glue', 'rte')
+  glue.run('rte', tiny_config(**{'train.epochs': 1}), str(data_dir), str(tmp_path / 'out'),
+           sweep=True)
+  task_dir = tmp_path / 'out' / 'rte'
+  summary = check_task_outputs('rte', data_dir, task_dir)
+  points = json.loads((task_dir / 'sweep.json').read_text())['points']
+  assert [(p['batch_size'], p['learning_rate']) for p in points] == [(4, 3e-3), (8, 3e-3)]
+  best = max(points, key=lambda p: p['main_score'])
+  assert summary['sweep']['best'] == best['dir'] and summary['main_score'] == best['main_score']
+  for p in points:
+    point = check_task_outputs('rte', data_dir, task_dir / p['dir'], has_log=False)
+    assert point['total_steps'] == 24 // p['batch_size']
+  assert (task_dir / 'dev_predictions.tsv').read_text() == (
+      task_dir / best['dir'] / 'dev_predictions.tsv').read_text()
+  assert (task_dir / summary['checkpoint']).is_file()
+  assert summary['checkpoint'].startswith(best['dir'] + os.sep)
+
+
+# --------------------------------------------------------------------------------------
+# Initialisation from checkpoints.
+
+def _tiny_mlm_params(config):
+  ids = jnp.zeros((1, 8), jnp.int32)
+  init = jax.jit(transform.masked_lm(config).init)
+  params = jax.device_get(init(jax.random.PRNGKey(7), ids))
+  # Distinct values, so a copy is told apart from a fresh initialisation.
+  leaves, treedef = jax.tree.flatten(params)
+  rng = np.random.default_rng(3)
+  return jax.tree.unflatten(treedef, [rng.normal(size=x.shape).astype(np.float32)
+                                      for x in leaves])
+
+
+def _check_trunk_copied(init, mlm_params):
+  model = transform.classifier(init.model_config, 3)
+  params = glue.init_params(model, init, seed=0, length=SEQ)
+  trunk = {m: v for m, v in params.items() if not glue.is_head_module(m)}
+  assert set(trunk) == set(init.trunk) and trunk
+  for module, leaves in trunk.items():
+    for name, value in leaves.items():
+      np.testing.assert_array_equal(value, mlm_params[module][name])
+  heads = [m for m in params if glue.is_head_module(m)]
+  assert heads and all(m not in mlm_params for m in heads)
+  # The MLM decoder is reported unused.
+  assert 'embedding_decoder' in init.unused
+  assert any(m.startswith('basic_decoder') for m in init.unused)
+
+
+def test_init_from_a_project_mlm_checkpoint_copies_the_trunk_exactly(tmp_path, capsys):
+  config = model_configs.tiny(max_seq_len=SEQ)
+  mlm_params = _tiny_mlm_params(config)
+  path = checkpoint.save(tmp_path / 'mlm.npz', mlm_params, config, step=5)
+  init = glue.load_init(tiny_config(), str(path), glue.RunLog())
+  assert init.model_config.encoder.dropout_prob == 0.1
+  assert init.model_config.classifier.head_dropout_prob == 0.1
+  _check_trunk_copied(init, mlm_params)
+  assert 'model config from it' in capsys.readouterr().out
+
+
+def test_init_from_a_deepmind_format_pickle_copies_the_trunk_exactly(tmp_path, monkeypatch):
+  config = model_configs.tiny(max_seq_len=SEQ)
+  # The released pickle is the language_mlm() model; a tiny one stands in for it here.
+  monkeypatch.setattr(model_configs, 'language_mlm', lambda: model_configs.tiny(SEQ))
+  mlm_params = _tiny_mlm_params(config)
+  path = tmp_path / 'tiny.pickle'
+  with open(path, 'wb') as f:
+    pickle.dump({m: dict(v) for m, v in mlm_params.items()}, f)
+  init = glue.load_init(tiny_config(), str(path), glue.RunLog())
+  _check_trunk_copied(init, mlm_params)
+
+
+def test_paper_preset_has_table_13s_settings():
+  c = glue_configs.get_config()   # the default preset
+  assert c.model.to_dict() == model_configs.language_mlm().to_dict()
+  assert (c.train.epochs, c.optimizer.name, c.optimizer.warmup_steps,
+          c.optimizer.weight_decay) == (10, 'lamb', 200, 0.01)
+  assert tuple(c.sweep.batch_sizes) == (16, 32, 64)
+  assert tuple(c.sweep.learning_rates) == (1e-4, 5e-5, 2e-5, 1e-5)
+  assert c.train.batch_size in c.sweep.batch_sizes
+  assert c.optimizer.learning_rate in c.sweep.learning_rates
+  with pytest.raises(ValueError, match="unknown preset 'nope'.*known: paper, smoke"):
+    glue_configs.get_config('nope')
+
+
+def test_the_released_checkpoints_parameters_fill_the_paper_presets_trunk():
+  # The released pickle's names and shapes, as recorded in tests/data.
+  released = {}
+  for line in (ROOT / 'tests' / 'data' / 'language_perceiver_io_bytes.params.txt'
+               ).read_text().splitlines():
+    path, shape = line.split(' ', 1)
+    released[path] = tuple(int(d) for d in shape.strip('[]').split(','))
+  model_config = glue_configs.get_config('paper').model   # = configs.language_mlm()
+  trunk = {f'{m}/{n}': shape for m, leaves in glue.trunk_shapes(model_config).items()
+           for n, shape in leaves.items()}
+  assert trunk and all(released.get(path) == shape for path, shape in trunk.items())
+  unused = {path.split('/')[0] for path in set(released) - set(trunk)}
+  assert unused == {'basic_decoder', 'embedding_decoder'}   # the MLM decoder only
+
+
+def test_bad_init_checkpoints_are_named(tmp_path):
+  config = model_configs.tiny(max_seq_len=SEQ)
+  with pytest.raises(checkpoint.CheckpointError, match='nothing.npz: no such checkpoint'):
+    glue.load_init(tiny_config(), str(tmp_path / 'nothing.npz'), glue.RunLog())
+  params = _tiny_mlm_params(config)
+  del params['perceiver_encoder/~/self_attention_1/mlp/linear']
+  params['embed'] = {'embeddings': np.zeros((262, 16), np.float32)}
+  path = checkpoint.save(tmp_path / 'broken.npz', params, config)
+  with pytest.raises(checkpoint.CheckpointError, match=(
+      r'broken.npz \(the classifier trunk\) does not match the model: missing 2: '
+      r'perceiver_encoder/~/self_attention_1/mlp/linear/b.*mis-shaped 1: embed/embeddings '
+      r'\[262, 16\] \(expected \[262, 32\]\)')):
+    glue.load_init(tiny_config(), str(path), glue.RunLog())
+  garbage = tmp_path / 'garbage.bin'
+  garbage.write_bytes(b'not a checkpoint')
+  with pytest.raises(checkpoint.CheckpointError, match='garbage.bin'):
+    glue.load_init(tiny_config(), str(garbage), glue.RunLog())
+
+
+# --------------------------------------------------------------------------------------
+# Pieces.
+
+def test_encoding_in_chunks_pads_each_split_to_its_rounded_longest_example():
+  task = glue_data.TASKS['rte']
+  examples = [glue_data.Example(str(i), 'x' * (3 * i), 'yy', 'entailment') for i in range(9)]
+  split = glue_data.Split('RTE/dev.tsv', examples, [], 9)
+  whole = glue.encode_split(task, split, 'dev', max_seq_len=20, length_multiple=8, chunk=100)
+  chunked = glue.encode_split(task, split, 'dev', max_seq_len=20, length_multiple=8, chunk=2)
+  reference = glue_data.encode(examples, task, 20)
+  for enc in (whole, chunked):
+    assert enc.length == 20   # longest: 24 + 1 + 2 bytes, cut to 20
+    np.testing.assert_array_equal(enc.input_ids, reference.input_ids)
+    np.testing.assert_array_equal(enc.input_mask, reference.input_mask)
+    assert enc.num_truncated == reference.num_truncated == 3
+    assert enc.indices == [str(i) for i in range(9)]
+  short = glue.encode_split(task, glue_data.Split('p', examples[:3], [], 3), 'dev', 64, 8)
+  assert short.length == 16   # longest 6 + 1 + 2 = 9 bytes, rounded up to 16
+
+
+def test_zero_weight_padding_rows_do_not_count():
+  config = model_configs.tiny(max_seq_len=SEQ)
+  model = transform.classifier(config, 2)
+  rng = np.random.default_rng(0)
+  ids = rng.integers(6, 200, size=(3, 16)).astype(np.int32)
+  batch = {'input_ids': ids, 'input_mask': np.ones_like(ids),
+           'labels': np.array([0, 1, 1], np.int32), 'weights': np.ones(3, np.float32)}
+  # Padding rows with arbitrary content: only their zero weight matters.
+  padded = {k: np.concatenate([v, v[:2][::-1]]) for k, v in batch.items()}
+  padded['weights'][3:] = 0
+  params = jax.jit(model.init)(jax.random.PRNGKey(0), ids)
+  loss_fn = jax.jit(glue.make_loss_fn(model, regression=False), static_argnums=3)
+  loss, sums = loss_fn(params, None, batch, False)
+  padded_loss, padded_sums = loss_fn(params, None, padded, False)
+  np.testing.assert_allclose(padded_loss, loss, rtol=1e-6)
+  assert padded_sums['correct'] == sums['correct']
+  assert glue.count_fn(padded) == glue.count_fn(batch) == 3
+
+
+def test_epochs_visit_every_example_once_in_a_seeded_order():
+  split = glue.EncodedSplit('train', 'p', [str(i) for i in range(10)],
+                            np.arange(10, dtype=np.int16)[:, None],
+                            np.ones((10, 1), np.int8), np.arange(10, dtype=np.int32), 0)
+  epoch1 = [b for b, _ in glue.epoch_batches(split, 4, seed=0, epoch=1)]
+  again = [b for b, _ in glue.epoch_batches(split, 4, seed=0, epoch=1)]
+  epoch2 = [b for b, _ in glue.epoch_batches(split, 4, seed=0, epoch=2)]
+  seen = np.concatenate([b['labels'][b['weights'] > 0] for b in epoch1])
+  assert sorted(seen) == list(range(10)) and len(epoch1) == 3
+  assert epoch1[-1]['weights'].tolist() == [1, 1, 0, 0]
+  assert all(np.array_equal(a['labels'], b['labels']) for a, b in zip(epoch1, again))
+  assert not all(np.array_equal(a['labels'], b['labels']) for a, b in zip(epoch1, epoch2))
+
+
+# --------------------------------------------------------------------------------------
+# Errors.
+
+def test_bad_input_is_an_error_naming_the_file_line_task_or_field(tmp_path):
+  data_dir = write_task(tmp_path / 'glue', 'rte')
+  config = tiny_config()
+  out = str(tmp_path / 'out')
+  with pytest.raises(glue.GlueError, match="unknown task 'sst-2'; known tasks: cola, sst2, "
+                     'mrpc, stsb, qqp, mnli, qnli, rte, wnli, or all'):
+    glue.run('sst-2', config, str(data_dir), out)
+  with pytest.raises(glue.GlueError, match='--data_dir .*nowhere: no such directory'):
+    glue.run('rte', config, str(tmp_path / 'nowhere'), out)
+  with pytest.raises(glue.GlueError, match=r'sst2: folder .*SST-2 not found'):
+    glue.run('sst2', config, str(data_dir), out)
+  (data_dir / 'RTE' / 'train.tsv').rename(data_dir / 'RTE' / 'train.tsv.bak')
+  with pytest.raises(glue_data.GlueDataError, match=r'rte: file .*RTE/train\.tsv not found'):
+    glue.run('rte', config, str(data_dir), out)
+  (data_dir / 'RTE' / 'train.tsv.bak').rename(data_dir / 'RTE' / 'train.tsv')
+  assert not os.path.exists(out + '/sst2')
+  with pytest.raises(glue.GlueError, match='holds none of the GLUE task folders'):
+    glue.run('all', config, str(tmp_path), out)
+  with pytest.raises(glue.GlueError, match=r'train.batch_size=3 must be a positive '
+                     r'multiple of devices \(1\) x train.grad_accum_steps \(2\)'):
+    glue.run('rte', tiny_config(**{'train.batch_size': 3, 'train.grad_accum_steps': 2}),
+             str(data_dir), out)
+  with pytest.raises(glue.GlueError, match=r'data.max_seq_len=100 must be in \[2, 64\]'):
+    glue.run('rte', tiny_config(**{'data.max_seq_len': 100}), str(data_dir), out)
+  dev = data_dir / 'RTE' / 'dev.tsv'
+  lines = dev.read_text().splitlines()
+  dev.write_text('\n'.join(lines[:3] + ['7\tonly two']) + '\n')
+  with pytest.raises(glue_data.GlueDataError, match=r'RTE/dev\.tsv:4: 2 columns, expected 4'):
+    glue.run('rte', config, str(data_dir), out)
+  dev.write_text('\n'.join(lines[:3] + ['7\ta\tb\tmaybe']) + '\n')
+  with pytest.raises(glue_data.GlueDataError, match=r"RTE/dev\.tsv:4: unknown label 'maybe'"):
+    glue.run('rte', config, str(data_dir), out)
+
+
+def test_a_finished_task_is_refused_and_overwrite_clears_only_our_files(tmp_path):
+  data_dir = write_task(tmp_path / 'glue', 'wnli')
+  task_dir = tmp_path / 'out' / 'wnli'
+  (task_dir / 'checkpoint').mkdir(parents=True)
+  ours = ['dev_metrics.json', 'metrics.jsonl', 'log.txt', 'dev_predictions.tsv',
+          'checkpoint/ckpt_000000007.npz', 'bs8_lr0.001/sweep.json',
+          'bs8_lr0.001/checkpoint/ckpt_000000003.npz']
+  theirs = ['notes.txt', 'checkpoint/README', 'bs8_lr0.001/mine.npz']
+  for name in ours + theirs:
+    (task_dir / name).parent.mkdir(parents=True, exist_ok=True)
+    (task_dir / name).write_text('x')
+  with pytest.raises(glue.GlueError, match='wnli already holds a finished run.*--overwrite'):
+    glue.run('wnli', tiny_config(), str(data_dir), str(tmp_path / 'out'))
+  assert all((task_dir / name).exists() for name in ours)   # refused before touching them
+  glue.prepare_task_dir(str(task_dir), overwrite=True, clean=True)
+  assert not any((task_dir / name).exists() for name in ours)
+  assert all((task_dir / name).exists() for name in theirs)
+
+
+def _cli(*args):
+  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir)
+  return subprocess.run([sys.executable, '-m', 'eval.glue', *args], cwd=ROOT, env=env,
+                        capture_output=True, text=True, check=False)
+
+
+def test_command_line_errors_are_one_line_without_a_traceback(tmp_path):
+  unknown = _cli('--task=foo', f'--data_dir={tmp_path}', f'--workdir={tmp_path}/o')
+  assert unknown.returncode == 1 and 'Traceback' not in unknown.stderr
+  assert "error: unknown task 'foo'; known tasks: cola, sst2" in unknown.stderr
+  typo = _cli('--task=rte', f'--data_dir={tmp_path}', f'--workdir={tmp_path}/o',
+              '--config=eval/configs/glue.py:smoke', '--config.train.epochz=1')
+  assert typo.returncode != 0 and 'epochz' in typo.stderr
+  preset = _cli('--task=rte', f'--data_dir={tmp_path}', f'--workdir={tmp_path}/o',
+                '--config=eval/configs/glue.py:nope')
+  assert preset.returncode != 0 and "unknown preset 'nope'" in preset.stderr
+  missing = _cli('--task=rte', f'--workdir={tmp_path}/o')
+  assert missing.returncode != 0 and '--data_dir' in missing.stderr
+
+
+def test_command_line_fine_tunes_from_a_project_mlm_checkpoint(tmp_path):
+  config = model_configs.tiny(max_seq_len=SEQ)
+  path = checkpoint.save(tmp_path / 'mlm.npz', _tiny_mlm_params(config), config)
+  data_dir = write_task(tmp_path / 'glue', 'wnli')
+  run = _cli('--task=wnli', f'--data_dir={data_dir}', f'--workdir={tmp_path}/out',
+             f'--init_checkpoint={path}', '--config=eval/configs/glue.py:smoke',
+             '--config.train.epochs=1', '--config.train.batch_size=8', '--do_predict')
+  assert run.returncode == 0, run.stderr[-3000:]
+  assert 'trunk (embed, perceiver_encoder, trainable_position_encoding; ' in run.stdout
+  assert f'copied from {path}' in run.stdout
+  assert 'not used from the checkpoint: basic_decoder' in run.stdout
+  assert '[train] step 3/3 (100%)' in run.stdout and 'eta' in run.stdout
+  check_task_outputs('wnli', data_dir, tmp_path / 'out' / 'wnli')
+  assert (tmp_path / 'out' / 'submission' / 'WNLI.tsv').is_file()
+  assert json.loads((tmp_path / 'out' / 'wnli' / 'dev_metrics.json').read_text())[
+      'init'] == str(path)
+
+
+_TWO_DEVICES = """
+import sys
+sys.path.insert(0, {root!r})
+import jax
+from eval import glue
+from tests.test_glue import tiny_config
+assert jax.local_device_count() == 2, jax.devices()
+glue.run('wnli', tiny_config(**{{'train.epochs': 2, 'dropout.encoder': 0.0,
+                                 'dropout.head': 0.0}}), {data!r}, {out!r})
+"""
+
+
+def test_two_devices_give_the_one_device_run(tmp_path):
+  # Without dropout: its masks come from per-device keys (train.step), so with dropout
+  # two layouts agree in distribution only. Batches of 8 (4 per device), 20 examples:
+  # the last batch of each epoch is half padding.
+  data_dir = str(write_task(tmp_path / 'glue', 'wnli', num_train=20, num_dev=9))
+  config = tiny_config(**{'train.epochs': 2, 'dropout.encoder': 0.0, 'dropout.head': 0.0})
+  glue.run('wnli', config, data_dir, str(tmp_path / 'one'))
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2')
+  script = _TWO_DEVICES.format(root=str(ROOT), data=data_dir, out=str(tmp_path / 'two'))
+  subprocess.run([sys.executable, '-c', script], cwd=ROOT, env=env, check=True,
+                 capture_output=True)
+  runs = {}
+  for name in ('one', 'two'):
+    task_dir = tmp_path / name / 'wnli'
+    lines = (task_dir / 'metrics.jsonl').read_text().splitlines()
+    runs[name] = ([json.loads(line) for line in lines],
+                  (task_dir / 'dev_predictions.tsv').read_text())
+  (one, one_preds), (two, two_preds) = runs['one'], runs['two']
+  assert [r['step'] for r in one] == [r['step'] for r in two]
+  np.testing.assert_allclose([r['loss'] for r in two], [r['loss'] for r in one], rtol=1e-4)
+  assert two_preds == one_preds
+
+
+# --------------------------------------------------------------------------------------
+# The real files.
+
+def test_end_to_end_on_the_real_rte_files(tmp_path):
+  data_dir = glue_dir()
+  config = tiny_config(**{'data.max_seq_len': SEQ, 'train.batch_size': 16,
+                          'train.log_every': 100, 'eval.batch_size': 64})
+  out = glue.run('rte', config, str(data_dir), str(tmp_path / 'out'))
+  summary = check_task_outputs('rte', data_dir, tmp_path / 'out' / 'rte')
+  assert summary['total_steps'] == 2 * 156   # 2490 examples in batches of 16
+  assert summary['num_examples'] == {'train': 2490, 'dev': 277}
+  assert summary['num_truncated']['dev'] > 0 and summary['padded_length']['dev'] == SEQ
+  assert 0.0 < out['results']['rte']['accuracy'] < 1.0
