@@ -17,40 +17,24 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from typing import Sequence
 
 import numpy as np
 
 from eval import glue_data
-
-
-def _write_text_atomic(path, text: str) -> str:
-  path = os.fspath(path)
-  folder = os.path.dirname(os.path.abspath(path))
-  os.makedirs(folder, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + '.', suffix='.tmp')
-  try:
-    with os.fdopen(fd, 'w', encoding='utf-8', newline='\n') as f:
-      f.write(text)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-  return path
+from perceiver import atomic
 
 
 def write_text_atomic(path, text: str) -> str:
   """Writes ``text`` (UTF-8, '\\n' line ends) to ``path`` atomically; returns ``path``."""
-  return _write_text_atomic(path, text)
+  with atomic.atomic_write(path, 'w', encoding='utf-8', newline='\n') as f:
+    f.write(text)
+  return os.fspath(path)
 
 
 def write_json_atomic(path, obj) -> str:
   """Writes ``obj`` as indented JSON; NaN or infinity is a ValueError, not bad JSON."""
-  return _write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True,
+  return write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True,
                                              allow_nan=False) + '\n')
 
 
@@ -110,7 +94,7 @@ def write_submission(out_dir, task: str | glue_data.Task, split: str,
   texts = format_predictions(task, predictions)
   indices = _check_indices(task, indices, len(texts))
   rows = ''.join(f'{index}\t{text}\n' for index, text in zip(indices, texts))
-  return _write_text_atomic(os.path.join(os.fspath(out_dir), layout.submission),
+  return write_text_atomic(os.path.join(os.fspath(out_dir), layout.submission),
                             'index\tprediction\n' + rows)
 
 
@@ -128,4 +112,4 @@ def write_dev_predictions(path, task: str | glue_data.Task, indices: Sequence[st
     raise ValueError(f'{task.name}: {len(texts)} predictions but {len(golds)} labels')
   indices = _check_indices(task, indices, len(texts))
   rows = ''.join(f'{i}\t{p}\t{g}\n' for i, p, g in zip(indices, texts, golds))
-  return _write_text_atomic(path, 'index\tprediction\tlabel\n' + rows)
+  return write_text_atomic(path, 'index\tprediction\tlabel\n' + rows)

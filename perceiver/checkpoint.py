@@ -22,13 +22,14 @@ import json
 import os
 import pickle
 import re
-import tempfile
 import zipfile
 from typing import Any, Mapping
 
 import jax
 import ml_collections
 import numpy as np
+
+from perceiver import atomic
 
 FORMAT = 'perceiver-io-checkpoint/1'
 _METADATA = 'metadata.json'
@@ -191,30 +192,17 @@ def save(path, params: Params, config, *, trees: Mapping[str, Any] | None = None
   config_dict = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else config
   header = {'format': FORMAT, 'config': _jsonable(config_dict, 'config'),
             'metadata': _jsonable(metadata, 'metadata'), 'trees': {}}
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + '.', suffix='.tmp', dir=directory)
-  try:
-    with os.fdopen(fd, 'wb') as raw:
-      with zipfile.ZipFile(raw, 'w', zipfile.ZIP_STORED) as zf:
-        for module in sorted(params):
-          for name in sorted(params[module]):
-            _write_npy(zf, f'params/{module}/{name}.npy',
-                       jax.device_get(params[module][name]))
-        for tree_name, tree in (trees or {}).items():
-          leaves, treedef = jax.tree.flatten(tree)
-          header['trees'][tree_name] = {'num_leaves': len(leaves), 'treedef': str(treedef)}
-          for i, leaf in enumerate(leaves):
-            _write_npy(zf, f'trees/{tree_name}/{i}.npy', _plain_array(leaf))
-        zf.writestr(_METADATA, json.dumps(header, indent=1, sort_keys=True))
-      raw.flush()
-      os.fsync(raw.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
-  _fsync_directory(directory)
+  with atomic.atomic_write(path) as raw:
+    with zipfile.ZipFile(raw, 'w', zipfile.ZIP_STORED) as zf:
+      for module in sorted(params):
+        for name in sorted(params[module]):
+          _write_npy(zf, f'params/{module}/{name}.npy', jax.device_get(params[module][name]))
+      for tree_name, tree in (trees or {}).items():
+        leaves, treedef = jax.tree.flatten(tree)
+        header['trees'][tree_name] = {'num_leaves': len(leaves), 'treedef': str(treedef)}
+        for i, leaf in enumerate(leaves):
+          _write_npy(zf, f'trees/{tree_name}/{i}.npy', _plain_array(leaf))
+      zf.writestr(_METADATA, json.dumps(header, indent=1, sort_keys=True))
   return path
 
 
@@ -223,19 +211,6 @@ def _plain_array(leaf):
   if isinstance(leaf, jax.Array) and jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
     leaf = jax.random.key_data(leaf)
   return np.asarray(jax.device_get(leaf))
-
-
-def _fsync_directory(directory):
-  try:
-    fd = os.open(directory, os.O_RDONLY)
-  except OSError:
-    return
-  try:
-    os.fsync(fd)
-  except OSError:
-    pass
-  finally:
-    os.close(fd)
 
 
 def _open(path) -> zipfile.ZipFile:

@@ -58,6 +58,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 import ml_collections
 import numpy as np
 
+from perceiver import atomic
 from perceiver import checkpoint
 from perceiver import configs
 
@@ -259,20 +260,9 @@ def write_safetensors(path, tensors: Mapping[str, Any],
 
 
 def _atomic_write(path, chunks):
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + '.', suffix='.tmp', dir=directory)
-  try:
-    with os.fdopen(fd, 'wb') as f:
-      for chunk in chunks:
-        f.write(chunk)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
+  with atomic.atomic_write(path) as f:
+    for chunk in chunks:
+      f.write(chunk)
 
 
 # --------------------------------------------------------------------------------------

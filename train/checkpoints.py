@@ -20,6 +20,7 @@ from typing import Optional
 import jax
 from jax.experimental import multihost_utils
 
+from perceiver import atomic
 from perceiver import checkpoint
 
 _NAME = re.compile(r'^ckpt_(\d+)\.npz$')
@@ -35,7 +36,7 @@ class CheckpointManager:
     self.keep = keep
     if jax.process_index() == 0:
       os.makedirs(directory, exist_ok=True)
-      for stale in glob.glob(os.path.join(directory, 'ckpt_*.npz.*.tmp')):
+      for stale in glob.glob(os.path.join(directory, 'ckpt_*.*.tmp')):
         os.unlink(stale)
 
   def steps(self):
@@ -63,12 +64,9 @@ class CheckpointManager:
     """
     path = self.path(step)
     if jax.process_count() > 1:
-      tmp = self._data_path(step, jax.process_index()) + '.tmp'
-      with open(tmp, 'w', encoding='utf-8') as f:
+      with atomic.atomic_write(self._data_path(step, jax.process_index()), 'w',
+                               encoding='utf-8') as f:
         json.dump(data_state, f)
-        f.flush()
-        os.fsync(f.fileno())
-      os.replace(tmp, self._data_path(step, jax.process_index()))
       multihost_utils.sync_global_devices(f'data state of step {step} written')
     if jax.process_index() == 0:
       trees = {}

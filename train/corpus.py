@@ -15,6 +15,8 @@ import sysconfig
 import zlib
 from typing import Dict, Iterator, Tuple
 
+from perceiver import atomic
+
 BUILTIN_PREFIX = 'builtin:'
 NAME = 'stdlib_docstrings'
 _SKIP_DIRS = {'test', 'tests', 'idlelib', 'site-packages', 'dist-packages', 'turtledemo',
@@ -57,10 +59,8 @@ def write_stdlib_corpus(out_dir: str, min_bytes: int = 200) -> Dict[str, str]:
       split = 'valid' if zlib.crc32(os.path.relpath(path, root).encode()) % 20 == 0 else 'train'
       docs[split].append(text)
   for split, path in paths.items():
-    tmp = path + '.tmp'
-    with open(tmp, 'w', encoding='utf-8') as f:
+    with atomic.atomic_write(path, 'w', encoding='utf-8') as f:
       f.write('\n\n'.join(docs[split]) + '\n')
-    os.replace(tmp, path)
   return paths
 
 

@@ -1,0 +1,46 @@
+"""Atomic file writes: a reader sees the old file or the complete new one, never a part."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+
+
+@contextlib.contextmanager
+def atomic_write(path, mode: str = 'wb', **open_kwargs):
+  """Yields a file to write ``path``'s new content to.
+
+  The content goes to a temporary file in the same directory, which is flushed, fsynced
+  and renamed over ``path`` when the block ends without an exception; the directory is
+  then fsynced so the rename survives a crash. On an exception (or a kill) ``path`` is
+  untouched and the temporary file is removed (a kill can leave a ``*.tmp`` behind).
+  """
+  path = os.fspath(path)
+  directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + '.', suffix='.tmp', dir=directory)
+  try:
+    with os.fdopen(fd, mode, **open_kwargs) as f:
+      yield f
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+    raise
+  _fsync_directory(directory)
+
+
+def _fsync_directory(directory):
+  try:
+    fd = os.open(directory, os.O_RDONLY)
+  except OSError:
+    return
+  try:
+    os.fsync(fd)
+  except OSError:
+    pass
+  finally:
+    os.close(fd)
