@@ -91,6 +91,18 @@ def _with_model(c, model):
   return c
 
 
+def _short_cpu_run(c, learning_rate, eval_batches):
+  """300 steps of 16 sequences with frequent logs, for a CPU."""
+  c.data.shuffle_block = 256
+  c.optimizer.learning_rate = learning_rate
+  c.optimizer.warmup_steps = 30
+  c.optimizer.decay_steps = 300
+  c.train.update(dict(steps=300, batch_size=16, log_every=25, eval_every=100,
+                      eval_batches=eval_batches, checkpoint_every=100))
+  c.train.peak_flops_per_device = 2e11   # about this class of CPU's float32 matmul peak
+  return c
+
+
 def paper():
   return _with_model(_base(), model_configs.language_mlm())
 
@@ -102,19 +114,8 @@ def smoke():
   c.data.sources = {'stdlib': {'paths': 'builtin:stdlib_docstrings/train', 'weight': 1.0,
                                'text_field': 'text'}}
   c.data.eval_paths = 'builtin:stdlib_docstrings/valid'
-  c.data.docs_per_example = 2
-  c.data.shuffle_block = 256
-  c.optimizer.learning_rate = 3e-3
-  c.optimizer.warmup_steps = 30
-  c.optimizer.decay_steps = 300
-  c.train.steps = 300
-  c.train.batch_size = 16
-  c.train.log_every = 25
-  c.train.eval_every = 100
-  c.train.eval_batches = 4
-  c.train.checkpoint_every = 100
-  c.train.peak_flops_per_device = 2e11   # about this class of CPU's float32 matmul peak
-  return c
+  c.data.docs_per_example = 2   # a module's docstrings are already long; 2 fill 256 bytes
+  return _short_cpu_run(c, learning_rate=3e-3, eval_batches=4)
 
 
 def small():
@@ -127,18 +128,7 @@ def small():
                     'text_field': 'text'},
   }
   c.data.eval_paths = f'{shared}/wikipedia/valid.jsonl'
-  c.data.shuffle_block = 256
-  c.optimizer.learning_rate = 2e-3
-  c.optimizer.warmup_steps = 30
-  c.optimizer.decay_steps = 300
-  c.train.steps = 300
-  c.train.batch_size = 16
-  c.train.log_every = 25
-  c.train.eval_every = 100
-  c.train.eval_batches = 8
-  c.train.checkpoint_every = 100
-  c.train.peak_flops_per_device = 2e11
-  return c
+  return _short_cpu_run(c, learning_rate=2e-3, eval_batches=8)
 
 
 PRESETS = {'paper': paper, 'smoke': smoke, 'small': small}
