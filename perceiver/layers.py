@@ -90,7 +90,7 @@ def _softmax(logits, mask, heads):
 
 def _swap(x):
   """[X, A, B] -> [X, B, A], written row-major (see ``opaque``)."""
-  return opaque(x.transpose(0, 2, 1))
+  return opaque(x, lambda t: t.transpose(0, 2, 1))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
@@ -162,12 +162,14 @@ def layer_norm(x, name=None):
   return hk.LayerNorm(axis=-1, create_scale=True, create_offset=True, name=name)(x)
 
 
-def opaque(x):
-  """``x``, computed into a buffer of its own that XLA cannot see through.
+def opaque(x, fn=lambda t: t):
+  """``fn(x)`` (default: ``x``), computed into a buffer of its own that XLA cannot see
+  through.
 
-  The value passes through a ``lax.cond`` on a predicate only known at run time; both
-  branches return ``x`` unchanged (the second as a double flip, because XLA turns a
-  conditional whose branches are all cheap elementwise ops back into a select).
+  ``fn`` runs inside both branches of a ``lax.cond`` on a predicate only known at run
+  time (the second branch flips twice, because XLA turns a conditional whose branches
+  are all cheap elementwise ops back into a select); ``fn`` must be cheap, e.g. a
+  transpose, which is then written straight into the result.
   What it is for, on XLA:CPU:
 
   - a fusion boundary (``fusion_barrier``): the ops producing ``x`` cannot be fused into,
@@ -179,7 +181,7 @@ def opaque(x):
   """
   flat = x.reshape(-1)
   always = jnp.logical_not(jnp.isnan(flat[0]) & jnp.isinf(flat[0]))  # unknown to XLA
-  return jax.lax.cond(always, lambda t: t, lambda t: jnp.flip(jnp.flip(t, -1), -1), x)
+  return jax.lax.cond(always, fn, lambda t: jnp.flip(jnp.flip(fn(t), -1), -1), x)
 
 
 def _materialize(x):
@@ -229,7 +231,7 @@ def _matmul_bwd(dtype, residuals, dy):
   dy = dy.astype(dtype)
   dx = jnp.dot(dy, w_t, preferred_element_type=jnp.float32)
   rows = lambda a: a.reshape(-1, a.shape[-1])
-  dw = jnp.dot(opaque(rows(xc).T), rows(dy), preferred_element_type=jnp.float32)
+  dw = jnp.dot(opaque(rows(xc), jnp.transpose), rows(dy), preferred_element_type=jnp.float32)
   return dx.astype(x_like.dtype), dw
 
 
