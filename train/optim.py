@@ -78,9 +78,10 @@ def fused_lamb(config) -> optax.GradientTransformation:
   Why: the chain of optax transformations makes XLA:CPU materialise each stage's result
   per leaf (the clipped gradient, the bias-corrected moments, the decayed update) and
   compute each trust-ratio norm twice (``safe_norm``), about 21 memory passes of a
-  parameter's size per leaf; on 201M parameters that is 0.5-0.9 s per step, more than
-  the forward pass. Here each leaf takes about 15: ||g||^2, then the new moments (read in
-  place), the update direction, ||u||^2 and ||p||^2, then the parameter update.
+  parameter's size per leaf; inside the train step XLA also copied both moments. On 201M
+  parameters that was 0.5-0.9 s per step, more than the forward pass. Here each leaf takes
+  about 15: ||g||^2, the new moments (in place), the update direction, ||u||^2 and
+  ||p||^2, then the parameter update: 0.17 s, 1.6 GB less temporary memory.
 
   Numerics: the clip multiplies by ``max_norm / ||g||`` where optax divides by ``||g||``
   then multiplies by ``max_norm`` (<= 1 ulp apart when clipping triggers); everything else
@@ -116,7 +117,13 @@ def fused_lamb(config) -> optax.GradientTransformation:
       p_norm = jnp.sqrt(jnp.sum(p * p))
       u_norm = jnp.sqrt(jnp.sum(u * u))
       ratio = jnp.where((p_norm == 0.0) | (u_norm == 0.0), 1.0, p_norm / u_norm)
-      return step_size * (u * ratio), mu, nu
+      # The new moments are written in place of the old ones, which the update direction
+      # also reads (XLA recomputes the moments there rather than reading them back). Adding
+      # 0 * ||u|| (exactly 0: the norm is finite) makes those writes wait for that read;
+      # otherwise XLA copies both moments first: 1.6 GB of temporaries and ~50 ms a step
+      # for the released model.
+      after = 0.0 * u_norm
+      return step_size * (u * ratio), mu + after, nu + after
 
     treedef = jax.tree.structure(params)
     out = [leaf(*args) for args in zip(treedef.flatten_up_to(grads),
