@@ -229,7 +229,9 @@ def _matmul_fwd(x, w, dtype):
 def _matmul_bwd(dtype, residuals, dy):
   xc, w, x_like = residuals
   dy = dy.astype(dtype)
-  w_t = opaque(w, lambda t: t.T.astype(dtype))
+  # The barrier keeps XLA from folding the transpose into the dot (it is removed before
+  # fusion, by when layout assignment has made the transpose a row-major copy).
+  w_t = jax.lax.optimization_barrier(w.T.astype(dtype))
   dx = jnp.dot(dy, w_t, preferred_element_type=jnp.float32)
   rows = lambda a: a.reshape(-1, a.shape[-1])
   dw = jnp.dot(opaque(rows(xc), jnp.transpose), rows(dy), preferred_element_type=jnp.float32)
