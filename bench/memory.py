@@ -16,8 +16,9 @@ Unlike training and the timed suites, these processes leave glibc's default of r
 freed memory to the system (``train.host_memory`` is not applied), so that the resident
 size falls back after set-up and the step's own high-water mark shows.
 
-Activations are what grows with the input; ``temp_bytes_per_input_byte`` divides XLA's
-temporaries by the bytes in the batch.
+Activations are what grows with the input: ``marginal_bytes_per_input_byte`` is the
+growth of XLA's temporaries from the previous (shorter) point of the same kind, precision
+and ``max_seq_len``, per added input byte; constant across lengths means linear growth.
 """
 
 from __future__ import annotations
@@ -55,6 +56,15 @@ def _reset_hwm() -> bool:
     return False
 
 
+def _trim() -> None:
+  """Returns freed heap memory to the system (glibc), so the resident size is live data."""
+  try:
+    import ctypes  # pylint: disable=import-outside-toplevel
+    ctypes.CDLL('libc.so.6').malloc_trim(0)
+  except (OSError, AttributeError):
+    pass
+
+
 def _ru_maxrss_bytes() -> int:
   # Linux reports kilobytes, macOS bytes.
   scale = 1 if sys.platform == 'darwin' else 1024
@@ -64,19 +74,23 @@ def _ru_maxrss_bytes() -> int:
 def measure_point(preset: str, kind: str, precision: str, batch: int, seq_len: int,
                   max_seq_len: Optional[int] = None) -> Dict[str, object]:
   """Runs one point in this process (call it in a fresh one) and returns its figures."""
+  import gc  # pylint: disable=import-outside-toplevel
   from bench import ours  # pylint: disable=import-outside-toplevel
   config = ours.model_config(preset, precision, max_seq_len)
   params = ours.init_params(config, config.max_seq_len)
+  param_bytes = ours.param_bytes(params)
   data = ours.example_batch(batch, seq_len)
   build = {'forward': ours.forward, 'train': ours.train_step}[kind]
   compiled = build(config, params, data)
+  del params   # the train step holds its own (replicated) state; the forward its params
   compiled.run()
   compiled.run()
+  gc.collect()
+  _trim()
   reset = _reset_hwm()
   before = _vm_hwm_bytes() if reset else None
   compiled.run()
   step_peak = _vm_hwm_bytes() if reset else None
-  param_bytes = ours.param_bytes(params)
   state_bytes = param_bytes * (3 if kind == 'train' else 1)   # params + two moments
   input_bytes = batch * seq_len
   xla = compiled.memory
@@ -120,9 +134,27 @@ def sweep(preset: str, points: List[Dict[str, object]], fresh_process_each: bool
           ) -> List[Dict[str, object]]:
   """Every point ({kind, precision, batch, seq_len[, max_seq_len]}), each in its own
   process (or all in one when not ``fresh_process_each``: quicker, for smoke runs)."""
-  if not fresh_process_each:
-    return run_points(preset, points)
-  return [r for point in points for r in run_points(preset, [point])]
+  if fresh_process_each:
+    results = [r for point in points for r in run_points(preset, [point])]
+  else:
+    results = run_points(preset, points)
+  add_marginal(results)
+  return results
+
+
+def add_marginal(results: List[Dict[str, object]]) -> None:
+  """Sets ``marginal_bytes_per_input_byte`` against the previous shorter point."""
+  previous = {}
+  for point in sorted((p for p in results if 'error' not in p),
+                      key=lambda p: (p['kind'], p['precision'], p['max_seq_len'],
+                                     p['batch'] * p['seq_len'])):
+    key = (point['kind'], point['precision'], point['max_seq_len'])
+    before = previous.get(key)
+    if before is not None:
+      added = point['batch'] * point['seq_len'] - before['batch'] * before['seq_len']
+      point['marginal_bytes_per_input_byte'] = (
+          (point['xla']['temp'] - before['xla']['temp']) / added if added else None)
+    previous[key] = point
 
 
 FLAGS = flags.FLAGS

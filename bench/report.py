@@ -137,17 +137,19 @@ def render(results: Dict) -> str:
       if 'error' in p:
         body.append([p['kind'], _PRECISION_LABEL.get(p.get('precision'), '?'),
                      str(p.get('batch')), str(p.get('seq_len')), '-', p['error'][:60],
-                     '', '', '', '', ''])
+                     '', '', '', '', '', '', ''])
         continue
       xla = p['xla']
       body.append([p['kind'], _PRECISION_LABEL[p['precision']], str(p['batch']),
                    str(p['seq_len']), str(p['max_seq_len']), _gb(p['state_bytes']),
-                   _gb(xla['temp']), _fmt(p['temp_bytes_per_input_byte'], ',.0f'),
-                   _gb(xla['peak']), _gb(p.get('step_peak_bytes')),
+                   _gb(xla['temp']), _fmt(p.get('marginal_bytes_per_input_byte'), ',.0f'),
+                   _gb(xla['peak']), _fmt(xla['peak'] / p['state_bytes'], '.2f'),
+                   _gb(p.get('resident_before_bytes')), _gb(p.get('step_peak_bytes')),
                    _gb(p.get('process_peak_bytes'))])
     parts += ['', table(['Memory', 'precision', 'batch', 'input bytes', 'max_seq_len',
-                         'state GB', 'XLA temp GB', 'temp B per input B', 'XLA peak GB',
-                         'step RSS peak GB', 'process peak GB'], body)]
+                         'state GB', 'XLA temp GB', 'added temp B per added input B',
+                         'XLA peak GB', 'peak/state', 'RSS before step GB',
+                         'RSS step peak GB', 'process peak GB'], body)]
   data = results.get('data')
   if data:
     needs = {n['batch']: n for n in data.get('needs', [])}

@@ -270,9 +270,12 @@ def _memory_points(settings, precisions) -> List[Dict]:
       points.append(dict(kind='train', precision=precision, batch=1, seq_len=seq))
   long_len = FLAGS.long_seq_len and settings['long_seq_len']
   if long_len:
+    # The same long config at the usual length too: the difference is the activations
+    # alone (its position tables, hence parameters, are the same at both lengths).
     for kind in ('forward', 'train'):
-      points.append(dict(kind=kind, precision='float32', batch=1, seq_len=long_len,
-                         max_seq_len=long_len))
+      for length in (seq, long_len):
+        points.append(dict(kind=kind, precision='float32', batch=1, seq_len=length,
+                           max_seq_len=long_len))
   return points
 
 
