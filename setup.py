@@ -28,6 +28,9 @@ setup(
         # requires torch>=2.6 and Python>=3.11. Off PyPI's default index torch is a CUDA
         # build; for CPU add --extra-index-url https://download.pytorch.org/whl/cpu.
         'hf': ['transformers==5.24.0', 'torch==2.13.0'],
+        # python -m bench.run: the peer rows (transformers' PyTorch PerceiverForMaskedLM).
+        # Without it the benchmark runs and those rows say "not installed".
+        'bench': ['transformers==5.24.0', 'torch==2.13.0'],
     },
     license='Apache-2.0',
 )

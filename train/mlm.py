@@ -31,6 +31,7 @@ from perceiver import transform
 from train import checkpoints
 from train import corpus
 from train import data as data_lib
+from train import host_memory
 from train import masking
 from train import optim
 from train import step as step_lib
@@ -377,4 +378,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  host_memory.retain_freed_memory()   # before JAX starts its threads: see train.host_memory
   sys.exit(app.run(main))

@@ -38,8 +38,21 @@ def make(config) -> optax.GradientTransformation:
   """The optimizer from an ``optimizer`` config block.
 
   Fields: name ('lamb' | 'adamw'), learning_rate, warmup_steps, decay, decay_steps,
-  weight_decay, b1, b2, eps, clip_grad_norm (<= 0 disables clipping).
+  weight_decay, b1, b2, eps, clip_grad_norm (<= 0 disables clipping), and optionally
+  implementation: 'fused' (default; LAMB only, see ``fused_lamb``) or 'optax' (the
+  reference chain of optax transformations). Both have the same state.
   """
+  implementation = config.get('implementation', 'fused')
+  if implementation not in ('fused', 'optax'):
+    raise ValueError(f"optimizer.implementation must be 'fused' or 'optax', got "
+                     f'{implementation!r}')
+  if config.name == 'lamb' and implementation == 'fused':
+    return fused_lamb(config)
+  return reference(config)
+
+
+def reference(config) -> optax.GradientTransformation:
+  """The optimizer as a chain of optax's own transformations (see ``make``)."""
   lr = schedule(config)
   if config.name == 'lamb':
     core = optax.lamb(lr, b1=config.b1, b2=config.b2, eps=config.eps,
@@ -52,3 +65,75 @@ def make(config) -> optax.GradientTransformation:
   if config.clip_grad_norm and config.clip_grad_norm > 0:
     return optax.chain(optax.clip_by_global_norm(config.clip_grad_norm), core)
   return core
+
+
+def fused_lamb(config) -> optax.GradientTransformation:
+  """LAMB with gradient clipping, computed in few passes over the parameters.
+
+  The same algorithm, hyperparameters and state (pytree structure, dtypes, counters) as
+  ``reference(config)``: clip by global norm, Adam moments with bias correction, weight
+  decay on ``decay_mask`` leaves, per-leaf trust ratio ||p|| / ||u|| (1 where either is
+  zero), scheduled learning rate. A checkpoint's optimizer state serves either.
+
+  Why: the chain of optax transformations makes XLA:CPU materialise each stage's result
+  per leaf (the clipped gradient, the bias-corrected moments, the decayed update) and
+  compute each trust-ratio norm twice (``safe_norm``), about 21 memory passes of a
+  parameter's size per leaf; inside the train step XLA also copied both moments. On 201M
+  parameters that was 0.5-0.9 s per step, more than the forward pass. Here each leaf takes
+  about 15: ||g||^2, the new moments (in place), the update direction, ||u||^2 and
+  ||p||^2, then the parameter update: 0.17 s, 1.6 GB less temporary memory.
+
+  Numerics: the clip multiplies by ``max_norm / ||g||`` where optax divides by ``||g||``
+  then multiplies by ``max_norm`` (<= 1 ulp apart when clipping triggers); everything else
+  is the same expression in the same order.
+  """
+  ref = reference(config)
+  lr_fn = schedule(config)
+  b1, b2, eps, weight_decay = config.b1, config.b2, config.eps, config.weight_decay
+  max_norm = config.clip_grad_norm if config.clip_grad_norm and config.clip_grad_norm > 0 \
+      else None
+
+  def update(grads, state, params):
+    if params is None:
+      raise ValueError('fused_lamb needs params (weight decay, trust ratio)')
+    clip_state, lamb_state = (state if max_norm is not None else (None, state))
+    adam, masked, trust, sched = lamb_state
+    scale = 1.0
+    if max_norm is not None:
+      g_norm = optax.tree.norm(grads)  # the step's grad_norm metric: computed once (CSE)
+      scale = jnp.where(g_norm < max_norm, 1.0, max_norm / g_norm)
+    count = optax.safe_increment(adam.count)
+    bias1 = 1 - b1 ** count
+    bias2 = 1 - b2 ** count
+    step_size = -lr_fn(sched.count)
+
+    def leaf(g, mu, nu, p, decay):
+      g = g * scale
+      mu = (1 - b1) * g + b1 * mu
+      nu = (1 - b2) * g ** 2 + b2 * nu
+      u = (mu / bias1) / (jnp.sqrt(nu / bias2) + eps)
+      if decay and weight_decay:
+        u = u + weight_decay * p
+      p_norm = jnp.sqrt(jnp.sum(p * p))
+      u_norm = jnp.sqrt(jnp.sum(u * u))
+      ratio = jnp.where((p_norm == 0.0) | (u_norm == 0.0), 1.0, p_norm / u_norm)
+      # The new moments are written in place of the old ones, which the update direction
+      # also reads (XLA recomputes the moments there rather than reading them back). Adding
+      # 0 * ||u|| (exactly 0: the norm is finite) makes those writes wait for that read;
+      # otherwise XLA copies both moments first: 1.6 GB of temporaries and ~50 ms a step
+      # for the released model.
+      after = 0.0 * u_norm
+      return step_size * (u * ratio), mu + after, nu + after
+
+    treedef = jax.tree.structure(params)
+    out = [leaf(*args) for args in zip(treedef.flatten_up_to(grads),
+                                       treedef.flatten_up_to(adam.mu),
+                                       treedef.flatten_up_to(adam.nu),
+                                       jax.tree.leaves(params),
+                                       jax.tree.leaves(decay_mask(params)))]
+    updates, mu, nu = (jax.tree.unflatten(treedef, [o[i] for o in out]) for i in range(3))
+    lamb_state = (adam._replace(count=count, mu=mu, nu=nu), masked, trust,
+                  sched._replace(count=optax.safe_increment(sched.count)))
+    return updates, ((clip_state, lamb_state) if max_norm is not None else lamb_state)
+
+  return optax.GradientTransformation(ref.init, update)
