@@ -297,8 +297,19 @@ def _data(settings, base_config, batch_sizes, train_rows) -> Dict:
   return {'rates': rates, 'needs': needs}
 
 
-def run(suite: str) -> Dict:
-  """Runs a suite and returns its results (also what --out writes)."""
+def _write_json(results: Dict, path: str) -> None:
+  """Writes ``results`` to ``path`` atomically (the previous file stays until replaced)."""
+  from perceiver import atomic  # pylint: disable=import-outside-toplevel
+  with atomic.atomic_write(path, 'w') as f:
+    json.dump(results, f, indent=1, sort_keys=True)
+
+
+def run(suite: str, out: Optional[str] = None) -> Dict:
+  """Runs a suite and returns its results (also what --out writes).
+
+  With ``out``, the results so far are written there after each part, so a run that is
+  stopped (or killed) keeps what it measured.
+  """
   from bench import memory  # pylint: disable=import-outside-toplevel
   from bench import report  # pylint: disable=import-outside-toplevel
   settings = _suite_settings(suite)
@@ -321,6 +332,24 @@ def run(suite: str) -> Dict:
       'loadavg_start': _loadavg(), 'other_processes': _other_python_processes(),
       'warmup': settings['warmup'], 'repeats': settings['repeats'],
   }}
+  seconds = results['meta']['seconds'] = {}
+  clock = time.perf_counter()
+
+  def lap(name):
+    nonlocal clock
+    now = time.perf_counter()
+    seconds[name] = round(now - clock, 1)
+    clock = now
+    if out:
+      _write_json(results, out)
+
+  # The memory sweep first, while this process is small: its points run in fresh
+  # processes, which must not compete with the model, the peer and the heap this
+  # process keeps (train.host_memory) once the timed parts have run.
+  if 'memory' in parts:
+    results['memory'] = memory.sweep(settings['preset'], _memory_points(settings, precisions),
+                                     fresh_process_each=settings['fresh_memory_process'])
+    lap('memory')
   runner = None
   if {'peak', 'forward', 'train', 'data'} & set(parts):
     runner = Runner(settings, precisions, batch_sizes, FLAGS.peer == 'auto')
@@ -337,16 +366,8 @@ def run(suite: str) -> Dict:
                              analytic_forward_flops=runner.ours.analytic_flops(
                                  config, settings['seq_len'], 1, 'forward'))
   else:
-    results['config'].update(params=0)
-  seconds = results['meta']['seconds'] = {}
-  clock = time.perf_counter()
-
-  def lap(name):
-    nonlocal clock
-    now = time.perf_counter()
-    seconds[name] = round(now - clock, 1)
-    clock = now
-
+    ok = [p for p in results.get('memory', []) if 'error' not in p]
+    results['config'].update(params=ok[0]['param_bytes'] // 4 if ok else 0)
   lap('setup')
   if 'peak' in parts:
     results['peak'] = runner.measure_peak()
@@ -363,17 +384,6 @@ def run(suite: str) -> Dict:
     results['data'] = _data(settings, runner.base_config, batch_sizes,
                             results.get('train', []))
     lap('data')
-  if runner:
-    del runner, params
-    gc.collect()
-  if 'memory' in parts:
-    results['memory'] = memory.sweep(settings['preset'], _memory_points(settings, precisions),
-                                     fresh_process_each=settings['fresh_memory_process'])
-    lap('memory')
-    if not results['config'].get('params'):
-      ok = [p for p in results['memory'] if 'error' not in p]
-      if ok:
-        results['config']['params'] = ok[0]['param_bytes'] // 4
   results['meta']['loadavg_end'] = _loadavg()
   results['targets'] = report.targets(results)
   return results
@@ -382,15 +392,10 @@ def run(suite: str) -> Dict:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  results = run(FLAGS.suite)
+  results = run(FLAGS.suite, FLAGS.out)
   from bench import report  # pylint: disable=import-outside-toplevel
   if FLAGS.out:
-    directory = os.path.dirname(os.path.abspath(FLAGS.out))
-    os.makedirs(directory, exist_ok=True)
-    tmp = FLAGS.out + '.tmp'
-    with open(tmp, 'w') as f:
-      json.dump(results, f, indent=1, sort_keys=True)
-    os.replace(tmp, FLAGS.out)
+    _write_json(results, FLAGS.out)
   print()
   print(report.render(results))
   return 0

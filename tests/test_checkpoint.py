@@ -19,6 +19,7 @@ from perceiver import checkpoint
 from perceiver import configs
 from perceiver import fill_mask
 from perceiver import transform
+from perceiver import verify_released
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -192,27 +193,21 @@ def test_fill_mask_fills_the_marked_span(tiny_params, tmp_path):
   assert bad.returncode != 0 and '--span=' in bad.stderr and 'END <= 3' in bad.stderr
 
 
-# Published with transformers' converter for DeepMind's checkpoint: the model card's
-# sentence, padded to 2048 (no CLS/SEP), bytes 51:60 masked.
-_KNOWN_LOGITS = [[-11.8336, -11.6850, -11.8483], [-12.8149, -12.5863, -12.7904],
-                 [-12.8440, -12.6410, -12.8646]]
-_KNOWN_ARGMAX = [38, 115, 111, 121, 121, 111, 116, 109, 52]
-
-
-def test_released_checkpoint_gives_the_published_outputs():
-  path = os.environ.get('PERCEIVER_DEEPMIND_PICKLE')
-  if not path:
-    pytest.skip('set PERCEIVER_DEEPMIND_PICKLE to language_perceiver_io_bytes.pickle '
-                '(see checkpoints/README.md) to check the released model\'s outputs')
-  config = configs.language_mlm()
-  params = checkpoint.load_deepmind_pickle(path, config)
-  text = b'This is an incomplete sentence where some words are missing.'
-  ids = np.zeros((1, 2048), np.int32)
-  ids[0, :len(text)] = np.frombuffer(text, np.uint8) + 6
-  ids[0, 51:60] = 3
-  mask = (ids != 0).astype(np.int32)
-  mask[0, 51:60] = 1
-  logits = jax.jit(transform.masked_lm(config).apply)(params, None, ids, mask)
-  np.testing.assert_allclose(logits[0, :3, :3], _KNOWN_LOGITS, atol=1e-4)
-  assert np.argmax(logits[0, 51:60], -1).tolist() == _KNOWN_ARGMAX
-  assert bytes(np.array(_KNOWN_ARGMAX) - 6).decode() == ' missing.'
+def test_verify_released_inputs_and_mismatch_report():
+  # The published example: the model card's sentence, bytes 51:60 (" missing.") masked.
+  ids, mask = verify_released.published_inputs()
+  assert ids.shape == mask.shape == (1, 2048)
+  assert bytes(i - 6 for i in verify_released.KNOWN_ARGMAX) == b' missing.'
+  assert verify_released.SENTENCE[51:60] == b' missing.'
+  assert (ids[0, 51:60] == 3).all() and ids[0, 50] == ord('e') + 6
+  assert mask.sum() == len(verify_released.SENTENCE) and (ids[0, mask[0] == 0] == 0).all()
+  # Weights that are not the released ones are reported, naming both figures.
+  config = configs.tiny(max_seq_len=2048)
+  params = transform.masked_lm(config).init(jax.random.PRNGKey(0), ids, mask)
+  problems = verify_released.check(params, config)
+  assert len(problems) == 2
+  assert problems[0].startswith('logits[0, :3, :3] = ') and 'published' in problems[0]
+  assert problems[1].startswith('greedy fill of bytes 51:60 = ')
+  assert verify_released.check(params, configs.tiny(max_seq_len=64)) == [
+      'the checkpoint is not a byte model reading 2048 positions (vocab_size 262, '
+      'max_seq_len 64)']
