@@ -159,7 +159,55 @@ def cross_attention_mask(query_mask, kv_mask):
 
 def layer_norm(x, name=None):
   """Layer norm over the last axis with learned scale and offset (Haiku's eps 1e-5)."""
-  return hk.LayerNorm(axis=-1, create_scale=True, create_offset=True, name=name)(x)
+  return LayerNorm(name=name)(x)
+
+
+class LayerNorm(hk.Module):
+  """``hk.LayerNorm(axis=-1, create_scale=True, create_offset=True)``: the same module
+  name, parameters (``scale`` ones, ``offset`` zeros, [C]) and formula, in the same order.
+
+  Only the parameters' gradients are arranged differently (``broadcast_rows``).
+  """
+
+  def __init__(self, eps=1e-5, name=None):
+    super().__init__(name=name)
+    self.eps = eps
+
+  def __call__(self, x):
+    """[..., C] -> [..., C]."""
+    channels = x.shape[-1:]
+    scale = hk.get_parameter('scale', channels, x.dtype, init=jnp.ones)
+    offset = hk.get_parameter('offset', channels, x.dtype, init=jnp.zeros)
+    mean = jnp.mean(x, axis=-1, keepdims=True)
+    variance = jnp.var(x, axis=-1, keepdims=True)
+    inv = broadcast_rows(scale, x.shape) * jax.lax.rsqrt(
+        variance + jax.lax.convert_element_type(self.eps, variance.dtype))
+    return inv * (x - jnp.broadcast_to(mean, x.shape)) + broadcast_rows(offset, x.shape)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def broadcast_rows(v, shape):
+  """``jnp.broadcast_to(v, shape)`` for a per-channel ``v`` [C] and ``shape`` [..., C].
+
+  The gradient is the same sum over the leading axes, taken over a [rows, C] view of the
+  cotangent. Why: JAX transposes the broadcast into a reduction over the middle axis of
+  [1, N, C] at batch 1, which XLA:CPU (its YNNPACK reduce) ran 60x slower than the same
+  sum over [N, C] rows: 19 ms against 0.3 ms for [1, 2048, 768], 1.7 against 0.07 ms for
+  [1, 256, 1280]. Every bias and layer-norm parameter takes one: 170 ms of the released
+  model's 0.9 s bfloat16 forward+backward at batch 1.
+  """
+  return jnp.broadcast_to(v, shape)
+
+
+def _broadcast_rows_fwd(v, shape):
+  return jnp.broadcast_to(v, shape), None
+
+
+def _broadcast_rows_bwd(shape, _, cotangent):
+  return (jnp.sum(cotangent.reshape(-1, shape[-1]), axis=0),)
+
+
+broadcast_rows.defvjp(_broadcast_rows_fwd, _broadcast_rows_bwd)
 
 
 def opaque(x, fn=lambda t: t):
@@ -265,7 +313,8 @@ class Linear(hk.Module):
     w = hk.get_parameter('w', [fan_in, self.output_size], jnp.float32, init=w_init)
     y = matmul(x, w, self.compute_dtype)
     if self.with_bias:
-      y = y + hk.get_parameter('b', [self.output_size], jnp.float32, init=jnp.zeros)
+      b = hk.get_parameter('b', [self.output_size], jnp.float32, init=jnp.zeros)
+      y = y + broadcast_rows(b, y.shape)
     return y
 
 

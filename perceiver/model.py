@@ -73,7 +73,8 @@ class EmbeddingDecoder(hk.Module):
     if low is not None:
       x, table = x.astype(low), table.astype(low)
     logits = jnp.einsum('bnd,vd->bnv', x, table, preferred_element_type=jnp.float32)
-    return logits + hk.get_parameter('bias', [vocab_size], jnp.float32, init=jnp.zeros)
+    bias = hk.get_parameter('bias', [vocab_size], jnp.float32, init=jnp.zeros)
+    return logits + layers.broadcast_rows(bias, logits.shape)
 
 
 class PerceiverEncoder(hk.Module):

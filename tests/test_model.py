@@ -279,6 +279,37 @@ def test_matmul_bfloat16_gradients_follow_the_precision_policy():
     assert error(mine) <= 1.5 * error(jaxs) + 1e-4, (error(mine), error(jaxs))
 
 
+@pytest.mark.parametrize('shape', [(1, 7, 5), (3, 7, 5), (7, 5)])
+def test_layer_norm_and_bias_gradients_equal_haikus_own(shape):
+  """layers.LayerNorm and Linear's bias sum their parameters' gradients over a [rows, C]
+  view (``broadcast_rows``): values equal hk.LayerNorm's bit for bit, gradients to
+  float32 rounding, and the parameter names are Haiku's."""
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+  dy = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+
+  def net(module):
+    return hk.transform(lambda x: module()(x) * 1.5)
+
+  ours = net(lambda: layers.LayerNorm())
+  theirs = net(lambda: hk.LayerNorm(axis=-1, create_scale=True, create_offset=True))
+  params = ours.init(None, x)
+  assert jax.tree.map(jnp.shape, params) == jax.tree.map(
+      jnp.shape, theirs.init(None, x)) == {'layer_norm': {'offset': (5,), 'scale': (5,)}}
+  params = jax.tree.map(lambda p: p + jnp.asarray(rng.standard_normal(p.shape), p.dtype),
+                        params)
+  np.testing.assert_array_equal(jax.jit(ours.apply)(params, None, x),
+                                jax.jit(theirs.apply)(params, None, x))
+  grad = lambda f: jax.jit(jax.grad(lambda p, x: jnp.sum(f.apply(p, None, x) * dy),
+                                    argnums=(0, 1)))(params, x)
+  for a, b in zip(jax.tree.leaves(grad(ours)), jax.tree.leaves(grad(theirs))):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+  # The bias: the column sums of the cotangent, computed by hand.
+  b = jnp.asarray(rng.standard_normal(shape[-1]), jnp.float32)
+  db = jax.grad(lambda b: jnp.sum(layers.broadcast_rows(b, shape) * dy))(b)
+  np.testing.assert_allclose(db, np.asarray(dy).reshape(-1, shape[-1]).sum(0), rtol=1e-6)
+
+
 def test_decoding_chosen_positions_equals_the_full_decoder(tiny):
   _, mlm, params, ids, mask = tiny
   full = mlm.apply(params, None, ids, mask)
