@@ -98,8 +98,13 @@ def _xla_info(compiled) -> Dict[str, Any]:
 
 
 def forward(config, params, batch) -> Compiled:
-  """Inference: logits for every position, no dropout."""
+  """Inference: logits for every position, no dropout.
+
+  In bfloat16 the dense weights are cast once beforehand (``transform.inference_params``:
+  the same values the model's per-call casts produce, so the logits are identical).
+  """
   model = transform.masked_lm(config)
+  params = transform.inference_params(params, config)
   fn = jax.jit(lambda p, ids, mask: model.apply(p, None, ids, mask))
   ids, mask = jnp.asarray(batch['input_ids']), jnp.asarray(batch['input_mask'])
   compiled = fn.lower(params, ids, mask).compile()

@@ -71,6 +71,7 @@ from eval import metrics as metrics_lib
 from perceiver import checkpoint
 from perceiver import transform
 from train import checkpoints
+from train import host_memory
 from train import optim
 from train import step as step_lib
 from train import writer as writer_lib
@@ -844,5 +845,6 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  host_memory.retain_freed_memory()   # before JAX starts its threads: see train.host_memory
   define_flags()
   app.run(main)

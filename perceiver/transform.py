@@ -133,3 +133,22 @@ def encoder(config) -> hk.Transformed:
     return trunk.encode(inputs, trunk.latents(), is_training)
 
   return hk.transform(forward)
+
+
+def inference_params(params, config):
+  """``params`` with every dense weight (``.../w``) stored in the compute dtype.
+
+  For inference with ``compute_dtype='bfloat16'``: the model casts each dense weight to
+  bfloat16 before its product anyway, so casting once here, outside the jitted call, gives
+  bit-identical outputs without re-reading 804 MB of float32 weights per call (63 ms of a
+  230 ms batch-1 forward pass on the benchmark's CPU). Everything else (embeddings,
+  position tables, biases, layer norms) stays float32, as the model reads it. With
+  float32 compute, ``params`` is returned as is. Not for training: the optimizer updates
+  the float32 weights.
+  """
+  dtype = _dtype(config)
+  if dtype == jnp.float32:
+    return params
+  return {module: {name: (value.astype(dtype) if name == 'w' else value)
+                   for name, value in leaves.items()}
+          for module, leaves in params.items()}

@@ -310,6 +310,22 @@ def test_layer_norm_and_bias_gradients_equal_haikus_own(shape):
   np.testing.assert_allclose(db, np.asarray(dy).reshape(-1, shape[-1]).sum(0), rtol=1e-6)
 
 
+def test_inference_params_give_identical_bfloat16_logits(tiny):
+  config = configs.tiny()
+  config.compute_dtype = 'bfloat16'
+  model = transform.masked_lm(config)
+  ids = jnp.asarray(np.random.default_rng(1).integers(6, 262, (2, 40)), jnp.int32)
+  params = model.init(jax.random.PRNGKey(0), ids)
+  cast = transform.inference_params(params, config)
+  dtypes = {f'{m}/{n}': v.dtype for m, leaves in cast.items() for n, v in leaves.items()}
+  assert {k for k, d in dtypes.items() if d == jnp.bfloat16} == {
+      k for k in dtypes if k.endswith('/w')} and len(dtypes) == len(jax.tree.leaves(params))
+  assert dtypes['embed/embeddings'] == jnp.float32
+  np.testing.assert_array_equal(jax.jit(model.apply)(cast, None, ids, None),
+                                jax.jit(model.apply)(params, None, ids, None))
+  assert transform.inference_params(params, configs.tiny()) is params   # float32: as is
+
+
 def test_decoding_chosen_positions_equals_the_full_decoder(tiny):
   _, mlm, params, ids, mask = tiny
   full = mlm.apply(params, None, ids, mask)
