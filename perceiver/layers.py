@@ -175,14 +175,19 @@ class LayerNorm(hk.Module):
 
   def __call__(self, x):
     """[..., C] -> [..., C]."""
-    channels = x.shape[-1:]
-    scale = hk.get_parameter('scale', channels, x.dtype, init=jnp.ones)
-    offset = hk.get_parameter('offset', channels, x.dtype, init=jnp.zeros)
+    shape = x.shape
+    scale = hk.get_parameter('scale', shape[-1:], x.dtype, init=jnp.ones)
+    offset = hk.get_parameter('offset', shape[-1:], x.dtype, init=jnp.zeros)
+    # Computed on a [rows, C] view. Why: XLA:CPU differentiated the row reductions of
+    # [1, N, C] (batch 1) 4-8x slower than those of [N, C]: 1.26 against 0.33 ms for
+    # [1, 256, 1280], 5.7 against 0.69 ms for [1, 2048, 768]; one per layer norm.
+    x = x.reshape(-1, shape[-1])
     mean = jnp.mean(x, axis=-1, keepdims=True)
     variance = jnp.var(x, axis=-1, keepdims=True)
     inv = broadcast_rows(scale, x.shape) * jax.lax.rsqrt(
         variance + jax.lax.convert_element_type(self.eps, variance.dtype))
-    return inv * (x - jnp.broadcast_to(mean, x.shape)) + broadcast_rows(offset, x.shape)
+    y = inv * (x - jnp.broadcast_to(mean, x.shape)) + broadcast_rows(offset, x.shape)
+    return y.reshape(shape)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
