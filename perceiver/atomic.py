@@ -15,6 +15,8 @@ def atomic_write(path, mode: str = 'wb', **open_kwargs):
   and renamed over ``path`` when the block ends without an exception; the directory is
   then fsynced so the rename survives a crash. On an exception (or a kill) ``path`` is
   untouched and the temporary file is removed (a kill can leave a ``*.tmp`` behind).
+  The new file gets the permissions of the one it replaces, or those a plain ``open``
+  would give (0666 less the umask), not the temporary file's private 0600.
   """
   path = os.fspath(path)
   directory = os.path.dirname(os.path.abspath(path))
@@ -24,6 +26,7 @@ def atomic_write(path, mode: str = 'wb', **open_kwargs):
     with os.fdopen(fd, mode, **open_kwargs) as f:
       yield f
       f.flush()
+      os.chmod(f.fileno(), _mode_for(path))
       os.fsync(f.fileno())
     os.replace(tmp, path)
   except BaseException:
@@ -31,6 +34,15 @@ def atomic_write(path, mode: str = 'wb', **open_kwargs):
       os.unlink(tmp)
     raise
   _fsync_directory(directory)
+
+
+def _mode_for(path):
+  try:
+    return os.stat(path).st_mode & 0o7777
+  except FileNotFoundError:
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def _fsync_directory(directory):

@@ -128,6 +128,22 @@ def test_failed_write_keeps_the_previous_checkpoint(tiny_params, tmp_path, monke
   assert sorted(os.listdir(tmp_path)) == ['ckpt.npz']   # no temporary left behind
 
 
+def test_atomic_write_gives_ordinary_permissions(tmp_path):
+  from perceiver import atomic  # pylint: disable=import-outside-toplevel
+  umask = os.umask(0o022)
+  try:
+    path = tmp_path / 'new.json'
+    with atomic.atomic_write(path, 'w') as f:
+      f.write('{}')
+    assert path.stat().st_mode & 0o777 == 0o644   # as open() would, not mkstemp's 0600
+    path.chmod(0o640)
+    with atomic.atomic_write(path, 'w') as f:
+      f.write('{"a": 1}')
+    assert path.stat().st_mode & 0o777 == 0o640 and path.read_text() == '{"a": 1}'
+  finally:
+    os.umask(umask)
+
+
 def test_kill_9_during_a_write_leaves_the_previous_checkpoint_loadable(tiny_params, tmp_path):
   config, params = tiny_params
   path = tmp_path / 'ckpt.npz'
