@@ -199,53 +199,43 @@ class Runner:
       row['peer'] = self.peer_status
     return row
 
-  def forward(self) -> List[Dict]:
+  def _sweep(self, kind, build, peer_fn=None, peer_extra=None, ours_extra=None):
+    """One row per (batch, precision): ``build(config, params, batch)`` (compiled) timed
+    against ``peer_fn(batch, precision)``; without ``peer_fn`` the row has ours alone."""
     rows = []
     for batch in self.batch_sizes:
       data = self.ours.example_batch(batch, self.seq_len)
       for precision in self.precisions:
-        compiled = self.ours.forward(self.config(precision), self.params, data)
-        peer_fn = (self.peer_lib.forward_fn(self.peer_model, data, precision)
-                   if self.peer_model is not None else None)
-        rows.append(self._row('forward', precision, batch, compiled, peer_fn))
-        _log(rows[-1], 'forward')
+        compiled = build(self.config(precision), self.params, data)
+        peer = (peer_fn(data, precision)
+                if peer_fn is not None and self.peer_model is not None else None)
+        row = self._row(kind, precision, batch, compiled, peer, peer_extra)
+        if peer_fn is None:
+          row.pop('peer')
+        row['ours'].update(ours_extra or {})
+        rows.append(row)
+        _log(row, kind)
         del compiled
         gc.collect()
     return rows
+
+  def forward(self) -> List[Dict]:
+    return self._sweep('forward', self.ours.forward,
+                       lambda data, p: self.peer_lib.forward_fn(self.peer_model, data, p))
 
   def fwd_bwd(self) -> List[Dict]:
-    rows = []
-    for batch in self.batch_sizes:
-      data = self.ours.example_batch(batch, self.seq_len)
-      for precision in self.precisions:
-        compiled = self.ours.forward_backward(self.config(precision), self.params, data)
-        rows.append(self._row('fwd_bwd', precision, batch, compiled, None))
-        rows[-1].pop('peer')
-        _log(rows[-1], 'fwd_bwd')
-        del compiled
-        gc.collect()
-    return rows
+    return self._sweep('fwd_bwd', self.ours.forward_backward)
 
   def train(self) -> List[Dict]:
-    rows = []
     optimizer_name = None
     if self.peer_model is not None:
       self.peer_optimizer, optimizer_name = self.peer_lib.make_optimizer(self.peer_model)
-    for batch in self.batch_sizes:
-      data = self.ours.example_batch(batch, self.seq_len)
-      for precision in self.precisions:
-        compiled = self.ours.train_step(self.config(precision), self.params, data)
-        peer_fn = None
-        if self.peer_model is not None:
-          peer_fn = self.peer_lib.train_step_fn(self.peer_model, self.peer_optimizer, data,
-                                                precision)
-        row = self._row('train', precision, batch, compiled, peer_fn,
-                        {'optimizer': optimizer_name})
-        row['ours']['optimizer'] = self.ours.optimizer_name()
-        rows.append(row)
-        _log(row, 'train')
-        del compiled
-        gc.collect()
+    rows = self._sweep(
+        'train', self.ours.train_step,
+        lambda data, p: self.peer_lib.train_step_fn(self.peer_model, self.peer_optimizer,
+                                                    data, p),
+        peer_extra={'optimizer': optimizer_name},
+        ours_extra={'optimizer': self.ours.optimizer_name()})
     if self.peer_model is not None:
       self.peer_model.eval()
     return rows
