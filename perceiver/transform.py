@@ -9,6 +9,7 @@ Each function returns an ``hk.Transformed``; ``is_training`` is a Python bool (m
 static under ``jax.jit``). ``rng`` may be None unless ``is_training`` with dropout.
 Inputs may be shorter than ``max_seq_len``: positions beyond the input are simply unused,
 which gives the same logits as padding to ``max_seq_len`` with ``input_mask`` zero there.
+``inference_params`` prepares parameters for repeated bfloat16 inference.
 """
 
 from __future__ import annotations
