@@ -117,9 +117,15 @@ PRESETS = {
 
 def get(name: str) -> ml_collections.ConfigDict:
   """A preset by name; the error lists the known ones."""
-  if name not in PRESETS:
-    raise ValueError(f'unknown model preset {name!r}; known: {", ".join(sorted(PRESETS))}')
-  return PRESETS[name]()
+  return from_presets(PRESETS, name, 'unknown model preset {name!r}')
+
+
+def from_presets(presets, name: str, unknown: str) -> ml_collections.ConfigDict:
+  """``presets[name]()``; else a ValueError: ``unknown`` (formatted with ``name``), then
+  the known names. Shared by the model, training and GLUE config files."""
+  if name not in presets:
+    raise ValueError(unknown.format(name=name) + f'; known: {", ".join(sorted(presets))}')
+  return presets[name]()
 
 
 def validate(config) -> None:

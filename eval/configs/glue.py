@@ -108,8 +108,5 @@ PRESETS = {'paper': paper, 'smoke': smoke}
 
 
 def get_config(preset: str = 'paper') -> ml_collections.ConfigDict:
-  preset = preset or 'paper'
-  if preset not in PRESETS:
-    raise ValueError(f'unknown preset {preset!r} for eval/configs/glue.py; known: '
-                     f'{", ".join(sorted(PRESETS))}')
-  return PRESETS[preset]()
+  return model_configs.from_presets(PRESETS, preset or 'paper',
+                                    'unknown preset {name!r} for eval/configs/glue.py')

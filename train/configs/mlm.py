@@ -138,8 +138,5 @@ PRESETS = {'paper': paper, 'smoke': smoke, 'small': small}
 
 
 def get_config(preset: str = 'smoke') -> ml_collections.ConfigDict:
-  preset = preset or 'smoke'
-  if preset not in PRESETS:
-    raise ValueError(f'unknown preset {preset!r} for train/configs/mlm.py; known: '
-                     f'{", ".join(sorted(PRESETS))}')
-  return PRESETS[preset]()
+  return model_configs.from_presets(PRESETS, preset or 'smoke',
+                                    'unknown preset {name!r} for train/configs/mlm.py')
