@@ -33,6 +33,8 @@ from typing import Dict, List, Optional
 from absl import app
 from absl import flags
 
+from train import host_memory
+
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -56,15 +58,6 @@ def _reset_hwm() -> bool:
     return False
 
 
-def _trim() -> None:
-  """Returns freed heap memory to the system (glibc), so the resident size is live data."""
-  try:
-    import ctypes  # pylint: disable=import-outside-toplevel
-    ctypes.CDLL('libc.so.6').malloc_trim(0)
-  except (OSError, AttributeError):
-    pass
-
-
 def _ru_maxrss_bytes() -> int:
   # Linux reports kilobytes, macOS bytes.
   scale = 1 if sys.platform == 'darwin' else 1024
@@ -86,7 +79,7 @@ def measure_point(preset: str, kind: str, precision: str, batch: int, seq_len: i
   compiled.run()
   compiled.run()
   gc.collect()
-  _trim()
+  host_memory.release_freed_memory()
   reset = _reset_hwm()
   before = _vm_hwm_bytes() if reset else None
   compiled.run()

@@ -38,10 +38,8 @@ def retain_freed_memory() -> bool:
   if _applied is not None:
     return _applied
   _applied = False
-  name = ctypes.util.find_library('c')
   try:
-    libc = ctypes.CDLL(name or 'libc.so.6')
-    mallopt = libc.mallopt
+    mallopt = _libc().mallopt
   except (OSError, AttributeError):
     return False
   mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
@@ -51,3 +49,16 @@ def retain_freed_memory() -> bool:
   if not _applied:
     logging.warning('mallopt refused a setting: freed memory may still be unmapped')
   return _applied
+
+
+def release_freed_memory() -> None:
+  """Returns freed heap memory to the system (glibc's ``malloc_trim``), so that the
+  resident size is live data; a no-op where the C library is not glibc."""
+  try:
+    _libc().malloc_trim(0)
+  except (OSError, AttributeError):
+    pass
+
+
+def _libc():
+  return ctypes.CDLL(ctypes.util.find_library('c') or 'libc.so.6')
