@@ -151,11 +151,6 @@ def add_marginal(results: List[Dict[str, object]]) -> None:
 
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string('preset', 'language_mlm', 'Model preset (perceiver.configs).')
-flags.DEFINE_string('points', '[{"kind": "train", "precision": "float32", "batch": 1, '
-                    '"seq_len": 2048}]',
-                    'JSON list of points: {kind: forward|train, precision, batch, seq_len'
-                    '[, max_seq_len]}; each result is printed as one JSON line.')
 
 
 def main(argv):
@@ -165,4 +160,11 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  # Defined only when run as a command: bench.run, which imports this module, has its
+  # own --preset.
+  flags.DEFINE_string('preset', 'language_mlm', 'Model preset (perceiver.configs).')
+  flags.DEFINE_string('points', '[{"kind": "train", "precision": "float32", "batch": 1, '
+                      '"seq_len": 2048}]',
+                      'JSON list of points: {kind: forward|train, precision, batch, seq_len'
+                      '[, max_seq_len]}; each result is printed as one JSON line.')
   app.run(main)

@@ -45,11 +45,12 @@ def tiny_hf() -> ml_collections.ConfigDict:
   return config
 
 
-def model_config(preset: str, precision: str, max_seq_len: Optional[int] = None
-                 ) -> ml_collections.ConfigDict:
+def model_config(preset: str, precision: str, max_seq_len: Optional[int] = None,
+                 kernels: str = 'auto') -> ml_collections.ConfigDict:
   """A model preset (``perceiver.configs`` or 'tiny_hf') at ``precision`` ('float32' or
-  'bfloat16'), optionally with a longer ``max_seq_len``."""
+  'bfloat16'), optionally with a longer ``max_seq_len`` and another ``kernels`` setting."""
   config = tiny_hf() if preset == 'tiny_hf' else configs.get(preset)
+  config.kernels = kernels
   if max_seq_len:
     config.max_seq_len = max_seq_len
     config.decoder.output_index_dims = max_seq_len
@@ -77,7 +78,7 @@ def example_batch(batch: int, seq_len: int, seed: int = 0) -> Dict[str, np.ndarr
 
 def init_params(config, seq_len: int):
   """Float32 parameters (the same tree at every precision)."""
-  model = transform.masked_lm(config)
+  model = transform.masked_lm(config, platform=step_lib.platform())
   return model.init(jax.random.PRNGKey(0), jnp.zeros((1, seq_len), jnp.int32))
 
 
@@ -103,7 +104,7 @@ def forward(config, params, batch) -> Compiled:
   In bfloat16 the dense weights are cast once beforehand (``transform.inference_params``:
   the same values the model's per-call casts produce, so the logits are identical).
   """
-  model = transform.masked_lm(config)
+  model = transform.masked_lm(config, platform=step_lib.platform())
   params = transform.inference_params(params, config)
   fn = jax.jit(lambda p, ids, mask: model.apply(p, None, ids, mask))
   ids, mask = jnp.asarray(batch['input_ids']), jnp.asarray(batch['input_mask'])
@@ -113,7 +114,7 @@ def forward(config, params, batch) -> Compiled:
 
 
 def _loss(config):
-  model = transform.masked_lm(config)
+  model = transform.masked_lm(config, platform=step_lib.platform())
   loss_fn = mlm.make_loss_fn(model, decode_masked_only=False)
 
   def mean_loss(params, batch):
@@ -138,8 +139,8 @@ def train_step(config, params, batch, optimizer=None) -> Compiled:
   The state is replicated from ``params`` (not consumed); each call advances it.
   """
   optimizer = optimizer or optimizer_config()
-  model = transform.masked_lm(config)
-  tx = optim.make(optimizer)
+  model = transform.masked_lm(config, platform=step_lib.platform())
+  tx = optim.make(optimizer, platform=step_lib.platform())
   step = step_lib.make_train_step(mlm.make_loss_fn(model, False), mlm.count_fn, tx,
                                   optim.schedule(optimizer))
   state = step_lib.replicate(step_lib.TrainState(
@@ -158,7 +159,7 @@ def train_step(config, params, batch, optimizer=None) -> Compiled:
 def optimizer_name(optimizer=None) -> str:
   optimizer = optimizer or optimizer_config()
   name = optimizer.name.upper() if optimizer.name == 'lamb' else optimizer.name
-  return f'{name} ({optimizer.get("implementation", "fused")})'
+  return f'{name} ({optimizer.get("implementation", "auto")})'
 
 
 def analytic_flops(config, seq_len: int, batch: int, kind: str) -> float:

@@ -6,7 +6,10 @@ Suites:
 - ``smoke``: everything below on the tiny config, in seconds (run by the tests);
 - ``full``: matmul peak, forward, forward+backward, train step, memory, data pipeline;
 - ``forward``, ``train``, ``memory``, ``data``, ``peak``: one part (``train`` includes the
-  forward+backward rows), for iterating on one figure.
+  forward+backward rows), for iterating on one figure;
+- ``accelerator``: the train step alone on whatever device JAX runs on (a GPU or TPU),
+  at per-device batch 8, 32 and 64, with MFU against the device's published peak
+  (``bench.accelerator``); no peer.
 
 Ours and the peer (``PerceiverForMaskedLM`` with the same config and weights) are timed
 alternately, round by round, after warm-up; medians are reported, with each side's
@@ -33,7 +36,7 @@ from train import host_memory
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum('suite', 'full', ['smoke', 'full', 'forward', 'train', 'memory', 'data',
-                                    'peak'], 'What to run.')
+                                    'peak', 'accelerator'], 'What to run.')
 flags.DEFINE_string('out', None, 'Write the results as JSON to this file.')
 flags.DEFINE_list('batch_sizes', None, 'Batch sizes (default: 1,4; smoke: 1).')
 flags.DEFINE_list('precisions', ['float32', 'bfloat16'], 'float32 and/or bfloat16 (mixed).')
@@ -45,6 +48,13 @@ flags.DEFINE_list('memory_lengths', None,
                   'Input lengths for the memory sweep (default 512,1024,2048).')
 flags.DEFINE_integer('long_seq_len', 16384,
                      'Also measure memory with max_seq_len and input this long (0: skip).')
+flags.DEFINE_enum('kernels', 'auto', ['auto', 'reference', 'xla_cpu'],
+                  "The model's kernels setting (perceiver.layers); the memory sweep always "
+                  "uses 'auto'.")
+flags.DEFINE_string('preset', None, 'Model preset (default: language_mlm; smoke: a tiny '
+                    'model).')
+flags.DEFINE_float('peak_flops', 0.0, 'accelerator suite: the per-device peak FLOP/s for '
+                   'MFU, instead of the table of known devices.')
 
 
 def _suite_settings(suite: str) -> Dict:
@@ -53,6 +63,9 @@ def _suite_settings(suite: str) -> Dict:
                 peak_shapes=((256, 256, 256),), peak_model_shapes=(),
                 memory_lengths=[64], long_seq_len=0, fresh_memory_process=False,
                 data_min_seconds=0.2, data_shuffle_block=32)
+  if suite == 'accelerator':
+    return dict(preset='language_mlm', seq_len=2048, batch_sizes=[8, 32, 64], warmup=2,
+                repeats=5)
   return dict(preset='language_mlm', seq_len=2048, batch_sizes=[1, 4], warmup=2, repeats=5,
               peak_shapes=None, peak_model_shapes=None, memory_lengths=[512, 1024, 2048],
               long_seq_len=16384, fresh_memory_process=True, data_min_seconds=3.0,
@@ -63,7 +76,7 @@ def _parts(suite: str) -> List[str]:
   if suite in ('smoke', 'full'):
     return ['peak', 'forward', 'train', 'memory', 'data']
   return {'forward': ['peak', 'forward'], 'train': ['peak', 'train'], 'memory': ['memory'],
-          'data': ['data'], 'peak': ['peak']}[suite]
+          'data': ['data'], 'peak': ['peak'], 'accelerator': ['accelerator']}[suite]
 
 
 def _cpu_model() -> str:
@@ -144,7 +157,8 @@ class Runner:
     self.settings = settings
     self.precisions, self.batch_sizes = precisions, batch_sizes
     self.seq_len = settings['seq_len']
-    self.base_config = ours.model_config(settings['preset'], 'float32')
+    self.base_config = ours.model_config(settings['preset'], 'float32',
+                                         kernels=FLAGS.kernels)
     self.params = ours.init_params(self.base_config, self.seq_len)
     self.peak: Dict[str, float] = {}
     available, why = peer.available() if use_peer else (False, 'off (--peer=off)')
@@ -157,7 +171,7 @@ class Runner:
                                          threads=FLAGS.threads or os.cpu_count())
 
   def config(self, precision):
-    return self.ours.model_config(self.settings['preset'], precision)
+    return self.ours.model_config(self.settings['preset'], precision, kernels=FLAGS.kernels)
 
   def measure_peak(self) -> Dict:
     from bench import peak  # pylint: disable=import-outside-toplevel
@@ -303,6 +317,8 @@ def run(suite: str, out: Optional[str] = None) -> Dict:
   from bench import memory  # pylint: disable=import-outside-toplevel
   from bench import report  # pylint: disable=import-outside-toplevel
   settings = _suite_settings(suite)
+  if FLAGS.preset:
+    settings['preset'] = FLAGS.preset
   if FLAGS.memory_lengths:
     settings['memory_lengths'] = [int(x) for x in FLAGS.memory_lengths]
   batch_sizes = [int(b) for b in (FLAGS.batch_sizes or settings['batch_sizes'])]
@@ -321,6 +337,7 @@ def run(suite: str, out: Optional[str] = None) -> Dict:
       'host_memory_retained': host_memory.retain_freed_memory(),
       'loadavg_start': _loadavg(), 'other_processes': _other_python_processes(),
       'warmup': settings['warmup'], 'repeats': settings['repeats'],
+      'kernels': FLAGS.kernels,
   }}
   seconds = results['meta']['seconds'] = {}
   clock = time.perf_counter()
@@ -333,6 +350,15 @@ def run(suite: str, out: Optional[str] = None) -> Dict:
     if out:
       _write_json(results, out)
 
+  if 'accelerator' in parts:
+    from bench import accelerator  # pylint: disable=import-outside-toplevel
+    results['accelerator'] = accelerator.measure(
+        settings['preset'], batch_sizes, precisions, seq_len=settings['seq_len'],
+        warmup=settings['warmup'], repeats=settings['repeats'], peak_flops=FLAGS.peak_flops,
+        kernels=FLAGS.kernels)
+    lap('accelerator')
+    results['meta']['loadavg_end'] = _loadavg()
+    return results
   # The memory sweep first, while this process is small: its points run in fresh
   # processes, which must not compete with the model, the peer and the heap this
   # process keeps (train.host_memory) once the timed parts have run.
@@ -387,7 +413,11 @@ def main(argv):
   if FLAGS.out:
     _write_json(results, FLAGS.out)
   print()
-  print(report.render(results))
+  if 'accelerator' in results:
+    from bench import accelerator  # pylint: disable=import-outside-toplevel
+    print(accelerator.render(results['accelerator']))
+  else:
+    print(report.render(results))
   return 0
 
 

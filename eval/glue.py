@@ -535,8 +535,9 @@ def finetune(task: glue_data.Task, data: Dict[str, EncodedSplit], init: Init, co
   steps_per_epoch = math.ceil(len(train) / batch_size)
   total = epochs * steps_per_epoch
   opt_config = _optimizer_config(config, learning_rate, total)
-  optimizer = optim.make(opt_config)
-  model = transform.classifier(init.model_config, task.num_outputs)
+  optimizer = optim.make(opt_config, platform=step_lib.platform())
+  model = transform.classifier(init.model_config, task.num_outputs,
+                               platform=step_lib.platform())
   params = init_params(model, init, config.seed, train.length, log)
   log.note(f'  {len(train)} train examples, batch {batch_size} ({devices} device(s) x '
            f'{accum} accumulation step(s)), {steps_per_epoch} steps/epoch x {epochs} '
@@ -656,7 +657,8 @@ def _grid(config, sweep: bool):
 
 
 def _predict_test(task, data, init, params, config, out_dir, log) -> List[str]:
-  model = transform.classifier(init.model_config, task.num_outputs)
+  model = transform.classifier(init.model_config, task.num_outputs,
+                               platform=step_lib.platform())
   predict_step = step_lib.make_predict_step(make_predict_fn(model))
   replicated = step_lib.replicate(params)
   eval_batch = _round_up(max(config.eval.batch_size, 1), jax.local_device_count())

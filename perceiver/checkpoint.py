@@ -30,6 +30,7 @@ import ml_collections
 import numpy as np
 
 from perceiver import atomic
+from perceiver import configs
 
 FORMAT = 'perceiver-io-checkpoint/1'
 _METADATA = 'metadata.json'
@@ -252,7 +253,7 @@ def load(path):
         params.setdefault(match.group(1), {})[match.group(2)] = _read_npy(zf, name, source)
   if not params:
     raise CheckpointError(f'{source}: contains no parameters')
-  return params, ml_collections.ConfigDict(header['config']), header['metadata']
+  return params, configs.upgrade(ml_collections.ConfigDict(header['config'])), header['metadata']
 
 
 def load_config(path):
@@ -260,7 +261,7 @@ def load_config(path):
   source = os.fspath(path)
   with _open(path) as zf:
     header = _header(zf, source)
-  return ml_collections.ConfigDict(header['config'])
+  return configs.upgrade(ml_collections.ConfigDict(header['config']))
 
 
 def load_tree(path, name: str, template):
@@ -306,7 +307,6 @@ def load_any(path, config=None):
   Returns:
     (params, config, metadata).
   """
-  from perceiver import configs  # pylint: disable=import-outside-toplevel
   from perceiver import hf  # pylint: disable=import-outside-toplevel
   path = os.fspath(path)
   if os.path.isdir(path) and not os.path.exists(os.path.join(path, 'config.json')):

@@ -9,8 +9,10 @@ the original. The remaining fields are this project's:
   2-layer tanh MLP head, used by ``perceiver.transform.classifier`` (GLUE).
 - ``compute_dtype``: 'float32' (the original's arithmetic) or 'bfloat16' (bfloat16 matmul
   inputs, float32 accumulation, float32 parameters, norms, softmax and residuals).
-- ``fusion_barrier``: 'auto' (on for XLA:CPU), 'on' or 'off'; see ``perceiver.layers.fusion_barrier``.
-  It changes speed on XLA:CPU, never values.
+- ``kernels``: 'auto' (the default: XLA:CPU's kernels where the program is lowered for
+  the CPU, the original's formulas elsewhere), 'reference' or 'xla_cpu'; see
+  ``perceiver.layers``. It changes speed, never parameters, and values only by float
+  rounding.
 """
 
 from __future__ import annotations
@@ -70,7 +72,7 @@ def language(d_model, d_latents, num_latents, num_self_attends, max_seq_len, qk_
           head_hidden_size=d_model,
           head_dropout_prob=0.0),
       compute_dtype='float32',
-      fusion_barrier='auto',
+      kernels='auto',
   ))
 
 
@@ -149,3 +151,25 @@ def validate(config) -> None:
   if config.compute_dtype not in ('float32', 'bfloat16'):
     raise ValueError(f"compute_dtype must be 'float32' or 'bfloat16', got "
                      f'{config.compute_dtype!r}')
+  if config.get('kernels', 'auto') not in KERNELS:
+    raise ValueError(f'kernels must be one of {", ".join(KERNELS)}; got {config.kernels!r}')
+
+
+# Fields that choose how the model computes, not what it computes: a run may change them
+# on resume, and a checkpoint's value is only a default.
+COMPUTE_FIELDS = ('compute_dtype', 'kernels')
+KERNELS = ('auto', 'reference', 'xla_cpu')
+
+
+def upgrade(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A model config read from an older checkpoint, in today's fields.
+
+  Checkpoints written before ``kernels`` existed carry ``fusion_barrier`` ('auto', 'on'
+  or 'off'), which only ever chose XLA:CPU speed work: it becomes ``kernels='auto'``.
+  """
+  config = ml_collections.ConfigDict(config.to_dict())
+  if 'fusion_barrier' in config:
+    del config['fusion_barrier']
+  if 'kernels' not in config:
+    config.kernels = 'auto'
+  return config

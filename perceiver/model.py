@@ -3,8 +3,7 @@
 Constructor keyword arguments are the original's (``PerceiverEncoder``, ``BasicDecoder``,
 ``ClassificationDecoder``), so a config written for DeepMind's code builds the same model
 here, with the same parameter names. Two keywords are this project's own and change no
-value: ``compute_dtype`` (see ``layers``) and ``fusion_barrier`` (see
-``layers.fusion_barrier``).
+parameter: ``compute_dtype`` and ``kernels`` (see ``perceiver.layers``).
 """
 
 from __future__ import annotations
@@ -15,19 +14,7 @@ import jax.numpy as jnp
 
 from perceiver import layers
 from perceiver import position_encoding
-
-
-def use_fusion_barrier(setting) -> bool:
-  """Resolves a ``fusion_barrier`` setting: 'on', 'off' or 'auto' (on for XLA:CPU only).
-
-  On GPU/TPU the barrier's ``lax.cond`` would cost a device-host sync per layer in the
-  backward pass and buys nothing, since their fusion heuristics don't show the problem.
-  """
-  if setting == 'auto':
-    return jax.default_backend() == 'cpu'
-  if setting in ('on', 'off'):
-    return setting == 'on'
-  raise ValueError(f"fusion_barrier must be 'on', 'off' or 'auto', got {setting!r}")
+from perceiver import xla_cpu
 
 
 class TextPreprocessor(hk.Module):
@@ -60,10 +47,12 @@ class TextPreprocessor(hk.Module):
 class EmbeddingDecoder(hk.Module):
   """Logits from the (tied) input embedding: ``x @ E^T + bias``."""
 
-  def __init__(self, embedding_matrix, compute_dtype=jnp.float32, name='embedding_decoder'):
+  def __init__(self, embedding_matrix, compute_dtype=jnp.float32, kernels='auto',
+               name='embedding_decoder'):
     super().__init__(name=name)
     self.embedding_matrix = embedding_matrix
     self.compute_dtype = compute_dtype
+    self.kernels = kernels
 
   def __call__(self, x):
     """[B, N, D] -> [B, N, V]."""
@@ -74,7 +63,7 @@ class EmbeddingDecoder(hk.Module):
       x, table = x.astype(low), table.astype(low)
     logits = jnp.einsum('bnd,vd->bnv', x, table, preferred_element_type=jnp.float32)
     bias = hk.get_parameter('bias', [vocab_size], jnp.float32, init=jnp.zeros)
-    return logits + layers.broadcast_rows(bias, logits.shape)
+    return layers.select(self.kernels, jnp.add, xla_cpu.add_bias)(logits, bias)
 
 
 class PerceiverEncoder(hk.Module):
@@ -90,7 +79,7 @@ class PerceiverEncoder(hk.Module):
                cross_attend_widening_factor=1, self_attend_widening_factor=1,
                dropout_prob=0.0, z_pos_enc_init_scale=0.02,
                cross_attention_shape_for_attn='kv', use_query_residual=True,
-               compute_dtype=jnp.float32, fusion_barrier='auto', name='perceiver_encoder'):
+               compute_dtype=jnp.float32, kernels='auto', name='perceiver_encoder'):
     super().__init__(name=name)
     for heads_name, heads in (('num_self_attend_heads', num_self_attend_heads),
                               ('num_cross_attend_heads', num_cross_attend_heads)):
@@ -98,7 +87,7 @@ class PerceiverEncoder(hk.Module):
         raise ValueError(f'num_z_channels ({num_z_channels}) must be divisible by '
                          f'{heads_name} ({heads}).')
     self.num_blocks = num_blocks
-    self.fusion_barrier = use_fusion_barrier(fusion_barrier)
+    self.kernels = kernels
     self.z_pos_enc = position_encoding.TrainablePositionEncoding(
         index_dim=z_index_dim, num_channels=num_z_channels, init_scale=z_pos_enc_init_scale)
     self.cross_attend = layers.CrossAttention(
@@ -106,12 +95,13 @@ class PerceiverEncoder(hk.Module):
         widening_factor=cross_attend_widening_factor,
         shape_for_attn=cross_attention_shape_for_attn, qk_channels=qk_channels,
         v_channels=v_channels, use_query_residual=use_query_residual,
-        compute_dtype=compute_dtype)
+        compute_dtype=compute_dtype, kernels=kernels)
     self.self_attends = [
         layers.SelfAttention(
             num_heads=num_self_attend_heads, dropout_prob=dropout_prob,
             qk_channels=qk_channels, v_channels=v_channels,
-            widening_factor=self_attend_widening_factor, compute_dtype=compute_dtype)
+            widening_factor=self_attend_widening_factor, compute_dtype=compute_dtype,
+            kernels=kernels)
         for _ in range(num_self_attends_per_block)]
 
   def latents(self, batch_size):
@@ -127,9 +117,7 @@ class PerceiverEncoder(hk.Module):
     z = self.cross_attend(z, inputs, is_training=is_training, attention_mask=attention_mask)
     for _ in range(self.num_blocks):
       for self_attend in self.self_attends:
-        if self.fusion_barrier:
-          z = layers.fusion_barrier(z)
-        z = self_attend(z, is_training=is_training)
+        z = self_attend(layers.residual_boundary(z, self.kernels), is_training=is_training)
     return z
 
 
@@ -146,7 +134,7 @@ class BasicDecoder(hk.Module):
                qk_channels=None, v_channels=None, use_query_residual=False,
                output_w_init=None, concat_preprocessed_input=False, num_heads=1,
                name='basic_decoder', final_project=True, compute_dtype=jnp.float32,
-               **position_encoding_kwargs):
+               kernels='auto', **position_encoding_kwargs):
     super().__init__(name=name)
     del subsampled_index_dims, num_z_channels  # Unused, as in the original.
     self.output_pos_enc = None
@@ -162,6 +150,7 @@ class BasicDecoder(hk.Module):
     self.num_heads = num_heads
     self.concat_preprocessed_input = concat_preprocessed_input
     self.compute_dtype = compute_dtype
+    self.kernels = kernels
 
   def decoder_query(self, batch_size, positions=None, inputs_without_pos=None):
     """Output-position queries.
@@ -194,11 +183,12 @@ class BasicDecoder(hk.Module):
     output = layers.CrossAttention(
         dropout_prob=0.0, num_heads=self.num_heads, widening_factor=1, shape_for_attn='kv',
         qk_channels=self.qk_channels, v_channels=self.v_channels,
-        use_query_residual=self.use_query_residual, compute_dtype=self.compute_dtype)(
-            query, z, is_training=is_training, attention_mask=attention_mask)
+        use_query_residual=self.use_query_residual, compute_dtype=self.compute_dtype,
+        kernels=self.kernels)(query, z, is_training=is_training, attention_mask=attention_mask)
     if self.final_project:
       output = layers.Linear(self.output_num_channels, w_init=self.output_w_init,
-                             compute_dtype=self.compute_dtype, name='output')(output)
+                             compute_dtype=self.compute_dtype, kernels=self.kernels,
+                             name='output')(output)
     return output
 
 
@@ -219,16 +209,19 @@ class ClassificationHead(hk.Module):
   """Two-layer MLP on the decoded query: Linear(hidden), tanh, Linear(num_outputs)."""
 
   def __init__(self, num_outputs, hidden_size=768, dropout_prob=0.0,
-               compute_dtype=jnp.float32, name='classification_head'):
+               compute_dtype=jnp.float32, kernels='auto', name='classification_head'):
     super().__init__(name=name)
     self.num_outputs = num_outputs
     self.hidden_size = hidden_size
     self.dropout_prob = dropout_prob
     self.compute_dtype = compute_dtype
+    self.kernels = kernels
 
   def __call__(self, x, *, is_training):
     """[B, C] -> [B, num_outputs]."""
+    dense = lambda size: layers.Linear(size, compute_dtype=self.compute_dtype,
+                                       kernels=self.kernels)
     x = layers.dropout(x, self.dropout_prob, is_training)
-    x = jnp.tanh(layers.Linear(self.hidden_size, compute_dtype=self.compute_dtype)(x))
+    x = jnp.tanh(dense(self.hidden_size)(x))
     x = layers.dropout(x, self.dropout_prob, is_training)
-    return layers.Linear(self.num_outputs, compute_dtype=self.compute_dtype)(x)
+    return dense(self.num_outputs)(x)

@@ -6,7 +6,9 @@
     logits = model.apply(params, rng, input_ids, input_mask)   # [B, T, 262]
 
 Each function returns an ``hk.Transformed``; ``is_training`` is a Python bool (mark it
-static under ``jax.jit``). ``rng`` may be None unless ``is_training`` with dropout.
+static under ``jax.jit``). ``platform`` ('cpu', 'cuda', 'rocm', 'tpu'), where the caller
+knows what the functions will be compiled for, resolves ``config.kernels='auto'`` now
+(see ``perceiver.layers``); by default the choice is made when the program is lowered. ``rng`` may be None unless ``is_training`` with dropout.
 Inputs may be shorter than ``max_seq_len``: positions beyond the input are simply unused,
 which gives the same logits as padding to ``max_seq_len`` with ``input_mask`` zero there.
 ``inference_params`` prepares parameters for repeated bfloat16 inference.
@@ -14,15 +16,24 @@ which gives the same logits as padding to ``max_seq_len`` with ``input_mask`` ze
 
 from __future__ import annotations
 
+from typing import Optional
+
 import haiku as hk
 import jax.numpy as jnp
 
 from perceiver import configs
+from perceiver import layers
 from perceiver import model
 
 
 def _dtype(config):
   return jnp.dtype(config.compute_dtype)
+
+
+def _compute(config, platform):
+  """The modules' keyword arguments that choose how they compute (not what)."""
+  return dict(compute_dtype=_dtype(config),
+              kernels=layers.resolve_kernels(config.kernels, platform))
 
 
 def _default_mask(input_ids, input_mask):
@@ -41,7 +52,7 @@ class _Trunk:
   before ``encode()``, the order of the original's ``Perceiver.__call__``.
   """
 
-  def __init__(self, config, input_ids, input_mask):
+  def __init__(self, config, input_ids, input_mask, platform):
     if input_ids.ndim != 2:
       raise ValueError(f'input_ids must be [batch, seq], got shape {input_ids.shape}')
     self.input_ids = input_ids
@@ -49,8 +60,7 @@ class _Trunk:
     self.preprocessor = model.TextPreprocessor(config.vocab_size, config.d_model,
                                                config.max_seq_len)
     self.encoder = model.PerceiverEncoder(**config.encoder.to_dict(),
-                                          compute_dtype=_dtype(config),
-                                          fusion_barrier=config.fusion_barrier)
+                                          **_compute(config, platform))
 
   def inputs(self):
     """([B, T, D] embedded inputs with positions, [V, D] embedding table, [B, T, D] without)."""
@@ -63,7 +73,7 @@ class _Trunk:
     return self.encoder(inputs, latents, is_training=is_training, input_mask=self.input_mask)
 
 
-def masked_lm(config) -> hk.Transformed:
+def masked_lm(config, platform: Optional[str] = None) -> hk.Transformed:
   """The byte-level masked language model: ids [B, T] -> logits [B, T, vocab].
 
   ``apply(params, rng, input_ids, input_mask=None, is_training=False,
@@ -77,7 +87,7 @@ def masked_lm(config) -> hk.Transformed:
 
   def forward(input_ids, input_mask=None, is_training=False, query_positions=None,
               query_mask=None):
-    trunk = _Trunk(config, input_ids, input_mask)
+    trunk = _Trunk(config, input_ids, input_mask, platform)
     inputs, embedding_matrix, inputs_without_pos = trunk.inputs()
     latents = trunk.latents()
     input_mask = trunk.input_mask
@@ -89,17 +99,17 @@ def masked_lm(config) -> hk.Transformed:
         query_mask = jnp.take_along_axis(input_mask, query_positions, axis=1)
       inputs_without_pos = jnp.take_along_axis(
           inputs_without_pos, query_positions[..., None], axis=1)
-    decoder = model.BasicDecoder(**config.decoder.to_dict(), compute_dtype=_dtype(config))
+    decoder = model.BasicDecoder(**config.decoder.to_dict(), **_compute(config, platform))
     query = decoder.decoder_query(input_ids.shape[0], positions=query_positions,
                                   inputs_without_pos=inputs_without_pos)
     z = trunk.encode(inputs, latents, is_training)
     output = decoder(query, z, is_training=is_training, query_mask=query_mask)
-    return model.EmbeddingDecoder(embedding_matrix, compute_dtype=_dtype(config))(output)
+    return model.EmbeddingDecoder(embedding_matrix, **_compute(config, platform))(output)
 
   return hk.transform(forward)
 
 
-def classifier(config, num_classes: int) -> hk.Transformed:
+def classifier(config, num_classes: int, platform: Optional[str] = None) -> hk.Transformed:
   """Sequence classification/regression: ids [B, T] -> [B, num_classes].
 
   The embeddings and encoder have the masked LM's names, so an MLM checkpoint's
@@ -111,25 +121,25 @@ def classifier(config, num_classes: int) -> hk.Transformed:
   cls = config.classifier
 
   def forward(input_ids, input_mask=None, is_training=False):
-    trunk = _Trunk(config, input_ids, input_mask)
+    trunk = _Trunk(config, input_ids, input_mask, platform)
     inputs, _, _ = trunk.inputs()
     z = trunk.encode(inputs, trunk.latents(), is_training)
     decoded = model.ClassificationDecoder(
-        num_classes, compute_dtype=_dtype(config), **cls.decoder.to_dict())(
+        num_classes, **_compute(config, platform), **cls.decoder.to_dict())(
             z, is_training=is_training)
     return model.ClassificationHead(
         num_classes, hidden_size=cls.head_hidden_size, dropout_prob=cls.head_dropout_prob,
-        compute_dtype=_dtype(config))(decoded, is_training=is_training)
+        **_compute(config, platform))(decoded, is_training=is_training)
 
   return hk.transform(forward)
 
 
-def encoder(config) -> hk.Transformed:
+def encoder(config, platform: Optional[str] = None) -> hk.Transformed:
   """Feature extraction: ids [B, T] -> final latents [B, z_index_dim, num_z_channels]."""
   configs.validate(config)
 
   def forward(input_ids, input_mask=None, is_training=False):
-    trunk = _Trunk(config, input_ids, input_mask)
+    trunk = _Trunk(config, input_ids, input_mask, platform)
     inputs, _, _ = trunk.inputs()
     return trunk.encode(inputs, trunk.latents(), is_training)
 

@@ -107,6 +107,20 @@ def test_save_and_load_round_trip_with_optimizer_state(tiny_params, tmp_path):
     np.testing.assert_array_equal(npz['params/embed/embeddings'], params['embed']['embeddings'])
 
 
+def test_checkpoint_from_before_the_kernels_switch_loads_with_auto(tiny_params, tmp_path):
+  """Checkpoints written before ``kernels`` existed carry ``fusion_barrier``: they load
+  with ``kernels='auto'`` and build the same model."""
+  config, params = tiny_params
+  old = config.to_dict()
+  del old['kernels']
+  old['fusion_barrier'] = 'on'
+  path = checkpoint.save(tmp_path / 'old.npz', params, old)
+  _, loaded, _ = checkpoint.load(path)
+  assert 'fusion_barrier' not in loaded and loaded.kernels == 'auto'
+  assert loaded.to_dict() == config.to_dict()
+  assert checkpoint.load_config(path).to_dict() == config.to_dict()
+
+
 def test_failed_write_keeps_the_previous_checkpoint(tiny_params, tmp_path, monkeypatch):
   config, params = tiny_params
   path = tmp_path / 'ckpt.npz'

@@ -1,4 +1,8 @@
-"""The fused LAMB against optax's chain: same state, same updates up to float rounding."""
+"""The fused LAMB against optax's chain: same state, same updates up to float rounding;
+and the layout of optax's LAMB state that the fused LAMB depends on."""
+
+import collections
+import re
 
 import jax
 import jax.numpy as jnp
@@ -31,7 +35,7 @@ def _params_and_grads(scale):
 @pytest.mark.parametrize('clip,scale', [(1.0, 1.0), (1.0, 1e-3), (0.0, 1.0)])
 def test_fused_lamb_matches_optax(clip, scale):
   """Clipping on (triggered or not) and off; weight decay on matrices only."""
-  config = _config(clip_grad_norm=clip)
+  config = _config(clip_grad_norm=clip, implementation='fused')
   fused, reference = optim.make(config), optim.reference(config)
   params, grads = _params_and_grads(scale)
   state_f, state_r = fused.init(params), reference.init(params)
@@ -50,13 +54,61 @@ def test_fused_lamb_matches_optax(clip, scale):
 def test_fused_lamb_state_loads_into_the_reference_and_back():
   config = _config()
   params, grads = _params_and_grads(1.0)
-  fused, reference = optim.make(config), optim.reference(config)
+  fused, reference = optim.fused_lamb(config), optim.reference(config)
   state = fused.update(grads, fused.init(params), params)[1]
   # A state written by one continues in the other (checkpoints stay interchangeable).
   u_f, _ = fused.update(grads, state, params)
   u_r, _ = reference.update(grads, state, params)
   for a, b in zip(jax.tree.leaves(u_f), jax.tree.leaves(u_r)):
     np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-12)
+
+
+def test_optax_lamb_state_is_laid_out_as_the_fused_lamb_reads_it():
+  """Fails when an optax release changes the state that ``fused_lamb`` unpacks: its
+  (adam, masked decay, trust ratio, schedule) tuple after the clipping state."""
+  params, _ = _params_and_grads(1.0)
+  state = optim.reference(_config()).init(params)
+  clip_state, lamb_state = state
+  assert type(clip_state).__name__ == 'EmptyState'
+  assert [type(s).__name__ for s in lamb_state] == [
+      'ScaleByAdamState', 'MaskedState', 'EmptyState', 'ScaleByScheduleState']
+  adam = lamb_state[0]
+  assert adam._fields == ('count', 'mu', 'nu')
+  assert jax.tree.structure(adam.mu) == jax.tree.structure(params)
+  assert lamb_state[3]._fields == ('count',)
+  assert optim.unpack_lamb_state(lamb_state) is lamb_state
+  with pytest.raises(TypeError, match="implementation='optax'"):
+    optim.unpack_lamb_state(lamb_state[:3])
+
+
+def _ops(text):
+  """How many of each StableHLO op a module holds, without the platform selection's."""
+  ops = collections.Counter(re.findall(r'\bstablehlo\.([a-z_]+)', text))
+  for selection in ('case', 'return', 'constant'):
+    ops.pop(selection, None)
+  return ops
+
+
+def test_auto_is_the_fused_lamb_on_the_cpu_and_optax_elsewhere():
+  """'auto' lowers to the fused update for the CPU and to optax's own chain for a GPU,
+  whether the platform is given up front or chosen when lowering."""
+  config = _config(implementation='auto')
+  params, grads = _params_and_grads(1.0)
+  state = optim.reference(config).init(params)
+  lower = lambda tx, platform: jax.export.export(jax.jit(tx.update), platforms=[platform])(
+      grads, state, params).mlir_module()
+  neutral = optim.make(config)
+  for platform, expected in (('cuda', optim.reference(config)),
+                             ('cpu', optim.fused_lamb(config))):
+    assert _ops(lower(neutral, platform)) == _ops(lower(expected, platform))
+    assert _ops(lower(optim.make(config, platform=platform), platform)) == _ops(
+        lower(expected, platform))
+  assert _ops(lower(optim.reference(config), 'cpu')) != _ops(lower(optim.fused_lamb(config),
+                                                                 'cpu'))
+  u_auto, _ = jax.jit(neutral.update)(grads, state, params)
+  u_fused, _ = jax.jit(optim.fused_lamb(config).update)(grads, state, params)
+  for a, b in zip(jax.tree.leaves(u_auto), jax.tree.leaves(u_fused)):
+    np.testing.assert_array_equal(a, b)
 
 
 def test_implementation_is_checked():

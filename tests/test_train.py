@@ -151,13 +151,13 @@ def test_sigterm_writes_a_checkpoint_and_exits_zero_then_resumes(tmp_path):
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
   real_make = optim.make
 
-  def poisoned(config):
+  def poisoned(config, platform=None):
     def nan_at_step_4(updates, state, params=None):
       del params
       count = state + 1
       updates = jax.tree.map(lambda u: jnp.where(count == 4, jnp.nan, u), updates)
       return updates, count
-    return optax.chain(real_make(config), optax.GradientTransformation(
+    return optax.chain(real_make(config, platform), optax.GradientTransformation(
         lambda params: jnp.zeros([], jnp.int32), nan_at_step_4))
 
   monkeypatch.setattr(optim, 'make', poisoned)

@@ -201,10 +201,11 @@ class _StopRequest:
 
 
 def _check_resume_config(saved, current, path):
-  if saved.to_dict() != current.to_dict():
-    saved_d = saved.to_dict()
-    diffs = [k for k in set(saved_d) | set(current.to_dict())
-             if saved_d.get(k) != current.to_dict().get(k)]
+  """Refuses to resume with another model; how it computes (dtype, kernels) may change."""
+  saved_d, current_d = saved.to_dict(), current.to_dict()
+  diffs = [k for k in set(saved_d) | set(current_d)
+           if k not in model_configs.COMPUTE_FIELDS and saved_d.get(k) != current_d.get(k)]
+  if diffs:
     raise TrainingError(f'{path} was trained with a different model config (fields: '
                         f'{", ".join(sorted(diffs))}); use another --workdir')
 
@@ -214,8 +215,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, float]:
   maybe_initialize_distributed(config)
   model_configs.validate(config.model)
   layout = batch_layout(config)
-  model = transform.masked_lm(config.model)
-  optimizer = optim.make(config.optimizer)
+  # Built for the platform this host's devices run (see perceiver.layers: 'auto' kernels).
+  platform = step_lib.platform()
+  model = transform.masked_lm(config.model, platform=platform)
+  optimizer = optim.make(config.optimizer, platform=platform)
   lr_fn = optim.schedule(config.optimizer)
   manager = checkpoints.CheckpointManager(workdir, keep=config.train.keep_checkpoints)
   log = writer_lib.MetricWriter(workdir, config.train.steps)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -34,21 +36,41 @@ def decay_mask(params):
   return jax.tree.map(lambda p: jnp.ndim(p) >= 2, params)
 
 
-def make(config) -> optax.GradientTransformation:
+IMPLEMENTATIONS = ('auto', 'fused', 'optax')
+
+
+def make(config, platform: Optional[str] = None) -> optax.GradientTransformation:
   """The optimizer from an ``optimizer`` config block.
 
   Fields: name ('lamb' | 'adamw'), learning_rate, warmup_steps, decay, decay_steps,
   weight_decay, b1, b2, eps, clip_grad_norm (<= 0 disables clipping), and optionally
-  implementation: 'fused' (default; LAMB only, see ``fused_lamb``) or 'optax' (the
-  reference chain of optax transformations). Both have the same state.
+  implementation (LAMB only): 'optax', the reference chain of optax's transformations;
+  'fused', the same algorithm and state in fewer memory passes (``fused_lamb``), which
+  is faster on XLA:CPU; or 'auto' (the default): 'fused' where the program is lowered
+  for the CPU, 'optax' everywhere else. All three have the same state. ``platform``
+  ('cpu', 'cuda', 'tpu', ...), where known, resolves 'auto' now; otherwise the choice is
+  made when the update is lowered (``jax.lax.platform_dependent``).
   """
-  implementation = config.get('implementation', 'fused')
-  if implementation not in ('fused', 'optax'):
-    raise ValueError(f"optimizer.implementation must be 'fused' or 'optax', got "
-                     f'{implementation!r}')
-  if config.name == 'lamb' and implementation == 'fused':
-    return fused_lamb(config)
-  return reference(config)
+  implementation = config.get('implementation', 'auto')
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f'optimizer.implementation must be one of {", ".join(IMPLEMENTATIONS)}; '
+                     f'got {implementation!r}')
+  if config.name != 'lamb' or implementation == 'optax':
+    return reference(config)
+  if implementation == 'auto' and platform is not None:
+    implementation = 'fused' if platform == 'cpu' else 'optax'
+  if implementation == 'optax':
+    return reference(config)
+  fused = fused_lamb(config)
+  if implementation == 'fused':
+    return fused
+  ref = reference(config)
+
+  def update(grads, state, params=None):
+    return jax.lax.platform_dependent(grads, state, params, cpu=fused.update,
+                                      default=ref.update)
+
+  return optax.GradientTransformation(ref.init, update)
 
 
 def reference(config) -> optax.GradientTransformation:
@@ -67,6 +89,24 @@ def reference(config) -> optax.GradientTransformation:
   return core
 
 
+def unpack_lamb_state(state):
+  """``optax.lamb``'s state as (adam moments, weight-decay mask, trust ratio, schedule).
+
+  ``fused_lamb`` reads and writes optax's own state so that checkpoints serve either
+  implementation; this is where it depends on optax's internals. An optax release that
+  lays the state out differently is refused here, naming the fix.
+  """
+  ok = (isinstance(state, tuple) and len(state) == 4
+        and isinstance(state[0], optax.ScaleByAdamState)
+        and isinstance(state[1], optax.MaskedState)
+        and isinstance(state[3], optax.ScaleByScheduleState))
+  if not ok:
+    raise TypeError(f'optax {optax.__version__}: optax.lamb\'s state is not the (adam, '
+                    'masked weight decay, trust ratio, schedule) tuple that the fused LAMB '
+                    "updates; set optimizer.implementation='optax'")
+  return state
+
+
 def fused_lamb(config) -> optax.GradientTransformation:
   """LAMB with gradient clipping, computed in few passes over the parameters.
 
@@ -78,10 +118,9 @@ def fused_lamb(config) -> optax.GradientTransformation:
   Why: the chain of optax transformations makes XLA:CPU materialise each stage's result
   per leaf (the clipped gradient, the bias-corrected moments, the decayed update) and
   compute each trust-ratio norm twice (``safe_norm``), about 21 memory passes of a
-  parameter's size per leaf; inside the train step XLA also copied both moments. On 201M
-  parameters that was 0.5-0.9 s per step, more than the forward pass. Here each leaf takes
-  about 15: ||g||^2, the new moments (in place), the update direction, ||u||^2 and
-  ||p||^2, then the parameter update: 0.17 s, 1.6 GB less temporary memory.
+  parameter's size per leaf, and XLA:CPU also copied both moments inside the step. Here
+  each leaf takes about 15: ||g||^2, the new moments (in place), the update direction,
+  ||u||^2 and ||p||^2, then the parameter update (figures: ``bench/RESULTS.md``).
 
   Numerics: the clip multiplies by ``max_norm / ||g||`` where optax divides by ``||g||``
   then multiplies by ``max_norm`` (<= 1 ulp apart when clipping triggers); everything else
@@ -97,7 +136,7 @@ def fused_lamb(config) -> optax.GradientTransformation:
     if params is None:
       raise ValueError('fused_lamb needs params (weight decay, trust ratio)')
     clip_state, lamb_state = (state if max_norm is not None else (None, state))
-    adam, masked, trust, sched = lamb_state
+    adam, masked, trust, sched = unpack_lamb_state(lamb_state)
     scale = 1.0
     if max_norm is not None:
       g_norm = optax.tree.norm(grads)  # the step's grad_norm metric: computed once (CSE)

@@ -34,6 +34,16 @@ class TrainState(NamedTuple):
   rng: jax.Array         # base PRNG key (uint32[2]); step keys are derived from it
 
 
+def platform(device=None) -> str:
+  """The platform programs for ``device`` (default: this host's first local device) are
+  lowered for, as ``jax.export`` names it: 'cpu', 'tpu', 'cuda' or 'rocm'."""
+  device = device or jax.local_devices()[0]
+  if device.platform != 'gpu':
+    return device.platform
+  version = getattr(device.client, 'platform_version', '') or ''
+  return 'rocm' if 'rocm' in version.lower() else 'cuda'
+
+
 def _psum(tree):
   """Sum over all devices; the identity (and no copy through an all-reduce) on one."""
   if jax.device_count() == 1:
@@ -53,6 +63,15 @@ def make_train_step(loss_fn: Callable, count_fn: Callable,
   ``metrics`` holds global sums (``loss``, the task's metric sums, ``count``) plus
   ``grad_norm``, ``learning_rate`` and ``finite`` (1 if loss and gradients are finite).
   """
+  step = train_step_fn(loss_fn, count_fn, optimizer, learning_rate_fn)
+  return jax.pmap(step, axis_name=AXIS, donate_argnums=(0,))
+
+
+def train_step_fn(loss_fn: Callable, count_fn: Callable,
+                  optimizer: optax.GradientTransformation,
+                  learning_rate_fn: Callable | None = None) -> Callable:
+  """The per-device body of ``make_train_step`` (it needs the ``AXIS`` axis name), for
+  mapping or lowering it in other ways, e.g. ``jax.export`` for another platform."""
 
   def step(state: TrainState, batch):
     accum = jax.tree.leaves(batch)[0].shape[0]
@@ -72,7 +91,7 @@ def make_train_step(loss_fn: Callable, count_fn: Callable,
 
     if accum == 1:
       # No accumulator: a loop of one would still zero-fill and add a gradient-sized
-      # buffer (two extra passes over 804 MB for the released model).
+      # buffer (two extra passes over the parameters' size).
       grads, sums = micro_grads(jnp.asarray(0), micro_batches[0])
     else:
       def micro(carry, inputs):
@@ -95,7 +114,7 @@ def make_train_step(loss_fn: Callable, count_fn: Callable,
       metrics['learning_rate'] = learning_rate_fn(state.step)
     return TrainState(state.step + 1, params, opt_state, state.rng), metrics
 
-  return jax.pmap(step, axis_name=AXIS, donate_argnums=(0,))
+  return step
 
 
 def make_eval_step(loss_fn: Callable, count_fn: Callable) -> Callable:
