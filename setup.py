@@ -22,15 +22,17 @@ setup(
     ],
     extras_require={
         'dev': ['pytest>=7'],
-        # Hugging Face interop (perceiver.hf, perceiver.convert): transformers' PyTorch
-        # PerceiverForMaskedLM for .bin checkpoints and the interop tests. Reading and
-        # writing model.safetensors needs neither. Validated together: transformers 5.24.0
-        # requires torch>=2.6 and Python>=3.11. Off PyPI's default index torch is a CUDA
-        # build; for CPU add --extra-index-url https://download.pytorch.org/whl/cpu.
-        'hf': ['transformers==5.24.0', 'torch==2.13.0'],
+        # Hugging Face checkpoints (perceiver.hf_io, perceiver.convert): model.safetensors
+        # read and written by the safetensors package's numpy API (no torch needed), and
+        # transformers' PyTorch PerceiverForMaskedLM for .bin checkpoints and the interop
+        # tests. Validated together: transformers 5.24.0 requires torch>=2.6 and
+        # Python>=3.11. Off PyPI's default index torch is a CUDA build; for CPU add
+        # --extra-index-url https://download.pytorch.org/whl/cpu.
+        'safetensors': ['safetensors>=0.4'],
+        'hf': ['safetensors>=0.4', 'transformers==5.24.0', 'torch==2.13.0'],
         # python -m bench.run: the peer rows (transformers' PyTorch PerceiverForMaskedLM).
         # Without it the benchmark runs and those rows say "not installed".
-        'bench': ['transformers==5.24.0', 'torch==2.13.0'],
+        'bench': ['safetensors>=0.4', 'transformers==5.24.0', 'torch==2.13.0'],
     },
     license='Apache-2.0',
 )

@@ -24,7 +24,7 @@ import numpy as np
 from bench import lowering
 from bench import ours
 from bench import timing
-from train import step as step_lib
+from perceiver.training import step as step_lib
 
 # device_kind substring -> {precision: dense peak FLOP/s per chip}. Checked in order:
 # the first match wins, so more specific names come first.

@@ -1,6 +1,6 @@
 """Throughput of the pretraining data pipeline: masked batches per second on one thread.
 
-It runs ``train.mlm.train_batches`` (documents -> concatenated, cropped, block-shuffled
+It runs ``train.inputs.train_batches`` (documents -> concatenated, cropped, block-shuffled
 examples -> whole-word masking) on the built-in corpus (the Python standard library's
 docstrings, no download) with the pretraining preset's settings, and counts batches over
 at least two shuffle blocks, so that the block builds are in the rate. Training consumes
@@ -14,7 +14,7 @@ import tempfile
 import time
 from typing import Dict, Optional
 
-from train import mlm
+from train import inputs
 from train.configs import mlm as mlm_configs
 
 BUILTIN = 'builtin:stdlib_docstrings/train'
@@ -39,7 +39,7 @@ def measure(model_config, batch: int, *, min_seconds: float = 3.0,
   config = pipeline_config(model_config, shuffle_block)
   with tempfile.TemporaryDirectory() as tmp:
     workdir = cache_dir or tmp
-    batches = mlm.train_batches(config, workdir, batch)
+    batches = inputs.train_batches(config, workdir, batch)
     next(batches)   # corpus extraction and the first block are set-up, not throughput
     blocks = 2 * config.data.shuffle_block
     count, start = 0, time.perf_counter()

@@ -23,8 +23,8 @@ import jax.numpy as jnp
 from perceiver import configs
 from perceiver import transform
 from train import mlm
-from train import optim
-from train import step as step_lib
+from perceiver.training import optim
+from perceiver.training import step as step_lib
 from train.configs import mlm as mlm_configs
 
 COUNTED = {
@@ -43,7 +43,7 @@ def train_step_text(model_config, platform: str, batch_size: int = 1,
                     optimizer_config=None, resolve: bool = True) -> str:
   """The StableHLO text of one train step for ``platform``, lowered from this host.
 
-  The step is ``train.step.train_step_fn`` (what ``make_train_step`` pmaps) mapped over
+  The step is ``perceiver.training.step.train_step_fn`` (what ``make_train_step`` pmaps) mapped over
   a one-device axis, with ``train.mlm``'s loss and the paper's LAMB; only shapes are
   used, so the released model lowers in seconds without allocating its parameters.
   ``resolve``: built for ``platform`` as training builds it for its devices ('auto'

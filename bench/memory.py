@@ -13,7 +13,7 @@ Three figures per point:
 - ``process_peak_bytes``: ``ru_maxrss`` of the whole process, set-up included.
 
 Unlike training and the timed suites, these processes leave glibc's default of returning
-freed memory to the system (``train.host_memory`` is not applied), so that the resident
+freed memory to the system (``perceiver.training.host_memory`` is not applied), so that the resident
 size falls back after set-up and the step's own high-water mark shows.
 
 Activations are what grows with the input: ``marginal_bytes_per_input_byte`` is the
@@ -33,7 +33,7 @@ from typing import Dict, List, Optional
 from absl import app
 from absl import flags
 
-from train import host_memory
+from perceiver.training import host_memory
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -2,8 +2,8 @@
 
 Every callable is an XLA executable compiled once here (``jit``/``pmap`` ... ``lower``
 ... ``compile``), so its cost and memory analyses describe exactly what is timed. The
-train step is ``train.step.make_train_step`` with ``train.mlm``'s loss and
-``train.optim.make``'s optimizer, state replicated and donated as ``train.mlm`` does.
+train step is ``perceiver.training.step.make_train_step`` with ``train.mlm``'s loss and
+``perceiver.training.optim.make``'s optimizer, state replicated and donated as ``train.mlm`` does.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from perceiver import flops
 from perceiver import transform
 from train import masking
 from train import mlm
-from train import optim
-from train import step as step_lib
+from perceiver.training import optim
+from perceiver.training import step as step_lib
 from train.configs import mlm as mlm_configs
 
 PRECISIONS = ('float32', 'bfloat16')
@@ -58,9 +58,13 @@ def model_config(preset: str, precision: str, max_seq_len: Optional[int] = None,
   return config
 
 
-def optimizer_config() -> ml_collections.ConfigDict:
-  """The pretraining optimizer (LAMB, the paper's hyperparameters), as training builds it."""
-  return mlm_configs.get_config('paper').optimizer
+def optimizer_config(implementation: str = 'auto') -> ml_collections.ConfigDict:
+  """The pretraining optimizer (LAMB, the paper's hyperparameters), as training builds it,
+  with another ``implementation`` if asked ('auto', 'fused' or 'optax')."""
+  config = mlm_configs.get_config('paper').optimizer
+  config.unlock()
+  config.implementation = implementation
+  return config
 
 
 def example_batch(batch: int, seq_len: int, seed: int = 0) -> Dict[str, np.ndarray]:
@@ -134,7 +138,7 @@ def forward_backward(config, params, batch) -> Compiled:
 
 
 def train_step(config, params, batch, optimizer=None) -> Compiled:
-  """One step of ``train.mlm``: pmapped, state donated, LAMB from ``train.optim``.
+  """One step of ``train.mlm``: pmapped, state donated, LAMB from ``perceiver.training.optim``.
 
   The state is replicated from ``params`` (not consumed); each call advances it.
   """

@@ -32,7 +32,7 @@ from typing import Dict, List, Optional
 from absl import app
 from absl import flags
 
-from train import host_memory
+from perceiver.training import host_memory
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum('suite', 'full', ['smoke', 'full', 'forward', 'train', 'memory', 'data',
@@ -51,6 +51,8 @@ flags.DEFINE_integer('long_seq_len', 16384,
 flags.DEFINE_enum('kernels', 'auto', ['auto', 'reference', 'xla_cpu'],
                   "The model's kernels setting (perceiver.layers); the memory sweep always "
                   "uses 'auto'.")
+flags.DEFINE_enum('lamb', 'auto', ['auto', 'fused', 'optax'],
+                  "The train step's LAMB implementation (perceiver.training.optim.make).")
 flags.DEFINE_string('preset', None, 'Model preset (default: language_mlm; smoke: a tiny '
                     'model).')
 flags.DEFINE_float('peak_flops', 0.0, 'accelerator suite: the per-device peak FLOP/s for '
@@ -244,12 +246,13 @@ class Runner:
     optimizer_name = None
     if self.peer_model is not None:
       self.peer_optimizer, optimizer_name = self.peer_lib.make_optimizer(self.peer_model)
+    optimizer = self.ours.optimizer_config(FLAGS.lamb)
     rows = self._sweep(
-        'train', self.ours.train_step,
+        'train', lambda *args: self.ours.train_step(*args, optimizer=optimizer),
         lambda data, p: self.peer_lib.train_step_fn(self.peer_model, self.peer_optimizer,
                                                     data, p),
         peer_extra={'optimizer': optimizer_name},
-        ours_extra={'optimizer': self.ours.optimizer_name()})
+        ours_extra={'optimizer': self.ours.optimizer_name(optimizer)})
     if self.peer_model is not None:
       self.peer_model.eval()
     return rows
@@ -337,7 +340,7 @@ def run(suite: str, out: Optional[str] = None) -> Dict:
       'host_memory_retained': host_memory.retain_freed_memory(),
       'loadavg_start': _loadavg(), 'other_processes': _other_python_processes(),
       'warmup': settings['warmup'], 'repeats': settings['repeats'],
-      'kernels': FLAGS.kernels,
+      'kernels': FLAGS.kernels, 'lamb': FLAGS.lamb,
   }}
   seconds = results['meta']['seconds'] = {}
   clock = time.perf_counter()
@@ -361,7 +364,7 @@ def run(suite: str, out: Optional[str] = None) -> Dict:
     return results
   # The memory sweep first, while this process is small: its points run in fresh
   # processes, which must not compete with the model, the peer and the heap this
-  # process keeps (train.host_memory) once the timed parts have run.
+  # process keeps (perceiver.training.host_memory) once the timed parts have run.
   if 'memory' in parts:
     results['memory'] = memory.sweep(settings['preset'], _memory_points(settings, precisions),
                                      fresh_process_each=settings['fresh_memory_process'])
@@ -422,5 +425,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  host_memory.retain_freed_memory()   # before JAX starts its threads: see train.host_memory
+  host_memory.retain_freed_memory()   # before JAX starts its threads: see perceiver.training.host_memory
   app.run(main)

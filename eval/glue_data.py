@@ -29,12 +29,13 @@ from typing import NamedTuple, Sequence
 import numpy as np
 
 from eval import metrics
+from perceiver import errors
 from perceiver import tokenizer as tokenizer_lib
 
 _BOM = b'\xef\xbb\xbf'
 
 
-class GlueDataError(ValueError):
+class GlueDataError(errors.UserError, ValueError):
   """A GLUE file or directory that is not as the official layout has it."""
 
 

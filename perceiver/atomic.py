@@ -20,8 +20,12 @@ def atomic_write(path, mode: str = 'wb', **open_kwargs):
   """
   path = os.fspath(path)
   directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + '.', suffix='.tmp', dir=directory)
+  try:
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + '.', suffix='.tmp',
+                               dir=directory)
+  except OSError as e:
+    raise _naming(e, path) from None
   try:
     with os.fdopen(fd, mode, **open_kwargs) as f:
       yield f
@@ -29,11 +33,27 @@ def atomic_write(path, mode: str = 'wb', **open_kwargs):
       os.chmod(f.fileno(), _mode_for(path))
       os.fsync(f.fileno())
     os.replace(tmp, path)
+  except OSError as e:
+    _remove(tmp)
+    raise _naming(e, path) from None
   except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
+    _remove(tmp)
     raise
   _fsync_directory(directory)
+
+
+def _remove(tmp):
+  try:
+    os.unlink(tmp)
+  except OSError:
+    pass
+
+
+def _naming(error: OSError, path: str) -> OSError:
+  """``error`` as an OSError whose message names ``path`` (a full disk does not)."""
+  if error.filename:
+    return error
+  return type(error)(error.errno, f'cannot write {path}: {error.strerror or error}')
 
 
 def _mode_for(path):

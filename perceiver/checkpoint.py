@@ -17,20 +17,22 @@ it runs.
 
 from __future__ import annotations
 
-import io
 import json
+import math
 import os
 import pickle
 import re
 import zipfile
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 import jax
 import ml_collections
 import numpy as np
 
 from perceiver import atomic
+from perceiver import errors
 from perceiver import configs
+from perceiver import transform
 
 FORMAT = 'perceiver-io-checkpoint/1'
 _METADATA = 'metadata.json'
@@ -38,8 +40,13 @@ _METADATA = 'metadata.json'
 Params = Mapping[str, Mapping[str, Any]]
 
 
-class CheckpointError(ValueError):
+class CheckpointError(errors.UserError, ValueError):
   """A checkpoint file is unreadable, unsafe, or does not match the model."""
+
+
+class CheckpointMismatch(CheckpointError):
+  """A checkpoint that reads, but holds arrays of other shapes or structure than the
+  model or optimizer it is loaded into (not damage: another run's checkpoint)."""
 
 
 # --------------------------------------------------------------------------------------
@@ -96,7 +103,6 @@ def load_deepmind_pickle(path, config=None) -> dict:
     raise CheckpointError(f'{path}: not a safe parameter pickle: {e}') from e
   params = _as_params(raw, path)
   if config is not None:
-    from perceiver import transform  # pylint: disable=import-outside-toplevel
     check_params(params, expected_shapes(transform.masked_lm(config), config), source=path)
   return params
 
@@ -167,12 +173,56 @@ def _write_npy(zf: zipfile.ZipFile, name: str, array) -> None:
     np.lib.format.write_array(f, array, allow_pickle=False)
 
 
-def _read_npy(zf: zipfile.ZipFile, name: str, source: str) -> np.ndarray:
+def _read_npy(zf: zipfile.ZipFile, name: str, source: str, expected_shape=None
+              ) -> np.ndarray:
+  """One ``.npy`` entry, its header checked before any data is read.
+
+  The header's shape and dtype must account for the entry's declared size exactly (a
+  header claiming 10^12 elements, or data past the declared end, is refused), and match
+  ``expected_shape`` when given, so nothing is read or inflated beyond what the model
+  needs.
+  """
   try:
+    info = zf.getinfo(name)
+    if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+      raise CheckpointError(f'{source}: entry {name} uses an unsupported compression')
     with zf.open(name) as f:
-      return np.lib.format.read_array(io.BufferedReader(f), allow_pickle=False)
+      version = np.lib.format.read_magic(f)
+      read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0) else
+                     np.lib.format.read_array_header_2_0)
+      shape, fortran_order, dtype = read_header(f)
+      header_size = f.tell()
+      if dtype.hasobject:
+        raise CheckpointError(f'{source}: entry {name} holds Python objects')
+      size = math.prod(shape) * dtype.itemsize
+      if header_size + size != info.file_size:
+        raise CheckpointError(
+            f'{source}: entry {name} declares {list(shape)} {dtype} ({size:,} bytes), but '
+            f'the file holds {info.file_size - header_size:,} bytes for it')
+      if expected_shape is not None and tuple(shape) != tuple(expected_shape):
+        raise CheckpointMismatch(f'{source}: entry {name} has shape {list(shape)}, the '
+                                 f'model needs {list(expected_shape)}')
+      data = f.read(size)
+  except CheckpointError:
+    raise
   except (ValueError, KeyError, zipfile.BadZipFile, OSError, EOFError) as e:
     raise CheckpointError(f'{source}: entry {name} is unreadable: {e}') from e
+  if len(data) != size:
+    raise CheckpointError(f'{source}: entry {name} is truncated')
+  array = np.frombuffer(data, dtype=dtype)
+  if fortran_order:
+    return array.reshape(shape[::-1]).transpose().copy()
+  return array.reshape(shape).copy()
+
+
+def check_finite(params: Params, source='parameters') -> None:
+  """Raises CheckpointError naming the first parameters that hold NaN or infinity."""
+  bad = [f'{module}/{name}' for module in sorted(params) for name in sorted(params[module])
+         if np.issubdtype(np.asarray(params[module][name]).dtype, np.inexact)
+         and not np.isfinite(params[module][name]).all()]
+  if bad:
+    raise CheckpointError(f'{source}: non-finite values (NaN or infinity) in '
+                          f'{len(bad)} parameter(s): {", ".join(bad[:10])}')
 
 
 def save(path, params: Params, config, *, trees: Mapping[str, Any] | None = None,
@@ -237,8 +287,23 @@ def _header(zf, source) -> dict:
 _PARAM_ENTRY = re.compile(r'^params/(.+)/([^/]+)\.npy$')
 
 
+def _model_shapes(config, metadata) -> Optional[dict]:
+  """The {module: {name: shape}} the stored config builds (a classifier when the metadata
+  has ``num_outputs``), or None when the config builds no model of this project."""
+  try:
+    if isinstance(metadata, dict) and metadata.get('num_outputs'):
+      return expected_shapes(transform.classifier(config, int(metadata['num_outputs'])),
+                             config)
+    return expected_shapes(transform.masked_lm(config), config)
+  except Exception:  # pylint: disable=broad-except  # any config a model rejects
+    return None
+
+
 def load(path):
   """Reads a checkpoint written by ``save``.
+
+  Each parameter's declared shape is checked against the model its stored config builds
+  before its data is read, and non-finite values are refused.
 
   Returns:
     (params {module: {name: np.ndarray}}, config ConfigDict, metadata dict).
@@ -246,14 +311,19 @@ def load(path):
   source = os.fspath(path)
   with _open(path) as zf:
     header = _header(zf, source)
+    config = configs.upgrade(ml_collections.ConfigDict(header['config']))
+    shapes = _model_shapes(config, header['metadata']) or {}
     params: dict = {}
     for name in zf.namelist():
       match = _PARAM_ENTRY.match(name)
       if match:
-        params.setdefault(match.group(1), {})[match.group(2)] = _read_npy(zf, name, source)
+        module, leaf = match.group(1), match.group(2)
+        expected = shapes.get(module, {}).get(leaf)
+        params.setdefault(module, {})[leaf] = _read_npy(zf, name, source, expected)
   if not params:
     raise CheckpointError(f'{source}: contains no parameters')
-  return params, configs.upgrade(ml_collections.ConfigDict(header['config'])), header['metadata']
+  check_finite(params, source)
+  return params, config, header['metadata']
 
 
 def load_config(path):
@@ -275,50 +345,30 @@ def load_tree(path, name: str, template):
                             f'(has: {", ".join(header["trees"]) or "none"})')
     leaves, treedef = jax.tree.flatten(template)
     if len(leaves) != info['num_leaves']:
-      raise CheckpointError(f'{source}: tree {name!r} has {info["num_leaves"]} leaves, the '
-                            f'template {len(leaves)}')
+      raise CheckpointMismatch(f'{source}: tree {name!r} has {info["num_leaves"]} leaves, '
+                               f'this run\'s {len(leaves)} (written with another model or '
+                               'optimizer?)')
     restored = []
     for i, like in enumerate(leaves):
-      value = _read_npy(zf, f'trees/{name}/{i}.npy', source)
-      if isinstance(like, jax.Array) and jax.dtypes.issubdtype(like.dtype,
-                                                               jax.dtypes.prng_key):
+      key = isinstance(like, jax.Array) and jax.dtypes.issubdtype(like.dtype,
+                                                                  jax.dtypes.prng_key)
+      value = _read_npy(zf, f'trees/{name}/{i}.npy', source,
+                        None if key else np.shape(like))
+      if key:
         value = jax.random.wrap_key_data(value, impl=jax.random.key_impl(like))
-      elif np.shape(like) != value.shape:
-        raise CheckpointError(f'{source}: tree {name!r} leaf {i} has shape {value.shape}, '
-                              f'expected {np.shape(like)}')
       restored.append(value)
   return jax.tree.unflatten(treedef, restored)
 
 
 def is_own_checkpoint(path) -> bool:
+  """Whether ``path`` is a zip file (this project's format), whole or not: a truncated
+  one is still recognised by its first bytes, so it is reported as a damaged checkpoint
+  rather than tried as a pickle."""
   path = os.fspath(path)
-  return os.path.isfile(path) and zipfile.is_zipfile(path)
-
-
-def load_any(path, config=None):
-  """Loads parameters from any supported form, detected from the path.
-
-  - this project's checkpoint (a zip written by ``save``): its own config;
-  - DeepMind's pickle: ``config`` or, by default, ``configs.language_mlm()``;
-  - a Hugging Face ``PerceiverForMaskedLM`` directory (``config.json`` + weights), or
-    its weights file (``.safetensors``, ``.bin``) with ``config.json`` beside it:
-    converted on the fly (see ``perceiver.hf``).
-
-  Returns:
-    (params, config, metadata).
-  """
-  from perceiver import hf  # pylint: disable=import-outside-toplevel
-  path = os.fspath(path)
-  if os.path.isdir(path) and not os.path.exists(os.path.join(path, 'config.json')):
-    raise CheckpointError(f'{path}: a directory, but not a Hugging Face checkpoint '
-                          '(no config.json)')
-  # Before the zip test: a PyTorch .bin is a zip file too.
-  if hf.is_hf_checkpoint(path):
-    params, hf_config = hf.load_hf_checkpoint(path)
-    return params, hf_config, {'source': 'huggingface', 'path': path}
-  if is_own_checkpoint(path):
-    return load(path)
-  if not os.path.exists(path):
-    raise CheckpointError(f'{path}: no such checkpoint')
-  config = config or configs.language_mlm()
-  return load_deepmind_pickle(path, config), config, {'source': 'deepmind', 'path': path}
+  if not os.path.isfile(path):
+    return False
+  try:
+    with open(path, 'rb') as f:
+      return f.read(4) == b'PK\x03\x04' or zipfile.is_zipfile(path)
+  except OSError:
+    return False

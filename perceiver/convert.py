@@ -20,7 +20,6 @@ import dataclasses
 import json
 import math
 import os
-import sys
 from typing import List, Optional
 
 from absl import app
@@ -29,8 +28,12 @@ import ml_collections
 import numpy as np
 
 from perceiver import checkpoint
+from perceiver import cli
 from perceiver import configs
+from perceiver import errors
 from perceiver import hf
+from perceiver import hf_io
+from perceiver import transform
 
 SOURCES = ('hf', 'deepmind', 'project')
 TARGETS = ('project', 'hf')
@@ -70,46 +73,44 @@ def load_config(value: Optional[str]) -> ml_collections.ConfigDict:
       with open(value) as f:
         return ml_collections.ConfigDict(json.load(f))
     except (OSError, ValueError) as e:
-      raise ValueError(f'--config={value}: unreadable JSON config: {e}') from e
+      raise errors.ConfigError(f'--config={value}: unreadable JSON config: {e}') from e
   try:
     return configs.get(value)
   except ValueError as e:
-    raise ValueError(f'--config={value}: neither a JSON file nor a preset: {e}') from e
+    raise errors.ConfigError(f'--config={value}: neither a JSON file nor a preset: '
+                             f'{e}') from e
 
 
 def _read(source, src, config_flag, to):
   """(params, config, notes, number of tensors in the file)."""
   if source == 'hf':
-    converted = hf.read_hf_checkpoint(src)
+    converted = hf_io.read_hf_checkpoint(src)
+    checkpoint.check_finite(converted.params, src)
     return converted.params, converted.config, converted.notes, converted.num_tensors
   if source == 'deepmind':
     config = load_config(config_flag)
     if to == 'hf':
       hf.hf_config_from(config)   # Refuses, naming the field, before reading the pickle.
     params = checkpoint.load_deepmind_pickle(src, config)
+    checkpoint.check_finite(params, src)
   else:
     if config_flag:
-      raise ValueError('--config applies to --from=deepmind only (a project checkpoint '
-                       'carries its config)')
+      raise errors.ConfigError('--config applies to --from=deepmind only (a project '
+                               'checkpoint carries its config)')
     params, config, _ = checkpoint.load(src)
     checkpoint.check_params(
-        params, checkpoint.expected_shapes(_masked_lm(config), config), source=src)
+        params, checkpoint.expected_shapes(transform.masked_lm(config), config), source=src)
   return params, config, [], sum(len(leaves) for leaves in params.values())
-
-
-def _masked_lm(config):
-  from perceiver import transform  # pylint: disable=import-outside-toplevel
-  return transform.masked_lm(config)
 
 
 def _check_destination(dst, to, overwrite):
   if not os.path.lexists(dst) or overwrite:
     if to == 'project' and os.path.isdir(dst):
-      raise ValueError(f'--dst={dst}: is a directory; --to=project writes one file')
+      raise errors.ConfigError(f'--dst={dst}: is a directory; --to=project writes one file')
     return
   if to == 'hf' and os.path.isdir(dst) and not os.listdir(dst):
     return
-  raise ValueError(f'--dst={dst}: already exists (pass --overwrite to replace it)')
+  raise errors.ConfigError(f'--dst={dst}: already exists (pass --overwrite to replace it)')
 
 
 def convert(source: str, src: str, dst: str, to: str = 'project',
@@ -128,23 +129,24 @@ def convert(source: str, src: str, dst: str, to: str = 'project',
     A Summary.
 
   Raises:
-    ValueError: a bad flag, naming it; CheckpointError / hf.UnsupportedConfigError
-      (both ValueErrors) naming the file, tensor or config field.
+    errors.UserError: a bad flag (ConfigError), naming it; CheckpointError /
+      hf.UnsupportedConfigError naming the file, tensor or config field; non-finite
+      parameters are refused, named, and nothing is written.
   """
   if source not in SOURCES:
-    raise ValueError(f'--from={source!r}: expected one of {", ".join(SOURCES)}')
+    raise errors.ConfigError(f'--from={source!r}: expected one of {", ".join(SOURCES)}')
   if to not in TARGETS:
-    raise ValueError(f'--to={to!r}: expected one of {", ".join(TARGETS)}')
+    raise errors.ConfigError(f'--to={to!r}: expected one of {", ".join(TARGETS)}')
   if not src or not os.path.exists(src):
-    raise ValueError(f'--src={src}: no such file or directory')
+    raise errors.ConfigError(f'--src={src}: no such file or directory')
   if not dst:
-    raise ValueError('--dst: required')
+    raise errors.ConfigError('--dst: required')
   if os.path.abspath(src) == os.path.abspath(dst):
-    raise ValueError(f'--dst={dst}: is the same path as --src')
+    raise errors.ConfigError(f'--dst={dst}: is the same path as --src')
   _check_destination(dst, to, overwrite)
   params, model_config, notes, num_tensors = _read(source, src, config, to)
   if to == 'hf':
-    notes = notes + hf.export_hf(params, model_config, dst, overwrite=overwrite)
+    notes = notes + hf_io.export_hf(params, model_config, dst, overwrite=overwrite)
   else:
     checkpoint.save(dst, params, model_config, converted_from=source,
                     source_path=os.path.abspath(src))
@@ -154,30 +156,35 @@ def convert(source: str, src: str, dst: str, to: str = 'project',
 
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum('from', None, SOURCES, 'Form of --src.')
-flags.DEFINE_string('src', None, 'Checkpoint to read: HF directory or weights file, '
-                    'DeepMind pickle, or project checkpoint.')
-flags.DEFINE_string('dst', None, 'File (--to=project) or directory (--to=hf) to write.')
-flags.DEFINE_enum('to', 'project', TARGETS, 'Form of --dst.')
-flags.DEFINE_string('config', None, 'For --from=deepmind: a preset name '
-                    f'({", ".join(sorted(configs.PRESETS))}) or a JSON config file; '
-                    'default language_mlm (the released model).')
-flags.DEFINE_bool('overwrite', False, 'Replace an existing --dst.')
+
+
+def define_flags():
+  """The command's flags, defined only when run as a command (``train.mlm`` has a
+  ``--config`` too)."""
+  flags.DEFINE_enum('from', None, SOURCES, 'Form of --src.')
+  flags.DEFINE_string('src', None, 'Checkpoint to read: HF directory or weights file, '
+                      'DeepMind pickle, or project checkpoint.')
+  flags.DEFINE_string('dst', None, 'File (--to=project) or directory (--to=hf) to write.')
+  flags.DEFINE_enum('to', 'project', TARGETS, 'Form of --dst.')
+  flags.DEFINE_string('config', None, 'For --from=deepmind: a preset name '
+                      f'({", ".join(sorted(configs.PRESETS))}) or a JSON config file; '
+                      'default language_mlm (the released model).')
+  flags.DEFINE_bool('overwrite', False, 'Replace an existing --dst.')
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
-  try:
+
+  def command():
     summary = convert(FLAGS['from'].value, FLAGS.src, FLAGS.dst, to=FLAGS.to,
                       config=FLAGS.config, overwrite=FLAGS.overwrite)
-  except (ValueError, FileExistsError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 1
-  print('\n'.join(summary.lines()))
-  return 0
+    print('\n'.join(summary.lines()))
+
+  return cli.run(command)
 
 
 if __name__ == '__main__':
+  define_flags()
   flags.mark_flags_as_required(['from', 'src', 'dst'])
   app.run(main)

@@ -5,13 +5,14 @@ r"""Greedy fill of masked byte spans: the model card's example as a command.
 
 Spans are marked in the text with ``[[...]]`` (their bytes are replaced by the mask id;
 the original is shown beside the prediction) or given as byte offsets with
-``--span=START:END`` (repeatable, end exclusive). The checkpoint may be DeepMind's pickle,
-this project's checkpoint, or a Hugging Face directory.
+``--span=START:END`` (repeatable, end exclusive); empty, nested or overlapping spans are
+refused. The text is taken as bytes (invalid UTF-8 included) and checked before the
+checkpoint is read. The checkpoint may be DeepMind's pickle, this project's checkpoint,
+or a Hugging Face directory; its parameters are checked against the model, by name.
 """
 
 from __future__ import annotations
 
-import re
 import sys
 from typing import List, Sequence, Tuple
 
@@ -22,24 +23,48 @@ import jax.numpy as jnp
 import numpy as np
 
 from perceiver import checkpoint
+from perceiver import cli
+from perceiver import errors
+from perceiver import loading
 from perceiver import tokenizer as tokenizer_lib
 from perceiver import transform
 
 Span = Tuple[int, int]
 
-_MARK = re.compile(rb'\[\[(.*?)\]\]', re.DOTALL)
+_OPEN, _CLOSE = b'[[', b']]'
 
 
 def parse_marked(text: bytes) -> Tuple[bytes, List[Span]]:
-  """Removes ``[[``/``]]`` markers; returns the plain bytes and the marked byte spans."""
-  plain, spans, last = bytearray(), [], 0
-  for match in _MARK.finditer(text):
-    plain += text[last:match.start()]
-    start = len(plain)
-    plain += match.group(1)
-    spans.append((start, len(plain)))
-    last = match.end()
-  plain += text[last:]
+  """Removes ``[[``/``]]`` markers; returns the plain bytes and the marked byte spans.
+
+  Raises:
+    ConfigError: for an empty span (``[[]]``), a span inside another, or a marker
+      without its partner; the message gives the byte offset in the text.
+  """
+  plain, spans, position, start = bytearray(), [], 0, None
+  while True:
+    next_open = text.find(_OPEN, position)
+    next_close = text.find(_CLOSE, position)
+    if next_open < 0 and next_close < 0:
+      break
+    if next_close < 0 or (0 <= next_open < next_close):
+      if start is not None:
+        raise errors.ConfigError(f'--text: "[[" at byte {next_open} opens a span inside '
+                                 'another; spans cannot nest')
+      plain += text[position:next_open]
+      start, position = len(plain), next_open + len(_OPEN)
+    else:
+      if start is None:
+        raise errors.ConfigError(f'--text: "]]" at byte {next_close} closes no span')
+      plain += text[position:next_close]
+      if len(plain) == start:
+        raise errors.ConfigError(f'--text: the span ending at byte {next_close} is empty '
+                                 '("[[]]"); mark at least one byte')
+      spans.append((start, len(plain)))
+      start, position = None, next_close + len(_CLOSE)
+  if start is not None:
+    raise errors.ConfigError('--text: a "[[" has no closing "]]"')
+  plain += text[position:]
   return bytes(plain), spans
 
 
@@ -48,10 +73,23 @@ def parse_span(value: str, length: int) -> Span:
   try:
     start, end = (int(x) for x in value.split(':'))
   except ValueError:
-    raise ValueError(f'--span={value!r}: expected START:END byte offsets') from None
+    raise errors.ConfigError(f'--span={value!r}: expected START:END byte offsets') from None
   if not 0 <= start < end <= length:
-    raise ValueError(f'--span={value!r}: needs 0 <= START < END <= {length} (text length)')
+    raise errors.ConfigError(f'--span={value!r}: needs 0 <= START < END <= {length} '
+                             '(text length)')
   return start, end
+
+
+def check_spans(spans: Sequence[Span]) -> List[Span]:
+  """The spans in order; refuses none at all, and spans that overlap."""
+  if not spans:
+    raise errors.ConfigError('nothing to fill: mark a span with [[...]] or pass '
+                             '--span=START:END')
+  spans = sorted(spans)
+  for (a_start, a_end), (b_start, b_end) in zip(spans, spans[1:]):
+    if b_start < a_end:
+      raise errors.ConfigError(f'spans {a_start}:{a_end} and {b_start}:{b_end} overlap')
+  return spans
 
 
 def fill(params, config, data: bytes, spans: Sequence[Span]):
@@ -63,11 +101,9 @@ def fill(params, config, data: bytes, spans: Sequence[Span]):
   tok = tokenizer_lib.BytesTokenizer()
   ids = tok.to_int(data)
   if len(ids) > config.max_seq_len:
-    raise ValueError(f'text is {len(ids)} bytes; the model reads at most '
-                     f'{config.max_seq_len}')
-  if not spans:
-    raise ValueError('nothing to fill: mark a span with [[...]] or pass --span=START:END')
-  for start, end in spans:
+    raise errors.ConfigError(f'--text is {len(ids)} bytes; the model reads at most '
+                             f'{config.max_seq_len}')
+  for start, end in check_spans(spans):
     ids[start:end] = tok.mask_token
   model = transform.masked_lm(config)
   logits = jax.jit(model.apply)(params, None, jnp.asarray(ids[None]),
@@ -82,18 +118,34 @@ def fill(params, config, data: bytes, spans: Sequence[Span]):
 
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string('checkpoint', None, 'DeepMind pickle, project checkpoint, or HF directory.')
-flags.DEFINE_string('text', None, 'Text; mark spans to fill with [[...]].')
-flags.DEFINE_multi_string('span', [], 'Byte span START:END to mask (end exclusive).')
+
+
+def define_flags():
+  """The command's flags, defined only when run as a command."""
+  flags.DEFINE_string('checkpoint', None, 'DeepMind pickle, project checkpoint, or HF '
+                      'directory.')
+  flags.DEFINE_string('text', None, 'Text; mark spans to fill with [[...]].')
+  flags.DEFINE_multi_string('span', [], 'Byte span START:END to mask (end exclusive).')
 
 
 def main(argv):
-  del argv
+  if len(argv) > 1:
+    print(f'error: unexpected arguments {argv[1:]}', file=sys.stderr)
+    return 2
+  return cli.run(lambda: _command(FLAGS.checkpoint, FLAGS.text, FLAGS.span))
+
+
+def _command(path: str, text: str, span_flags: Sequence[str]) -> int:
   tok = tokenizer_lib.BytesTokenizer()
-  data, spans = parse_marked(FLAGS.text.encode('utf-8'))
-  spans += [parse_span(s, len(data)) for s in FLAGS.span]
-  params, config, _ = checkpoint.load_any(FLAGS.checkpoint)
-  spans = sorted(spans)
+  # The command line's bytes as given, invalid UTF-8 included (Python keeps them as
+  # surrogate escapes): the model reads bytes.
+  data, spans = parse_marked(text.encode('utf-8', errors='surrogateescape'))
+  spans = check_spans(spans + [parse_span(s, len(data)) for s in span_flags])
+  # Everything about the text is checked before the (possibly 800 MB) checkpoint is read.
+  params, config, _ = loading.load_any(path)
+  checkpoint.check_params(params, checkpoint.expected_shapes(transform.masked_lm(config),
+                                                             config),
+                          source=f'{path} (the masked language model)')
   _, per_span, filled = fill(params, config, data, spans)
   show = lambda b: b.decode('utf-8', errors='replace')
   shown = bytearray(data)
@@ -108,5 +160,6 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  define_flags()
   flags.mark_flags_as_required(['checkpoint', 'text'])
   sys.exit(app.run(main))

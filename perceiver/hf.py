@@ -1,7 +1,9 @@
 """Hugging Face interop: ``PerceiverForMaskedLM`` checkpoints to and from this project.
 
-    params, config = hf.load_hf_checkpoint('language-perceiver/')   # a transformers directory
-    hf.export_hf(params, config, 'exported/')   # config.json + model.safetensors
+    config, notes = hf.config_from_hf(json.load(open('language-perceiver/config.json')))
+    params = hf.hf_to_params(state_dict, config)      # and params_to_hf, hf_config_from
+
+Reading and writing the files themselves is ``perceiver.hf_io``.
 
 Tensor correspondence (transformers' name -> Haiku ``module/name``); every ``*.weight`` of
 an ``nn.Linear`` is stored [out, in] by PyTorch and [in, out] by Haiku, so it is transposed:
@@ -38,40 +40,22 @@ How transformers' port computes differently from the original (and so from this 
 - Its ``PerceiverForMaskedLM`` text decoder is fixed: 8 heads, qk 256, v ``d_model``, one
   query per position up to ``max_position_embeddings``, no query residual, no final
   projection. The export refuses configs it cannot express, naming the field.
-
-Safetensors files are read and written with numpy alone (no torch, no ``safetensors``
-package); ``pytorch_model.bin`` needs torch and is loaded with ``weights_only=True``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import logging
-import math
-import os
-import shutil
-import struct
-import tempfile
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Dict, List, Mapping, Tuple
 
 import ml_collections
 import numpy as np
 
-from perceiver import atomic
 from perceiver import checkpoint
 from perceiver import configs
+from perceiver import errors
+from perceiver import transform
 
 CheckpointError = checkpoint.CheckpointError
-
-_log = logging.getLogger(__name__)
-
-CONFIG_FILE = 'config.json'
-SAFETENSORS_FILE = 'model.safetensors'
-BIN_FILE = 'pytorch_model.bin'
-_WEIGHT_FILES = (SAFETENSORS_FILE, SAFETENSORS_FILE + '.index.json', BIN_FILE,
-                 BIN_FILE + '.index.json')
-_INSTALL_HINT = "pip install '.[hf]'"
 
 # PerceiverForMaskedLM's text decoder, fixed in transformers' code.
 HF_DECODER_HEADS = 8
@@ -91,292 +75,8 @@ _TANH_GELUS = ('gelu_new', 'gelu_pytorch_tanh', 'gelu_fast')
 _HAIKU_LAYER_NORM_EPS = 1e-5
 
 
-class UnsupportedConfigError(ValueError):
+class UnsupportedConfigError(errors.UserError, ValueError):
   """A configuration one side cannot express; the message names the field."""
-
-
-# --------------------------------------------------------------------------------------
-# Safetensors, with numpy only.
-
-# safetensors dtype -> little-endian numpy dtype. BF16 is handled apart (numpy lacks it).
-_ST_DTYPES = {
-    'F64': '<f8', 'F32': '<f4', 'F16': '<f2', 'I64': '<i8', 'I32': '<i4', 'I16': '<i2',
-    'I8': 'i1', 'U8': 'u1', 'BOOL': '?',
-}
-_NP_TO_ST = {np.dtype(v).newbyteorder('<') if np.dtype(v).itemsize > 1 else np.dtype(v): k
-             for k, v in _ST_DTYPES.items()}
-_MAX_HEADER = 100 * 1024 * 1024
-
-
-def _bf16_to_f32(raw: np.ndarray) -> np.ndarray:
-  """uint16 bit patterns of bfloat16 -> float32 (exact: bfloat16 is float32's top half)."""
-  return (raw.astype('<u4') << 16).view('<f4')
-
-
-def _safetensors_header(f, path, file_size) -> Tuple[dict, int]:
-  """Reads and checks the header; returns (header dict, offset of the data buffer)."""
-  prefix = f.read(8)
-  if len(prefix) < 8:
-    raise CheckpointError(f'{path}: not a safetensors file (shorter than its 8-byte header '
-                          'length)')
-  (length,) = struct.unpack('<Q', prefix)
-  if length > min(_MAX_HEADER, file_size - 8):
-    raise CheckpointError(f'{path}: corrupt safetensors header: length {length} exceeds '
-                          f'the file ({file_size} bytes)')
-  raw = f.read(length)
-  try:
-    header = json.loads(raw.decode('utf-8'))
-  except (UnicodeDecodeError, ValueError) as e:
-    raise CheckpointError(f'{path}: corrupt safetensors header (not JSON): {e}') from e
-  if not isinstance(header, dict):
-    raise CheckpointError(f'{path}: corrupt safetensors header: expected a JSON object')
-  return header, 8 + length
-
-
-def _check_entry(name, entry, data_size, path) -> Tuple[str, tuple, int, int]:
-  """Validates one header entry; returns (dtype, shape, begin, end)."""
-  if not isinstance(entry, dict):
-    raise CheckpointError(f'{path}: tensor {name!r}: header entry is not an object')
-  dtype, shape, offsets = entry.get('dtype'), entry.get('shape'), entry.get('data_offsets')
-  if dtype != 'BF16' and dtype not in _ST_DTYPES:
-    raise CheckpointError(f'{path}: tensor {name!r}: unsupported dtype {dtype!r}')
-  if (not isinstance(shape, list) or
-      not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
-    raise CheckpointError(f'{path}: tensor {name!r}: bad shape {shape!r}')
-  if (not isinstance(offsets, list) or len(offsets) != 2 or
-      not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)):
-    raise CheckpointError(f'{path}: tensor {name!r}: bad data_offsets {offsets!r}')
-  begin, end = offsets
-  itemsize = 2 if dtype == 'BF16' else np.dtype(_ST_DTYPES[dtype]).itemsize
-  if not 0 <= begin <= end <= data_size:
-    raise CheckpointError(f'{path}: tensor {name!r}: data_offsets {offsets} outside the '
-                          f'{data_size}-byte data buffer (truncated file?)')
-  if end - begin != math.prod(shape) * itemsize:
-    raise CheckpointError(f'{path}: tensor {name!r}: data_offsets {offsets} hold '
-                          f'{end - begin} bytes, but {dtype}{shape} needs '
-                          f'{math.prod(shape) * itemsize}')
-  return dtype, tuple(shape), begin, end
-
-
-def _check_coverage(spans, data_size, path):
-  """The tensors must tile the data buffer exactly: no overlaps, no holes."""
-  position = 0
-  for begin, end, name in sorted(spans):
-    if begin != position:
-      what = 'overlaps the previous tensor' if begin < position else 'leaves a hole before it'
-      raise CheckpointError(f'{path}: tensor {name!r} at byte {begin} {what} '
-                            f'(expected {position})')
-    position = end
-  if position != data_size:
-    raise CheckpointError(f'{path}: {data_size - position} bytes after the last tensor are '
-                          'not indexed by the header')
-
-
-def read_safetensors(path) -> Tuple[Dict[str, np.ndarray], Dict[str, str]]:
-  """Reads a ``.safetensors`` file with numpy.
-
-  Args:
-    path: the file.
-
-  Returns:
-    ({name: array}, metadata). BF16 tensors become float32 (exactly); other dtypes keep
-    theirs (F64/F32/F16, I64/I32/I16/I8, U8, BOOL).
-
-  Raises:
-    CheckpointError: naming the file (and tensor), when it is truncated or corrupt.
-  """
-  path = os.fspath(path)
-  try:
-    file_size = os.path.getsize(path)
-    with open(path, 'rb') as f:
-      header, data_start = _safetensors_header(f, path, file_size)
-  except OSError as e:
-    raise CheckpointError(f'{path}: cannot read: {e}') from e
-  metadata = header.pop('__metadata__', None) or {}
-  if not isinstance(metadata, dict):
-    raise CheckpointError(f'{path}: corrupt safetensors header: __metadata__ is not an object')
-  data_size = file_size - data_start
-  entries = {name: _check_entry(name, entry, data_size, path) for name, entry in header.items()}
-  _check_coverage([(b, e, n) for n, (_, _, b, e) in entries.items()], data_size, path)
-  if data_size == 0:
-    buffer = np.zeros(0, np.uint8)
-  else:
-    buffer = np.memmap(path, dtype=np.uint8, mode='r', offset=data_start, shape=(data_size,))
-  tensors = {}
-  for name, (dtype, shape, begin, end) in entries.items():
-    chunk = buffer[begin:end]
-    if dtype == 'BF16':
-      tensors[name] = _bf16_to_f32(chunk.view('<u2')).reshape(shape)
-    else:
-      tensors[name] = chunk.view(_ST_DTYPES[dtype]).reshape(shape).copy()
-  del buffer
-  return tensors, {str(k): str(v) for k, v in metadata.items()}
-
-
-def _st_dtype(name, array) -> str:
-  if array.dtype.name == 'bfloat16':   # ml_dtypes' bfloat16 (jax's)
-    return 'BF16'
-  dtype = array.dtype.newbyteorder('<') if array.dtype.itemsize > 1 else array.dtype
-  if dtype not in _NP_TO_ST:
-    raise TypeError(f'tensor {name!r}: dtype {array.dtype} has no safetensors equivalent')
-  return _NP_TO_ST[dtype]
-
-
-def write_safetensors(path, tensors: Mapping[str, Any],
-                      metadata: Optional[Mapping[str, str]] = None) -> str:
-  """Writes ``{name: array}`` as a ``.safetensors`` file, atomically, with numpy.
-
-  Tensors are stored in name order, little-endian, tiling the data buffer; the header is
-  space-padded to a multiple of 8 bytes, as the reference writer does.
-
-  Args:
-    path: the file to write (replaced atomically).
-    tensors: {name: array-like}.
-    metadata: optional {str: str}, stored as ``__metadata__``.
-
-  Returns:
-    ``path``.
-  """
-  path = os.fspath(path)
-  header: Dict[str, Any] = {}
-  if metadata:
-    header['__metadata__'] = {str(k): str(v) for k, v in metadata.items()}
-  arrays, position = [], 0
-  for name in sorted(tensors):
-    array = np.asarray(tensors[name])
-    dtype = _st_dtype(name, array)
-    if dtype == 'BF16':
-      data = np.ascontiguousarray(array).view(np.uint16).astype('<u2').tobytes()
-    else:
-      data = np.ascontiguousarray(array, dtype=_ST_DTYPES[dtype]).tobytes()
-    header[name] = {'dtype': dtype, 'shape': list(array.shape),
-                    'data_offsets': [position, position + len(data)]}
-    arrays.append(data)
-    position += len(data)
-  encoded = json.dumps(header, separators=(',', ':')).encode('utf-8')
-  encoded += b' ' * (-len(encoded) % 8)
-  _atomic_write(path, [struct.pack('<Q', len(encoded)), encoded] + arrays)
-  return path
-
-
-def _atomic_write(path, chunks):
-  with atomic.atomic_write(path) as f:
-    for chunk in chunks:
-      f.write(chunk)
-
-
-# --------------------------------------------------------------------------------------
-# pytorch_model.bin (needs torch).
-
-def read_torch_bin(path) -> Dict[str, np.ndarray]:
-  """Reads a PyTorch state dict with ``torch.load(..., weights_only=True)``.
-
-  Floating tensors become float32 numpy arrays (bfloat16 has no numpy type).
-
-  Raises:
-    CheckpointError: naming the file, when torch is missing or the file is not a plain
-      state dict of tensors (weights-only mode refuses anything that would run code).
-  """
-  path = os.fspath(path)
-  try:
-    import torch  # pylint: disable=import-outside-toplevel
-  except ImportError as e:
-    raise CheckpointError(f'{path}: reading a PyTorch .bin checkpoint needs torch '
-                          f'({_INSTALL_HINT}); a model.safetensors needs nothing') from e
-  try:
-    state = torch.load(path, map_location='cpu', weights_only=True)
-  except Exception as e:  # pylint: disable=broad-except  (torch raises many kinds)
-    raise CheckpointError(f'{path}: not a weights-only PyTorch state dict: {e}') from e
-  if not isinstance(state, Mapping):
-    raise CheckpointError(f'{path}: expected a state dict, got {type(state).__name__}')
-  tensors = {}
-  for name, value in state.items():
-    if not isinstance(value, torch.Tensor):
-      raise CheckpointError(f'{path}: entry {name!r} is a {type(value).__name__}, not a tensor')
-    value = value.detach()
-    if value.is_floating_point():
-      value = value.to(torch.float32)
-    tensors[str(name)] = value.numpy().copy()
-  return tensors
-
-
-# --------------------------------------------------------------------------------------
-# Finding and reading a transformers checkpoint.
-
-def is_hf_checkpoint(path) -> bool:
-  """A directory with config.json, or a weights file of ours with config.json beside it."""
-  path = os.fspath(path)
-  if os.path.isdir(path):
-    return os.path.isfile(os.path.join(path, CONFIG_FILE))
-  name = os.path.basename(path)
-  return (os.path.isfile(path) and name.endswith(('.safetensors', '.bin', '.index.json')) and
-          os.path.isfile(os.path.join(os.path.dirname(os.path.abspath(path)), CONFIG_FILE)))
-
-
-def _locate(path) -> Tuple[str, str]:
-  """(config.json path, weights path) of a checkpoint directory or weights file."""
-  path = os.fspath(path)
-  if os.path.isdir(path):
-    directory, weights = path, None
-    for name in _WEIGHT_FILES:
-      if os.path.isfile(os.path.join(path, name)):
-        weights = os.path.join(path, name)
-        break
-    if weights is None:
-      raise CheckpointError(f'{path}: no weights found (looked for {", ".join(_WEIGHT_FILES)})')
-  elif os.path.isfile(path):
-    directory, weights = os.path.dirname(os.path.abspath(path)), path
-  else:
-    raise CheckpointError(f'{path}: no such file or directory')
-  config_path = os.path.join(directory, CONFIG_FILE)
-  if not os.path.isfile(config_path):
-    raise CheckpointError(f'{path}: a Hugging Face checkpoint needs {CONFIG_FILE} in '
-                          f'{directory}')
-  return config_path, weights
-
-
-def _read_weights_file(path) -> Dict[str, np.ndarray]:
-  if path.endswith('.safetensors'):
-    return read_safetensors(path)[0]
-  if path.endswith('.bin'):
-    return read_torch_bin(path)
-  raise CheckpointError(f'{path}: unknown weights format (expected .safetensors or .bin)')
-
-
-def _read_sharded(index_path) -> Dict[str, np.ndarray]:
-  try:
-    with open(index_path) as f:
-      weight_map = json.load(f)['weight_map']
-  except (OSError, ValueError, KeyError, TypeError) as e:
-    raise CheckpointError(f'{index_path}: not a weights index (no weight_map): {e}') from e
-  directory = os.path.dirname(os.path.abspath(index_path))
-  tensors: Dict[str, np.ndarray] = {}
-  for shard in sorted(set(weight_map.values())):
-    shard_path = os.path.join(directory, os.path.basename(shard))
-    for name, value in _read_weights_file(shard_path).items():
-      if name in tensors:
-        raise CheckpointError(f'{shard_path}: tensor {name!r} is also in another shard')
-      tensors[name] = value
-  return tensors
-
-
-def read_hf_tensors(weights_path) -> Dict[str, np.ndarray]:
-  """All tensors of a weights file (.safetensors, .bin, or a sharded ``*.index.json``)."""
-  weights_path = os.fspath(weights_path)
-  if weights_path.endswith('.index.json'):
-    return _read_sharded(weights_path)
-  return _read_weights_file(weights_path)
-
-
-def read_hf_config(config_path) -> dict:
-  try:
-    with open(config_path) as f:
-      config = json.load(f)
-  except (OSError, ValueError) as e:
-    raise CheckpointError(f'{config_path}: unreadable: {e}') from e
-  if not isinstance(config, dict):
-    raise CheckpointError(f'{config_path}: expected a JSON object')
-  return config
 
 
 # --------------------------------------------------------------------------------------
@@ -392,7 +92,7 @@ def _int_field(hf_config, field, source, allow_none=False):
   return value
 
 
-def config_from_hf(hf_config: Mapping, source=CONFIG_FILE
+def config_from_hf(hf_config: Mapping, source='config.json'
                    ) -> Tuple[ml_collections.ConfigDict, List[str]]:
   """This project's config for a transformers ``PerceiverForMaskedLM`` config.json.
 
@@ -619,7 +319,6 @@ def tensor_pairs(config) -> List[_Pair]:
 
 
 def _expected(config):
-  from perceiver import transform  # pylint: disable=import-outside-toplevel
   return checkpoint.expected_shapes(transform.masked_lm(config), config)
 
 
@@ -695,122 +394,3 @@ def params_to_hf(params, config) -> Dict[str, np.ndarray]:
     value = np.asarray(params[pair.module][pair.name], np.float32)
     tensors[pair.hf] = np.ascontiguousarray(value.T if pair.transpose else value)
   return tensors
-
-
-# --------------------------------------------------------------------------------------
-# Import and export.
-
-@dataclasses.dataclass
-class HFCheckpoint:
-  """A converted transformers checkpoint."""
-  params: dict
-  config: ml_collections.ConfigDict
-  notes: List[str]
-  config_path: str
-  weights_path: str
-  num_tensors: int
-
-
-def read_hf_checkpoint(path) -> HFCheckpoint:
-  """Reads and converts a ``PerceiverForMaskedLM`` checkpoint (see ``load_hf_checkpoint``)."""
-  config_path, weights_path = _locate(path)
-  config, notes = config_from_hf(read_hf_config(config_path), source=config_path)
-  tensors = read_hf_tensors(weights_path)
-  narrow = sorted({str(v.dtype) for v in tensors.values()
-                   if v.dtype.kind == 'f' and v.dtype != np.float32})
-  if narrow:
-    notes.append(f'{weights_path}: {"/".join(narrow)} tensors converted to float32.')
-  params = hf_to_params(tensors, config, source=weights_path)
-  return HFCheckpoint(params, config, notes, config_path, weights_path, len(tensors))
-
-
-def load_hf_checkpoint(path) -> Tuple[dict, ml_collections.ConfigDict]:
-  """Loads a transformers ``PerceiverForMaskedLM`` checkpoint as this project's model.
-
-  Args:
-    path: a directory with config.json and model.safetensors (or pytorch_model.bin, or a
-      sharded ``*.index.json``), or one of those weights files with config.json beside it.
-
-  Returns:
-    (params {module: {name: float32 np.ndarray}}, ConfigDict for ``transform.masked_lm``).
-    The model computes the original's function: notes on how it differs from
-    transformers' (e.g. ``hidden_act="gelu"``) are logged as warnings.
-
-  Raises:
-    CheckpointError: naming the file and tensors when files are unreadable or tensors
-      are missing, unexpected or mis-shaped.
-    UnsupportedConfigError: naming the config.json field the model cannot express.
-  """
-  converted = read_hf_checkpoint(path)
-  for note in converted.notes:
-    _log.warning('%s', note)
-  return converted.params, converted.config
-
-
-def _prepare_destination(out_dir, overwrite):
-  if os.path.isfile(out_dir) or os.path.islink(out_dir):
-    raise FileExistsError(f'{out_dir}: exists and is not a directory')
-  if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
-    raise FileExistsError(f'{out_dir}: directory exists and is not empty (pass overwrite)')
-
-
-def export_hf(params, config, out_dir, *, overwrite=False) -> List[str]:
-  """Writes a directory that ``PerceiverForMaskedLM.from_pretrained`` loads.
-
-  ``config.json`` reproduces the original's computation (``hidden_act="gelu_new"``,
-  ``layer_norm_eps=1e-5``); ``model.safetensors`` holds float32 tensors. The directory
-  is assembled under a temporary name beside ``out_dir`` and renamed into place, so a
-  failure leaves no partial checkpoint.
-
-  Args:
-    params: the masked LM's parameters.
-    config: their ConfigDict.
-    out_dir: the directory to create; an existing non-empty one is refused unless
-      ``overwrite`` (it is then replaced whole).
-    overwrite: replace an existing directory.
-
-  Returns:
-    Notes on the conversion (may be empty).
-
-  Raises:
-    UnsupportedConfigError: naming the config field transformers cannot express.
-    CheckpointError: naming missing, unexpected or mis-shaped parameters.
-    FileExistsError: ``out_dir`` exists and is a file or a non-empty directory.
-  """
-  out_dir = os.path.abspath(os.fspath(out_dir))
-  hf_config, notes = hf_config_from(config)
-  tensors = params_to_hf(params, config)
-  _prepare_destination(out_dir, overwrite)
-  parent = os.path.dirname(out_dir)
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=f'.{os.path.basename(out_dir)}.', suffix='.tmp', dir=parent)
-  try:
-    _atomic_write(os.path.join(tmp, CONFIG_FILE),
-                  [json.dumps(hf_config, indent=2, sort_keys=True).encode() + b'\n'])
-    write_safetensors(os.path.join(tmp, SAFETENSORS_FILE), tensors, {'format': 'pt'})
-    _replace_directory(tmp, out_dir)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
-  return notes
-
-
-def _replace_directory(new, target):
-  """Renames ``new`` to ``target``; an existing ``target`` is moved aside, then deleted."""
-  old = None
-  if os.path.isdir(target):
-    if not os.listdir(target):
-      os.rmdir(target)
-    else:
-      old = tempfile.mkdtemp(prefix=f'.{os.path.basename(target)}.', suffix='.old',
-                             dir=os.path.dirname(target))
-      os.rmdir(old)
-      os.replace(target, old)
-  try:
-    os.replace(new, target)
-  except BaseException:
-    if old is not None:
-      os.replace(old, target)
-    raise
-  if old is not None:
-    shutil.rmtree(old, ignore_errors=True)

@@ -10,14 +10,14 @@ Two settings change how a module computes, never its parameters:
   float32.
 - ``kernels``: ``'reference'`` computes the formulas below, as the original writes them,
   differentiated by JAX; ``'xla_cpu'`` computes the same values with the kernels of
-  ``perceiver.xla_cpu`` (hand-written backward passes and a fusion boundary that
-  XLA:CPU needs to run near its peak); ``'auto'`` (the default) takes ``xla_cpu`` where
-  the program is lowered for the CPU and ``reference`` everywhere else. Where the
-  platform is not known when the model is built, the choice is made per op by
-  ``jax.lax.platform_dependent`` when the program is lowered (a program traced on a CPU
-  host and exported for a GPU gets the reference computation; XLA folds the platform
-  selection away before it optimises anything); where it is known
-  (``resolve_kernels``), 'auto' is resolved first and the program holds no selection.
+  ``perceiver.xla_cpu`` (hand-written backward passes and a fusion boundary that XLA:CPU
+  needs to run near its peak, and that would only hold a GPU or TPU back); ``'auto'``
+  (the default) is ``xla_cpu`` for a program compiled for the CPU and ``reference`` for
+  any other. Whoever builds the model for known devices resolves it
+  (``resolve_kernels``; ``perceiver.transform``'s ``platform``): the training and
+  evaluation commands do, from the devices they run on. Where the platform is not known
+  (a model built and exported from a CPU host for a GPU, or traced on a TPU host's CPU),
+  'auto' is ``reference``: the clean program, right on every platform.
 """
 
 from __future__ import annotations
@@ -45,27 +45,24 @@ def low_precision_dtype(compute_dtype) -> Optional[jnp.dtype]:
 
 
 def resolve_kernels(kernels: str, platform: Optional[str]) -> str:
-  """``kernels`` for a program lowered for ``platform`` ('cpu', 'cuda', 'rocm', 'tpu';
-  None: not known yet, 'auto' stays and is chosen at lowering)."""
+  """The kernels a program compiled for ``platform`` ('cpu', 'cuda', 'rocm', 'tpu', or
+  None when not known) computes with: 'reference' or 'xla_cpu'."""
   if kernels not in KERNELS:
     raise ValueError(f'kernels must be one of {", ".join(KERNELS)}; got {kernels!r}')
-  if kernels != 'auto' or platform is None:
-    return kernels
-  return 'xla_cpu' if platform == 'cpu' else 'reference'
+  if kernels == 'auto':
+    return 'xla_cpu' if platform == 'cpu' else 'reference'
+  return kernels
 
 
 def select(kernels: str, reference: Callable, cpu: Callable) -> Callable:
-  """The implementation of one op for a ``kernels`` setting (see the module docstring).
+  """The implementation of one op for a ``kernels`` setting: ``cpu`` for 'xla_cpu', else
+  ``reference`` (an unresolved 'auto' knows no platform: see the module docstring).
 
-  ``reference`` and ``cpu`` take arrays only and compute the same values.
+  ``reference`` and ``cpu`` compute the same values.
   """
-  if kernels == 'reference':
-    return reference
-  if kernels == 'xla_cpu':
-    return cpu
-  if kernels == 'auto':
-    return lambda *arrays: jax.lax.platform_dependent(*arrays, cpu=cpu, default=reference)
-  raise ValueError(f'kernels must be one of {", ".join(KERNELS)}; got {kernels!r}')
+  if kernels not in KERNELS:
+    raise ValueError(f'kernels must be one of {", ".join(KERNELS)}; got {kernels!r}')
+  return cpu if kernels == 'xla_cpu' else reference
 
 
 # --------------------------------------------------------------------------------------

@@ -9,7 +9,6 @@ parameter: ``compute_dtype`` and ``kernels`` (see ``perceiver.layers``).
 from __future__ import annotations
 
 import haiku as hk
-import jax
 import jax.numpy as jnp
 
 from perceiver import layers
@@ -32,7 +31,8 @@ class TextPreprocessor(hk.Module):
 
   @hk.transparent
   def __call__(self, input_ids):
-    """[B, T] int ids -> ([B, T, D] embeddings + positions, [V, D] table, [B, T, D] without positions)."""
+    """[B, T] int ids -> ([B, T, D] embeddings + positions, [B, T, D] without positions,
+    [V, D] embedding table)."""
     seq_len = input_ids.shape[1]
     if seq_len > self.max_seq_len:
       raise ValueError(f'input length {seq_len} exceeds max_seq_len={self.max_seq_len}')
@@ -41,23 +41,22 @@ class TextPreprocessor(hk.Module):
     positions = position_encoding.TrainablePositionEncoding(
         index_dim=self.max_seq_len, num_channels=self.d_model,
         name='trainable_position_encoding')()
-    return embedded + positions[None, :seq_len], embed.embeddings, embedded
+    return embedded + positions[None, :seq_len], embedded, embed.embeddings
 
 
 class EmbeddingDecoder(hk.Module):
   """Logits from the (tied) input embedding: ``x @ E^T + bias``."""
 
-  def __init__(self, embedding_matrix, compute_dtype=jnp.float32, kernels='auto',
-               name='embedding_decoder'):
+  def __init__(self, compute_dtype=jnp.float32, kernels='auto', name='embedding_decoder'):
     super().__init__(name=name)
-    self.embedding_matrix = embedding_matrix
     self.compute_dtype = compute_dtype
     self.kernels = kernels
 
-  def __call__(self, x):
-    """[B, N, D] -> [B, N, V]."""
-    vocab_size = self.embedding_matrix.shape[0]
-    table = self.embedding_matrix
+  def __call__(self, x, *, embedding_matrix, is_training=False):
+    """[B, N, D] outputs, [V, D] embedding table -> [B, N, V] logits."""
+    del is_training
+    vocab_size = embedding_matrix.shape[0]
+    table = embedding_matrix
     low = layers.low_precision_dtype(self.compute_dtype)
     if low is not None:
       x, table = x.astype(low), table.astype(low)
@@ -159,8 +158,9 @@ class BasicDecoder(hk.Module):
       batch_size: B.
       positions: optional [B, L] int indices of the output positions to decode
         (default: all ``output_index_dims``).
-      inputs_without_pos: [B, L, C] preprocessed inputs, required when
-        ``concat_preprocessed_input`` (concatenated before the positions).
+      inputs_without_pos: [B, T, C] preprocessed inputs, required when
+        ``concat_preprocessed_input`` (those at ``positions`` are concatenated before
+        the position encodings).
 
     Returns:
       [B, L, Cq] queries.
@@ -171,6 +171,9 @@ class BasicDecoder(hk.Module):
     if self.concat_preprocessed_input:
       if inputs_without_pos is None:
         raise ValueError('concat_preprocessed_input=True needs inputs_without_pos.')
+      if positions is not None:
+        inputs_without_pos = jnp.take_along_axis(inputs_without_pos, positions[..., None],
+                                                 axis=1)
       query = jnp.concatenate([inputs_without_pos, query], axis=-1)
     return query
 
@@ -200,8 +203,14 @@ class ClassificationDecoder(hk.Module):
     self.decoder = BasicDecoder(output_index_dims=(1,), output_num_channels=num_classes,
                                 **decoder_kwargs)
 
-  def __call__(self, z, *, is_training):
-    query = self.decoder.decoder_query(batch_size=z.shape[0])
+  def decoder_query(self, batch_size, positions=None, inputs_without_pos=None):
+    """The one trainable query, [B, 1, C]."""
+    del positions, inputs_without_pos
+    return self.decoder.decoder_query(batch_size=batch_size)
+
+  def __call__(self, query, z, *, is_training, query_mask=None):
+    """[B, 1, C] query, [B, N, Z] latents -> [B, C]."""
+    del query_mask
     return self.decoder(query, z, is_training=is_training)[:, 0, :]
 
 
@@ -217,11 +226,60 @@ class ClassificationHead(hk.Module):
     self.compute_dtype = compute_dtype
     self.kernels = kernels
 
-  def __call__(self, x, *, is_training):
+  def __call__(self, x, *, is_training, embedding_matrix=None):
     """[B, C] -> [B, num_outputs]."""
+    del embedding_matrix
     dense = lambda size: layers.Linear(size, compute_dtype=self.compute_dtype,
                                        kernels=self.kernels)
     x = layers.dropout(x, self.dropout_prob, is_training)
     x = jnp.tanh(dense(self.hidden_size)(x))
     x = layers.dropout(x, self.dropout_prob, is_training)
     return dense(self.num_outputs)(x)
+
+
+class Perceiver(hk.Module):
+  """Perceiver IO, wired as the original's ``Perceiver`` (the paper's Figure 1).
+
+  The input preprocessor embeds the inputs; the encoder cross-attends them into its
+  latent array and processes the latents; the decoder's queries cross-attend to the
+  processed latents; the output postprocessor maps the decoder's outputs to the task's
+  (for the masked LM, logits from the tied byte embedding). The modules are built by the
+  caller, so their parameters carry the original's top-level names; without a decoder
+  the result is the processed latents.
+  """
+
+  def __init__(self, encoder, decoder=None, input_preprocessor=None,
+               output_postprocessor=None, name='perceiver'):
+    super().__init__(name=name)
+    self.encoder = encoder
+    self.decoder = decoder
+    self.input_preprocessor = input_preprocessor
+    self.output_postprocessor = output_postprocessor
+
+  @hk.transparent
+  def __call__(self, inputs, *, is_training, input_mask=None, query_positions=None,
+               query_mask=None):
+    """[B, T] inputs -> the postprocessed outputs (or [B, N, Z] latents, decoder None).
+
+    ``query_positions`` [B, L] picks the decoder's queries (default: all of them);
+    ``query_mask`` [B, L] marks the valid ones.
+    """
+    embedding_matrix, inputs_without_pos = None, None
+    if self.input_preprocessor is not None:
+      inputs, inputs_without_pos, embedding_matrix = self.input_preprocessor(inputs)
+    batch_size = inputs.shape[0]
+    # The queries of both cross-attends first, then the network, as the original orders
+    # them (the order of parameter creation is part of the released names).
+    encoder_query = self.encoder.latents(batch_size)
+    decoder_query = None
+    if self.decoder is not None:
+      decoder_query = self.decoder.decoder_query(batch_size, positions=query_positions,
+                                                 inputs_without_pos=inputs_without_pos)
+    z = self.encoder(inputs, encoder_query, is_training=is_training, input_mask=input_mask)
+    if self.decoder is None:
+      return z
+    outputs = self.decoder(decoder_query, z, is_training=is_training, query_mask=query_mask)
+    if self.output_postprocessor is not None:
+      outputs = self.output_postprocessor(outputs, is_training=is_training,
+                                          embedding_matrix=embedding_matrix)
+    return outputs

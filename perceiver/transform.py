@@ -5,12 +5,14 @@
     params = model.init(rng, input_ids, input_mask)
     logits = model.apply(params, rng, input_ids, input_mask)   # [B, T, 262]
 
-Each function returns an ``hk.Transformed``; ``is_training`` is a Python bool (mark it
-static under ``jax.jit``). ``platform`` ('cpu', 'cuda', 'rocm', 'tpu'), where the caller
-knows what the functions will be compiled for, resolves ``config.kernels='auto'`` now
-(see ``perceiver.layers``); by default the choice is made when the program is lowered. ``rng`` may be None unless ``is_training`` with dropout.
-Inputs may be shorter than ``max_seq_len``: positions beyond the input are simply unused,
-which gives the same logits as padding to ``max_seq_len`` with ``input_mask`` zero there.
+Each function builds ``model.Perceiver`` from a config and wraps it in ``hk.transform``.
+``is_training`` is a Python bool (mark it static under ``jax.jit``); ``rng`` may be None
+unless ``is_training`` with dropout. Inputs may be shorter than ``max_seq_len``: positions
+beyond the input are simply unused, which gives the same logits as padding to
+``max_seq_len`` with ``input_mask`` zero there. ``platform`` ('cpu', 'cuda', 'rocm',
+'tpu') is what the functions will be compiled for, where the caller knows it: with
+``config.kernels='auto'`` a CPU program gets XLA:CPU's kernels, any other (or an unknown
+platform, the default) the original's formulas (see ``perceiver.layers``).
 ``inference_params`` prepares parameters for repeated bfloat16 inference.
 """
 
@@ -26,17 +28,15 @@ from perceiver import layers
 from perceiver import model
 
 
-def _dtype(config):
-  return jnp.dtype(config.compute_dtype)
-
-
 def _compute(config, platform):
   """The modules' keyword arguments that choose how they compute (not what)."""
-  return dict(compute_dtype=_dtype(config),
+  return dict(compute_dtype=jnp.dtype(config.compute_dtype),
               kernels=layers.resolve_kernels(config.kernels, platform))
 
 
-def _default_mask(input_ids, input_mask):
+def _input_mask(input_ids, input_mask):
+  if input_ids.ndim != 2:
+    raise ValueError(f'input_ids must be [batch, seq], got shape {input_ids.shape}')
   if input_mask is None:
     return jnp.ones(input_ids.shape, jnp.int32)
   if input_mask.shape != input_ids.shape:
@@ -45,32 +45,12 @@ def _default_mask(input_ids, input_mask):
   return input_mask
 
 
-class _Trunk:
-  """The shared trunk's modules: bytes -> embeddings -> latents.
-
-  Called as ``inputs()``, ``latents()``, then ``encode()``; decoders make their queries
-  before ``encode()``, the order of the original's ``Perceiver.__call__``.
-  """
-
-  def __init__(self, config, input_ids, input_mask, platform):
-    if input_ids.ndim != 2:
-      raise ValueError(f'input_ids must be [batch, seq], got shape {input_ids.shape}')
-    self.input_ids = input_ids
-    self.input_mask = _default_mask(input_ids, input_mask)
-    self.preprocessor = model.TextPreprocessor(config.vocab_size, config.d_model,
-                                               config.max_seq_len)
-    self.encoder = model.PerceiverEncoder(**config.encoder.to_dict(),
-                                          **_compute(config, platform))
-
-  def inputs(self):
-    """([B, T, D] embedded inputs with positions, [V, D] embedding table, [B, T, D] without)."""
-    return self.preprocessor(self.input_ids)
-
-  def latents(self):
-    return self.encoder.latents(self.input_ids.shape[0])
-
-  def encode(self, inputs, latents, is_training):
-    return self.encoder(inputs, latents, is_training=is_training, input_mask=self.input_mask)
+def _trunk(config, platform):
+  """The byte preprocessor and the encoder: what every task shares."""
+  preprocessor = model.TextPreprocessor(config.vocab_size, config.d_model,
+                                        config.max_seq_len)
+  encoder = model.PerceiverEncoder(**config.encoder.to_dict(), **_compute(config, platform))
+  return preprocessor, encoder
 
 
 def masked_lm(config, platform: Optional[str] = None) -> hk.Transformed:
@@ -87,24 +67,21 @@ def masked_lm(config, platform: Optional[str] = None) -> hk.Transformed:
 
   def forward(input_ids, input_mask=None, is_training=False, query_positions=None,
               query_mask=None):
-    trunk = _Trunk(config, input_ids, input_mask, platform)
-    inputs, embedding_matrix, inputs_without_pos = trunk.inputs()
-    latents = trunk.latents()
-    input_mask = trunk.input_mask
+    input_mask = _input_mask(input_ids, input_mask)
+    if query_positions is None:
+      query_mask = input_mask if query_mask is None else query_mask
+    elif query_mask is None:
+      query_mask = jnp.take_along_axis(input_mask, query_positions, axis=1)
+    preprocessor, encoder = _trunk(config, platform)
+    perceiver = model.Perceiver(
+        encoder=encoder,
+        decoder=model.BasicDecoder(**config.decoder.to_dict(), **_compute(config, platform)),
+        input_preprocessor=preprocessor,
+        output_postprocessor=model.EmbeddingDecoder(**_compute(config, platform)))
     if query_positions is None:
       query_positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
-      query_mask = input_mask if query_mask is None else query_mask
-    else:
-      if query_mask is None:
-        query_mask = jnp.take_along_axis(input_mask, query_positions, axis=1)
-      inputs_without_pos = jnp.take_along_axis(
-          inputs_without_pos, query_positions[..., None], axis=1)
-    decoder = model.BasicDecoder(**config.decoder.to_dict(), **_compute(config, platform))
-    query = decoder.decoder_query(input_ids.shape[0], positions=query_positions,
-                                  inputs_without_pos=inputs_without_pos)
-    z = trunk.encode(inputs, latents, is_training)
-    output = decoder(query, z, is_training=is_training, query_mask=query_mask)
-    return model.EmbeddingDecoder(embedding_matrix, **_compute(config, platform))(output)
+    return perceiver(input_ids, is_training=is_training, input_mask=input_mask,
+                     query_positions=query_positions, query_mask=query_mask)
 
   return hk.transform(forward)
 
@@ -113,7 +90,8 @@ def classifier(config, num_classes: int, platform: Optional[str] = None) -> hk.T
   """Sequence classification/regression: ids [B, T] -> [B, num_classes].
 
   The embeddings and encoder have the masked LM's names, so an MLM checkpoint's
-  subtrees initialise them; ``classification_decoder`` and ``classification_head`` are new.
+  subtrees initialise them (``perceiver.transfer``); ``classification_decoder`` and
+  ``classification_head`` are new.
   """
   configs.validate(config)
   if num_classes < 1:
@@ -121,15 +99,17 @@ def classifier(config, num_classes: int, platform: Optional[str] = None) -> hk.T
   cls = config.classifier
 
   def forward(input_ids, input_mask=None, is_training=False):
-    trunk = _Trunk(config, input_ids, input_mask, platform)
-    inputs, _, _ = trunk.inputs()
-    z = trunk.encode(inputs, trunk.latents(), is_training)
-    decoded = model.ClassificationDecoder(
-        num_classes, **_compute(config, platform), **cls.decoder.to_dict())(
-            z, is_training=is_training)
-    return model.ClassificationHead(
-        num_classes, hidden_size=cls.head_hidden_size, dropout_prob=cls.head_dropout_prob,
-        **_compute(config, platform))(decoded, is_training=is_training)
+    input_mask = _input_mask(input_ids, input_mask)
+    preprocessor, encoder = _trunk(config, platform)
+    perceiver = model.Perceiver(
+        encoder=encoder,
+        decoder=model.ClassificationDecoder(num_classes, **_compute(config, platform),
+                                            **cls.decoder.to_dict()),
+        input_preprocessor=preprocessor,
+        output_postprocessor=model.ClassificationHead(
+            num_classes, hidden_size=cls.head_hidden_size,
+            dropout_prob=cls.head_dropout_prob, **_compute(config, platform)))
+    return perceiver(input_ids, is_training=is_training, input_mask=input_mask)
 
   return hk.transform(forward)
 
@@ -139,9 +119,10 @@ def encoder(config, platform: Optional[str] = None) -> hk.Transformed:
   configs.validate(config)
 
   def forward(input_ids, input_mask=None, is_training=False):
-    trunk = _Trunk(config, input_ids, input_mask, platform)
-    inputs, _, _ = trunk.inputs()
-    return trunk.encode(inputs, trunk.latents(), is_training)
+    input_mask = _input_mask(input_ids, input_mask)
+    preprocessor, encoder_module = _trunk(config, platform)
+    perceiver = model.Perceiver(encoder=encoder_module, input_preprocessor=preprocessor)
+    return perceiver(input_ids, is_training=is_training, input_mask=input_mask)
 
   return hk.transform(forward)
 
@@ -150,14 +131,13 @@ def inference_params(params, config):
   """``params`` with every dense weight (``.../w``) stored in the compute dtype.
 
   For inference with ``compute_dtype='bfloat16'``: the model casts each dense weight to
-  bfloat16 before its product anyway, so casting once here, outside the jitted call, gives
-  bit-identical outputs without re-reading 804 MB of float32 weights per call (63 ms of a
-  230 ms batch-1 forward pass on the benchmark's CPU). Everything else (embeddings,
-  position tables, biases, layer norms) stays float32, as the model reads it. With
-  float32 compute, ``params`` is returned as is. Not for training: the optimizer updates
-  the float32 weights.
+  bfloat16 before its product anyway, so casting once here, outside the jitted call,
+  gives bit-identical outputs without re-reading the float32 weights on every call
+  (figures: ``bench/RESULTS.md``). Everything else (embeddings, position tables, biases,
+  layer norms) stays float32, as the model reads it. With float32 compute, ``params`` is
+  returned as is. Not for training: the optimizer updates the float32 weights.
   """
-  dtype = _dtype(config)
+  dtype = jnp.dtype(config.compute_dtype)
   if dtype == jnp.float32:
     return params
   return {module: {name: (value.astype(dtype) if name == 'w' else value)

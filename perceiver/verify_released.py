@@ -19,7 +19,8 @@ from absl import flags
 import jax
 import numpy as np
 
-from perceiver import checkpoint
+from perceiver import cli
+from perceiver import loading
 from perceiver import transform
 
 SENTENCE = b'This is an incomplete sentence where some words are missing.'
@@ -66,19 +67,23 @@ FLAGS = flags.FLAGS
 
 def main(argv):
   del argv
-  params, config, _ = checkpoint.load_any(FLAGS.checkpoint)
-  problems = check(params, config)
-  for problem in problems:
-    print(f'MISMATCH: {problem}')
-  if problems:
-    return 1
-  print(f'{FLAGS.checkpoint}: logits within {TOLERANCE} of the published ones; '
-        'greedy fill " missing." as published')
-  return 0
+
+  def command():
+    params, config, _ = loading.load_any(FLAGS.checkpoint)
+    problems = check(params, config)
+    for problem in problems:
+      print(f'MISMATCH: {problem}')
+    if problems:
+      return 1
+    print(f'{FLAGS.checkpoint}: logits within {TOLERANCE} of the published ones; '
+          'greedy fill " missing." as published')
+    return 0
+
+  return cli.run(command)
 
 
 if __name__ == '__main__':
-  # Defined here, not at import: perceiver.fill_mask defines a flag of the same name.
+  # Defined here, not at import, as every command's flags.
   flags.DEFINE_string('checkpoint', None, 'DeepMind pickle, project checkpoint, or HF '
                       'directory.')
   flags.mark_flag_as_required('checkpoint')

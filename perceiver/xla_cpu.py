@@ -6,15 +6,12 @@ that XLA:CPU's kernels run at their peak: backward passes written by hand on row
 operands, parameter-gradient reductions over [rows, C] views, and a fusion boundary
 between layers in the backward pass. None of it helps a GPU or TPU, and some of it would
 hurt there (a conditional on a run-time predicate, optimization barriers), so
-``layers`` uses these functions only when a program is lowered for the CPU
-(``kernels='auto'``, the default) or when asked to (``kernels='xla_cpu'``).
+``layers`` uses these functions only for a program compiled for the CPU
+(``kernels='auto'`` resolved for 'cpu') or when asked to (``kernels='xla_cpu'``).
 
 What each arrangement bought on the benchmark CPU is in ``bench/RESULTS.md`` ("Why the
-XLA:CPU kernels").
-
-All functions take and return arrays only (static settings are keyword arguments bound
-before the call), so ``jax.lax.platform_dependent`` can choose between them and the
-reference formulas.
+XLA:CPU kernels"). Each function takes the arrays its reference formula takes, static
+settings as keyword arguments.
 """
 
 from __future__ import annotations

@@ -30,3 +30,14 @@ def glue_dir():
       return path
   pytest.skip('no GLUE directory: set PERCEIVER_GLUE_DIR to one laid out as the GLUE '
               f'download script writes it (tried {", ".join(map(str, candidates))})')
+
+
+def released_param_shapes():
+  """{'module/name': shape} of DeepMind's released checkpoint, from the parameter list in
+  ../shared/reference (skips where it is absent)."""
+  path = shared_path('reference', 'language_perceiver_io_bytes.params.txt')
+  shapes = {}
+  for line in path.read_text().splitlines():
+    name, shape = line.split(' ', 1)
+    shapes[name] = tuple(int(d) for d in shape.strip('[]').split(','))
+  return shapes

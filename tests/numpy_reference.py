@@ -36,7 +36,7 @@ def attention(params, prefix, xq, xkv, heads, mask=None):
   q = _lin(xq, params[prefix + '/linear'])
   k = _lin(xkv, params[prefix + '/linear_1'])
   v = _lin(xkv, params[prefix + '/linear_2'])
-  n, m = q.shape[0], k.shape[0]
+  n = q.shape[0]
   dq, dv = q.shape[1] // heads, v.shape[1] // heads
   out = np.zeros((n, heads * dv))
   for h in range(heads):

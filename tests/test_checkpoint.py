@@ -210,7 +210,7 @@ def test_fill_mask_fills_the_marked_span(tiny_params, tmp_path):
       [sys.executable, '-m', 'perceiver.fill_mask', f'--checkpoint={path}',
        '--text=some words are[[ missing.]]'],
       cwd=ROOT, capture_output=True, text=True, check=True)
-  assert f"span 14:23 was ' missing.' -> " in result.stdout
+  assert "span 14:23 was ' missing.' -> " in result.stdout
   assert f'ids {predicted[0].tolist()}' in result.stdout
   result = subprocess.run(
       [sys.executable, '-m', 'perceiver.fill_mask', f'--checkpoint={path}',

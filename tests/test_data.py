@@ -170,16 +170,6 @@ def test_builtin_corpus_is_real_text(tmp_path):
     corpus.resolve('builtin:nope', str(tmp_path))
 
 
-def test_prefetcher_reraises_errors_in_the_consumer():
-  def broken():
-    yield 1
-    raise data.DataError('boom.jsonl:3: bad')
-  it = data.Prefetcher(broken(), depth=2)
-  assert next(it) == 1
-  with pytest.raises(data.DataError, match='boom.jsonl:3'):
-    next(it)
-
-
 # ------------------------------------------------------------------------------------------
 # Masking.
 

@@ -5,8 +5,11 @@ import json
 import os
 import pathlib
 import pickle
+import re
+import signal
 import subprocess
 import sys
+import time
 
 import jax
 from jax.experimental.compilation_cache import compilation_cache
@@ -16,13 +19,18 @@ import pytest
 
 from eval import glue
 from eval import glue_data
+from eval import glue_finetune
+from eval import glue_inputs
+from eval import glue_task
 from eval import metrics
 from eval.configs import glue as glue_configs
 from perceiver import checkpoint
 from perceiver import configs as model_configs
+from perceiver import transfer
 from perceiver import transform
-from train import step as step_lib
+from perceiver.training import step as step_lib
 from tests.conftest import glue_dir
+from tests.conftest import released_param_shapes
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SEQ = 64
@@ -133,7 +141,7 @@ def check_task_outputs(task_name, data_dir, task_dir, has_log=True):
     preds, labels = recompute(task, task_dir / f'{split}_predictions.tsv')
     key = task.result_key(split)
     assert summary['results'][key] == metrics.task_metrics(key, preds, labels)
-  assert summary['main_score'] == glue.selection_score(task, summary['results'])
+  assert summary['main_score'] == glue_task.selection_score(task, summary['results'])
   best = [e for e in summary['epochs'] if e['epoch'] == summary['best_epoch']][0]
   assert best['results'] == summary['results']
   assert summary['main_score'] == max(e['score'] for e in summary['epochs'])
@@ -162,9 +170,9 @@ def test_single_task_writes_consistent_outputs_and_a_loadable_best_checkpoint(tm
   assert meta['num_outputs'] == 2 and meta['labels'] == ['0', '1']
   model = transform.classifier(config, meta['num_outputs'])
   split = glue_data.load_split(data_dir, 'sst2', 'dev')
-  enc = glue.encode_split(glue_data.TASKS['sst2'], split, 'dev', SEQ, 16)
-  predict_step = step_lib.make_predict_step(glue.make_predict_fn(model))
-  outputs = glue.predict(predict_step, step_lib.replicate(params), enc, 8)
+  enc = glue_inputs.encode_split(glue_data.TASKS['sst2'], split, 'dev', SEQ, 16)
+  predict_step = step_lib.make_predict_step(glue_task.make_predict_fn(model))
+  outputs = glue_inputs.predict(predict_step, step_lib.replicate(params), enc, 8)
   _, rows = read_tsv(task_dir / 'dev_predictions.tsv')
   assert [r[1] for r in rows] == [str(i) for i in outputs.argmax(-1)]
   # The submission file: the test file's indices, label strings.
@@ -251,15 +259,20 @@ def _tiny_mlm_params(config):
                                       for x in leaves])
 
 
+def _load_trunk(config, path):
+  return transfer.load_trunk(path, config.model, encoder_dropout=config.dropout.encoder,
+                             head_dropout=config.dropout.head)
+
+
 def _check_trunk_copied(init, mlm_params):
   model = transform.classifier(init.model_config, 3)
-  params = glue.init_params(model, init, seed=0, length=SEQ)
-  trunk = {m: v for m, v in params.items() if not glue.is_head_module(m)}
-  assert set(trunk) == set(init.trunk) and trunk
+  params = transfer.classifier_params(model, init, seed=0, length=SEQ)
+  trunk = {m: v for m, v in params.items() if not transfer.is_head_module(m)}
+  assert set(trunk) == set(init.params) and trunk
   for module, leaves in trunk.items():
     for name, value in leaves.items():
       np.testing.assert_array_equal(value, mlm_params[module][name])
-  heads = [m for m in params if glue.is_head_module(m)]
+  heads = [m for m in params if transfer.is_head_module(m)]
   assert heads and all(m not in mlm_params for m in heads)
   # The MLM decoder is reported unused.
   assert 'embedding_decoder' in init.unused
@@ -270,7 +283,7 @@ def test_init_from_a_project_mlm_checkpoint_copies_the_trunk_exactly(tmp_path, c
   config = model_configs.tiny(max_seq_len=SEQ)
   mlm_params = _tiny_mlm_params(config)
   path = checkpoint.save(tmp_path / 'mlm.npz', mlm_params, config, step=5)
-  init = glue.load_init(tiny_config(), str(path), glue.RunLog())
+  init = _load_trunk(tiny_config(), str(path))
   assert init.model_config.encoder.dropout_prob == 0.1
   assert init.model_config.classifier.head_dropout_prob == 0.1
   _check_trunk_copied(init, mlm_params)
@@ -285,7 +298,7 @@ def test_init_from_a_deepmind_format_pickle_copies_the_trunk_exactly(tmp_path, m
   path = tmp_path / 'tiny.pickle'
   with open(path, 'wb') as f:
     pickle.dump({m: dict(v) for m, v in mlm_params.items()}, f)
-  init = glue.load_init(tiny_config(), str(path), glue.RunLog())
+  init = _load_trunk(tiny_config(), str(path))
   _check_trunk_copied(init, mlm_params)
 
 
@@ -303,14 +316,9 @@ def test_paper_preset_has_table_13s_settings():
 
 
 def test_the_released_checkpoints_parameters_fill_the_paper_presets_trunk():
-  # The released pickle's names and shapes, as recorded in tests/data.
-  released = {}
-  for line in (ROOT / 'tests' / 'data' / 'language_perceiver_io_bytes.params.txt'
-               ).read_text().splitlines():
-    path, shape = line.split(' ', 1)
-    released[path] = tuple(int(d) for d in shape.strip('[]').split(','))
+  released = released_param_shapes()   # the released pickle's names and shapes
   model_config = glue_configs.get_config('paper').model   # = configs.language_mlm()
-  trunk = {f'{m}/{n}': shape for m, leaves in glue.trunk_shapes(model_config).items()
+  trunk = {f'{m}/{n}': shape for m, leaves in transfer.trunk_shapes(model_config).items()
            for n, shape in leaves.items()}
   assert trunk and all(released.get(path) == shape for path, shape in trunk.items())
   unused = {path.split('/')[0] for path in set(released) - set(trunk)}
@@ -320,20 +328,25 @@ def test_the_released_checkpoints_parameters_fill_the_paper_presets_trunk():
 def test_bad_init_checkpoints_are_named(tmp_path):
   config = model_configs.tiny(max_seq_len=SEQ)
   with pytest.raises(checkpoint.CheckpointError, match='nothing.npz: no such checkpoint'):
-    glue.load_init(tiny_config(), str(tmp_path / 'nothing.npz'), glue.RunLog())
+    _load_trunk(tiny_config(), str(tmp_path / 'nothing.npz'))
   params = _tiny_mlm_params(config)
   del params['perceiver_encoder/~/self_attention_1/mlp/linear']
-  params['embed'] = {'embeddings': np.zeros((262, 16), np.float32)}
   path = checkpoint.save(tmp_path / 'broken.npz', params, config)
   with pytest.raises(checkpoint.CheckpointError, match=(
       r'broken.npz \(the classifier trunk\) does not match the model: missing 2: '
-      r'perceiver_encoder/~/self_attention_1/mlp/linear/b.*mis-shaped 1: embed/embeddings '
-      r'\[262, 16\] \(expected \[262, 32\]\)')):
-    glue.load_init(tiny_config(), str(path), glue.RunLog())
+      r'perceiver_encoder/~/self_attention_1/mlp/linear/b')):
+    _load_trunk(tiny_config(), str(path))
+  params = _tiny_mlm_params(config)
+  params['embed'] = {'embeddings': np.zeros((262, 16), np.float32)}
+  path = checkpoint.save(tmp_path / 'misshaped.npz', params, config)
+  with pytest.raises(checkpoint.CheckpointError, match=(
+      r'misshaped.npz: entry params/embed/embeddings.npy has shape \[262, 16\], the model '
+      r'needs \[262, 32\]')):
+    _load_trunk(tiny_config(), str(path))
   garbage = tmp_path / 'garbage.bin'
   garbage.write_bytes(b'not a checkpoint')
   with pytest.raises(checkpoint.CheckpointError, match='garbage.bin'):
-    glue.load_init(tiny_config(), str(garbage), glue.RunLog())
+    _load_trunk(tiny_config(), str(garbage))
 
 
 # --------------------------------------------------------------------------------------
@@ -343,8 +356,8 @@ def test_encoding_in_chunks_pads_each_split_to_its_rounded_longest_example():
   task = glue_data.TASKS['rte']
   examples = [glue_data.Example(str(i), 'x' * (3 * i), 'yy', 'entailment') for i in range(9)]
   split = glue_data.Split('RTE/dev.tsv', examples, [], 9)
-  whole = glue.encode_split(task, split, 'dev', max_seq_len=20, length_multiple=8, chunk=100)
-  chunked = glue.encode_split(task, split, 'dev', max_seq_len=20, length_multiple=8, chunk=2)
+  whole = glue_inputs.encode_split(task, split, 'dev', max_seq_len=20, length_multiple=8, chunk=100)
+  chunked = glue_inputs.encode_split(task, split, 'dev', max_seq_len=20, length_multiple=8, chunk=2)
   reference = glue_data.encode(examples, task, 20)
   for enc in (whole, chunked):
     assert enc.length == 20   # longest: 24 + 1 + 2 bytes, cut to 20
@@ -352,7 +365,7 @@ def test_encoding_in_chunks_pads_each_split_to_its_rounded_longest_example():
     np.testing.assert_array_equal(enc.input_mask, reference.input_mask)
     assert enc.num_truncated == reference.num_truncated == 3
     assert enc.indices == [str(i) for i in range(9)]
-  short = glue.encode_split(task, glue_data.Split('p', examples[:3], [], 3), 'dev', 64, 8)
+  short = glue_inputs.encode_split(task, glue_data.Split('p', examples[:3], [], 3), 'dev', 64, 8)
   assert short.length == 16   # longest 6 + 1 + 2 = 9 bytes, rounded up to 16
 
 
@@ -367,21 +380,30 @@ def test_zero_weight_padding_rows_do_not_count():
   padded = {k: np.concatenate([v, v[:2][::-1]]) for k, v in batch.items()}
   padded['weights'][3:] = 0
   params = jax.jit(model.init)(jax.random.PRNGKey(0), ids)
-  loss_fn = jax.jit(glue.make_loss_fn(model, regression=False), static_argnums=3)
+  loss_fn = jax.jit(glue_task.make_loss_fn(model, regression=False), static_argnums=3)
   loss, sums = loss_fn(params, None, batch, False)
   padded_loss, padded_sums = loss_fn(params, None, padded, False)
   np.testing.assert_allclose(padded_loss, loss, rtol=1e-6)
   assert padded_sums['correct'] == sums['correct']
-  assert glue.count_fn(padded) == glue.count_fn(batch) == 3
+  assert glue_task.count_fn(padded) == glue_task.count_fn(batch) == 3
 
 
 def test_epochs_visit_every_example_once_in_a_seeded_order():
-  split = glue.EncodedSplit('train', 'p', [str(i) for i in range(10)],
-                            np.arange(10, dtype=np.int16)[:, None],
-                            np.ones((10, 1), np.int8), np.arange(10, dtype=np.int32), 0)
-  epoch1 = [b for b, _ in glue.epoch_batches(split, 4, seed=0, epoch=1)]
-  again = [b for b, _ in glue.epoch_batches(split, 4, seed=0, epoch=1)]
-  epoch2 = [b for b, _ in glue.epoch_batches(split, 4, seed=0, epoch=2)]
+  split = glue_inputs.EncodedSplit('train', 'p', [str(i) for i in range(10)],
+                                   np.arange(10, dtype=np.int16)[:, None],
+                                   np.ones((10, 1), np.int8), np.arange(10, dtype=np.int32), 0)
+  stream = glue_inputs.train_batches(split, 4, seed=0)
+  epoch1 = [next(stream) for _ in range(3)]
+  epoch2 = [next(stream) for _ in range(3)]
+  assert [step for _, step in epoch1 + epoch2] == [1, 2, 3, 4, 5, 6]
+  # Resumed at step 3 (an epoch's end) or 4, the stream continues as it would have.
+  resumed = glue_inputs.train_batches(split, 4, seed=0, start_step=3)
+  assert all(np.array_equal(a['labels'], b['labels'])
+             for (a, _), (b, _) in zip(epoch2, [next(resumed) for _ in range(3)]))
+  resumed = glue_inputs.train_batches(split, 4, seed=0, start_step=4)
+  assert np.array_equal(next(resumed)[0]['labels'], epoch2[1][0]['labels'])
+  again = [b for b, _ in [next(glue_inputs.train_batches(split, 4, seed=0))]]
+  epoch1, epoch2 = [b for b, _ in epoch1], [b for b, _ in epoch2]
   seen = np.concatenate([b['labels'][b['weights'] > 0] for b in epoch1])
   assert sorted(seen) == list(range(10)) and len(epoch1) == 3
   assert epoch1[-1]['weights'].tolist() == [1, 1, 0, 0]
@@ -426,21 +448,29 @@ def test_bad_input_is_an_error_naming_the_file_line_task_or_field(tmp_path):
     glue.run('rte', config, str(data_dir), out)
 
 
-def test_a_finished_task_is_refused_and_overwrite_clears_only_our_files(tmp_path):
+def test_a_finished_task_is_kept_refused_or_retrained_and_cleaning_spares_other_files(
+    tmp_path):
   data_dir = write_task(tmp_path / 'glue', 'wnli')
   task_dir = tmp_path / 'out' / 'wnli'
   (task_dir / 'checkpoint').mkdir(parents=True)
   ours = ['dev_metrics.json', 'metrics.jsonl', 'log.txt', 'dev_predictions.tsv',
-          'checkpoint/ckpt_000000007.npz', 'bs8_lr0.001/sweep.json',
-          'bs8_lr0.001/checkpoint/ckpt_000000003.npz']
+          'checkpoint/ckpt_000000007.npz', 'resume/ckpt_000000003.npz',
+          'bs8_lr0.001/sweep.json', 'bs8_lr0.001/checkpoint/ckpt_000000003.npz']
   theirs = ['notes.txt', 'checkpoint/README', 'bs8_lr0.001/mine.npz']
   for name in ours + theirs:
     (task_dir / name).parent.mkdir(parents=True, exist_ok=True)
     (task_dir / name).write_text('x')
+  summary = {'task': 'wnli', 'results': {'wnli': {'accuracy': 0.25}}, 'wall_time_s': 1.0}
+  (task_dir / 'dev_metrics.json').write_text(json.dumps(summary))
+  # By default a finished task is skipped and its results reported.
+  out = glue.run('wnli', tiny_config(), str(data_dir), str(tmp_path / 'out'))
+  assert out['results'] == {'wnli': {'accuracy': 0.25}}
+  assert all((task_dir / name).exists() for name in ours)
+  # --noresume refuses it, before touching anything.
   with pytest.raises(glue.GlueError, match='wnli already holds a finished run.*--overwrite'):
-    glue.run('wnli', tiny_config(), str(data_dir), str(tmp_path / 'out'))
-  assert all((task_dir / name).exists() for name in ours)   # refused before touching them
-  glue.prepare_task_dir(str(task_dir), overwrite=True, clean=True)
+    glue.run('wnli', tiny_config(), str(data_dir), str(tmp_path / 'out'), resume=False)
+  assert all((task_dir / name).exists() for name in ours)
+  glue_finetune.clean_task_dir(str(task_dir))
   assert not any((task_dir / name).exists() for name in ours)
   assert all((task_dir / name).exists() for name in theirs)
 
@@ -485,6 +515,7 @@ def test_command_line_fine_tunes_from_a_project_mlm_checkpoint(tmp_path):
 
 _TWO_DEVICES = """
 import sys
+import time
 sys.path.insert(0, {root!r})
 import jax
 from eval import glue
@@ -496,7 +527,7 @@ glue.run('wnli', tiny_config(**{{'train.epochs': 2, 'dropout.encoder': 0.0,
 
 
 def test_two_devices_give_the_one_device_run(tmp_path):
-  # Without dropout: its masks come from per-device keys (train.step), so with dropout
+  # Without dropout: its masks come from per-device keys (perceiver.training.step), so with dropout
   # two layouts agree in distribution only. Batches of 8 (4 per device), 20 examples:
   # the last batch of each epoch is half padding.
   data_dir = str(write_task(tmp_path / 'glue', 'wnli', num_train=20, num_dev=9))
@@ -531,3 +562,54 @@ def test_end_to_end_on_the_real_rte_files(tmp_path):
   assert summary['num_examples'] == {'train': 2490, 'dev': 277}
   assert summary['num_truncated']['dev'] > 0 and summary['padded_length']['dev'] == SEQ
   assert 0.0 < out['results']['rte']['accuracy'] < 1.0
+
+
+_FINETUNE = """
+import sys
+import time
+sys.path.insert(0, {root!r})
+from eval import glue
+from tests.test_glue import tiny_config
+glue.run('wnli', tiny_config(**{{'train.epochs': 3, 'train.batch_size': 4,
+                                 'eval.batch_size': 4}}), {data!r}, {out!r})
+"""
+
+
+def test_a_fine_tune_killed_mid_way_resumes_to_the_uninterrupted_dev_metrics(tmp_path):
+  """kill -9 after the first epoch's resume checkpoint; rerunning the same command
+  continues from it and ends with exactly the dev metrics of a run never stopped."""
+  data_dir = str(write_task(tmp_path / 'glue', 'wnli', num_train=24, num_dev=200))
+
+  def start(out):
+    script = _FINETUNE.format(root=str(ROOT), data=data_dir, out=str(out))
+    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir)
+    return subprocess.Popen([sys.executable, '-c', script], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+  straight = start(tmp_path / 'straight')
+  assert straight.wait(timeout=600) == 0, straight.stdout.read()[-3000:]
+  killed = start(tmp_path / 'killed')
+  resume_dir = tmp_path / 'killed' / 'wnli' / 'resume'
+  deadline = time.monotonic() + 600
+  while not list(resume_dir.glob('ckpt_*.npz')) and time.monotonic() < deadline:
+    assert killed.poll() is None, killed.stdout.read()[-3000:]
+    time.sleep(0.02)
+  killed.send_signal(signal.SIGKILL)
+  killed.wait()
+  assert not (tmp_path / 'killed' / 'wnli' / 'dev_metrics.json').exists(), (
+      'the run finished before it was killed')
+  again = start(tmp_path / 'killed')
+  output, _ = again.communicate(timeout=600)
+  assert again.returncode == 0, output[-3000:]
+  assert re.search(r'resuming from .* at step (6|12) \(epoch (1|2) of 3 done\)', output)
+  results = [json.loads((tmp_path / name / 'wnli' / 'dev_metrics.json').read_text())
+             for name in ('straight', 'killed')]
+  assert results[1]['results'] == results[0]['results']
+  assert results[1]['epochs'] == results[0]['epochs']
+  assert (tmp_path / 'killed' / 'wnli' / 'dev_predictions.tsv').read_text() == (
+      tmp_path / 'straight' / 'wnli' / 'dev_predictions.tsv').read_text()
+  assert not resume_dir.exists()   # removed once the task finished
+  steps = [json.loads(line)['step'] for line in (
+      tmp_path / 'killed' / 'wnli' / 'metrics.jsonl').read_text().splitlines()
+      if json.loads(line)['kind'] == 'train']
+  assert steps == sorted(set(steps))   # one record per step after the resume

@@ -26,10 +26,12 @@ from perceiver import checkpoint
 from perceiver import configs
 from perceiver import fill_mask
 from perceiver import hf
+from perceiver import hf_io
+from perceiver import loading
 from perceiver import transform
+from tests.conftest import released_param_shapes
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-REFERENCE = pathlib.Path(__file__).parent / 'data' / 'language_perceiver_io_bytes.params.txt'
 _SKIP = "the Hugging Face interop tests need the optional extra: pip install '.[hf]'"
 
 # A tiny PerceiverForMaskedLM: 2 blocks of 2 shared self-attends, as the original's config.
@@ -134,8 +136,8 @@ def hf_dirs(hf_libs, tmp_path_factory):
 def test_import_matches_transformers_logits(hf_libs, hf_dirs):
   torch, _ = hf_libs
   model, directory = hf_dirs['gelu_new']
-  assert (directory / hf.SAFETENSORS_FILE).exists()
-  params, config = hf.load_hf_checkpoint(directory)
+  assert (directory / hf_io.SAFETENSORS_FILE).exists()
+  params, config = hf_io.load_hf_checkpoint(directory)
   assert config.encoder.num_blocks == 2 and config.max_seq_len == 64
   ids, mask = _inputs()
   rel = _relative(_ours(params, config, ids, mask), _theirs(torch, model, ids, mask), mask)
@@ -146,20 +148,20 @@ def test_import_matches_transformers_logits(hf_libs, hf_dirs):
 def test_import_from_pytorch_bin_equals_safetensors(hf_libs, hf_dirs, tmp_path):
   torch, _ = hf_libs
   model, directory = hf_dirs['gelu_new']
-  (tmp_path / hf.CONFIG_FILE).write_text((directory / hf.CONFIG_FILE).read_text())
-  torch.save(model.state_dict(), tmp_path / hf.BIN_FILE)
-  from_bin, _ = hf.load_hf_checkpoint(tmp_path)
-  from_safetensors, _ = hf.load_hf_checkpoint(directory)
+  (tmp_path / hf_io.CONFIG_FILE).write_text((directory / hf_io.CONFIG_FILE).read_text())
+  torch.save(model.state_dict(), tmp_path / hf_io.BIN_FILE)
+  from_bin, _ = hf_io.load_hf_checkpoint(tmp_path)
+  from_safetensors, _ = hf_io.load_hf_checkpoint(directory)
   assert jax.tree.all(jax.tree.map(np.array_equal, from_bin, from_safetensors))
 
 
 def test_bin_is_loaded_weights_only(hf_libs, tmp_path):
   torch, _ = hf_libs
   marker = tmp_path / 'ran'
-  (tmp_path / hf.CONFIG_FILE).write_text(json.dumps({**TINY_HF, 'hidden_act': 'gelu_new'}))
-  torch.save({'x': _RunsCommand(f'touch {marker}')}, tmp_path / hf.BIN_FILE)
+  (tmp_path / hf_io.CONFIG_FILE).write_text(json.dumps({**TINY_HF, 'hidden_act': 'gelu_new'}))
+  torch.save({'x': _RunsCommand(f'touch {marker}')}, tmp_path / hf_io.BIN_FILE)
   with pytest.raises(checkpoint.CheckpointError, match=r'pytorch_model\.bin.*weights-only'):
-    hf.load_hf_checkpoint(tmp_path)
+    hf_io.load_hf_checkpoint(tmp_path)
   assert not marker.exists()
 
 
@@ -183,7 +185,7 @@ def test_released_model_tensor_names_and_shapes_match_transformers(hf_libs):
   assert theirs == hf.expected_hf_shapes(config)
   assert len(theirs) == 457
   assert any('hidden_act="gelu"' in n for n in notes)
-  reference = {line.split(' ', 1)[0] for line in REFERENCE.read_text().splitlines()}
+  reference = set(released_param_shapes())
   ours = checkpoint.expected_shapes(transform.masked_lm(config), config)
   assert {f'{m}/{n}' for m, d in ours.items() for n in d} == reference
 
@@ -195,7 +197,7 @@ def test_export_loads_in_transformers_with_equal_logits(hf_libs, tmp_path):
   torch, transformers = hf_libs
   config = _tiny_exportable()
   params = _init(config, seed=3)
-  notes = hf.export_hf(params, config, tmp_path / 'exported')
+  notes = hf_io.export_hf(params, config, tmp_path / 'exported')
   assert notes == []
   assert sorted(os.listdir(tmp_path / 'exported')) == ['config.json', 'model.safetensors']
   model, info = transformers.PerceiverForMaskedLM.from_pretrained(
@@ -208,7 +210,7 @@ def test_export_loads_in_transformers_with_equal_logits(hf_libs, tmp_path):
   print(f'\nexport: max relative logit difference {rel:.2e}')
   assert rel < TOLERANCE
   # And back: the same parameters, bit for bit.
-  again, again_config = hf.load_hf_checkpoint(tmp_path / 'exported')
+  again, again_config = hf_io.load_hf_checkpoint(tmp_path / 'exported')
   assert jax.tree.all(jax.tree.map(np.array_equal, again, params))
   assert again_config.encoder.num_blocks == 2
 
@@ -221,7 +223,7 @@ def test_measured_differences_gelu_eps_and_padded_rows(hf_libs, hf_dirs):
   ids, mask = _inputs()
   rel = {}
   for act, (model, directory) in hf_dirs.items():
-    params, config = hf.load_hf_checkpoint(directory)
+    params, config = hf_io.load_hf_checkpoint(directory)
     ours = _ours(params, config, ids, mask)
     theirs = _theirs(torch, model, ids, mask)
     rel[act] = _relative(ours, theirs, mask)
@@ -269,7 +271,7 @@ def test_export_refuses_missing_params_and_names_them(tmp_path):
   params = _init(config)
   del params['embedding_decoder']
   with pytest.raises(checkpoint.CheckpointError, match='missing 1: embedding_decoder/bias'):
-    hf.export_hf(params, config, tmp_path / 'out')
+    hf_io.export_hf(params, config, tmp_path / 'out')
   assert not (tmp_path / 'out').exists()
 
 
@@ -284,13 +286,13 @@ def test_export_refuses_configs_transformers_cannot_express(field, value, tmp_pa
   if key == 'final_project':
     config.decoder.output_num_channels = config.d_model
   with pytest.raises(hf.UnsupportedConfigError, match=field.replace('.', r'\.')):
-    hf.export_hf({}, config, tmp_path / 'out')
+    hf_io.export_hf({}, config, tmp_path / 'out')
   assert not (tmp_path / 'out').exists()
 
 
 def test_export_refuses_the_tiny_preset_naming_the_field(tmp_path):
   with pytest.raises(hf.UnsupportedConfigError, match=r'decoder\.num_heads=4'):
-    hf.export_hf({}, configs.tiny(), tmp_path / 'out')
+    hf_io.export_hf({}, configs.tiny(), tmp_path / 'out')
 
 
 def test_export_does_not_clobber_without_overwrite(tmp_path):
@@ -300,9 +302,9 @@ def test_export_does_not_clobber_without_overwrite(tmp_path):
   out.mkdir()
   (out / 'keep.txt').write_text('mine')
   with pytest.raises(FileExistsError, match='not empty'):
-    hf.export_hf(params, config, out)
+    hf_io.export_hf(params, config, out)
   assert (out / 'keep.txt').read_text() == 'mine'
-  hf.export_hf(params, config, out, overwrite=True)
+  hf_io.export_hf(params, config, out, overwrite=True)
   assert sorted(os.listdir(out)) == ['config.json', 'model.safetensors']
   assert [p.name for p in tmp_path.iterdir()] == ['out']   # no temporaries left
 
@@ -342,7 +344,7 @@ def test_config_round_trips_through_hf_config():
 
 def test_tensor_map_is_one_to_one_over_the_released_tree():
   pairs = hf.tensor_pairs(configs.language_mlm())
-  reference = {line.split(' ', 1)[0] for line in REFERENCE.read_text().splitlines()}
+  reference = set(released_param_shapes())
   assert len(pairs) == len(reference) == 457
   assert {f'{p.module}/{p.name}' for p in pairs} == reference
   assert len({p.hf for p in pairs}) == 457
@@ -366,12 +368,12 @@ def test_safetensors_round_trip_all_dtypes(tmp_path):
       'big_endian': np.arange(3, dtype='>f4'),
   }
   bf16 = rng.normal(size=(2, 3)).astype(ml_dtypes.bfloat16)
-  path = hf.write_safetensors(tmp_path / 'x.safetensors', {**tensors, 'bf16': bf16},
+  path = hf_io.write_safetensors(tmp_path / 'x.safetensors', {**tensors, 'bf16': bf16},
                               {'format': 'pt'})
   raw = open(path, 'rb').read()
   header_len = int.from_bytes(raw[:8], 'little')
   assert header_len % 8 == 0
-  loaded, metadata = hf.read_safetensors(path)
+  loaded, metadata = hf_io.read_safetensors(path)
   assert metadata == {'format': 'pt'}
   for name, value in tensors.items():
     assert loaded[name].shape == np.shape(value), name
@@ -386,10 +388,10 @@ def test_safetensors_agree_with_the_reference_library(tmp_path):
   rng = np.random.default_rng(1)
   tensors = {'a': rng.normal(size=(3, 4)).astype(np.float32),
              'b': np.arange(5, dtype=np.int64), 'c': rng.normal(size=7).astype(np.float16)}
-  hf.write_safetensors(tmp_path / 'ours.safetensors', tensors)
+  hf_io.write_safetensors(tmp_path / 'ours.safetensors', tensors)
   theirs = safetensors_numpy.load_file(str(tmp_path / 'ours.safetensors'))
   safetensors_numpy.save_file(tensors, str(tmp_path / 'theirs.safetensors'))
-  ours, _ = hf.read_safetensors(tmp_path / 'theirs.safetensors')
+  ours, _ = hf_io.read_safetensors(tmp_path / 'theirs.safetensors')
   for name, value in tensors.items():
     np.testing.assert_array_equal(theirs[name], value)
     np.testing.assert_array_equal(ours[name], value)
@@ -403,28 +405,31 @@ def _corrupt(path, offset, data):
 
 def test_corrupt_safetensors_errors_name_the_file(tmp_path):
   good = tmp_path / 'good.safetensors'
-  hf.write_safetensors(good, {'a': np.ones((4, 4), np.float32), 'b': np.zeros(3, np.int32)})
+  hf_io.write_safetensors(good, {'a': np.ones((4, 4), np.float32), 'b': np.zeros(3, np.int32)})
   raw = open(good, 'rb').read()
 
   bad = tmp_path / 'huge_header.safetensors'
   bad.write_bytes((10**12).to_bytes(8, 'little') + raw[8:])
-  with pytest.raises(checkpoint.CheckpointError, match=r'huge_header\.safetensors.*header'):
-    hf.read_safetensors(bad)
+  with pytest.raises(checkpoint.CheckpointError,
+                     match=r'huge_header\.safetensors: .*header too large'):
+    hf_io.read_safetensors(bad)
 
   bad = tmp_path / 'not_json.safetensors'
   bad.write_bytes(raw[:8] + b'#' + raw[9:])
-  with pytest.raises(checkpoint.CheckpointError, match=r'not_json\.safetensors.*not JSON'):
-    hf.read_safetensors(bad)
+  with pytest.raises(checkpoint.CheckpointError,
+                     match=r'not_json\.safetensors: .*invalid JSON in header'):
+    hf_io.read_safetensors(bad)
 
   bad = tmp_path / 'truncated.safetensors'
   bad.write_bytes(raw[:-4])
-  with pytest.raises(checkpoint.CheckpointError, match=r'truncated\.safetensors.*tensor'):
-    hf.read_safetensors(bad)
+  with pytest.raises(checkpoint.CheckpointError,
+                     match=r'truncated\.safetensors: .*file not fully covered'):
+    hf_io.read_safetensors(bad)
 
   bad = tmp_path / 'short.safetensors'
   bad.write_bytes(raw[:5])
-  with pytest.raises(checkpoint.CheckpointError, match=r'short\.safetensors'):
-    hf.read_safetensors(bad)
+  with pytest.raises(checkpoint.CheckpointError, match=r'short\.safetensors: .*too small'):
+    hf_io.read_safetensors(bad)
 
   header_len = int.from_bytes(raw[:8], 'little')
   header = json.loads(raw[8:8 + header_len])
@@ -433,28 +438,34 @@ def test_corrupt_safetensors_errors_name_the_file(tmp_path):
   bad = tmp_path / 'wrong_size.safetensors'
   bad.write_bytes(len(encoded).to_bytes(8, 'little') + encoded + raw[8 + header_len:])
   with pytest.raises(checkpoint.CheckpointError,
-                     match=r"wrong_size\.safetensors: tensor 'a'.*needs 64"):
-    hf.read_safetensors(bad)
+                     match=r'wrong_size\.safetensors: .*invalid shape, data type, or offset'):
+    hf_io.read_safetensors(bad)
 
 
 def test_safetensors_checkpoint_loads_without_torch(tmp_path):
-  """Import from model.safetensors with torch and transformers made unimportable."""
+  """Import from model.safetensors with torch and transformers made unimportable; without
+  the safetensors package the error says what to install."""
   config = _tiny_exportable(num_blocks=1)
   params = _init(config)
-  hf.export_hf(params, config, tmp_path / 'exported')
+  hf_io.export_hf(params, config, tmp_path / 'exported')
   checkpoint.save(tmp_path / 'expected.npz', params, config)
+  exported = str(tmp_path / 'exported')
   script = (
-      "import sys; sys.modules['torch'] = None; sys.modules['transformers'] = None; "
-      "sys.modules['safetensors'] = None\n"
+      "import sys; sys.modules['torch'] = None; sys.modules['transformers'] = None\n"
       'import jax, numpy as np\n'
-      'from perceiver import checkpoint, hf\n'
-      f'params, config = hf.load_hf_checkpoint({str(tmp_path / "exported")!r})\n'
+      'from perceiver import checkpoint, hf_io\n'
+      f'params, config = hf_io.load_hf_checkpoint({exported!r})\n'
       f'want, _, _ = checkpoint.load({str(tmp_path / "expected.npz")!r})\n'
       'assert jax.tree.all(jax.tree.map(np.array_equal, params, want))\n'
       'try:\n'
-      '  hf.read_torch_bin("pytorch_model.bin")\n'
+      '  hf_io.read_torch_bin("pytorch_model.bin")\n'
       'except checkpoint.CheckpointError as e:\n'
       "  assert \"pip install '.[hf]'\" in str(e), e\n"
+      "sys.modules['safetensors'] = None\n"
+      'try:\n'
+      f'  hf_io.load_hf_checkpoint({exported!r})\n'
+      'except checkpoint.CheckpointError as e:\n'
+      "  assert 'needs the safetensors package' in str(e), e\n"
       "print('ok')\n")
   result = subprocess.run([sys.executable, '-c', script], cwd=ROOT, capture_output=True,
                           text=True, timeout=300)
@@ -468,13 +479,13 @@ def test_safetensors_checkpoint_loads_without_torch(tmp_path):
 def test_load_any_reads_hf_directories_and_weights_files(hf_libs, hf_dirs, tmp_path):
   torch, _ = hf_libs
   model, directory = hf_dirs['gelu_new']
-  params, config, metadata = checkpoint.load_any(directory)
+  params, config, metadata = loading.load_any(directory)
   assert metadata['source'] == 'huggingface'
-  from_file, _, _ = checkpoint.load_any(directory / hf.SAFETENSORS_FILE)
+  from_file, _, _ = loading.load_any(directory / hf_io.SAFETENSORS_FILE)
   assert jax.tree.all(jax.tree.map(np.array_equal, params, from_file))
-  (tmp_path / hf.CONFIG_FILE).write_text((directory / hf.CONFIG_FILE).read_text())
-  torch.save(model.state_dict(), tmp_path / hf.BIN_FILE)   # a zip, like our own format
-  from_bin, _, _ = checkpoint.load_any(tmp_path / hf.BIN_FILE)
+  (tmp_path / hf_io.CONFIG_FILE).write_text((directory / hf_io.CONFIG_FILE).read_text())
+  torch.save(model.state_dict(), tmp_path / hf_io.BIN_FILE)   # a zip, like our own format
+  from_bin, _, _ = loading.load_any(tmp_path / hf_io.BIN_FILE)
   assert jax.tree.all(jax.tree.map(np.array_equal, params, from_bin))
   _, per_span, _ = fill_mask.fill(params, config, b'hello world', [(6, 11)])
   assert per_span[0].shape == (5,)
@@ -515,7 +526,7 @@ def test_convert_command_from_deepmind_pickle(tmp_path):
                     f'--config={tmp_path / "config.json"}', '--to=hf',
                     f'--dst={tmp_path / "hf"}')
   assert result.returncode == 0, result.stderr
-  loaded, _ = hf.load_hf_checkpoint(tmp_path / 'hf')
+  loaded, _ = hf_io.load_hf_checkpoint(tmp_path / 'hf')
   assert jax.tree.all(jax.tree.map(np.array_equal, loaded, params))
   # Errors name the flag or the field; nothing is clobbered.
   result = _convert('--from=deepmind', f'--src={tmp_path / "tiny.pickle"}',

@@ -2,7 +2,6 @@
 an independent numpy forward pass, masking and weight-sharing semantics."""
 
 import math
-import pathlib
 
 import haiku as hk
 import jax
@@ -11,21 +10,11 @@ import numpy as np
 import pytest
 
 import numpy_reference
+from tests.conftest import released_param_shapes
 from perceiver import configs
 from perceiver import layers
 from perceiver import model
 from perceiver import transform
-
-REFERENCE = pathlib.Path(__file__).parent / 'data' / 'language_perceiver_io_bytes.params.txt'
-
-
-def _reference_shapes():
-  shapes = {}
-  for line in REFERENCE.read_text().splitlines():
-    path, shape = line.split(' ', 1)
-    shapes[path] = tuple(int(d) for d in shape.strip('[]').split(','))
-  return shapes
-
 
 def _shapes(transformed, length):
   ids = jax.ShapeDtypeStruct((1, length), jnp.int32)
@@ -53,7 +42,7 @@ def tiny():
 
 
 def test_parameter_tree_is_the_released_models():
-  reference = _reference_shapes()
+  reference = released_param_shapes()
   assert len(reference) == 457
   ours = _shapes(transform.masked_lm(configs.language_mlm()), 2048)
   assert ours == reference

@@ -16,10 +16,11 @@ import optax
 import pytest
 
 from perceiver import checkpoint
+from perceiver import errors
 from perceiver import configs as model_configs
 from train import masking
 from train import mlm
-from train import optim
+from perceiver.training import optim
 from train.configs import mlm as mlm_configs
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -136,7 +137,7 @@ def test_sigterm_writes_a_checkpoint_and_exits_zero_then_resumes(tmp_path):
   proc.send_signal(signal.SIGTERM)
   out, _ = proc.communicate(timeout=120)
   assert proc.returncode == 0, out
-  assert 'stopped by signal' in out
+  assert 'stopped by SIGTERM' in out
   steps = sorted(int(p.name[5:14]) for p in workdir.glob('ckpt_*.npz'))
   assert len(steps) == 1 and steps[0] >= 3
   # Resuming continues from that step.
@@ -195,7 +196,8 @@ def test_config_typos_and_bad_batch_sizes_are_named(tmp_path):
                         '--config=train/configs/mlm.py:nope'], cwd=ROOT, capture_output=True,
                        text=True)
   assert bad.returncode != 0 and "unknown preset 'nope'" in bad.stderr
-  with pytest.raises(mlm.TrainingError, match=r'train.batch_size=5 must be divisible'):
+  with pytest.raises(errors.ConfigError, match=r'train.batch_size=5 must be a positive '
+                     r'multiple of devices \(1\) x train.grad_accum_steps \(2\)'):
     mlm.train(tiny_config(tmp_path, batch_size=5, grad_accum_steps=2), str(tmp_path / 'r'))
   missing = tiny_config(tmp_path)
   missing.data.sources.gen.paths = str(tmp_path / 'nothing-*.jsonl')

@@ -27,20 +27,19 @@ import glob
 import gzip
 import json
 import os
-import queue
-import threading
 import zlib
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from perceiver import errors
 from perceiver import tokenizer as tokenizer_lib
 
 SEPARATORS = {'sep': [tokenizer_lib.SEP_ID], 'eos': [tokenizer_lib.EOS_ID],
               'newline': [ord('\n') + tokenizer_lib.NUM_SPECIAL], 'none': []}
 
 
-class DataError(ValueError):
+class DataError(errors.UserError, ValueError):
   """Unreadable or malformed input, with the file (and line) it came from."""
 
 
@@ -123,7 +122,11 @@ def expand_paths(patterns, what: str) -> List[str]:
     matches = sorted(glob.glob(pattern))
     if not matches:
       raise DataError(f'{what}: no file matches {pattern!r}')
-    files.extend(m for m in matches if os.path.isfile(m))
+    found = [m for m in matches if os.path.isfile(m)]
+    if not found:
+      raise DataError(f'{what}: {pattern!r} matches only directories; give files or a '
+                      f'glob of them (e.g. {os.path.join(pattern, "*.jsonl")})')
+    files.extend(found)
   if not files:
     raise DataError(f'{what}: no files given')
   return files
@@ -140,6 +143,8 @@ class SourceState:
 class DocumentSource:
   """Endless documents of one corpus, for one host, in a seeded per-epoch shard order."""
 
+  CACHE_BYTES = 128 << 20   # parsed documents kept per source (see ``_read``)
+
   def __init__(self, name: str, files: Sequence[str], *, seed: int, process_index: int = 0,
                process_count: int = 1, text_field: str = 'text'):
     self.name = name
@@ -147,11 +152,33 @@ class DocumentSource:
     self.seed = seed
     self.text_field = text_field
     self.process_index, self.process_count = process_index, process_count
+    self._cache: Dict[str, List[bytes]] = {}
+    self._cached_bytes = 0
     if len(self.files) >= process_count:   # whole shards per host
       self.files = self.files[process_index::process_count]
       self.doc_stride, self.doc_offset = 1, 0
     else:                                  # every P-th document of every shard
       self.doc_stride, self.doc_offset = process_count, process_index
+
+  def _read(self, path: str) -> Iterator[bytes]:
+    """The documents of one shard; a shard read to its end is kept in memory while the
+    source's cache holds less than ``CACHE_BYTES``, so that a small corpus (or one huge
+    document) is not parsed again for every example that wraps around it."""
+    cached = self._cache.get(path)
+    if cached is not None:
+      yield from cached
+      return
+    docs, size = [], 0
+    for doc in read_documents(path, self.text_field):
+      yield doc
+      if docs is not None:
+        docs.append(doc)
+        size += len(doc)
+        if self._cached_bytes + size > self.CACHE_BYTES:
+          docs = None
+    if docs is not None:
+      self._cache[path] = docs
+      self._cached_bytes += size
 
   def _order(self, epoch: int) -> List[str]:
     rng = np.random.default_rng([self.seed, zlib.crc32(self.name.encode()), epoch])
@@ -165,7 +192,7 @@ class DocumentSource:
       order = self._order(epoch)
       for shard in range(shard, len(order)):
         kept = 0
-        for i, doc in enumerate(read_documents(order[shard], self.text_field)):
+        for i, doc in enumerate(self._read(order[shard])):
           if i % self.doc_stride != self.doc_offset:
             continue
           kept += 1
@@ -237,13 +264,31 @@ class ExampleStream:
         doc, positions[name] = next(iters[name])
         if d:
           parts.append(self.separator)
-        parts.append(np.frombuffer(doc, np.uint8).astype(np.int32) + tokenizer_lib.NUM_SPECIAL)
-      ids = np.concatenate(parts)
-      if len(ids) > self.seq_len:
-        start = rng.integers(0, len(ids) - self.seq_len + 1)
-        ids = ids[start:start + self.seq_len]
-      examples[row, :len(ids)] = ids
+        parts.append(doc)
+      total = sum(len(part) for part in parts)
+      start = 0
+      if total > self.seq_len:
+        start = rng.integers(0, total - self.seq_len + 1)
+      examples[row, :min(total, self.seq_len)] = self._window(parts, start)
     return examples[rng.permutation(self.shuffle_block)]
+
+  def _window(self, parts, start: int) -> np.ndarray:
+    """Ids of the concatenation of ``parts`` (document bytes, separator ids) from
+    ``start`` on, at most ``seq_len``: only the bytes inside the window are converted,
+    so a long document costs its crop, not its length."""
+    out, offset, end = [], 0, start + self.seq_len
+    for part in parts:
+      lo, hi = max(start - offset, 0), min(end - offset, len(part))
+      if lo < hi:
+        if isinstance(part, bytes):
+          out.append(np.frombuffer(part[lo:hi], np.uint8).astype(np.int32) +
+                     tokenizer_lib.NUM_SPECIAL)
+        else:
+          out.append(part[lo:hi])
+      offset += len(part)
+      if offset >= end:
+        break
+    return np.concatenate(out) if out else np.zeros(0, np.int32)
 
   def examples(self, state: Optional[StreamState] = None
                ) -> Iterator[Tuple[np.ndarray, StreamState]]:
@@ -264,7 +309,7 @@ class ExampleStream:
 
 
 # --------------------------------------------------------------------------------------
-# Batches and background prefetching.
+# Batches.
 
 def batches(stream: ExampleStream, batch_size: int, masker, state: Optional[dict] = None
             ) -> Iterator[Tuple[Dict[str, np.ndarray], dict]]:
@@ -287,49 +332,3 @@ def batches(stream: ExampleStream, batch_size: int, masker, state: Optional[dict
     batch = masker(ids, (ids != tokenizer_lib.PAD_ID).astype(np.int32), rng)
     count += 1
     yield batch, {'stream': stream_state.to_json(), 'batches': count}
-
-
-class Prefetcher:
-  """Runs an iterator in a background thread, ``depth`` items ahead.
-
-  Errors raised by the iterator are re-raised by ``next()`` in the consumer.
-  """
-
-  _DONE = object()
-
-  def __init__(self, iterator, depth: int = 4):
-    self._queue: queue.Queue = queue.Queue(maxsize=depth)
-    self._stop = threading.Event()
-    self._thread = threading.Thread(target=self._run, args=(iterator,), daemon=True)
-    self._thread.start()
-
-  def _run(self, iterator):
-    try:
-      for item in iterator:
-        while not self._stop.is_set():
-          try:
-            self._queue.put(item, timeout=0.1)
-            break
-          except queue.Full:
-            continue
-        if self._stop.is_set():
-          return
-    except BaseException as e:  # pylint: disable=broad-except
-      self._queue.put(e)
-      return
-    self._queue.put(self._DONE)
-
-  def __iter__(self):
-    return self
-
-  def __next__(self):
-    item = self._queue.get()
-    if item is self._DONE:
-      raise StopIteration
-    if isinstance(item, BaseException):
-      raise item
-    return item
-
-  def close(self):
-    self._stop.set()
-    self._thread.join(timeout=5)

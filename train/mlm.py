@@ -6,16 +6,18 @@ The same command runs on one CPU, one GPU, or every device of many hosts
 (``--config.distributed.enabled=true``); the step is jit-compiled once and pmapped over
 all devices. A run resumes from the newest checkpoint in ``--workdir`` by itself.
 SIGTERM or Ctrl-C writes a checkpoint and exits 0; a non-finite loss stops the run with
-an error and leaves the last good checkpoint in place.
+an error and leaves the last good checkpoint in place. The loop, steps, checkpoints and
+logs are ``perceiver.training``'s; this module holds what is MLM's own: the data, the
+masked-byte loss and its held-out evaluation.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import os
-import signal
 import sys
-import time
-from typing import Dict, Optional
+from typing import Dict
 
 from absl import app
 from absl import flags
@@ -25,126 +27,111 @@ import ml_collections
 from ml_collections import config_flags
 import numpy as np
 
+from perceiver import cli
 from perceiver import configs as model_configs
+from perceiver import errors
 from perceiver import flops
 from perceiver import transform
-from train import checkpoints
-from train import corpus
+from perceiver.training import checkpoints
+from perceiver.training import feed
+from perceiver.training import host_memory
+from perceiver.training import hosts
+from perceiver.training import loop as loop_lib
+from perceiver.training import losses
+from perceiver.training import optim
+from perceiver.training import step as step_lib
+from perceiver.training import writer as writer_lib
 from train import data as data_lib
-from train import host_memory
-from train import masking
-from train import optim
-from train import step as step_lib
-from train import writer as writer_lib
+from train import inputs
 
 _CONFIG_FILE = os.path.join(os.path.dirname(__file__), 'configs', 'mlm.py')
 
 
-class TrainingError(RuntimeError):
+class TrainingError(errors.UserError, RuntimeError):
   """The run cannot continue (bad input, non-finite loss); the message says why."""
-
-
-class _NonFinite(Exception):
-  pass
 
 
 # --------------------------------------------------------------------------------------
 # Set-up.
 
-def maybe_initialize_distributed(config) -> None:
-  """Calls ``jax.distributed.initialize`` when ``distributed.enabled``."""
-  if not config.distributed.enabled:
-    return
-  kwargs = {}
-  if config.distributed.coordinator_address:
-    kwargs['coordinator_address'] = config.distributed.coordinator_address
-  if config.distributed.num_processes > 0:
-    kwargs['num_processes'] = config.distributed.num_processes
-  if config.distributed.process_id >= 0:
-    kwargs['process_id'] = config.distributed.process_id
-  jax.distributed.initialize(**kwargs)
-
-
 def batch_layout(config) -> Dict[str, int]:
   """Splits ``train.batch_size`` over hosts, devices and accumulation steps."""
-  devices, local = jax.device_count(), jax.local_device_count()
-  accum = config.train.grad_accum_steps
-  if accum < 1:
-    raise TrainingError(f'train.grad_accum_steps must be >= 1, got {accum}')
-  if config.train.batch_size % (devices * accum):
-    raise TrainingError(
-        f'train.batch_size={config.train.batch_size} must be divisible by devices '
-        f'({devices}) x train.grad_accum_steps ({accum})')
-  per_device = config.train.batch_size // (devices * accum)
-  return {'per_device': per_device, 'accum': accum, 'local_devices': local,
-          'host_batch': per_device * local * accum, 'devices': devices}
+  try:
+    return hosts.batch_layout(config.train.batch_size, config.train.grad_accum_steps,
+                              'train.batch_size', 'train.grad_accum_steps')
+  except ValueError as e:
+    raise errors.ConfigError(str(e)) from None
 
 
-def _sources(config, cache_dir):
-  sources, weights = [], []
-  for name, spec in sorted(config.data.sources.items()):
-    paths, _ = corpus.resolve(spec['paths'], cache_dir)
-    files = data_lib.expand_paths(paths, f'data.sources.{name}.paths')
-    sources.append(data_lib.DocumentSource(
-        name, files, seed=config.seed, process_index=jax.process_index(),
-        process_count=jax.process_count(), text_field=spec.get('text_field', 'text')))
-    weights.append(spec['weight'])
-  return sources, weights
+def _check(condition: bool, field: str, value, requirement: str) -> None:
+  if not condition:
+    raise errors.ConfigError(f'{field} must be {requirement}, got {value!r}')
 
 
-def make_masker(config, for_training=True) -> masking.WordMasker:
-  seq_len = config.model.max_seq_len
-  max_predictions = None
-  if for_training and config.train.decode_masked_only:
-    max_predictions = config.train.max_predictions or masking.default_max_predictions(
-        seq_len, config.masking.mask_prob)
-  return masking.WordMasker(config.masking.mask_prob, config.masking.include_leading_space,
-                            config.masking.bert_replacement, max_predictions)
+def _is_int(value) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool)
 
 
-def train_batches(config, workdir, host_batch, state=None):
-  sources, weights = _sources(config, os.path.join(workdir, 'data'))
-  stream = data_lib.ExampleStream(
-      sources, weights, seq_len=config.model.max_seq_len,
-      docs_per_example=config.data.docs_per_example, separator=config.data.separator,
-      shuffle_block=config.data.shuffle_block, seed=config.seed,
-      process_index=jax.process_index())
-  return data_lib.batches(stream, host_batch, make_masker(config), state)
-
-
-def eval_batches(config, workdir, host_batch):
-  """A fixed list of held-out masked batches (same every evaluation and every run)."""
-  if (not config.data.eval_paths or config.train.eval_batches <= 0
-      or config.train.eval_every <= 0):
-    return []
-  paths, _ = corpus.resolve(config.data.eval_paths, os.path.join(workdir, 'data'))
-  files = data_lib.expand_paths(paths, 'data.eval_paths')
-  source = data_lib.DocumentSource('eval', files, seed=config.seed + 1,
-                                   process_index=jax.process_index(),
-                                   process_count=jax.process_count(),
-                                   text_field=config.data.eval_text_field)
-  stream = data_lib.ExampleStream(
-      [source], [1.0], seq_len=config.model.max_seq_len,
-      docs_per_example=config.data.docs_per_example, separator=config.data.separator,
-      shuffle_block=max(host_batch, 16), seed=config.seed + 1,
-      process_index=jax.process_index())
-  it = data_lib.batches(stream, host_batch, make_masker(config, for_training=False))
-  return [next(it)[0] for _ in range(config.train.eval_batches)]
-
-
-def unigram_baseline(batches) -> Dict[str, float]:
-  """What a model that ignores context scores on these batches' masked bytes.
-
-  ``baseline_accuracy``: always predicting the most frequent masked byte;
-  ``baseline_loss``: the entropy (nats) of the masked bytes' own distribution.
-  """
-  counts = np.zeros(256 + 6)
-  for batch in batches:
-    np.add.at(counts, batch['labels'][batch['weights'] > 0], 1)
-  if not counts.sum():
-    return {}
-  p = counts[counts > 0] / counts.sum()
-  return {'baseline_accuracy': float(p.max()), 'baseline_loss': float(-(p * np.log(p)).sum())}
+def check_config(config) -> None:
+  """Refuses config values that cannot run, naming the field, before anything compiles."""
+  t, o, d, m = config.train, config.optimizer, config.data, config.masking
+  for field, value, low in (('train.steps', t.steps, 1), ('train.batch_size', t.batch_size, 1),
+                            ('train.grad_accum_steps', t.grad_accum_steps, 1),
+                            ('train.log_every', t.log_every, 1),
+                            ('train.checkpoint_every', t.checkpoint_every, 1),
+                            ('train.keep_checkpoints', t.keep_checkpoints, 1),
+                            ('train.eval_every', t.eval_every, 0),
+                            ('train.eval_batches', t.eval_batches, 0),
+                            ('train.max_predictions', t.max_predictions, 0),
+                            ('data.docs_per_example', d.docs_per_example, 1),
+                            ('data.shuffle_block', d.shuffle_block, 1),
+                            ('data.prefetch', d.prefetch, 1),
+                            ('optimizer.warmup_steps', o.warmup_steps, 0),
+                            ('seed', config.seed, 0)):
+    _check(_is_int(value) and value >= low, field, value, f'an integer >= {low}')
+  finite = lambda v: isinstance(v, (int, float)) and math.isfinite(v)
+  _check(finite(o.learning_rate) and o.learning_rate > 0, 'optimizer.learning_rate',
+         o.learning_rate, 'a finite number > 0')
+  _check(finite(o.weight_decay) and o.weight_decay >= 0, 'optimizer.weight_decay',
+         o.weight_decay, 'a finite number >= 0')
+  for field in ('b1', 'b2'):
+    _check(finite(o[field]) and 0 <= o[field] < 1, f'optimizer.{field}', o[field], 'in [0, 1)')
+  _check(finite(o.eps) and o.eps > 0, 'optimizer.eps', o.eps, 'a finite number > 0')
+  _check(finite(o.clip_grad_norm), 'optimizer.clip_grad_norm', o.clip_grad_norm,
+         'a finite number (<= 0 disables clipping)')
+  _check(o.name in ('lamb', 'adamw'), 'optimizer.name', o.name, "'lamb' or 'adamw'")
+  _check(o.decay in ('cosine', 'linear', 'constant'), 'optimizer.decay', o.decay,
+         "'cosine', 'linear' or 'constant'")
+  _check(o.decay == 'constant' or (_is_int(o.decay_steps) and o.decay_steps > o.warmup_steps),
+         'optimizer.decay_steps', o.decay_steps,
+         f'an integer > optimizer.warmup_steps ({o.warmup_steps})')
+  _check(o.get('implementation', 'auto') in optim.IMPLEMENTATIONS,
+         'optimizer.implementation', o.get('implementation'),
+         ' or '.join(repr(i) for i in optim.IMPLEMENTATIONS))
+  _check(finite(m.mask_prob) and 0 < m.mask_prob < 1, 'masking.mask_prob', m.mask_prob,
+         'in (0, 1)')
+  _check(d.separator in data_lib.SEPARATORS, 'data.separator', d.separator,
+         'one of ' + ', '.join(sorted(data_lib.SEPARATORS)))
+  _check(bool(d.sources), 'data.sources', dict(d.sources), 'at least one source')
+  weights = []
+  for name, spec in d.sources.items():
+    _check(isinstance(spec.get('paths'), str) and spec.get('paths', '').strip(),
+           f'data.sources.{name}.paths', spec.get('paths'), 'non-empty comma-separated globs')
+    weight = spec.get('weight')
+    _check(finite(weight) and weight >= 0, f'data.sources.{name}.weight', weight,
+           'a finite number >= 0')
+    weights.append(weight)
+  _check(sum(weights) > 0, 'data.sources.*.weight', weights, 'not all zero')
+  _check(finite(t.stop_timeout_s) and t.stop_timeout_s > 0, 'train.stop_timeout_s',
+         t.stop_timeout_s, 'a finite number > 0')
+  _check(finite(t.peak_flops_per_device) and t.peak_flops_per_device >= 0,
+         'train.peak_flops_per_device', t.peak_flops_per_device, 'a finite number >= 0')
+  try:
+    model_configs.validate(config.model)
+    if config.data.hosts:
+      inputs.parse_hosts(config.data.hosts, config.distributed.enabled)
+  except ValueError as e:
+    raise errors.ConfigError(str(e)) from None
 
 
 # --------------------------------------------------------------------------------------
@@ -162,11 +149,7 @@ def make_loss_fn(model, decode_masked_only: bool):
     else:
       logits = model.apply(params, rng, batch['input_ids'], batch['input_mask'], is_training)
       labels, weights = batch['labels'], batch['weights']
-    logits = logits.astype(jnp.float32)
-    label_logits = jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
-    xent = jax.nn.logsumexp(logits, axis=-1) - label_logits
-    correct = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
-    return jnp.sum(xent * weights), {'correct': jnp.sum(correct * weights)}
+    return losses.softmax_cross_entropy(logits, labels, weights)
 
   return loss_fn
 
@@ -177,28 +160,7 @@ def count_fn(batch):
 
 
 # --------------------------------------------------------------------------------------
-# The loop.
-
-class _StopRequest:
-  """Turns SIGTERM/SIGINT into a flag the loop checks between steps."""
-
-  def __init__(self):
-    self.signal = None
-    self._previous = {}
-
-  def __enter__(self):
-    for sig in (signal.SIGTERM, signal.SIGINT):
-      self._previous[sig] = signal.signal(sig, self._handle)
-    return self
-
-  def _handle(self, signum, frame):
-    del frame
-    self.signal = signum
-
-  def __exit__(self, *exc):
-    for sig, handler in self._previous.items():
-      signal.signal(sig, handler)
-
+# The run.
 
 def _check_resume_config(saved, current, path):
   """Refuses to resume with another model; how it computes (dtype, kernels) may change."""
@@ -210,10 +172,74 @@ def _check_resume_config(saved, current, path):
                         f'{", ".join(sorted(diffs))}); use another --workdir')
 
 
+# Settings a resumed run must share with the one it continues: the data position and
+# the RNG streams mean the same thing only under them.
+_RESUME_FIELDS = ('seed', 'data.sources', 'data.docs_per_example', 'data.separator',
+                  'data.shuffle_block', 'data.hosts', 'masking', 'train.batch_size',
+                  'train.grad_accum_steps', 'train.decode_masked_only',
+                  'train.max_predictions')
+
+
+def _field(tree, dotted):
+  for part in dotted.split('.'):
+    tree = tree.get(part) if isinstance(tree, dict) else None
+  return tree
+
+
+def _check_resume_run(meta, config, path, log):
+  """Refuses to resume on another number of hosts, or with other data, masking or batch
+  settings (unless ``train.allow_changes``, which lists them)."""
+  saved_hosts = meta.get('process_count', 1)
+  if saved_hosts != jax.process_count():
+    raise TrainingError(f'{path} was written by a run on {saved_hosts} host(s); this run '
+                        f'has {jax.process_count()}: each host\'s data position belongs to '
+                        'its host. Resume on as many hosts, or use another --workdir')
+  try:
+    saved = json.loads(meta.get('train_config') or '{}')
+  except ValueError:
+    saved = {}
+  current = json.loads(config.to_json())
+  changed = [f for f in _RESUME_FIELDS if saved and _field(saved, f) != _field(current, f)]
+  if changed and not config.train.allow_changes:
+    raise TrainingError(f'{path} was written with other settings: {", ".join(changed)} '
+                        '(its data position belongs to them); pass '
+                        '--config.train.allow_changes=true to resume anyway, or use '
+                        'another --workdir')
+  if changed:
+    log.note(f'warning: resuming with changed settings (train.allow_changes): '
+             f'{", ".join(changed)}')
+
+
+def _evaluator(config, eval_step, held_out, baseline, log):
+  """``evaluate(step, state)``: the held-out masked-byte loss and accuracy beside the
+  context-free baseline."""
+
+  def evaluate(step, state):
+    sums = None
+    for batch in held_out:
+      out = step_lib.unreplicate(eval_step(state.params, step_lib.shard(batch)))
+      sums = out if sums is None else {k: sums[k] + out[k] for k in sums}
+    count = max(sums['count'], 1)
+    log.write(step, {'loss': sums['loss'] / count, 'accuracy': sums['correct'] / count,
+                     'masked_bytes': sums['count'], **baseline}, kind='eval')
+
+  del config
+  return evaluate
+
+
 def train(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, float]:
-  """Runs (or resumes) pretraining; returns the last logged train metrics."""
-  maybe_initialize_distributed(config)
-  model_configs.validate(config.model)
+  """Runs (or resumes) pretraining; returns the last logged train metrics.
+
+  The config is checked before anything is read or compiled; ``workdir`` is locked for
+  the run (a second run on it is refused).
+  """
+  check_config(config)
+  hosts.initialize_distributed(config.distributed)
+  with checkpoints.WorkdirLock(workdir):
+    return _train(config, workdir)
+
+
+def _train(config, workdir) -> Dict[str, float]:
   layout = batch_layout(config)
   # Built for the platform this host's devices run (see perceiver.layers: 'auto' kernels).
   platform = step_lib.platform()
@@ -221,7 +247,6 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, float]:
   optimizer = optim.make(config.optimizer, platform=platform)
   lr_fn = optim.schedule(config.optimizer)
   manager = checkpoints.CheckpointManager(workdir, keep=config.train.keep_checkpoints)
-  log = writer_lib.MetricWriter(workdir, config.train.steps)
 
   seq_len = config.model.max_seq_len
   init_ids = jnp.zeros((1, seq_len), jnp.int32)
@@ -229,10 +254,14 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, float]:
   opt_state = optimizer.init(params)
   rng = jax.random.PRNGKey(config.seed + 1)
   start_step, data_state = 0, None
-  latest = manager.latest()
-  if latest:
-    _check_resume_config(manager.saved_config(latest), config.model, latest)
-    params, _, meta, opt_state, rng = manager.restore(latest, opt_state, rng)
+  restored = manager.restore_latest(
+      opt_state, rng, note=print,
+      check=lambda saved, path: _check_resume_config(saved, config.model, path))
+  log = writer_lib.MetricWriter(workdir, config.train.steps,
+                                resume_step=restored[1][2]['step'] if restored else None)
+  if restored:
+    latest, (params, _, meta, opt_state, rng) = restored
+    _check_resume_run(meta, config, latest, log)
     start_step = meta['step']
     data_state = manager.load_data_state(start_step, meta)
     log.note(f'resuming from {latest} at step {start_step}')
@@ -249,137 +278,83 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, float]:
       jnp.asarray(start_step, jnp.int32), params, opt_state, rng))
   loss_fn = make_loss_fn(model, config.train.decode_masked_only)
   train_step = step_lib.make_train_step(loss_fn, count_fn, optimizer, lr_fn)
-  eval_step = step_lib.make_eval_step(loss_fn, count_fn)
-  held_out = eval_batches(config, workdir, layout['per_device'] * layout['local_devices'])
+  held_out = inputs.eval_batches(config, workdir, layout['per_device'] * layout['local_devices'])
+  evaluate = _evaluator(config, step_lib.make_eval_step(loss_fn, count_fn), held_out,
+                        inputs.unigram_baseline(held_out), log)
 
   num_queries = None
   if config.train.decode_masked_only:
-    num_queries = make_masker(config).max_predictions
+    num_queries = inputs.make_masker(config).max_predictions
   step_flops = flops.masked_lm_train_step(config.model, seq_len, config.train.batch_size,
                                           num_queries)
   peak = config.train.peak_flops_per_device * jax.device_count()
 
-  host_iter = data_lib.Prefetcher(
-      train_batches(config, workdir, layout['host_batch'], data_state), config.data.prefetch)
-  device_iter = step_lib.prefetch_to_device(host_iter, 2, layout['accum'])
+  def extra_report(step, report, window):
+    del step, window
+    extra = {'bytes_per_s': config.train.batch_size * seq_len / report['step_time_s']}
+    if peak > 0:
+      extra['mfu'] = step_flops / report['step_time_s'] / peak
+    return extra
 
-  def save(step, data_position):
+  def save(step, state, data_position):
     host_state = step_lib.unreplicate(state)
     if not all(np.isfinite(x).all() for x in jax.tree.leaves(host_state.params)):
       raise TrainingError(f'non-finite parameters at step {step}: not saved; the last '
                           f'checkpoint ({manager.latest()}) is kept')
     path = manager.save(step, host_state.params, config.model, opt_state=host_state.opt_state,
                         rng=host_state.rng, data_state=data_position,
-                        train_config=config.to_json())
+                        train_config=config.to_json(), process_count=jax.process_count())
     log.note(f'saved {path}')
 
-  baseline = unigram_baseline(held_out)
-
-  def evaluate(step):
-    if not held_out:
-      return
-    sums = None
-    for batch in held_out:
-      out = step_lib.unreplicate(eval_step(state.params, step_lib.shard(batch)))
-      sums = out if sums is None else {k: sums[k] + out[k] for k in sums}
-    log.write(step, {'loss': sums['loss'] / max(sums['count'], 1),
-                     'accuracy': sums['correct'] / max(sums['count'], 1),
-                     'masked_bytes': sums['count'], **baseline}, kind='eval')
-
-  step = start_step
-  last = {}
-  window = {'loss': 0.0, 'correct': 0.0, 'count': 0.0, 'steps': 0}
-  window_start = time.time()
-  log.start(step)
-  pending = None   # (step, metrics) of the step in flight: checked one step late
-  last_data = data_state
-  with _StopRequest() as stop:
+  batches = feed.Prefetcher(
+      inputs.train_batches(config, workdir, layout['host_batch'], data_state), config.data.prefetch,
+      prepare=lambda item: (step_lib.shard(item[0], layout['accum']), item[1]))
+  with hosts.StopAgreement(config.train.stop_timeout_s, log.note) as stop:
+    run = loop_lib.Loop(
+        train_step, total_steps=config.train.steps, writer=log,
+        log_every=config.train.log_every, stop=stop, extra_report=extra_report,
+        eval_every=config.train.eval_every if held_out else 0, evaluate=evaluate,
+        checkpoint_every=config.train.checkpoint_every, save=save)
     try:
-      while step < config.train.steps:
-        batch, data_position = next(device_iter)
-        state, metrics = train_step(state, batch)
-        step += 1
-        # Read the previous step's metrics while this one runs: no host round-trip
-        # stalls the device.
-        if pending is not None:
-          _accumulate(window, pending[1], pending[0])
-        pending = (step, metrics)
-        last_data = data_position
-        at_log = step % config.train.log_every == 0 or step == config.train.steps
-        at_ckpt = step % config.train.checkpoint_every == 0 or step == config.train.steps
-        if at_log or at_ckpt or stop.signal is not None:
-          _accumulate(window, pending[1], pending[0])
-          pending = None
-        if at_log and window['steps']:
-          elapsed = time.time() - window_start
-          last = _report(window, elapsed, config, step_flops, peak, seq_len)
-          log.write(step, last)
-          window = {'loss': 0.0, 'correct': 0.0, 'count': 0.0, 'steps': 0}
-          window_start = time.time()
-        if config.train.eval_every and step % config.train.eval_every == 0:
-          evaluate(step)
-        if at_ckpt or stop.signal is not None:
-          save(step, last_data)
-        if stop.signal is not None:
-          log.note(f'stopped by signal {stop.signal} at step {step}; checkpoint written')
-          break
-    except _NonFinite as e:
+      result = run.run(state, batches, start_step)
+    except loop_lib.NonFiniteError as e:
       raise TrainingError(f'{e}: stopping without saving; the last good checkpoint is '
                           f'{manager.latest() or "none (none was written)"}') from None
     finally:
-      host_iter.close()
-  return last
-
-
-def _accumulate(window, metrics, step):
-  values = jax.device_get(jax.tree.map(lambda x: x[0], metrics))
-  if not values['finite']:
-    raise _NonFinite(f'non-finite loss or gradient at step {step}')
-  window['loss'] += float(values['loss'])
-  window['correct'] += float(values['correct'])
-  window['count'] += float(values['count'])
-  window['steps'] += 1
-  window['learning_rate'] = float(values['learning_rate'])
-  window['grad_norm'] = float(values['grad_norm'])
-
-
-def _report(window, elapsed, config, step_flops, peak, seq_len) -> Dict[str, float]:
-  step_time = elapsed / window['steps']
-  report = {
-      'loss': window['loss'] / max(window['count'], 1),
-      'accuracy': window['correct'] / max(window['count'], 1),
-      'learning_rate': window['learning_rate'],
-      'grad_norm': window['grad_norm'],
-      'step_time_s': step_time,
-      'bytes_per_s': config.train.batch_size * seq_len / step_time,
-  }
-  if peak > 0:
-    report['mfu'] = step_flops / step_time / peak
-  return report
+      stop.finished()
+      batches.close()
+  return result.last_report
 
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file('config', _CONFIG_FILE, 'Training config file[:preset].',
-                                lock_config=True)
-flags.DEFINE_string('workdir', None, 'Run directory (checkpoints, metrics.jsonl). '
-                    'Default: checkpoints/<preset>.')
+
+
+def define_flags():
+  """The command's flags; defined only when run as a command (``eval.glue`` and
+  ``perceiver.convert`` have a ``--config`` too, and modules share one flag registry)."""
+  config_flags.DEFINE_config_file('config', _CONFIG_FILE, 'Training config file[:preset].',
+                                  lock_config=True)
+  flags.DEFINE_string('workdir', None, 'Run directory (checkpoints, metrics.jsonl). '
+                      'Default: checkpoints/<preset>.')
 
 
 def main(argv):
-  del argv
+  if len(argv) > 1:
+    print(f'error: unexpected arguments {argv[1:]}', file=sys.stderr)
+    return 2
   config = FLAGS.config
   workdir = FLAGS.workdir
   if not workdir:
     _, _, preset = FLAGS['config'].config_filename.partition(':')
     workdir = os.path.join('checkpoints', preset or 'smoke')
-  try:
+
+  def command():
     train(config, workdir)
-  except (TrainingError, data_lib.DataError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 1
-  return 0
+
+  return cli.run(command, saved=f'the last complete checkpoint in {workdir} is kept')
 
 
 if __name__ == '__main__':
-  host_memory.retain_freed_memory()   # before JAX starts its threads: see train.host_memory
-  sys.exit(app.run(main))
+  host_memory.retain_freed_memory()   # before JAX starts its threads: see its docstring
+  define_flags()
+  app.run(main)

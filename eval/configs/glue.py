@@ -71,6 +71,12 @@ def _base() -> ml_collections.ConfigDict:
   c.train.batch_size = 32
   c.train.grad_accum_steps = 1
   c.train.log_every = 50               # steps between progress lines (with ETA)
+  # Steps between resume checkpoints (0: at the end of every epoch), chosen here: a run
+  # killed mid-way continues from the last one when the command is run again.
+  c.train.checkpoint_every = 0
+  # Chosen here: after SIGTERM/SIGINT, the seconds allowed to save and stop; past them
+  # the process exits with status 3 instead of hanging.
+  c.train.stop_timeout_s = 300.0
 
   c.eval = ml_collections.ConfigDict()
   # Dev/test examples per predict call (rounded up to a multiple of the device count);

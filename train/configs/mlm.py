@@ -38,6 +38,10 @@ def _base() -> ml_collections.ConfigDict:
   c.data.separator = 'sep'
   c.data.shuffle_block = 1024    # chosen here: examples are shuffled within blocks of this size
   c.data.prefetch = 8            # host batches prepared ahead by a background thread
+  # Empty: each host reads its own share. 'I/N,J/N,...': read the shares of hosts I, J of
+  # an N-host run instead, one after the other in each batch: a one-host run with as many
+  # devices then sees the global batches of that multi-host run (to reproduce it).
+  c.data.hosts = ''
 
   c.masking = ml_collections.ConfigDict()
   c.masking.mask_prob = 0.15     # paper: 15% of words
@@ -56,7 +60,7 @@ def _base() -> ml_collections.ConfigDict:
   c.optimizer.eps = 1e-6
   c.optimizer.clip_grad_norm = 1.0   # chosen here; <= 0 disables
   # 'optax': optax's own LAMB chain; 'fused': the same algorithm in fewer passes over the
-  # parameters (train.optim.fused_lamb), faster on XLA:CPU; 'auto': fused where the step
+  # parameters (perceiver.training.optim.fused_lamb), faster on XLA:CPU; 'auto': fused where the step
   # is lowered for the CPU, optax elsewhere. Same state: checkpoints carry over.
   c.optimizer.implementation = 'auto'
 
@@ -77,6 +81,12 @@ def _base() -> ml_collections.ConfigDict:
   c.train.keep_checkpoints = 3
   # Peak FLOP/s of one device, for the logged MFU estimate (0: MFU not logged).
   c.train.peak_flops_per_device = 0.0
+  # Chosen here: after SIGTERM/SIGINT, the seconds allowed for every host to reach the
+  # same step and save; past them the process exits with status 3 instead of hanging.
+  c.train.stop_timeout_s = 300.0
+  # A resumed run must keep the data, masking and batch settings of the run it continues
+  # (its data position means nothing otherwise); True accepts changes, listing them.
+  c.train.allow_changes = False
 
   # Multi-host: initialise jax.distributed (arguments left empty are auto-detected on
   # TPU pods, SLURM and other supported clusters).
@@ -85,6 +95,9 @@ def _base() -> ml_collections.ConfigDict:
   c.distributed.coordinator_address = ''
   c.distributed.num_processes = 0
   c.distributed.process_id = -1
+  # Seconds without a heartbeat before the coordination service declares a host dead and
+  # ends every process (0: JAX's default, 100 s).
+  c.distributed.heartbeat_timeout_s = 0
   return c
 
 

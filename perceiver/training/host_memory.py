@@ -1,12 +1,12 @@
 """Host memory policy for XLA:CPU processes: keep freed memory instead of unmapping it.
 
-Why: XLA:CPU allocates each execution's temporary buffer (1.9 GB for the released model's
-train step at batch 1) with ``malloc``, and glibc serves requests above its mmap threshold
+Why: XLA:CPU allocates each execution's temporary buffer (gigabytes for the released
+model's train step) with ``malloc``, and glibc serves requests above its mmap threshold
 (32 MB at most) with a fresh ``mmap`` that ``free`` unmaps again. Every step therefore
-page-faults its whole temporary buffer back in, and the kernel zero-fills every page:
-on a 2-core machine about 470,000 faults and 0.9 s of system time per train step, about
-as long as the forward and backward passes' arithmetic. Serving large blocks from the
-heap and never trimming it lets the next step reuse the same pages, already mapped.
+page-faults its whole temporary buffer back in, and the kernel zero-fills every page,
+which costs about as much system time as the step's arithmetic (figures:
+``bench/RESULTS.md``). Serving large blocks from the heap and never trimming it lets the
+next step reuse the same pages, already mapped.
 
 The cost: the process keeps its peak footprint (it is reached again every step anyway).
 Call ``retain_freed_memory()`` first thing in ``main``, before JAX starts its threads:

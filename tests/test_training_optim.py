@@ -1,9 +1,6 @@
 """The fused LAMB against optax's chain: same state, same updates up to float rounding;
 and the layout of optax's LAMB state that the fused LAMB depends on."""
 
-import collections
-import re
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,7 +9,7 @@ import pytest
 
 from perceiver import configs
 from perceiver import transform
-from train import optim
+from perceiver.training import optim
 from train.configs import mlm as mlm_configs
 
 
@@ -81,34 +78,15 @@ def test_optax_lamb_state_is_laid_out_as_the_fused_lamb_reads_it():
     optim.unpack_lamb_state(lamb_state[:3])
 
 
-def _ops(text):
-  """How many of each StableHLO op a module holds, without the platform selection's."""
-  ops = collections.Counter(re.findall(r'\bstablehlo\.([a-z_]+)', text))
-  for selection in ('case', 'return', 'constant'):
-    ops.pop(selection, None)
-  return ops
-
-
-def test_auto_is_the_fused_lamb_on_the_cpu_and_optax_elsewhere():
-  """'auto' lowers to the fused update for the CPU and to optax's own chain for a GPU,
-  whether the platform is given up front or chosen when lowering."""
+def test_auto_is_the_fused_lamb_for_the_cpu_and_optax_elsewhere():
   config = _config(implementation='auto')
   params, grads = _params_and_grads(1.0)
   state = optim.reference(config).init(params)
-  lower = lambda tx, platform: jax.export.export(jax.jit(tx.update), platforms=[platform])(
-      grads, state, params).mlir_module()
-  neutral = optim.make(config)
-  for platform, expected in (('cuda', optim.reference(config)),
-                             ('cpu', optim.fused_lamb(config))):
-    assert _ops(lower(neutral, platform)) == _ops(lower(expected, platform))
-    assert _ops(lower(optim.make(config, platform=platform), platform)) == _ops(
-        lower(expected, platform))
-  assert _ops(lower(optim.reference(config), 'cpu')) != _ops(lower(optim.fused_lamb(config),
-                                                                 'cpu'))
-  u_auto, _ = jax.jit(neutral.update)(grads, state, params)
-  u_fused, _ = jax.jit(optim.fused_lamb(config).update)(grads, state, params)
-  for a, b in zip(jax.tree.leaves(u_auto), jax.tree.leaves(u_fused)):
-    np.testing.assert_array_equal(a, b)
+  program = lambda tx: str(jax.make_jaxpr(tx.update)(grads, state, params))
+  fused, ref = program(optim.fused_lamb(config)), program(optim.reference(config))
+  assert fused != ref
+  for platform, expected in (('cpu', fused), ('cuda', ref), ('tpu', ref), (None, ref)):
+    assert program(optim.make(config, platform=platform)) == expected, platform
 
 
 def test_implementation_is_checked():

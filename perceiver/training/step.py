@@ -17,7 +17,7 @@ Batches handed to a pmapped step are [devices, accum_steps, per_device_batch, ..
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Iterator, NamedTuple
+from typing import Any, Callable, Dict, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -185,18 +185,3 @@ def shard(batch: Dict[str, np.ndarray], accum_steps: int | None = None):
     return _per_device(list(x.reshape(shape + x.shape[1:])))
 
   return jax.tree.map(split, batch)
-
-
-def prefetch_to_device(iterator: Iterator, size: int = 2, accum_steps: int | None = None):
-  """Yields (device batch, extra) while the next ``size`` batches are already in transit.
-
-  ``iterator`` yields (host batch, extra); ``extra`` (e.g. the data position) is passed
-  through untouched.
-  """
-  queue = []
-  for batch, extra in iterator:
-    queue.append((shard(batch, accum_steps), extra))
-    if len(queue) > size:
-      yield queue.pop(0)
-  while queue:
-    yield queue.pop(0)

@@ -46,10 +46,9 @@ def make(config, platform: Optional[str] = None) -> optax.GradientTransformation
   weight_decay, b1, b2, eps, clip_grad_norm (<= 0 disables clipping), and optionally
   implementation (LAMB only): 'optax', the reference chain of optax's transformations;
   'fused', the same algorithm and state in fewer memory passes (``fused_lamb``), which
-  is faster on XLA:CPU; or 'auto' (the default): 'fused' where the program is lowered
-  for the CPU, 'optax' everywhere else. All three have the same state. ``platform``
-  ('cpu', 'cuda', 'tpu', ...), where known, resolves 'auto' now; otherwise the choice is
-  made when the update is lowered (``jax.lax.platform_dependent``).
+  is faster on XLA:CPU; or 'auto' (the default): 'fused' for a step compiled for the CPU
+  (``platform='cpu'``, which the training commands pass from their devices), 'optax'
+  for any other platform or an unknown one. All three have the same state.
   """
   implementation = config.get('implementation', 'auto')
   if implementation not in IMPLEMENTATIONS:
@@ -57,20 +56,9 @@ def make(config, platform: Optional[str] = None) -> optax.GradientTransformation
                      f'got {implementation!r}')
   if config.name != 'lamb' or implementation == 'optax':
     return reference(config)
-  if implementation == 'auto' and platform is not None:
+  if implementation == 'auto':
     implementation = 'fused' if platform == 'cpu' else 'optax'
-  if implementation == 'optax':
-    return reference(config)
-  fused = fused_lamb(config)
-  if implementation == 'fused':
-    return fused
-  ref = reference(config)
-
-  def update(grads, state, params=None):
-    return jax.lax.platform_dependent(grads, state, params, cpu=fused.update,
-                                      default=ref.update)
-
-  return optax.GradientTransformation(ref.init, update)
+  return fused_lamb(config) if implementation == 'fused' else reference(config)
 
 
 def reference(config) -> optax.GradientTransformation:
@@ -159,8 +147,7 @@ def fused_lamb(config) -> optax.GradientTransformation:
       # The new moments are written in place of the old ones, which the update direction
       # also reads (XLA recomputes the moments there rather than reading them back). Adding
       # 0 * ||u|| (exactly 0: the norm is finite) makes those writes wait for that read;
-      # otherwise XLA copies both moments first: 1.6 GB of temporaries and ~50 ms a step
-      # for the released model.
+      # otherwise XLA copies both moments first (see bench/RESULTS.md).
       after = 0.0 * u_norm
       return step_size * (u * ratio), mu + after, nu + after
 

@@ -11,6 +11,7 @@ it (``ckpt_<step>.data-<host>.json``), since every host reads a different shard.
 
 from __future__ import annotations
 
+import fcntl
 import glob
 import json
 import os
@@ -24,6 +25,53 @@ from perceiver import atomic
 from perceiver import checkpoint
 
 _NAME = re.compile(r'^ckpt_(\d+)\.npz$')
+
+
+class WorkdirLock:
+  """Holds ``<workdir>/.lock`` (an exclusive ``flock``) while a run writes to ``workdir``,
+  so that a second run started on the same directory is refused instead of interleaving
+  its checkpoints and logs. Only process 0 takes it (the workdir is shared by hosts).
+  The kernel releases it when the process ends, however it ends.
+  """
+
+  def __init__(self, workdir: str):
+    self.path = os.path.join(workdir, '.lock')
+    self._file = None
+
+  def __enter__(self):
+    if jax.process_index() != 0:
+      return self
+    os.makedirs(os.path.dirname(self.path), exist_ok=True)
+    self._file = open(self.path, 'a+', encoding='utf-8')  # pylint: disable=consider-using-with
+    try:
+      fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+      self._file.seek(0)
+      holder = self._file.read().strip() or 'another process'
+      self._file.close()
+      self._file = None
+      raise checkpoint.CheckpointError(
+          f'{os.path.dirname(self.path)} is in use by {holder} (lock {self.path}); wait '
+          'for it to end or use another --workdir') from None
+    self._file.seek(0)
+    self._file.truncate()
+    self._file.write(f'pid {os.getpid()}\n')
+    self._file.flush()
+    return self
+
+  def __exit__(self, *exc):
+    if self._file is not None:
+      fcntl.flock(self._file, fcntl.LOCK_UN)
+      self._file.close()
+      self._file = None
+
+
+def step_of(path: str) -> int:
+  """The step of a checkpoint file named by ``CheckpointManager``."""
+  match = _NAME.match(os.path.basename(path))
+  if not match:
+    raise ValueError(f'{path}: not a checkpoint file name (ckpt_<step>.npz)')
+  return int(match.group(1))
 
 
 class CheckpointManager:
@@ -96,6 +144,34 @@ class CheckpointManager:
   def saved_config(self, path: str):
     """The model config stored in ``path`` (read without loading any array)."""
     return checkpoint.load_config(path)
+
+  def restore_latest(self, opt_state_template=None, rng_template=None, note=print,
+                     check=None):
+    """``(path, (params, config, metadata, opt_state, rng))`` of the newest checkpoint
+    that reads back whole, or None if there is none.
+
+    ``check(config, path)``, if given, vets each checkpoint's model config before its
+    arrays are read (and raises to refuse it). A newer checkpoint that does not read back
+    (truncated, bit-flipped: every array is checked against its CRC) is moved aside to
+    ``<name>.corrupt``, kept for inspection, and named in a warning; the one before it is
+    tried next. One that reads but does not fit this run (``CheckpointMismatch``) is an
+    error, not damage: it is left alone.
+    """
+    for step in reversed(self.steps()):
+      path = self.path(step)
+      try:
+        if check is not None:
+          check(checkpoint.load_config(path), path)
+        return path, self.restore(path, opt_state_template, rng_template)
+      except checkpoint.CheckpointMismatch:
+        raise
+      except checkpoint.CheckpointError as e:
+        aside = path + '.corrupt'
+        if jax.process_index() == 0 and os.path.exists(path):
+          os.replace(path, aside)
+        note(f'warning: {path} does not read back ({e}); moved aside to {aside}; '
+             'resuming from the checkpoint before it')
+    return None
 
   def restore(self, path: str, opt_state_template=None, rng_template=None):
     """Returns (params, config, metadata, opt_state | None, rng | None) from ``path``."""

@@ -1,4 +1,4 @@
-"""train.host_memory: freed blocks stay mapped, so reusing them costs no page faults."""
+"""perceiver.training.host_memory: freed blocks stay mapped, so reusing them costs no page faults."""
 
 import pathlib
 import platform
@@ -12,7 +12,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 _SCRIPT = textwrap.dedent('''
     import ctypes, resource, sys
-    from train import host_memory
+    from perceiver.training import host_memory
     if sys.argv[1] == 'retain':
       assert host_memory.retain_freed_memory() is True
       assert host_memory.retain_freed_memory() is True   # idempotent

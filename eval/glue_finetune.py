@@ -1,0 +1,346 @@
+"""One GLUE task fine-tuned: each run (grid point) handed to the shared training loop.
+
+``finetune`` builds the classifier (``perceiver.transfer``), its optimizer and steps,
+and runs ``perceiver.training.loop.Loop`` over seeded epochs (``eval.glue_inputs``),
+scoring the dev split(s) after every epoch (``eval.glue_task``), keeping the best epoch's
+checkpoint and saving a resume checkpoint per epoch. ``run_task`` runs one task: one
+point, or a sweep of them, then the test predictions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import time
+from typing import Any, Dict, List, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from eval import glue_data
+from eval import glue_inputs
+from eval import glue_io
+from eval import glue_task
+from perceiver import checkpoint
+from perceiver import errors
+from perceiver import transfer
+from perceiver import transform
+from perceiver.training import checkpoints
+from perceiver.training import feed
+from perceiver.training import hosts
+from perceiver.training import loop as loop_lib
+from perceiver.training import optim
+from perceiver.training import step as step_lib
+from perceiver.training import writer as writer_lib
+
+SUBMISSION_DIR = 'submission'
+FINISHED = 'dev_metrics.json'
+
+
+class GlueError(errors.UserError, RuntimeError):
+  """The run cannot start or go on (bad settings, existing outputs, non-finite loss)."""
+
+
+class Stopped(Exception):
+  """A signal stopped a fine-tuning run after saving it; rerunning resumes it."""
+
+
+# --------------------------------------------------------------------------------------
+# One fine-tuning run (one grid point), handed to the shared loop.
+
+@dataclasses.dataclass
+class RunResult:
+  """The best dev epoch of one run: where its files are, what ``dev_metrics.json`` holds,
+  its selection score, and its parameters (host arrays)."""
+  run_dir: str
+  summary: Dict[str, Any]
+  score: float
+  params: Any
+
+
+def _optimizer_config(config, learning_rate: float, total_steps: int):
+  opt = ml_collections.ConfigDict(config.optimizer.to_dict())
+  opt.learning_rate = float(learning_rate)
+  opt.decay_steps = opt.decay_steps or total_steps
+  return opt
+
+
+def _run_settings(config, batch_size, learning_rate) -> Dict[str, Any]:
+  """What a resumed run must share with the run it continues."""
+  return {'config': json.loads(config.to_json()), 'batch_size': int(batch_size),
+          'learning_rate': float(learning_rate)}
+
+
+def finetune(task: glue_data.Task, data: Dict[str, glue_inputs.EncodedSplit],
+             trunk: transfer.Trunk, config, run_dir: str, log: writer_lib.RunLog, *,
+             batch_size: int, learning_rate: float, batch_field: str = 'train.batch_size',
+             resume: bool = True) -> RunResult:
+  """Fine-tunes on ``data['train']``, evaluating the dev split(s) after every epoch.
+
+  Writes the best epoch's checkpoint, its dev predictions and ``metrics.jsonl`` under
+  ``run_dir``, and a resume checkpoint after every epoch (``resume``: continue from one
+  left by an interrupted run). Returns the best epoch's summary.
+
+  Raises:
+    Stopped: a signal stopped the run (its state is saved).
+  """
+  start_time = time.time()
+  train = data['train']
+  try:
+    layout = hosts.batch_layout(batch_size, config.train.grad_accum_steps, batch_field,
+                                'train.grad_accum_steps')
+  except ValueError as e:
+    raise GlueError(str(e)) from None
+  devices = jax.local_device_count()
+  eval_batch = glue_inputs.round_up(config.eval.batch_size, devices)
+  steps_per_epoch = math.ceil(len(train) / batch_size)
+  total = config.train.epochs * steps_per_epoch
+  opt_config = _optimizer_config(config, learning_rate, total)
+  platform = step_lib.platform()
+  optimizer = optim.make(opt_config, platform=platform)
+  model = transform.classifier(trunk.model_config, task.num_outputs, platform=platform)
+  params = transfer.classifier_params(model, trunk, config.seed, train.length, log.note)
+  log.note(f'  {len(train)} train examples, batch {batch_size} ({devices} device(s) x '
+           f'{layout["accum"]} accumulation step(s)), {steps_per_epoch} steps/epoch x '
+           f'{config.train.epochs} epochs = {total} steps; learning rate {learning_rate:g} '
+           f'({opt_config.name}, warm-up {opt_config.warmup_steps}, {opt_config.decay} decay '
+           f'to step {opt_config.decay_steps})')
+  opt_state, rng = optimizer.init(params), jax.random.PRNGKey(config.seed + 1)
+  best_manager = checkpoints.CheckpointManager(os.path.join(run_dir, 'checkpoint'), keep=1)
+  resume_manager = checkpoints.CheckpointManager(os.path.join(run_dir, 'resume'), keep=1)
+  settings = _run_settings(config, batch_size, learning_rate)
+  start_step, history, best = 0, [], None
+  restored = resume_manager.restore_latest(opt_state, rng, note=log.note) if resume else None
+  if restored:
+    latest, (params, _, meta, opt_state, rng) = restored
+    if meta.get('settings') != settings:
+      raise GlueError(f'{latest} was written by a run with other settings; pass '
+                      '--noresume to start this task over, or use another --workdir')
+    start_step, history, best = meta['step'], meta['history'], meta['best']
+    log.note(f'  resuming from {latest} at step {start_step} (epoch '
+             f'{start_step // steps_per_epoch} of {config.train.epochs} done)')
+  state = step_lib.replicate(step_lib.TrainState(
+      jnp.asarray(start_step, jnp.int32), params, opt_state, rng))
+  train_step = step_lib.make_train_step(
+      glue_task.make_loss_fn(model, task.is_regression), glue_task.count_fn, optimizer,
+      optim.schedule(opt_config))
+  predict_step = step_lib.make_predict_step(glue_task.make_predict_fn(model))
+  writer = writer_lib.MetricWriter(run_dir, total, stream=log, resume_step=start_step)
+
+  def evaluate(step, state):
+    nonlocal best
+    epoch = step // steps_per_epoch
+    results, loss, _, _ = glue_task.evaluate(task, data, predict_step, state.params,
+                                             eval_batch)
+    score = glue_task.selection_score(task, results)
+    writer.write(step, glue_task.eval_record(epoch, results, loss, score), kind='eval')
+    history.append({'epoch': epoch, 'step': step, 'dev_loss': loss, 'score': score,
+                    'results': results})
+    if best is None or score > best['score']:
+      path = best_manager.save(step, step_lib.unreplicate(state.params), trunk.model_config,
+                               task=task.name, labels=list(task.labels),
+                               num_outputs=task.num_outputs, epoch=epoch,
+                               dev_results=results, init=trunk.source,
+                               glue_config=config.to_json())
+      best = {'epoch': epoch, 'step': step, 'score': score, 'results': results,
+              'path': os.path.relpath(path, run_dir)}
+      writer.note(f'  epoch {epoch}: new best dev score {score:.4f}; saved {path}')
+
+  def save(step, state, data_position):
+    del data_position   # the step is the position (glue_inputs.train_batches)
+    host = step_lib.unreplicate(state)
+    resume_manager.save(step, host.params, trunk.model_config, opt_state=host.opt_state,
+                        rng=host.rng, history=history, best=best, settings=settings)
+
+  def extra_report(step, report, window):
+    return {'epoch': -(-step // steps_per_epoch),
+            'examples_per_s': window.sums.get('count', 0.0) / max(
+                report['step_time_s'] * window.steps, 1e-9)}
+
+  batches = feed.Prefetcher(
+      glue_inputs.train_batches(train, batch_size, config.seed, start_step), 2,
+      prepare=lambda item: (step_lib.shard(item[0], layout['accum']), item[1]))
+  with hosts.StopAgreement(config.train.stop_timeout_s, log.note) as stop:
+    run = loop_lib.Loop(
+        train_step, total_steps=total, writer=writer, log_every=config.train.log_every,
+        stop=stop, extra_report=extra_report, eval_every=steps_per_epoch, eval_at_end=True,
+        evaluate=evaluate, checkpoint_every=config.train.checkpoint_every or steps_per_epoch,
+        save=save)
+    try:
+      result = run.run(state, batches, start_step)
+    except loop_lib.NonFiniteError as e:
+      raise GlueError(f'{e}; the last epoch\'s state is in {resume_manager.directory}') from None
+    finally:
+      stop.finished()
+      batches.close()
+  if result.stopped:
+    raise Stopped(f'stopped at step {result.step} of {total} in {run_dir}; rerun the same '
+                  'command to resume')
+
+  best_params, _, _ = checkpoint.load(os.path.join(run_dir, best['path']))
+  _, _, preds, golds = glue_task.evaluate(task, data, predict_step,
+                                          step_lib.replicate(best_params), eval_batch)
+  for split in task.dev_splits:
+    glue_io.write_dev_predictions(os.path.join(run_dir, f'{split}_predictions.tsv'), task,
+                                  data[split].indices, preds[split], golds[split])
+  shutil.rmtree(resume_manager.directory, ignore_errors=True)
+  summary = {
+      'task': task.name, 'results': best['results'], 'main_score': best['score'],
+      'best_epoch': best['epoch'], 'best_step': best['step'], 'checkpoint': best['path'],
+      'epochs': history, 'batch_size': batch_size, 'learning_rate': float(learning_rate),
+      'total_steps': total,
+      'num_examples': {name: len(enc) for name, enc in data.items()},
+      'num_truncated': {name: enc.num_truncated for name, enc in data.items()},
+      'padded_length': {name: enc.length for name, enc in data.items()},
+      'max_seq_len': resolve_max_seq_len(config, trunk.model_config),
+      'init': trunk.source, 'devices': devices, 'run_time_s': time.time() - start_time,
+  }
+  return RunResult(run_dir, summary, best['score'], best_params)
+
+
+def resolve_max_seq_len(config, model_config) -> int:
+  cap = config.data.max_seq_len or model_config.max_seq_len
+  if not 1 < cap <= model_config.max_seq_len:
+    raise GlueError(f'data.max_seq_len={config.data.max_seq_len} must be in '
+                    f'[2, {model_config.max_seq_len}] (the model\'s max_seq_len), or 0')
+  return cap
+
+
+# --------------------------------------------------------------------------------------
+# One task (one run, or a sweep), and all of them.
+
+_OUTPUT_FILES = (FINISHED, 'metrics.jsonl', 'sweep.json', 'log.txt')
+
+
+def clean_task_dir(task_dir: str) -> None:
+  """Removes what an earlier (finished or interrupted) run of this command left in
+  ``task_dir``: its outputs, checkpoints and resume state; nothing else."""
+  if not os.path.isdir(task_dir):
+    return
+  for root, dirs, files in os.walk(task_dir, topdown=False):
+    for name in files:
+      base = os.path.basename(root)
+      ours = (name in _OUTPUT_FILES or name.endswith('_predictions.tsv') or
+              (base in ('checkpoint', 'resume') and name.startswith('ckpt_')))
+      if ours:
+        os.remove(os.path.join(root, name))
+    for name in dirs:
+      path = os.path.join(root, name)
+      if name in ('checkpoint', 'resume') and not os.listdir(path):
+        os.rmdir(path)
+
+
+def _point_name(batch_size: int, learning_rate: float) -> str:
+  return f'bs{batch_size}_lr{learning_rate:g}'
+
+
+def grid(config, sweep: bool):
+  if not sweep:
+    return [(config.train.batch_size, config.optimizer.learning_rate, 'train.batch_size')]
+  points = [(int(b), float(lr), 'sweep.batch_sizes') for b in config.sweep.batch_sizes
+            for lr in config.sweep.learning_rates]
+  if not points:
+    raise GlueError('--sweep: sweep.batch_sizes and sweep.learning_rates must not be empty')
+  return points
+
+
+def _predict_test(task, data, trunk, params, config, out_dir, log) -> List[str]:
+  model = transform.classifier(trunk.model_config, task.num_outputs,
+                               platform=step_lib.platform())
+  predict_step = step_lib.make_predict_step(glue_task.make_predict_fn(model))
+  replicated = step_lib.replicate(params)
+  eval_batch = glue_inputs.round_up(config.eval.batch_size, jax.local_device_count())
+  written = []
+  for split in list(task.test_splits) + (['diagnostic'] if 'diagnostic' in data else []):
+    enc = data[split]
+    outputs = glue_inputs.predict(predict_step, replicated, enc, eval_batch)
+    written.append(glue_io.write_submission(out_dir, task, split, enc.indices,
+                                            glue_task.predictions_from_outputs(task, outputs)))
+    log.note(f'  wrote {written[-1]} ({len(enc)} test predictions)')
+  return written
+
+
+def _adopt_best_point(task, task_dir: str, best: RunResult, points: List[dict],
+                      log: writer_lib.RunLog) -> Dict[str, Any]:
+  """Writes ``sweep.json`` and copies the best point's predictions and metrics.jsonl up."""
+  point = os.path.basename(best.run_dir)
+  summary = dict(best.summary, checkpoint=os.path.join(point, best.summary['checkpoint']),
+                 sweep={'best': point, 'points': points})
+  glue_io.write_json_atomic(os.path.join(task_dir, 'sweep.json'), summary['sweep'])
+  names = [f'{split}_predictions.tsv' for split in task.dev_splits] + ['metrics.jsonl']
+  for name in names:
+    shutil.copyfile(os.path.join(best.run_dir, name), os.path.join(task_dir, name))
+  log.note(f'  best grid point: {point} (dev score {best.score:.4f})')
+  return summary
+
+
+def _point(task, data, trunk, config, run_dir, log, batch_size, lr, field, resume):
+  """One grid point of a sweep: a finished point's summary is read back, not rerun."""
+  finished = os.path.join(run_dir, FINISHED)
+  if resume and os.path.exists(finished):
+    with open(finished, encoding='utf-8') as f:
+      summary = json.load(f)
+    params, _, _ = checkpoint.load(os.path.join(run_dir, summary['checkpoint']))
+    log.note(f'  {run_dir}: finished earlier (main score {summary["main_score"]:.4f})')
+    return RunResult(run_dir, summary, summary['main_score'], params)
+  if not resume:
+    clean_task_dir(run_dir)
+  result = finetune(task, data, trunk, config, run_dir, log, batch_size=batch_size,
+                    learning_rate=lr, batch_field=field, resume=resume)
+  glue_io.write_json_atomic(finished, result.summary)
+  return result
+
+
+def run_task(task_name: str, config, data_dir: str, workdir: str, trunk: transfer.Trunk, *,
+             do_predict: bool = False, sweep: bool = False, resume: bool = True,
+             log: Optional[writer_lib.RunLog] = None) -> Dict[str, Any]:
+  """Fine-tunes and evaluates one task; returns its ``dev_metrics.json`` content."""
+  log = log or writer_lib.RunLog()
+  task = glue_data.get_task(task_name)
+  task_dir = os.path.join(workdir, task.name)
+  points = grid(config, sweep)
+  if not resume:
+    clean_task_dir(task_dir)
+  start = time.time()
+  with log.to_file(os.path.join(task_dir, 'log.txt'), mode='a'):
+    max_seq_len = resolve_max_seq_len(config, trunk.model_config)
+    kind = ('regression (mean squared error)' if task.is_regression else
+            f'{task.num_outputs}-way classification ({", ".join(task.labels)})')
+    log.note(f'== {task.name} ({task.directory}): {kind}; main metric {task.main_metric}')
+    data = glue_inputs.load_task_data(task, data_dir, config, max_seq_len,
+                                      with_test=do_predict, log=log)
+    best, points_done = None, []
+    for i, (batch_size, lr, field) in enumerate(points):
+      if sweep:
+        run_dir = os.path.join(task_dir, _point_name(batch_size, lr))
+        log.note(f'-- {task.name}: grid point {i + 1}/{len(points)}: batch {batch_size}, '
+                 f'learning rate {lr:g} -> {run_dir}')
+        result = _point(task, data, trunk, config, run_dir, log, batch_size, lr, field,
+                        resume)
+        points_done.append({'batch_size': batch_size, 'learning_rate': lr,
+                            'dir': os.path.basename(run_dir), 'main_score': result.score,
+                            'results': result.summary['results']})
+      else:
+        result = finetune(task, data, trunk, config, task_dir, log, batch_size=batch_size,
+                          learning_rate=lr, batch_field=field, resume=resume)
+      if best is None or result.score > best.score:
+        best = result
+    summary = dict(best.summary)
+    if sweep:
+      summary = _adopt_best_point(task, task_dir, best, points_done, log)
+    if do_predict:
+      written = _predict_test(task, data, trunk, best.params, config,
+                              os.path.join(workdir, SUBMISSION_DIR), log)
+      summary['submission'] = [os.path.relpath(path, task_dir) for path in written]
+    summary['wall_time_s'] = time.time() - start
+    glue_io.write_json_atomic(os.path.join(task_dir, FINISHED), summary)
+    scores = '; '.join(f'{key} ' + ', '.join(f'{name} {100 * value:.2f}'
+                                             for name, value in values.items())
+                       for key, values in summary['results'].items())
+    log.note(f'== {task.name}: best epoch {summary["best_epoch"]}: {scores} '
+             f'({summary["wall_time_s"]:.0f}s)')
+  return summary

@@ -1,0 +1,4 @@
+"""The training library every task shares: one loop (``loop``), the pmapped step
+(``step``), optimizers (``optim``), losses as sums (``losses``), checkpoints of a run
+(``checkpoints``), logs (``writer``), feeding the devices (``feed``), hosts and stops
+(``hosts``), and the host-memory policy of XLA:CPU processes (``host_memory``)."""

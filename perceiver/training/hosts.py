@@ -1,0 +1,207 @@
+"""Hosts and devices: ``jax.distributed`` start-up, the batch layout, and a stop that every
+host agrees on.
+
+A stop (SIGTERM, e.g. a preemption, or Ctrl-C) may reach one host, or all of them at
+different times. Each host then keeps stepping: every step it contributes its stop flag
+to a one-scalar sum over all devices, dispatched right after the train step and read one
+step later (like the step's metrics), so every host reads the same sum after the same
+step and all of them stop there, save the same checkpoint and return. On one host the
+flag is read directly, and a stop while waiting for data returns at once.
+
+Bounded: after a stop request a watchdog ends the process (exit status 3) if the run has
+not returned within ``timeout_s`` (a peer that stopped answering, a collective that
+never completes). A second signal raises ``Interrupted`` at once.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import sys
+import threading
+import time
+from typing import Callable, Dict, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+WATCHDOG_EXIT_STATUS = 3
+
+
+class Interrupted(BaseException):
+  """A second SIGTERM or SIGINT: stop now, without saving. ``signum`` is the signal."""
+
+  def __init__(self, signum: int):
+    super().__init__(f'{signal.Signals(signum).name} received twice')
+    self.signum = signum
+
+
+def initialize_distributed(config) -> None:
+  """Calls ``jax.distributed.initialize`` when ``config.enabled`` (a ``distributed``
+  config block: coordinator_address, num_processes, process_id, heartbeat_timeout_s;
+  empty ones are auto-detected on TPU pods, SLURM and other supported clusters)."""
+  if not config.enabled:
+    return
+  kwargs = {}
+  if config.coordinator_address:
+    kwargs['coordinator_address'] = config.coordinator_address
+  if config.num_processes > 0:
+    kwargs['num_processes'] = config.num_processes
+  if config.process_id >= 0:
+    kwargs['process_id'] = config.process_id
+  if config.get('heartbeat_timeout_s', 0) > 0:
+    kwargs['heartbeat_timeout_seconds'] = int(config.heartbeat_timeout_s)
+  jax.distributed.initialize(**kwargs)
+
+
+def batch_layout(global_batch: int, accum_steps: int, field: str = 'batch_size',
+                 accum_field: str = 'grad_accum_steps') -> Dict[str, int]:
+  """Splits a global batch over hosts, devices and accumulation steps.
+
+  Raises:
+    ValueError: naming ``field`` and ``accum_field`` when the batch does not split evenly.
+  """
+  devices, local = jax.device_count(), jax.local_device_count()
+  if accum_steps < 1:
+    raise ValueError(f'{accum_field} must be >= 1, got {accum_steps}')
+  if global_batch < 1 or global_batch % (devices * accum_steps):
+    raise ValueError(f'{field}={global_batch} must be a positive multiple of devices '
+                     f'({devices}) x {accum_field} ({accum_steps})')
+  per_device = global_batch // (devices * accum_steps)
+  return {'per_device': per_device, 'accum': accum_steps, 'local_devices': local,
+          'host_batch': per_device * local * accum_steps, 'devices': devices}
+
+
+class StopAgreement:
+  """Turns SIGTERM/SIGINT into a stop at a step all hosts agree on (module docstring).
+
+  Use as a context manager around the loop; the loop calls ``next_batch``, then
+  ``dispatch`` after each train step, then ``agreed``.
+  """
+
+  def __init__(self, timeout_s: float = 300.0, note: Callable[[str], None] = print,
+               signals=(signal.SIGTERM, signal.SIGINT)):
+    self.timeout_s = timeout_s
+    self.note = note
+    self.signals = signals
+    self.multi_host = jax.process_count() > 1
+    self._signal: Optional[int] = None
+    self._count = 0            # signals received by this host
+    self._previous = {}
+    self._done = threading.Event()
+    self._in_flight = None     # the last dispatched sum (multi-host)
+    self._agreed = False
+    self._psum = None
+    if self.multi_host:
+      self._psum = jax.pmap(lambda x: jax.lax.psum(x, 'hosts'), axis_name='hosts')
+
+  # -- signals -------------------------------------------------------------------------
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      for sig in self.signals:
+        self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def __exit__(self, *exc):
+    self._done.set()
+    stopping = self._signal is not None or self._agreed
+    for sig, handler in self._previous.items():
+      # After a stop the process is about to exit: a late signal (a host's own SIGTERM
+      # arriving after the hosts agreed) must not kill it with the default action.
+      signal.signal(sig, self._after_stop if stopping else handler)
+
+  def _after_stop(self, signum, frame):
+    del frame
+    self._count += 1
+    if self._count >= 2:
+      sys.stderr.write(f'{signal.Signals(signum).name} received again after the stop: '
+                       'exiting now\n')
+      sys.stderr.flush()
+      os._exit(128 + signum)   # pylint: disable=protected-access
+    self.note(f'{signal.Signals(signum).name} received after the stop was saved: exiting')
+
+  def request(self, signum: int = signal.SIGTERM) -> None:
+    """Requests a stop, as a signal does (first request only; starts the watchdog)."""
+    if self._signal is not None:
+      return
+    self._signal = signum
+    watchdog = threading.Thread(target=self._watchdog, daemon=True)
+    watchdog.start()
+
+  def _handle(self, signum, frame):
+    del frame
+    self._count += 1
+    if self._signal is not None and self._count >= 2:
+      raise Interrupted(signum)
+    self.request(signum)
+
+  def _watchdog(self):
+    if self._done.wait(self.timeout_s):
+      return
+    sys.stderr.write(f'error: a stop was requested ({self.reason()}) but the run did not '
+                     f'reach a step all hosts agree on within {self.timeout_s:g} s '
+                     f'(config field train.stop_timeout_s); exiting with status '
+                     f'{WATCHDOG_EXIT_STATUS}. The last complete checkpoint is kept.\n')
+    sys.stderr.flush()
+    os._exit(WATCHDOG_EXIT_STATUS)   # pylint: disable=protected-access
+
+  @property
+  def requested(self) -> bool:
+    return self._signal is not None
+
+  def reason(self) -> str:
+    """What stopped the run, for the log."""
+    if self._signal is None:
+      return ('a stop requested on another host (agreed by all hosts)' if self._agreed
+              else 'no signal')
+    name = signal.Signals(self._signal).name
+    return name + (' (agreed by all hosts)' if self.multi_host else '')
+
+  # -- the loop's side -----------------------------------------------------------------
+
+  def next_batch(self, batches, step: int, poll_s: float = 1.0, report_every_s: float = 30.0):
+    """The next item of ``batches`` (a ``data``-style ``Prefetcher`` with ``get``, or any
+    iterator); None if a stop was requested while waiting on a single host.
+
+    Waiting is interruptible and reported every ``report_every_s`` seconds.
+    """
+    get = getattr(batches, 'get', None)
+    if get is None:
+      return None if self._abandon() else next(batches)
+    started = time.monotonic()
+    reported = 0
+    while True:
+      if self._abandon():
+        return None
+      try:
+        return get(timeout=poll_s)
+      except queue.Empty:
+        waited = time.monotonic() - started
+        if waited - reported >= report_every_s:
+          reported = waited
+          self.note(f'waiting for data for step {step + 1}: {waited:.0f} s so far')
+
+  def _abandon(self) -> bool:
+    return self.requested and not self.multi_host
+
+  def dispatch(self) -> None:
+    """After a train step: contributes this host's stop flag to the sum over hosts."""
+    if not self.multi_host or self._agreed:
+      return
+    flag = np.full((jax.local_device_count(),), float(self.requested), np.float32)
+    previous, self._in_flight = self._in_flight, self._psum(jnp.asarray(flag))
+    if previous is not None:
+      self._agreed = float(np.asarray(previous)[0]) > 0
+
+  def agreed(self) -> bool:
+    """Whether to stop after the step just dispatched (the same answer on every host)."""
+    if not self.multi_host:
+      return self.requested
+    return self._agreed
+
+  def finished(self) -> None:
+    """The run returned: the watchdog stands down."""
+    self._done.set()
