@@ -37,11 +37,14 @@ class TextPreprocessor(hk.Module):
   ``trainable_position_encoding``, where the original's colab creates them.
   """
 
-  def __init__(self, vocab_size, d_model, max_seq_len, name='text_preprocessor'):
+  def __init__(self, vocab_size, d_model, max_seq_len, position_init_scale=0.02,
+               name='text_preprocessor'):
     super().__init__(name=name)
     self.vocab_size = vocab_size
     self.d_model = d_model
     self.max_seq_len = max_seq_len
+    # The original's colab builds the table with TrainablePositionEncoding's default, 0.02.
+    self.position_init_scale = position_init_scale
 
   @hk.transparent
   def __call__(self, input_ids):
@@ -53,7 +56,7 @@ class TextPreprocessor(hk.Module):
     embedded = embed(input_ids)
     positions = position_encoding.TrainablePositionEncoding(
         index_dim=self.max_seq_len, num_channels=self.d_model,
-        name='trainable_position_encoding')()
+        init_scale=self.position_init_scale, name='trainable_position_encoding')()
     return embedded + positions[None, :seq_len], embed.embeddings, embedded
 
 

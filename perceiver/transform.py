@@ -46,8 +46,11 @@ class _Trunk:
       raise ValueError(f'input_ids must be [batch, seq], got shape {input_ids.shape}')
     self.input_ids = input_ids
     self.input_mask = _default_mask(input_ids, input_mask)
-    self.preprocessor = model.TextPreprocessor(config.vocab_size, config.d_model,
-                                               config.max_seq_len)
+    # input_position_init_scale: this project's option (initialisation only; absent from
+    # a config means the original's 0.02).
+    self.preprocessor = model.TextPreprocessor(
+        config.vocab_size, config.d_model, config.max_seq_len,
+        position_init_scale=config.get('input_position_init_scale', 0.02))
     self.encoder = model.PerceiverEncoder(**config.encoder.to_dict(),
                                           compute_dtype=_dtype(config),
                                           fusion_barrier=config.fusion_barrier)

@@ -99,7 +99,8 @@ def make_masker(config, for_training=True) -> masking.WordMasker:
     max_predictions = config.train.max_predictions or masking.default_max_predictions(
         seq_len, config.masking.mask_prob)
   return masking.WordMasker(config.masking.mask_prob, config.masking.include_leading_space,
-                            config.masking.bert_replacement, max_predictions)
+                            config.masking.bert_replacement, max_predictions,
+                            unit=config.masking.get('unit', 'word'))
 
 
 def train_batches(config, workdir, host_batch, state=None):
@@ -279,12 +280,19 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, float]:
     for batch in held_out:
       out = step_lib.unreplicate(eval_step(state.params, step_lib.shard(batch)))
       sums = out if sums is None else {k: sums[k] + out[k] for k in sums}
-    log.write(step, {'loss': sums['loss'] / max(sums['count'], 1),
-                     'accuracy': sums['correct'] / max(sums['count'], 1),
-                     'masked_bytes': sums['count'], **baseline}, kind='eval')
+    record = {'loss': sums['loss'] / max(sums['count'], 1),
+              'accuracy': sums['correct'] / max(sums['count'], 1),
+              'masked_bytes': sums['count'], **baseline}
+    if baseline:
+      # Above 0 once the model uses context: what a context-free guess cannot score.
+      record['accuracy_gap'] = record['accuracy'] - baseline['baseline_accuracy']
+      record['loss_gap'] = baseline['baseline_loss'] - record['loss']
+    log.write(step, record, kind='eval')
 
   step = start_step
   last = {}
+  max_seconds = config.train.get('max_seconds', 0.0)
+  run_start = time.time()
   window = {'loss': 0.0, 'correct': 0.0, 'count': 0.0, 'steps': 0}
   window_start = time.time()
   log.start(step)
@@ -302,8 +310,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, float]:
           _accumulate(window, pending[1], pending[0])
         pending = (step, metrics)
         last_data = data_position
-        at_log = step % config.train.log_every == 0 or step == config.train.steps
-        at_ckpt = step % config.train.checkpoint_every == 0 or step == config.train.steps
+        out_of_time = bool(max_seconds) and time.time() - run_start >= max_seconds
+        at_log = (step % config.train.log_every == 0 or step == config.train.steps
+                  or out_of_time)
+        at_ckpt = (step % config.train.checkpoint_every == 0 or step == config.train.steps
+                   or out_of_time)
         if at_log or at_ckpt or stop.signal is not None:
           _accumulate(window, pending[1], pending[0])
           pending = None
@@ -313,12 +324,16 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, float]:
           log.write(step, last)
           window = {'loss': 0.0, 'correct': 0.0, 'count': 0.0, 'steps': 0}
           window_start = time.time()
-        if config.train.eval_every and step % config.train.eval_every == 0:
+        if config.train.eval_every and (step % config.train.eval_every == 0 or out_of_time):
           evaluate(step)
         if at_ckpt or stop.signal is not None:
           save(step, last_data)
         if stop.signal is not None:
           log.note(f'stopped by signal {stop.signal} at step {step}; checkpoint written')
+          break
+        if out_of_time:
+          log.note(f'stopped at step {step}: train.max_seconds={max_seconds:g} reached; '
+                   'checkpoint written')
           break
     except _NonFinite as e:
       raise TrainingError(f'{e}: stopping without saving; the last good checkpoint is '

@@ -10,6 +10,8 @@ import time
 
 import jax
 
+from train import tensorboard
+
 
 def _fmt_duration(seconds: float) -> str:
   if not math.isfinite(seconds):
@@ -38,8 +40,12 @@ class MetricWriter:
     self.path = os.path.join(workdir, 'metrics.jsonl')
     self._start_time = None
     self._start_step = None
+    self._created = time.time()
+    self._tensorboard = None
     if self.enabled:
       os.makedirs(workdir, exist_ok=True)
+      # Event files too, if tensorboardX or clu is installed (neither is required).
+      self._tensorboard = tensorboard.open_writer(workdir)
 
   def start(self, step: int):
     """Marks where this process began, for the ETA."""
@@ -56,9 +62,16 @@ class MetricWriter:
     if not self.enabled:
       return
     metrics = {k: (v if isinstance(v, (str, int)) else float(v)) for k, v in metrics.items()}
-    record = {'step': int(step), 'kind': kind, 'time': time.time(), **metrics}
+    now = time.time()
+    # elapsed_s: seconds since this process's writer was made (set-up and compilation
+    # included): the wall-clock axis of train.plot.
+    record = {'step': int(step), 'kind': kind, 'time': now,
+              'elapsed_s': now - self._created, **metrics}
     with open(self.path, 'a', encoding='utf-8') as f:
       f.write(json.dumps(record) + '\n')
+    if self._tensorboard is not None:
+      self._tensorboard.scalars(step, kind, {k: v for k, v in metrics.items()
+                                             if not isinstance(v, str)})
     pct = 100.0 * step / max(self.total_steps, 1)
     fields = ' '.join(f'{k} {_fmt(v)}' for k, v in metrics.items())
     eta = f' eta {_fmt_duration(self.eta(step))}' if kind == 'train' else ''

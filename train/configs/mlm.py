@@ -43,6 +43,9 @@ def _base() -> ml_collections.ConfigDict:
   c.masking.mask_prob = 0.15     # paper: 15% of words
   c.masking.include_leading_space = True   # chosen here; see train/masking.py
   c.masking.bert_replacement = False       # chosen here: the paper does not mention 80/10/10
+  # 'word': the paper's whole words; 'byte': single bytes (this project's option, for
+  # CPU-sized runs; see train/LEARNING.md).
+  c.masking.unit = 'word'
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.name = 'lamb'      # paper, Table 12
@@ -76,6 +79,9 @@ def _base() -> ml_collections.ConfigDict:
   c.train.keep_checkpoints = 3
   # Peak FLOP/s of one device, for the logged MFU estimate (0: MFU not logged).
   c.train.peak_flops_per_device = 0.0
+  # Stop (with a checkpoint, as on SIGTERM) once the run has taken this many seconds of
+  # wall-clock time in this process; 0: no limit. For runs budgeted by time, not steps.
+  c.train.max_seconds = 0.0
 
   # Multi-host: initialise jax.distributed (arguments left empty are auto-detected on
   # TPU pods, SLURM and other supported clusters).
@@ -106,6 +112,48 @@ def _short_cpu_run(c, learning_rate, eval_batches):
   return c
 
 
+def _init_scale_options(c):
+  """Makes the three learned position tables' initial scales settable (CPU presets).
+
+  Truncated-normal stddevs; 0.02 is the original's for all three. The encoder's
+  ``z_pos_enc_init_scale`` (the latents) and the decoder's
+  ``trainable_position_encoding_kwargs.init_scale`` (its queries) are the original's
+  keyword arguments; ``input_position_init_scale`` is this project's (the original's
+  colab builds the input table with the default). Initialisation only: no parameter
+  name or shape changes.
+  """
+  c.model.input_position_init_scale = 0.02
+  c.model.encoder.z_pos_enc_init_scale = 0.02
+  c.model.decoder.trainable_position_encoding_kwargs.init_scale = 0.02
+  return c
+
+
+def _shared_text(c, eval_batches=8):
+  shared = '../shared/data/text'
+  c.data.sources = {
+      'c4': {'paths': f'{shared}/c4/c4-train.00000-of-01024.first1000.json.gz',
+             'weight': 0.7, 'text_field': 'text'},
+      'wikipedia': {'paths': f'{shared}/wikipedia/train.jsonl', 'weight': 0.3,
+                    'text_field': 'text'},
+  }
+  c.data.eval_paths = f'{shared}/wikipedia/valid.jsonl'
+  c.train.eval_batches = eval_batches
+  return c
+
+
+def screen():
+  """The ablation's starting point (train/LEARNING.md): the smoke model on ../shared text."""
+  c = smoke()
+  _shared_text(c)
+  c.data.docs_per_example = 10
+  c.train.steps = 100_000
+  c.train.eval_every = 250
+  c.train.log_every = 50
+  c.train.checkpoint_every = 100_000
+  c.optimizer.decay = 'constant'
+  return _init_scale_options(c)
+
+
 def paper():
   return _with_model(_base(), model_configs.language_mlm())
 
@@ -134,7 +182,7 @@ def small():
   return _short_cpu_run(c, learning_rate=2e-3, eval_batches=8)
 
 
-PRESETS = {'paper': paper, 'smoke': smoke, 'small': small}
+PRESETS = {'paper': paper, 'smoke': smoke, 'small': small, 'screen': screen}
 
 
 def get_config(preset: str = 'smoke') -> ml_collections.ConfigDict:
