@@ -50,7 +50,8 @@ class _Trunk:
     # a config means the original's 0.02).
     self.preprocessor = model.TextPreprocessor(
         config.vocab_size, config.d_model, config.max_seq_len,
-        position_init_scale=config.get('input_position_init_scale', 0.02))
+        position_init_scale=config.get('input_position_init_scale', 0.02),
+        position_init=config.get('input_position_init', 'truncated_normal'))
     self.encoder = model.PerceiverEncoder(**config.encoder.to_dict(),
                                           compute_dtype=_dtype(config),
                                           fusion_barrier=config.fusion_barrier)

@@ -151,8 +151,18 @@ def unigram_baseline(batches) -> Dict[str, float]:
 # --------------------------------------------------------------------------------------
 # The loss.
 
-def make_loss_fn(model, decode_masked_only: bool):
-  """(params, rng, batch, is_training) -> (summed masked-byte cross-entropy, sums)."""
+def make_loss_fn(model, decode_masked_only: bool, unmasked_weight: float = 0.0):
+  """(params, rng, batch, is_training) -> (summed masked-byte cross-entropy, sums).
+
+  ``unmasked_weight`` > 0 (this project's option, ``train.unmasked_loss_weight``): while
+  training, each unmasked byte's cross-entropy (reconstructing the byte the model sees)
+  is added to the objective with this weight relative to a masked byte. The logged
+  ``loss`` stays the masked bytes' alone (returned as the ``loss`` metric sum, which
+  ``train.step`` reports in place of the objective).
+  """
+  if unmasked_weight and decode_masked_only:
+    raise TrainingError('train.unmasked_loss_weight needs every position decoded: set '
+                        'train.decode_masked_only=false')
 
   def loss_fn(params, rng, batch, is_training):
     if decode_masked_only and is_training:
@@ -167,7 +177,13 @@ def make_loss_fn(model, decode_masked_only: bool):
     label_logits = jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
     xent = jax.nn.logsumexp(logits, axis=-1) - label_logits
     correct = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
-    return jnp.sum(xent * weights), {'correct': jnp.sum(correct * weights)}
+    loss = jnp.sum(xent * weights)
+    sums = {'correct': jnp.sum(correct * weights)}
+    if unmasked_weight and is_training:
+      unmasked = batch['input_mask'].astype(jnp.float32) * (1.0 - weights)
+      sums['loss'] = loss
+      loss = loss + unmasked_weight * jnp.sum(xent * unmasked)
+    return loss, sums
 
   return loss_fn
 
@@ -245,7 +261,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, float]:
 
   state = step_lib.replicate(step_lib.TrainState(
       jnp.asarray(start_step, jnp.int32), params, opt_state, rng))
-  loss_fn = make_loss_fn(model, config.train.decode_masked_only)
+  loss_fn = make_loss_fn(model, config.train.decode_masked_only,
+                         config.train.get('unmasked_loss_weight', 0.0))
   train_step = step_lib.make_train_step(loss_fn, count_fn, optimizer, lr_fn)
   eval_step = step_lib.make_eval_step(loss_fn, count_fn)
   held_out = eval_batches(config, workdir, layout['per_device'] * layout['local_devices'])

@@ -72,6 +72,10 @@ def _base() -> ml_collections.ConfigDict:
   # less compute. Chosen here: off, to compute exactly what the released model computes.
   c.train.decode_masked_only = False
   c.train.max_predictions = 0    # query slots per sequence with decode_masked_only; 0 = auto
+  # This project's option (0: the paper's objective, masked bytes only): the weight, relative
+  # to a masked byte, of each unmasked byte's reconstruction loss in the training objective.
+  # The logged loss and accuracy stay the masked bytes'. See train/LEARNING.md.
+  c.train.unmasked_loss_weight = 0.0
   c.train.log_every = 100
   c.train.eval_every = 5000
   c.train.eval_batches = 10
@@ -112,19 +116,24 @@ def _short_cpu_run(c, learning_rate, eval_batches):
   return c
 
 
-def _init_scale_options(c):
-  """Makes the three learned position tables' initial scales settable (CPU presets).
+def _position_init_options(c):
+  """Makes the three learned position tables' initialisation settable (CPU presets).
 
-  Truncated-normal stddevs; 0.02 is the original's for all three. The encoder's
+  Scales: truncated-normal stddevs, 0.02 the original's for all three. The encoder's
   ``z_pos_enc_init_scale`` (the latents) and the decoder's
   ``trainable_position_encoding_kwargs.init_scale`` (its queries) are the original's
   keyword arguments; ``input_position_init_scale`` is this project's (the original's
-  colab builds the input table with the default). Initialisation only: no parameter
-  name or shape changes.
+  colab builds the input table with the default). The ``*_init`` fields are this
+  project's: 'truncated_normal' (the original's) or 'sinusoid' (sines and cosines of the
+  position times the scale; see perceiver.position_encoding.sinusoid_init).
+  Initialisation only: no parameter name or shape changes.
   """
   c.model.input_position_init_scale = 0.02
+  c.model.input_position_init = 'truncated_normal'
   c.model.encoder.z_pos_enc_init_scale = 0.02
+  c.model.encoder.z_pos_enc_init = 'truncated_normal'
   c.model.decoder.trainable_position_encoding_kwargs.init_scale = 0.02
+  c.model.decoder.trainable_position_encoding_kwargs.init = 'truncated_normal'
   return c
 
 
@@ -151,7 +160,21 @@ def screen():
   c.train.log_every = 50
   c.train.checkpoint_every = 100_000
   c.optimizer.decay = 'constant'
-  return _init_scale_options(c)
+  return _position_init_options(c)
+
+
+def cpu():
+  """PROVISIONAL: the preset that learns on a CPU in 30 minutes (train/LEARNING.md)."""
+  c = screen()
+  c.masking.unit = 'byte'
+  c.model.input_position_init = 'sinusoid'
+  c.model.input_position_init_scale = 1.0
+  c.model.decoder.trainable_position_encoding_kwargs.init = 'sinusoid'
+  c.model.decoder.trainable_position_encoding_kwargs.init_scale = 1.0
+  c.model.encoder.z_pos_enc_init = 'sinusoid'
+  c.model.encoder.z_pos_enc_init_scale = 1.0
+  c.train.unmasked_loss_weight = 1.0
+  return c
 
 
 def paper():
@@ -182,7 +205,7 @@ def small():
   return _short_cpu_run(c, learning_rate=2e-3, eval_batches=8)
 
 
-PRESETS = {'paper': paper, 'smoke': smoke, 'small': small, 'screen': screen}
+PRESETS = {'paper': paper, 'smoke': smoke, 'small': small, 'screen': screen, 'cpu': cpu}
 
 
 def get_config(preset: str = 'smoke') -> ml_collections.ConfigDict:
