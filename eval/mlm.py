@@ -162,7 +162,8 @@ def context_free_baseline(counts: np.ndarray) -> Dict[str, float]:
   counts = np.asarray(counts, np.float64)
   total = counts.sum()
   if total <= 0:
-    raise EvalError('no masked bytes to score: the text is empty or too short')
+    raise EvalError('--data: no masked bytes to score (the files hold no text, or too '
+                    'little for --mask_prob to mask any)')
   p = counts[counts > 0] / total
   entropy = float(-(p * np.log(p)).sum())
   best = int(np.argmax(counts))
