@@ -33,6 +33,8 @@ setup(
         # python -m bench.run: the peer rows (transformers' PyTorch PerceiverForMaskedLM).
         # Without it the benchmark runs and those rows say "not installed".
         'bench': ['safetensors>=0.4', 'transformers==5.24.0', 'torch==2.13.0'],
+        # python -m train.plot: learning curves as a PNG.
+        'plot': ['matplotlib>=3.7'],
     },
     license='Apache-2.0',
 )

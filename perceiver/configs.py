@@ -109,6 +109,43 @@ def small(max_seq_len=512) -> ml_collections.ConfigDict:
                    max_seq_len=max_seq_len, qk_channels=128, num_heads=8)
 
 
+def cpu_sized(max_seq_len=64) -> ml_collections.ConfigDict:
+  """The model of the CPU training presets (``smoke``, ``cpu``): bytes in 64 channels,
+  32 latents of 128 channels, 2 latent self-attends, 4 heads (325k parameters at 64
+  bytes). It learns to use context within minutes on a laptop CPU (train/LEARNING.md)."""
+  return language(d_model=64, d_latents=128, num_latents=32, num_self_attends=2,
+                  max_seq_len=max_seq_len, qk_channels=64, num_heads=4)
+
+
+POSITION_INITS = ('truncated_normal', 'sinusoid')
+
+
+def with_position_init(config, init: str = 'truncated_normal', scale: float = 0.02):
+  """``config`` with the initialisation of its three learned position tables set
+  (initialisation only: no parameter name or shape changes).
+
+  The tables are the inputs' positions (``input_position_init[_scale]``, this project's
+  fields: the original's colab builds that table with the default), the latents
+  (the encoder's ``z_pos_enc_init_scale``, the original's keyword argument, and
+  ``z_pos_enc_init``) and the decoder's queries (its
+  ``trainable_position_encoding_kwargs``: ``init_scale``, the original's, and ``init``).
+  ``init``: 'truncated_normal' with stddev ``scale`` (the original's, at 0.02) or
+  'sinusoid', ``scale`` x sines and cosines of the position
+  (``perceiver.position_encoding.sinusoid_init``). A config without these fields gets
+  the original's initialisation.
+  """
+  if init not in POSITION_INITS:
+    raise ValueError(f'position init must be one of {", ".join(POSITION_INITS)}; '
+                     f'got {init!r}')
+  config.input_position_init = init
+  config.input_position_init_scale = float(scale)
+  config.encoder.z_pos_enc_init = init
+  config.encoder.z_pos_enc_init_scale = float(scale)
+  config.decoder.trainable_position_encoding_kwargs.init = init
+  config.decoder.trainable_position_encoding_kwargs.init_scale = float(scale)
+  return config
+
+
 PRESETS = {
     'language_mlm': language_mlm,
     'language_mlm_plusplus': language_mlm_plusplus,

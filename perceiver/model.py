@@ -23,11 +23,15 @@ class TextPreprocessor(hk.Module):
   ``trainable_position_encoding``, where the original's colab creates them.
   """
 
-  def __init__(self, vocab_size, d_model, max_seq_len, name='text_preprocessor'):
+  def __init__(self, vocab_size, d_model, max_seq_len, position_init_scale=0.02,
+               position_init='truncated_normal', name='text_preprocessor'):
     super().__init__(name=name)
     self.vocab_size = vocab_size
     self.d_model = d_model
     self.max_seq_len = max_seq_len
+    # The original's colab builds the table with TrainablePositionEncoding's default, 0.02.
+    self.position_init_scale = position_init_scale
+    self.position_init = position_init
 
   @hk.transparent
   def __call__(self, input_ids):
@@ -40,6 +44,7 @@ class TextPreprocessor(hk.Module):
     embedded = embed(input_ids)
     positions = position_encoding.TrainablePositionEncoding(
         index_dim=self.max_seq_len, num_channels=self.d_model,
+        init_scale=self.position_init_scale, init=self.position_init,
         name='trainable_position_encoding')()
     return embedded + positions[None, :seq_len], embedded, embed.embeddings
 
@@ -78,7 +83,8 @@ class PerceiverEncoder(hk.Module):
                cross_attend_widening_factor=1, self_attend_widening_factor=1,
                dropout_prob=0.0, z_pos_enc_init_scale=0.02,
                cross_attention_shape_for_attn='kv', use_query_residual=True,
-               compute_dtype=jnp.float32, kernels='auto', name='perceiver_encoder'):
+               compute_dtype=jnp.float32, kernels='auto', z_pos_enc_init='truncated_normal',
+               name='perceiver_encoder'):
     super().__init__(name=name)
     for heads_name, heads in (('num_self_attend_heads', num_self_attend_heads),
                               ('num_cross_attend_heads', num_cross_attend_heads)):
@@ -88,7 +94,8 @@ class PerceiverEncoder(hk.Module):
     self.num_blocks = num_blocks
     self.kernels = kernels
     self.z_pos_enc = position_encoding.TrainablePositionEncoding(
-        index_dim=z_index_dim, num_channels=num_z_channels, init_scale=z_pos_enc_init_scale)
+        index_dim=z_index_dim, num_channels=num_z_channels, init_scale=z_pos_enc_init_scale,
+        init=z_pos_enc_init)
     self.cross_attend = layers.CrossAttention(
         dropout_prob=dropout_prob, num_heads=num_cross_attend_heads,
         widening_factor=cross_attend_widening_factor,

@@ -47,8 +47,12 @@ def _input_mask(input_ids, input_mask):
 
 def _trunk(config, platform):
   """The byte preprocessor and the encoder: what every task shares."""
-  preprocessor = model.TextPreprocessor(config.vocab_size, config.d_model,
-                                        config.max_seq_len)
+  # input_position_init[_scale]: this project's options (the input table's initialisation
+  # only; a config without them gets the original's truncated normal at 0.02).
+  preprocessor = model.TextPreprocessor(
+      config.vocab_size, config.d_model, config.max_seq_len,
+      position_init_scale=config.get('input_position_init_scale', 0.02),
+      position_init=config.get('input_position_init', 'truncated_normal'))
   encoder = model.PerceiverEncoder(**config.encoder.to_dict(), **_compute(config, platform))
   return preprocessor, encoder
 

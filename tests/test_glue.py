@@ -311,7 +311,7 @@ def test_paper_preset_has_table_13s_settings():
   assert tuple(c.sweep.learning_rates) == (1e-4, 5e-5, 2e-5, 1e-5)
   assert c.train.batch_size in c.sweep.batch_sizes
   assert c.optimizer.learning_rate in c.sweep.learning_rates
-  with pytest.raises(ValueError, match="unknown preset 'nope'.*known: paper, smoke"):
+  with pytest.raises(ValueError, match="unknown preset 'nope'.*known: cpu, paper, smoke"):
     glue_configs.get_config('nope')
 
 

@@ -62,7 +62,8 @@ def make_masker(config, for_training=True) -> masking.WordMasker:
     max_predictions = config.train.max_predictions or masking.default_max_predictions(
         seq_len, config.masking.mask_prob)
   return masking.WordMasker(config.masking.mask_prob, config.masking.include_leading_space,
-                            config.masking.bert_replacement, max_predictions)
+                            config.masking.bert_replacement, max_predictions,
+                            unit=config.masking.get('unit', 'word'))
 
 
 def _sources(config, cache_dir, host: Tuple[int, int]):
@@ -129,18 +130,12 @@ def eval_batches(config, workdir, host_batch) -> List[Dict[str, np.ndarray]]:
 
 
 def unigram_baseline(batches) -> Dict[str, float]:
-  """What a model that ignores context scores on these batches' masked bytes, counted
-  over every host's batches.
-
-  ``baseline_accuracy``: always predicting the most frequent masked byte;
-  ``baseline_loss``: the entropy (nats) of the masked bytes' own distribution.
-  """
+  """``masking.context_free_baseline`` of these batches' masked bytes, counted over every
+  host's batches: ``baseline_accuracy`` and ``baseline_loss``."""
   counts = np.zeros(tokenizer.VOCAB_SIZE)
   for batch in batches:
     np.add.at(counts, batch['labels'][batch['weights'] > 0], 1)
   if jax.process_count() > 1:
     counts = np.asarray(multihost_utils.process_allgather(counts)).sum(axis=0)
-  if not counts.sum():
-    return {}
-  p = counts[counts > 0] / counts.sum()
-  return {'baseline_accuracy': float(p.max()), 'baseline_loss': float(-(p * np.log(p)).sum())}
+  baseline = masking.context_free_baseline(counts)
+  return {k: baseline[k] for k in ('baseline_accuracy', 'baseline_loss') if k in baseline}

@@ -10,6 +10,9 @@ all of its bytes are masked. Choices made here (the paper is silent on them):
   masked words become MASK ids, 10% random bytes, 10% unchanged). The paper does not
   mention it. Random bytes are real byte ids (6..261), never special ids.
 - Special ids (padding, separators) are never masked and delimit words.
+- ``unit`` (default ``'word'``, the paper's): ``'byte'`` masks single bytes instead, each
+  independently with probability ``mask_prob`` (whitespace included), BERT's rule on a
+  byte vocabulary. This project's option, for CPU-sized runs: see train/LEARNING.md.
 
 The loss and accuracy count masked positions only (``weights``).
 """
@@ -32,21 +35,34 @@ def default_max_predictions(seq_len: int, mask_prob: float) -> int:
   return max(1, math.ceil(2 * mask_prob * seq_len))
 
 
+UNITS = ('word', 'byte')
+
+
 class WordMasker:
   """Masks a batch of byte ids; call with (ids [B, T], input_mask [B, T], rng)."""
 
   def __init__(self, mask_prob: float = 0.15, include_leading_space: bool = True,
-               bert_replacement: bool = False, max_predictions: Optional[int] = None):
+               bert_replacement: bool = False, max_predictions: Optional[int] = None,
+               unit: str = 'word'):
     if not 0 < mask_prob < 1:
       raise ValueError(f'mask_prob must be in (0, 1), got {mask_prob}')
+    if unit not in UNITS:
+      raise ValueError(f'masking unit must be one of {", ".join(UNITS)}, got {unit!r}')
+    self.unit = unit
     self.mask_prob = mask_prob
     self.include_leading_space = include_leading_space
     self.bert_replacement = bert_replacement
     self.max_predictions = max_predictions
 
   def word_ids(self, ids: np.ndarray) -> np.ndarray:
-    """[B, T] -> [B, T] word index per position (-1 for bytes in no word)."""
+    """[B, T] -> [B, T] word index per position (-1 for bytes in no word).
+
+    With ``unit='byte'`` every non-special byte is its own "word".
+    """
     special = ids < tokenizer_lib.NUM_SPECIAL
+    if self.unit == 'byte':
+      unit = np.cumsum(~special.reshape(-1)).reshape(ids.shape) - 1
+      return np.where(special, -1, unit)
     space = _WHITESPACE[np.clip(ids, 0, tokenizer_lib.VOCAB_SIZE - 1)] & ~special
     char = ~special & ~space
     prev_char = np.zeros_like(char)
@@ -123,3 +139,20 @@ class WordMasker:
     return {'masked_positions': positions,
             'masked_labels': np.take_along_axis(ids, positions, axis=1),
             'masked_weights': weights}
+
+
+def context_free_baseline(counts) -> Dict[str, object]:
+  """What a model that ignores context scores on masked bytes with these label counts
+  ([vocab]): ``baseline_accuracy`` always predicts the most frequent one
+  (``baseline_byte``); ``baseline_loss`` is the entropy (nats) of their own distribution,
+  the best a constant distribution can do. Empty (no masked byte): {}."""
+  counts = np.asarray(counts, np.float64)
+  total = counts.sum()
+  if total <= 0:
+    return {}
+  p = counts[counts > 0] / total
+  best = int(np.argmax(counts))
+  return {'baseline_accuracy': float(counts[best] / total),
+          'baseline_loss': float(-(p * np.log(p)).sum()),
+          'baseline_byte': tokenizer_lib.BytesTokenizer().to_bytes([best]).decode(
+              'utf-8', errors='backslashreplace')}

@@ -43,6 +43,7 @@ from perceiver.training import step as step_lib
 from perceiver.training import writer as writer_lib
 from train import data as data_lib
 from train import inputs
+from train import masking
 
 _CONFIG_FILE = os.path.join(os.path.dirname(__file__), 'configs', 'mlm.py')
 
@@ -122,6 +123,12 @@ def check_config(config) -> None:
            'a finite number >= 0')
     weights.append(weight)
   _check(sum(weights) > 0, 'data.sources.*.weight', weights, 'not all zero')
+  _check(finite(t.max_seconds) and t.max_seconds >= 0, 'train.max_seconds', t.max_seconds,
+         'a finite number >= 0 (0: no limit)')
+  _check(finite(t.unmasked_loss_weight) and t.unmasked_loss_weight >= 0,
+         'train.unmasked_loss_weight', t.unmasked_loss_weight, 'a finite number >= 0')
+  _check(m.unit in masking.UNITS, 'masking.unit', m.unit,
+         ' or '.join(repr(u) for u in masking.UNITS))
   _check(finite(t.stop_timeout_s) and t.stop_timeout_s > 0, 'train.stop_timeout_s',
          t.stop_timeout_s, 'a finite number > 0')
   _check(finite(t.peak_flops_per_device) and t.peak_flops_per_device >= 0,
@@ -137,8 +144,18 @@ def check_config(config) -> None:
 # --------------------------------------------------------------------------------------
 # The loss.
 
-def make_loss_fn(model, decode_masked_only: bool):
-  """(params, rng, batch, is_training) -> (summed masked-byte cross-entropy, sums)."""
+def make_loss_fn(model, decode_masked_only: bool, unmasked_weight: float = 0.0):
+  """(params, rng, batch, is_training) -> (summed masked-byte cross-entropy, sums).
+
+  ``unmasked_weight`` > 0 (this project's option, ``train.unmasked_loss_weight``): while
+  training, each unmasked byte's cross-entropy (reconstructing the byte the model sees)
+  is added to the objective with this weight relative to a masked byte. The logged
+  ``loss`` stays the masked bytes' alone: it is returned as the ``loss`` metric sum,
+  which the train step reports in place of the objective.
+  """
+  if unmasked_weight and decode_masked_only:
+    raise errors.ConfigError('train.unmasked_loss_weight needs every position decoded: '
+                             'set train.decode_masked_only=false')
 
   def loss_fn(params, rng, batch, is_training):
     if decode_masked_only and is_training:
@@ -149,7 +166,13 @@ def make_loss_fn(model, decode_masked_only: bool):
     else:
       logits = model.apply(params, rng, batch['input_ids'], batch['input_mask'], is_training)
       labels, weights = batch['labels'], batch['weights']
-    return losses.softmax_cross_entropy(logits, labels, weights)
+    loss, sums = losses.softmax_cross_entropy(logits, labels, weights)
+    if unmasked_weight and is_training:
+      unmasked = batch['input_mask'].astype(jnp.float32) * (1.0 - weights)
+      reconstruction, _ = losses.softmax_cross_entropy(logits, labels, unmasked)
+      sums['loss'] = loss
+      loss = loss + unmasked_weight * reconstruction
+    return loss, sums
 
   return loss_fn
 
@@ -220,8 +243,13 @@ def _evaluator(config, eval_step, held_out, baseline, log):
       out = step_lib.unreplicate(eval_step(state.params, step_lib.shard(batch)))
       sums = out if sums is None else {k: sums[k] + out[k] for k in sums}
     count = max(sums['count'], 1)
-    log.write(step, {'loss': sums['loss'] / count, 'accuracy': sums['correct'] / count,
-                     'masked_bytes': sums['count'], **baseline}, kind='eval')
+    record = {'loss': sums['loss'] / count, 'accuracy': sums['correct'] / count,
+              'masked_bytes': sums['count'], **baseline}
+    if baseline:
+      # Above 0 once the model uses context: what a context-free guess cannot score.
+      record['accuracy_gap'] = record['accuracy'] - baseline['baseline_accuracy']
+      record['loss_gap'] = baseline['baseline_loss'] - record['loss']
+    log.write(step, record, kind='eval')
 
   del config
   return evaluate
@@ -276,7 +304,8 @@ def _train(config, workdir) -> Dict[str, float]:
 
   state = step_lib.replicate(step_lib.TrainState(
       jnp.asarray(start_step, jnp.int32), params, opt_state, rng))
-  loss_fn = make_loss_fn(model, config.train.decode_masked_only)
+  loss_fn = make_loss_fn(model, config.train.decode_masked_only,
+                         config.train.unmasked_loss_weight)
   train_step = step_lib.make_train_step(loss_fn, count_fn, optimizer, lr_fn)
   held_out = inputs.eval_batches(config, workdir, layout['per_device'] * layout['local_devices'])
   evaluate = _evaluator(config, step_lib.make_eval_step(loss_fn, count_fn), held_out,
@@ -314,7 +343,8 @@ def _train(config, workdir) -> Dict[str, float]:
         train_step, total_steps=config.train.steps, writer=log,
         log_every=config.train.log_every, stop=stop, extra_report=extra_report,
         eval_every=config.train.eval_every if held_out else 0, evaluate=evaluate,
-        checkpoint_every=config.train.checkpoint_every, save=save)
+        checkpoint_every=config.train.checkpoint_every, save=save,
+        max_seconds=config.train.max_seconds)
     try:
       result = run.run(state, batches, start_step)
     except loop_lib.NonFiniteError as e:

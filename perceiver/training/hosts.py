@@ -87,7 +87,7 @@ class StopAgreement:
     self.note = note
     self.signals = signals
     self.multi_host = jax.process_count() > 1
-    self._signal: Optional[int] = None
+    self._why: Optional[str] = None   # what asked for the stop (a signal's name, ...)
     self._count = 0            # signals received by this host
     self._previous = {}
     self._done = threading.Event()
@@ -107,34 +107,27 @@ class StopAgreement:
 
   def __exit__(self, *exc):
     self._done.set()
-    stopping = self._signal is not None or self._agreed
+    stopping = self.requested or self._agreed
     for sig, handler in self._previous.items():
-      # After a stop the process is about to exit: a late signal (a host's own SIGTERM
-      # arriving after the hosts agreed) must not kill it with the default action.
-      signal.signal(sig, self._after_stop if stopping else handler)
+      # After a stop the checkpoint is saved and the process is exiting: a late signal (a
+      # host's own SIGTERM arriving after the hosts agreed) is ignored, and stays ignored
+      # through the interpreter's shutdown, so it cannot kill the process mid-exit.
+      signal.signal(sig, signal.SIG_IGN if stopping else handler)
 
-  def _after_stop(self, signum, frame):
-    del frame
-    self._count += 1
-    if self._count >= 2:
-      sys.stderr.write(f'{signal.Signals(signum).name} received again after the stop: '
-                       'exiting now\n')
-      sys.stderr.flush()
-      os._exit(128 + signum)   # pylint: disable=protected-access
-    self.note(f'{signal.Signals(signum).name} received after the stop was saved: exiting')
-
-  def request(self, signum: int = signal.SIGTERM) -> None:
-    """Requests a stop, as a signal does (first request only; starts the watchdog)."""
-    if self._signal is not None:
+  def request(self, signum: Optional[int] = signal.SIGTERM, reason: Optional[str] = None
+              ) -> None:
+    """Requests a stop, as a signal does (first request only; starts the watchdog).
+    ``reason`` names a stop that is not a signal (e.g. a time budget)."""
+    if self.requested:
       return
-    self._signal = signum
+    self._why = reason or signal.Signals(signum).name
     watchdog = threading.Thread(target=self._watchdog, daemon=True)
     watchdog.start()
 
   def _handle(self, signum, frame):
     del frame
     self._count += 1
-    if self._signal is not None and self._count >= 2:
+    if self._count >= 2:
       raise Interrupted(signum)
     self.request(signum)
 
@@ -150,15 +143,15 @@ class StopAgreement:
 
   @property
   def requested(self) -> bool:
-    return self._signal is not None
+    """Whether this host asked for a stop (a signal, or ``request``)."""
+    return self._why is not None
 
   def reason(self) -> str:
     """What stopped the run, for the log."""
-    if self._signal is None:
+    if self._why is None:
       return ('a stop requested on another host (agreed by all hosts)' if self._agreed
               else 'no signal')
-    name = signal.Signals(self._signal).name
-    return name + (' (agreed by all hosts)' if self.multi_host else '')
+    return self._why + (' (agreed by all hosts)' if self.multi_host else '')
 
   # -- the loop's side -----------------------------------------------------------------
 

@@ -12,7 +12,8 @@ fields); the loop owns the rest:
 - a non-finite loss or gradient stops the run (``NonFiniteError``) without saving;
 - SIGTERM or SIGINT stops the run at a step every host agrees on (``hosts.StopAgreement``),
   saves, and returns; a second signal, or no agreement in ``stop_timeout_s``, ends the
-  process with an error instead of hanging.
+  process with an error instead of hanging;
+- ``max_seconds`` of wall-clock time (a run budgeted by time) stops it the same way.
 """
 
 from __future__ import annotations
@@ -92,6 +93,8 @@ class Loop:
     save: ``(step, state, data_position) -> None``, called every ``checkpoint_every``
       steps, at the end and when stopped.
     stop: the run's ``hosts.StopAgreement`` (signals, and agreement across hosts).
+    max_seconds: > 0: stop (evaluate, save) at the first step past this many seconds of
+      this process's run (set-up before ``run`` not counted).
   """
   train_step: Callable
   total_steps: int
@@ -104,11 +107,13 @@ class Loop:
   evaluate: Optional[Callable[[int, Any], None]] = None
   checkpoint_every: int = 0
   save: Optional[Callable[[int, Any, Any], None]] = None
+  max_seconds: float = 0.0
 
   def run(self, state, batches: Iterator, start_step: int) -> Result:
     """Steps ``state`` over ``batches`` ((device batch, data position) pairs)."""
     step, report = start_step, {}
     window = Window()
+    deadline = time.time() + self.max_seconds if self.max_seconds else None
     pending = None          # (step, metrics) of the step in flight: read one step late
     position = None
     self.writer.start(step)
@@ -123,12 +128,16 @@ class Loop:
       if pending is not None:
         self._read(window, *pending)
       pending = (step, metrics)
+      if deadline is not None and time.time() >= deadline and not self.stop.requested:
+        self.stop.request(reason='train.max_seconds')
       last = step == self.total_steps
       at_log = step % self.log_every == 0 or last
       at_eval = bool(self.eval_every) and (step % self.eval_every == 0 or
                                            (last and self.eval_at_end))
       at_save = bool(self.checkpoint_every) and step % self.checkpoint_every == 0 or last
       stopping = self.stop.agreed()
+      at_log = at_log or stopping
+      at_eval = at_eval or (stopping and bool(self.eval_every))
       if at_log or at_eval or at_save or stopping:
         self._read(window, *pending)
         pending = None

@@ -15,6 +15,7 @@ from typing import Optional
 import jax
 
 from perceiver import atomic
+from perceiver.training import tensorboard
 
 
 def _fmt_duration(seconds: float) -> str:
@@ -50,15 +51,21 @@ class MetricWriter:
     self.path = os.path.join(workdir, 'metrics.jsonl')
     self._start_time = None
     self._start_step = None
+    self._created = time.time()
+    self._elapsed_before = 0.0   # run time of the processes before this one (resumes)
+    self._tensorboard = None
     if self.enabled:
       os.makedirs(workdir, exist_ok=True)
       if resume_step is not None and os.path.exists(self.path):
-        self._truncate(resume_step)
+        self._elapsed_before = self._truncate(resume_step)
+      # Event files too, if tensorboardX or clu is installed (neither is required).
+      self._tensorboard = tensorboard.open_writer(workdir)
 
-  def _truncate(self, step: int) -> None:
+  def _truncate(self, step: int) -> float:
+    """Drops records after ``step``; returns the run time the kept ones reached."""
     with open(self.path, encoding='utf-8') as f:
       lines = f.read().splitlines()
-    kept = []
+    kept, elapsed = [], 0.0
     for line in lines:
       try:
         record = json.loads(line)
@@ -66,9 +73,11 @@ class MetricWriter:
         continue   # a line cut by a crash mid-write
       if isinstance(record, dict) and record.get('step', 0) <= step:
         kept.append(line)
+        elapsed = max(elapsed, float(record.get('elapsed_s', 0.0)))
     if len(kept) != len(lines):
       with atomic.atomic_write(self.path, 'w', encoding='utf-8') as f:
         f.write(''.join(line + '\n' for line in kept))
+    return elapsed
 
   @property
   def stream(self):
@@ -90,9 +99,16 @@ class MetricWriter:
     if not self.enabled:
       return
     metrics = {k: (v if isinstance(v, (str, int)) else float(v)) for k, v in metrics.items()}
-    record = {'step': int(step), 'kind': kind, 'time': time.time(), **metrics}
+    now = time.time()
+    # elapsed_s: the run's wall-clock seconds so far, set-up and compilation included,
+    # carried across resumes (the time axis of train.plot).
+    record = {'step': int(step), 'kind': kind, 'time': now,
+              'elapsed_s': self._elapsed_before + now - self._created, **metrics}
     with open(self.path, 'a', encoding='utf-8') as f:
       f.write(json.dumps(record) + '\n')
+    if self._tensorboard is not None:
+      self._tensorboard.scalars(step, kind, {k: v for k, v in metrics.items()
+                                             if not isinstance(v, str)})
     pct = 100.0 * step / max(self.total_steps, 1)
     fields = ' '.join(f'{k} {_fmt(v)}' for k, v in metrics.items())
     eta = f' eta {_fmt_duration(self.eta(step))}' if kind == 'train' else ''
