@@ -114,6 +114,25 @@ def test_a_stop_request_saves_at_the_current_step_and_returns():
   assert 'stopped by SIGTERM at step 3' in writer.notes[-1]
 
 
+@pytest.mark.parametrize('eval_on_stop', [False, True])
+def test_a_stop_evaluates_only_when_the_run_asks_for_it(eval_on_stop):
+  # MLM scores its last state at a stop; GLUE's evaluations belong to whole epochs, so a
+  # mid-epoch stop must not produce a score.
+  writer, evaluated = _Writer(), []
+
+  def batches():
+    for item in _batches(100):
+      if item[1]['batches'] == 2:
+        stop.request(signal.SIGTERM)
+      yield item
+
+  with hosts.StopAgreement(note=writer.note) as stop:
+    result = _loop(writer, 100, stop, eval_every=10, eval_on_stop=eval_on_stop,
+                   evaluate=lambda s, st: evaluated.append(s)).run(_state(), batches(), 0)
+  assert result.stopped and result.step == 2
+  assert evaluated == ([2] if eval_on_stop else [])
+
+
 def test_waiting_for_data_is_interruptible_and_reported():
   """A source that never yields: the stop ends the wait, the completed steps are saved."""
   writer, saved = _Writer(), []

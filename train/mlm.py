@@ -233,7 +233,7 @@ def _check_resume_run(meta, config, path, log):
              f'{", ".join(changed)}')
 
 
-def _evaluator(config, eval_step, held_out, baseline, log):
+def _evaluator(eval_step, held_out, baseline, log):
   """``evaluate(step, state)``: the held-out masked-byte loss and accuracy beside the
   context-free baseline."""
 
@@ -251,7 +251,6 @@ def _evaluator(config, eval_step, held_out, baseline, log):
       record['loss_gap'] = baseline['baseline_loss'] - record['loss']
     log.write(step, record, kind='eval')
 
-  del config
   return evaluate
 
 
@@ -308,7 +307,7 @@ def _train(config, workdir) -> Dict[str, float]:
                          config.train.unmasked_loss_weight)
   train_step = step_lib.make_train_step(loss_fn, count_fn, optimizer, lr_fn)
   held_out = inputs.eval_batches(config, workdir, layout['per_device'] * layout['local_devices'])
-  evaluate = _evaluator(config, step_lib.make_eval_step(loss_fn, count_fn), held_out,
+  evaluate = _evaluator(step_lib.make_eval_step(loss_fn, count_fn), held_out,
                         inputs.unigram_baseline(held_out), log)
 
   num_queries = None
@@ -343,6 +342,7 @@ def _train(config, workdir) -> Dict[str, float]:
         train_step, total_steps=config.train.steps, writer=log,
         log_every=config.train.log_every, stop=stop, extra_report=extra_report,
         eval_every=config.train.eval_every if held_out else 0, evaluate=evaluate,
+        eval_on_stop=True,
         checkpoint_every=config.train.checkpoint_every, save=save,
         max_seconds=config.train.max_seconds)
     try:

@@ -93,8 +93,10 @@ class Loop:
     save: ``(step, state, data_position) -> None``, called every ``checkpoint_every``
       steps, at the end and when stopped.
     stop: the run's ``hosts.StopAgreement`` (signals, and agreement across hosts).
-    max_seconds: > 0: stop (evaluate, save) at the first step past this many seconds of
-      this process's run (set-up before ``run`` not counted).
+    max_seconds: > 0: stop (and save) at the first step past this many seconds of this
+      process's run (set-up before ``run`` not counted).
+    eval_on_stop: also evaluate at a stop (a run whose evaluations are not tied to
+      epochs: its last state is scored).
   """
   train_step: Callable
   total_steps: int
@@ -104,6 +106,7 @@ class Loop:
   extra_report: Optional[Callable[[int, Dict, Window], Dict]] = None
   eval_every: int = 0
   eval_at_end: bool = False
+  eval_on_stop: bool = False
   evaluate: Optional[Callable[[int, Any], None]] = None
   checkpoint_every: int = 0
   save: Optional[Callable[[int, Any, Any], None]] = None
@@ -137,7 +140,7 @@ class Loop:
       at_save = bool(self.checkpoint_every) and step % self.checkpoint_every == 0 or last
       stopping = self.stop.agreed()
       at_log = at_log or stopping
-      at_eval = at_eval or (stopping and bool(self.eval_every))
+      at_eval = at_eval or (stopping and self.eval_on_stop and bool(self.eval_every))
       if at_log or at_eval or at_save or stopping:
         self._read(window, *pending)
         pending = None
