@@ -177,7 +177,6 @@ def run(task: str, config, data_dir: str, workdir: str, init_checkpoint: Optiona
       summaries[name] = finished
     else:
       to_train.append(name)
-  os.makedirs(workdir, exist_ok=True)
   start = time.time()
   with checkpoints.WorkdirLock(workdir), log.to_file(os.path.join(workdir, 'log.txt')):
     log.note(f'eval.glue: --task={task} on {jax.local_device_count()} device(s) '

@@ -131,7 +131,8 @@ def test_train_mlm_names_an_unwritable_workdir_and_a_busy_one(finished_run, tmp_
   blocker = tmp_path / 'file'
   blocker.write_text('x')
   status, stderr = _run(lambda: mlm.train(tiny_config(tmp, steps=4), str(blocker / 'w')))
-  assert status == 1 and str(blocker) in _one_error_line(stderr)
+  line = _one_error_line(stderr)
+  assert status == 1 and f'--workdir={blocker / "w"}: cannot create' in line, line
   before = _snapshot(workdir)
   with checkpoints.WorkdirLock(str(workdir)):   # another run holds it
     status, stderr = _run(lambda: mlm.train(tiny_config(tmp, steps=4), str(workdir)))
@@ -342,3 +343,14 @@ def test_eval_glue_all_checks_every_task_before_training_any(tmp_path):
                                          str(tmp_path / 'out')))
   assert status == 1 and r'WNLI/dev.tsv:4: 2 columns, expected 4' in _one_error_line(stderr)
   assert not (tmp_path / 'out' / 'rte' / 'dev_metrics.json').exists()   # nothing trained
+
+
+def test_eval_glue_names_a_workdir_it_cannot_create(tmp_path):
+  data_dir = write_task(tmp_path / 'glue', 'wnli')
+  blocker = tmp_path / 'file'
+  blocker.write_text('x')
+  status, stderr = _run(lambda: glue.run('wnli', glue_tiny_config(), str(data_dir),
+                                         str(blocker / 'out')))
+  line = _one_error_line(stderr)
+  assert status == 1 and f'--workdir={blocker / "out"}: cannot create' in line, line
+  assert blocker.read_text() == 'x'

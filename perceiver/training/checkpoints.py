@@ -41,8 +41,14 @@ class WorkdirLock:
   def __enter__(self):
     if jax.process_index() != 0:
       return self
-    os.makedirs(os.path.dirname(self.path), exist_ok=True)
-    self._file = open(self.path, 'a+', encoding='utf-8')  # pylint: disable=consider-using-with
+    workdir = os.path.dirname(self.path)
+    try:
+      os.makedirs(workdir, exist_ok=True)
+      self._file = open(self.path, 'a+', encoding='utf-8')  # pylint: disable=consider-using-with
+    except OSError as e:
+      raise checkpoint.CheckpointError(
+          f'--workdir={workdir}: cannot create or write there: {e.strerror or e} '
+          f'({e.filename or self.path})') from None
     try:
       fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
