@@ -61,6 +61,14 @@ def _loop(writer, total, stop, **kwargs):
                        stop=stop, **kwargs)
 
 
+def _stop_with_batch(stop, n):
+  """``_batches`` that request a stop (as a SIGTERM would) when handing out batch ``n``."""
+  for item in _batches(100):
+    if item[1]['batches'] == n:
+      stop.request(signal.SIGTERM)
+    yield item
+
+
 def _state():
   return step_lib.replicate(jnp.zeros((), jnp.int32))
 
@@ -98,17 +106,10 @@ def test_a_non_finite_step_stops_the_run_before_it_is_saved():
 
 def test_a_stop_request_saves_at_the_current_step_and_returns():
   writer, saved = _Writer(), []
-
-  def batches():
-    for item in _batches(100):
-      if item[1]['batches'] == 3:
-        stop.request(signal.SIGTERM)
-      yield item
-
   with hosts.StopAgreement(note=writer.note) as stop:
     result = _loop(writer, 100, stop, checkpoint_every=50,
                    save=lambda s, st, pos: saved.append((s, pos))).run(
-                       _state(), batches(), 0)
+                       _state(), _stop_with_batch(stop, 3), 0)
   # The request came with the third batch: the third step runs, then the loop stops.
   assert result.stopped and result.step == 3 and saved == [(3, {'batches': 3})]
   assert 'stopped by SIGTERM at step 3' in writer.notes[-1]
@@ -119,16 +120,10 @@ def test_a_stop_evaluates_only_when_the_run_asks_for_it(eval_on_stop):
   # MLM scores its last state at a stop; GLUE's evaluations belong to whole epochs, so a
   # mid-epoch stop must not produce a score.
   writer, evaluated = _Writer(), []
-
-  def batches():
-    for item in _batches(100):
-      if item[1]['batches'] == 2:
-        stop.request(signal.SIGTERM)
-      yield item
-
   with hosts.StopAgreement(note=writer.note) as stop:
     result = _loop(writer, 100, stop, eval_every=10, eval_on_stop=eval_on_stop,
-                   evaluate=lambda s, st: evaluated.append(s)).run(_state(), batches(), 0)
+                   evaluate=lambda s, st: evaluated.append(s)).run(
+                       _state(), _stop_with_batch(stop, 2), 0)
   assert result.stopped and result.step == 2
   assert evaluated == ([2] if eval_on_stop else [])
 
