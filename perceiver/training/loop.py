@@ -7,7 +7,7 @@ fields); the loop owns the rest:
 - logging: a record every ``log_every`` steps (and at the last step) with the window's
   mean loss and accuracy, learning rate, gradient norm and step time; a step's metrics
   are read while the next step runs, so the host never stalls the devices;
-- evaluation every ``eval_every`` steps (and at the end, if asked);
+- evaluation every ``eval_every`` steps (and at the end, and at a stop, if asked);
 - checkpoints every ``checkpoint_every`` steps, at the end, and when stopped;
 - a non-finite loss or gradient stops the run (``NonFiniteError``) without saving;
 - SIGTERM or SIGINT stops the run at a step every host agrees on (``hosts.StopAgreement``),
