@@ -57,7 +57,7 @@ class WorkdirLock:
       self._file.close()
       self._file = None
       raise checkpoint.CheckpointError(
-          f'{os.path.dirname(self.path)} is in use by {holder} (lock {self.path}); wait '
+          f'{workdir} is in use by {holder} (lock {self.path}); wait '
           'for it to end or use another --workdir') from None
     self._file.seek(0)
     self._file.truncate()
@@ -70,14 +70,6 @@ class WorkdirLock:
       fcntl.flock(self._file, fcntl.LOCK_UN)
       self._file.close()
       self._file = None
-
-
-def step_of(path: str) -> int:
-  """The step of a checkpoint file named by ``CheckpointManager``."""
-  match = _NAME.match(os.path.basename(path))
-  if not match:
-    raise ValueError(f'{path}: not a checkpoint file name (ckpt_<step>.npz)')
-  return int(match.group(1))
 
 
 class CheckpointManager:
@@ -146,10 +138,6 @@ class CheckpointManager:
                               'missing; was the run started with another number of hosts?')
     with open(path, encoding='utf-8') as f:
       return json.load(f)
-
-  def saved_config(self, path: str):
-    """The model config stored in ``path`` (read without loading any array)."""
-    return checkpoint.load_config(path)
 
   def restore_latest(self, opt_state_template=None, rng_template=None, note=print,
                      check=None):

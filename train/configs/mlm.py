@@ -230,14 +230,7 @@ def smoke():
 
 def small():
   c = _with_model(_base(), model_configs.small(max_seq_len=512))
-  shared = '../shared/data/text'
-  c.data.sources = {
-      'c4': {'paths': f'{shared}/c4/c4-train.00000-of-01024.first1000.json.gz',
-             'weight': 0.7, 'text_field': 'text'},
-      'wikipedia': {'paths': f'{shared}/wikipedia/train.jsonl', 'weight': 0.3,
-                    'text_field': 'text'},
-  }
-  c.data.eval_paths = f'{shared}/wikipedia/valid.jsonl'
+  _shared_text(c)
   return _short_cpu_run(c, learning_rate=2e-3, eval_batches=8)
 
 
