@@ -19,22 +19,25 @@ setup(
         'chex>=0.1.86',
         'absl-py>=1.4',
         'ml-collections>=0.1.1',
+        # Hugging Face checkpoints (perceiver.hf_io, perceiver.convert): model.safetensors is
+        # read and written through the safetensors package's numpy API, no torch needed.
+        'safetensors>=0.4',
+        # python -m train.plot: learning curves as a PNG.
+        'matplotlib>=3.7',
     ],
     extras_require={
         'dev': ['pytest>=7'],
-        # Hugging Face checkpoints (perceiver.hf_io, perceiver.convert): model.safetensors
-        # read and written by the safetensors package's numpy API (no torch needed), and
-        # transformers' PyTorch PerceiverForMaskedLM for .bin checkpoints and the interop
-        # tests. Validated together: transformers 5.24.0 requires torch>=2.6 and
-        # Python>=3.11. Off PyPI's default index torch is a CUDA build; for CPU add
+        # PyTorch interop, kept out of the core so that a JAX install does not pull in a
+        # second framework: transformers' PerceiverForMaskedLM, for pytorch_model.bin
+        # checkpoints (loaded in torch's weights-only mode) and for the tests and
+        # benchmarks that hold this model to transformers' port. Validated together:
+        # transformers 5.24.0 requires torch>=2.6 and Python>=3.11. Off PyPI's default
+        # index torch is a CUDA build; for CPU add
         # --extra-index-url https://download.pytorch.org/whl/cpu.
-        'safetensors': ['safetensors>=0.4'],
-        'hf': ['safetensors>=0.4', 'transformers==5.24.0', 'torch==2.13.0'],
-        # python -m bench.run: the peer rows (transformers' PyTorch PerceiverForMaskedLM).
-        # Without it the benchmark runs and those rows say "not installed".
-        'bench': ['safetensors>=0.4', 'transformers==5.24.0', 'torch==2.13.0'],
-        # python -m train.plot: learning curves as a PNG.
-        'plot': ['matplotlib>=3.7'],
+        'hf': ['transformers==5.24.0', 'torch==2.13.0'],
+        # python -m bench.run: the peer rows (the same port). Without it the benchmark
+        # runs and those rows say "not installed".
+        'bench': ['transformers==5.24.0', 'torch==2.13.0'],
     },
     license='Apache-2.0',
 )

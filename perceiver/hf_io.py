@@ -4,7 +4,7 @@
     hf_io.export_hf(params, config, 'exported/')   # config.json + model.safetensors
 
 ``config.json`` and the tensors are mapped by ``perceiver.hf``. ``model.safetensors`` is
-read and written with the ``safetensors`` package's numpy API (no torch; extra ``hf``),
+read and written with the ``safetensors`` package's numpy API (a core dependency; no torch),
 which checks the header against the file before reading any tensor;
 ``pytorch_model.bin`` needs torch and is loaded with ``weights_only=True``.
 """
@@ -44,11 +44,11 @@ _INSTALL_HINT = "pip install '.[hf]'"
 
 def _safetensors(path):
   try:
-    import safetensors  # pylint: disable=import-outside-toplevel  # optional extra
+    import safetensors  # pylint: disable=import-outside-toplevel
     import safetensors.numpy  # pylint: disable=import-outside-toplevel
   except ImportError as e:
     raise CheckpointError(f'{path}: reading or writing .safetensors needs the safetensors '
-                          f"package ({_INSTALL_HINT}, or pip install safetensors)") from e
+                          'package, a dependency of this project: pip install safetensors') from e
   return safetensors
 
 

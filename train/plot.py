@@ -1,6 +1,5 @@
 r"""Learning curves from ``metrics.jsonl``: loss and accuracy against steps and wall-clock time.
 
-    pip install -e '.[plot]'     # matplotlib
     python -m train.plot --workdir=checkpoints/smoke [checkpoints/other ...] --out=curves.png
 
 One PNG of four panels: masked-byte loss and accuracy, each against steps and against
@@ -76,8 +75,8 @@ def plot(workdirs: List[str], out: str, title: str = '') -> str:
   try:
     import matplotlib  # pylint: disable=import-outside-toplevel
   except ImportError:
-    raise PlotError("train.plot needs matplotlib, an optional extra: pip install -e '.[plot]' "
-                    '(or pip install matplotlib)') from None
+    raise PlotError('train.plot needs matplotlib, a dependency of this project: '
+                    'pip install matplotlib') from None
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
 
