@@ -27,9 +27,9 @@ from perceiver import fill_mask
 from perceiver import loading
 from perceiver import transform
 from perceiver.training import checkpoints
-from tests.test_glue import tiny_config as glue_tiny_config
-from tests.test_glue import write_task
-from tests.test_train import tiny_config
+from tests.helpers import glue_tiny_config
+from tests.helpers import mlm_tiny_config as tiny_config
+from tests.helpers import write_glue_task as write_task
 from train import mlm
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

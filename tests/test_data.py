@@ -10,7 +10,7 @@ from perceiver import tokenizer as tok_lib
 from train import corpus
 from train import data
 from train import masking
-from conftest import shared_path
+from tests.helpers import shared_path
 
 TOK = tok_lib.BytesTokenizer()
 

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-import numpy_reference
+from tests import numpy_reference
 from eval import mlm as eval_mlm
 from perceiver import checkpoint
 from perceiver import configs as model_configs

@@ -29,11 +29,12 @@ from perceiver import configs as model_configs
 from perceiver import transfer
 from perceiver import transform
 from perceiver.training import step as step_lib
-from tests.conftest import glue_dir
-from tests.conftest import released_param_shapes
+from tests import helpers
+from tests.helpers import glue_dir
+from tests.helpers import released_param_shapes
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-SEQ = 64
+ROOT = helpers.ROOT
+SEQ = helpers.GLUE_SEQ
 
 _CACHE_OPTIONS = ('jax_compilation_cache_dir', 'jax_persistent_cache_min_compile_time_secs')
 
@@ -57,57 +58,8 @@ def compilation_cache_dir(tmp_path_factory):
   compilation_cache.reset_cache()
 
 
-# Words that give each label away, so a tiny model can learn something in a few steps.
-_CUES = ['alpha', 'beta', 'gamma']
-
-
-def _cell(task, layout, column, i, split_name):
-  labels = task.labels
-  cue = _CUES[i % 3 if task.is_regression else i % len(labels)]
-  if column == layout.label:
-    return f'{(i % 3) * 2.5:.3f}' if task.is_regression else labels[i % len(labels)]
-  if column == layout.index:
-    return str(1000 + i)
-  if column == layout.text_a:
-    return f'{split_name} row {i} says {cue} here'
-  if column == layout.text_b:
-    return f'and {cue} again {i % 7}'
-  return 'x'
-
-
-def write_task(root, name, num_train=24, num_dev=10, num_test=6):
-  """Writes every split of ``name`` (but MNLI's diagnostic set) in the official layout."""
-  task = glue_data.TASKS[name]
-  for layout in task.splits:
-    if layout.name == 'diagnostic':
-      continue
-    n = num_train if layout.name == 'train' else (num_dev if layout.label else num_test)
-    lines = ['\t'.join(layout.columns)] if layout.has_header else []
-    lines += ['\t'.join(_cell(task, layout, c, i, layout.name) for c in layout.columns)
-              for i in range(n)]
-    path = pathlib.Path(root) / layout.path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text('\n'.join(lines) + '\n', encoding='utf-8')
-  return root
-
-
-def tiny_config(**overrides):
-  """The smoke preset shrunk to seconds: a tiny model, 64 bytes, small batches."""
-  c = glue_configs.get_config('smoke')
-  c.model = model_configs.tiny(max_seq_len=SEQ)
-  c.data.max_train_examples = 0
-  c.data.length_multiple = 16
-  c.train.update(dict(epochs=2, batch_size=8, log_every=2))
-  c.eval.batch_size = 8
-  c.optimizer.learning_rate = 3e-3
-  c.optimizer.warmup_steps = 2
-  c.sweep.batch_sizes = (4, 8)
-  c.sweep.learning_rates = (3e-3,)
-  for key, value in overrides.items():
-    section, field = key.split('.')
-    c[section][field] = value
-  c.lock()
-  return c
+write_task = helpers.write_glue_task
+tiny_config = helpers.glue_tiny_config
 
 
 def read_tsv(path):
@@ -304,7 +256,7 @@ def test_init_from_a_deepmind_format_pickle_copies_the_trunk_exactly(tmp_path, m
 
 def test_paper_preset_has_table_13s_settings():
   c = glue_configs.get_config()   # the default preset
-  assert c.model.to_dict() == model_configs.language_mlm().to_dict()
+  helpers.assert_released_architecture(c.model)   # Table 11: the released model's trunk
   assert (c.train.epochs, c.optimizer.name, c.optimizer.warmup_steps,
           c.optimizer.weight_decay) == (10, 'lamb', 200, 0.01)
   assert tuple(c.sweep.batch_sizes) == (16, 32, 64)
@@ -519,7 +471,7 @@ import time
 sys.path.insert(0, {root!r})
 import jax
 from eval import glue
-from tests.test_glue import tiny_config
+from tests.helpers import glue_tiny_config as tiny_config
 assert jax.local_device_count() == 2, jax.devices()
 glue.run('wnli', tiny_config(**{{'train.epochs': 2, 'dropout.encoder': 0.0,
                                  'dropout.head': 0.0}}), {data!r}, {out!r})
@@ -569,7 +521,7 @@ import sys
 import time
 sys.path.insert(0, {root!r})
 from eval import glue
-from tests.test_glue import tiny_config
+from tests.helpers import glue_tiny_config as tiny_config
 glue.run('wnli', tiny_config(**{{'train.epochs': 3, 'train.batch_size': 4,
                                  'eval.batch_size': 4}}), {data!r}, {out!r})
 """

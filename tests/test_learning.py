@@ -1,19 +1,16 @@
 """Training learns from context: held-out masked-byte accuracy ends above the baseline."""
 
 import json
-import pathlib
 
 import numpy as np
 
 from perceiver import configs as model_configs
-from tests.test_train import tiny_config
+from tests.helpers import mlm_tiny_config as tiny_config
+from tests.helpers import records as _records
 from train import mlm
 from train.configs import mlm as mlm_configs
 
 
-def _records(workdir, kind):
-  lines = pathlib.Path(workdir, 'metrics.jsonl').read_text().splitlines()
-  return [r for r in map(json.loads, lines) if r['kind'] == kind]
 
 
 def _cycles(path, seed, count):

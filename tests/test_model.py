@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import numpy_reference
-from tests.conftest import released_param_shapes
+from tests import helpers
+from tests import numpy_reference
 from perceiver import configs
 from perceiver import layers
 from perceiver import model
@@ -42,11 +42,18 @@ def tiny():
 
 
 def test_parameter_tree_is_the_released_models():
-  reference = released_param_shapes()
+  reference = helpers.released_param_shapes()
   assert len(reference) == 457
+  assert sum(math.prod(s) for s in reference.values()) == 201_108_230
   ours = _shapes(transform.masked_lm(configs.language_mlm()), 2048)
   assert ours == reference
   assert sum(math.prod(s) for s in ours.values()) == 201_108_230
+
+
+def test_shipped_parameter_list_is_the_shared_reference():
+  """tests/data holds ../shared's list of the released parameters unchanged."""
+  shared = helpers.shared_path('reference', 'language_perceiver_io_bytes.params.txt')
+  assert helpers.RELEASED_PARAMETERS.read_bytes() == shared.read_bytes()
 
 
 def test_config_passes_the_colabs_keyword_arguments():

@@ -1,8 +1,6 @@
 """MLM training: exact resume, device-count invariance, signals, non-finite stops, flags."""
 
-import json
 import os
-import pathlib
 import signal
 import subprocess
 import sys
@@ -17,54 +15,21 @@ import pytest
 
 from perceiver import checkpoint
 from perceiver import errors
-from perceiver import configs as model_configs
 from train import masking
 from train import mlm
 from perceiver.training import optim
 from train.configs import mlm as mlm_configs
+from tests import helpers
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def _corpus(directory):
-  rng = np.random.default_rng(0)
-  words = ['alpha', 'beta', 'gamma', 'delta', 'epsilon', 'zeta', 'eta', 'theta', 'iota']
-  lines = []
-  for i in range(300):
-    text = ' '.join(rng.choice(words, size=rng.integers(5, 30)))
-    lines.append(json.dumps({'text': f'Doc {i}: {text}.'}))
-  path = directory / 'corpus.jsonl'
-  path.write_text('\n'.join(lines) + '\n')
-  return str(path)
-
-
-def tiny_config(directory, **train):
-  """A seconds-fast config on a generated corpus."""
-  c = mlm_configs.get_config('smoke')
-  c.unlock()
-  c.model = model_configs.tiny(max_seq_len=64)
-  c.model.encoder.dropout_prob = 0.0
-  corpus = _corpus(directory)
-  c.data.sources = {'gen': {'paths': corpus, 'weight': 1.0, 'text_field': 'text'}}
-  c.data.eval_paths = corpus
-  c.data.shuffle_block = 32
-  c.data.prefetch = 2
-  c.train.update(dict(steps=6, batch_size=4, log_every=1, eval_every=0, checkpoint_every=3,
-                      eval_batches=1, peak_flops_per_device=0.0))
-  c.train.update(train)
-  c.optimizer.warmup_steps = 2
-  c.optimizer.decay_steps = 100
-  c.lock()
-  return c
+ROOT = helpers.ROOT
+tiny_config = helpers.mlm_tiny_config
 
 
 def _params(path):
   return checkpoint.load(path)[0]
 
 
-def _records(workdir, kind='train'):
-  lines = pathlib.Path(workdir, 'metrics.jsonl').read_text().splitlines()
-  return [r for r in map(json.loads, lines) if r['kind'] == kind]
+_records = helpers.records
 
 
 def test_resume_after_k_steps_is_bit_identical_to_a_straight_run(tmp_path):
@@ -94,9 +59,9 @@ def test_training_lowers_the_masked_byte_loss(tmp_path):
 
 _TWO_DEVICE_SCRIPT = textwrap.dedent('''
     import json, pathlib, sys
-    sys.path.insert(0, {tests!r})
+    sys.path.insert(0, {root!r})
     import jax
-    from test_train import tiny_config
+    from tests.helpers import mlm_tiny_config as tiny_config
     from train import mlm
     assert jax.local_device_count() == {devices}, jax.devices()
     tmp = pathlib.Path({tmp!r})
@@ -109,7 +74,7 @@ def test_two_devices_or_accumulation_give_the_one_device_losses(tmp_path, device
   reference = tmp_path / 'one'
   mlm.train(tiny_config(tmp_path, steps=3), str(reference))
   env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
-  script = _TWO_DEVICE_SCRIPT.format(tests=str(ROOT / 'tests'), devices=devices,
+  script = _TWO_DEVICE_SCRIPT.format(root=str(ROOT), devices=devices,
                                      tmp=str(tmp_path), accum=accum)
   subprocess.run([sys.executable, '-c', script], cwd=ROOT, env=env, check=True)
   other = tmp_path / f'run{devices}{accum}'
@@ -215,9 +180,8 @@ def test_resuming_with_another_model_config_is_refused(tmp_path):
 
 def test_paper_preset_has_the_papers_hyperparameters():
   c = mlm_configs.get_config('paper')
-  assert c.model.to_dict() == dict(model_configs.language_mlm().to_dict(),
-                                   encoder=dict(model_configs.language_mlm().encoder.to_dict(),
-                                                dropout_prob=0.0))
+  helpers.assert_released_architecture(c.model)   # Table 11
+  assert c.model.encoder.dropout_prob == 0.0
   assert (c.optimizer.name, c.optimizer.learning_rate, c.optimizer.warmup_steps,
           c.optimizer.decay, c.optimizer.decay_steps, c.optimizer.weight_decay) == (
               'lamb', 0.00125, 1000, 'cosine', 500_000, 0.01)
