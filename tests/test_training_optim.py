@@ -92,4 +92,12 @@ def test_auto_is_the_fused_lamb_for_the_cpu_and_optax_elsewhere():
 def test_implementation_is_checked():
   with pytest.raises(ValueError, match='implementation'):
     optim.make(_config(implementation='nope'))
-  assert optim.make(_config(implementation='optax')) is not None
+  # 'optax' is optax's own chain whatever the platform; 'fused' the fused update.
+  params, grads = _params_and_grads(1.0)
+  state = optim.reference(_config()).init(params)
+  program = lambda tx: str(jax.make_jaxpr(tx.update)(grads, state, params))
+  for platform in ('cpu', 'cuda', None):
+    assert program(optim.make(_config(implementation='optax'), platform=platform)) == (
+        program(optim.reference(_config())))
+    assert program(optim.make(_config(implementation='fused'), platform=platform)) == (
+        program(optim.fused_lamb(_config())))

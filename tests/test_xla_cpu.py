@@ -4,6 +4,10 @@
 operands, [rows, C] reductions, a fusion boundary); each test here holds one of its
 functions, or the whole model under ``kernels='xla_cpu'``, to the reference formula
 differentiated by JAX (``kernels='reference'``), which is the original's computation.
+
+``'auto'`` is compared as a CPU program resolves it (built with ``platform='cpu'``, i.e.
+the XLA:CPU kernels); that an accelerator's ``'auto'`` is the reference program is checked
+on the lowered program in ``tests/test_lowering.py``.
 """
 
 import math
@@ -47,8 +51,23 @@ def tiny_case():
   return params, jnp.asarray(ids), jnp.asarray(mask)
 
 
+# Each setting as the program that runs on this CPU builds it: 'auto' resolved for 'cpu'.
+_SETTINGS = ('xla_cpu', 'auto')
+
+
+def _cpu_model(kernels, compute_dtype='float32'):
+  return transform.masked_lm(_tiny(kernels, compute_dtype), platform='cpu')
+
+
+def test_auto_on_a_cpu_is_the_xla_cpu_kernels_and_elsewhere_the_reference():
+  assert layers.resolve_kernels('auto', 'cpu') == 'xla_cpu'
+  for platform in ('cuda', 'rocm', 'tpu', None):
+    assert layers.resolve_kernels('auto', platform) == 'reference'
+  assert layers.resolve_kernels('reference', 'cpu') == 'reference'
+
+
 def _loss_and_grads(kernels, params, ids, mask, compute_dtype='float32'):
-  model = transform.masked_lm(_tiny(kernels, compute_dtype))
+  model = _cpu_model(kernels, compute_dtype)
   weights = jnp.linspace(-1.0, 1.0, 262)
 
   def loss(p):
@@ -63,7 +82,7 @@ def test_the_model_under_each_kernels_setting_gives_the_same_loss_and_gradients(
   # Leaves whose true gradient is 0 (the keys' bias: softmax ignores a shift shared by
   # all keys) hold rounding noise only; they are held to the whole gradient's scale.
   scale = float(optax.tree.norm(ref_grads))
-  for kernels in ('xla_cpu', 'auto'):
+  for kernels in _SETTINGS:
     loss, grads = _loss_and_grads(kernels, params, ids, mask)
     assert abs(float(loss - ref_loss)) <= 1e-5 * abs(float(ref_loss))
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(grads),
@@ -82,15 +101,14 @@ def test_bfloat16_gradients_are_as_close_to_float32_under_each_kernels_setting(t
   error = {k: _relative(flat(_loss_and_grads(k, params, ids, mask, 'bfloat16')[1]),
                         flat(exact)) for k in layers.KERNELS}
   assert error['reference'] < 5e-2
-  for kernels in ('xla_cpu', 'auto'):
+  for kernels in _SETTINGS:
     assert error[kernels] <= 1.5 * error['reference'] + 1e-3, error
 
 
 def test_kernels_settings_give_the_same_logits_and_are_checked(tiny_case):
   params, ids, mask = tiny_case
-  logits = {k: jax.jit(transform.masked_lm(_tiny(k)).apply)(params, None, ids, mask)
-            for k in layers.KERNELS}
-  for kernels in ('xla_cpu', 'auto'):
+  logits = {k: jax.jit(_cpu_model(k).apply)(params, None, ids, mask) for k in layers.KERNELS}
+  for kernels in _SETTINGS:
     np.testing.assert_allclose(logits[kernels], logits['reference'], rtol=1e-5, atol=1e-5)
   with pytest.raises(ValueError, match='kernels must be one of'):
     transform.masked_lm(_tiny('cuda'))
