@@ -156,6 +156,7 @@ def test_resume_refuses_a_changed_batch_size_unless_allowed(finished_run, tmp_pa
   assert (run / 'ckpt_000000003.npz').is_file()
 
 
+@pytest.mark.slow
 def test_a_corrupt_newest_checkpoint_falls_back_to_the_one_before(tmp_path, capsys):
   config = tiny_config(tmp_path, steps=4, checkpoint_every=2)
   workdir = tmp_path / 'run'
@@ -296,6 +297,7 @@ def test_fill_mask_checks_the_text_before_the_checkpoint_and_names_bad_checkpoin
   assert status == 0, stderr
 
 
+@pytest.mark.slow
 def test_fill_mask_command_line_takes_invalid_utf8(tiny_checkpoint):
   path, _ = tiny_checkpoint
   done = subprocess.run([sys.executable.encode(), b'-m', b'perceiver.fill_mask',

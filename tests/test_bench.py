@@ -36,6 +36,7 @@ def _peer_ok(row):
   return True
 
 
+@pytest.mark.slow
 def test_smoke_reports_this_machine_and_every_part(smoke):
   import os
   results, stdout = smoke
@@ -47,6 +48,7 @@ def test_smoke_reports_this_machine_and_every_part(smoke):
   assert 'Targets:' in stdout and 'Train step' in stdout   # the table is printed last
 
 
+@pytest.mark.slow
 def test_rates_and_mfu_follow_from_the_measured_times(smoke):
   """Each reported rate is its definition applied to the times measured: bytes/s is
   batch x 64 bytes over the median, FLOP/s the analytic count over it, MFU that over the
@@ -70,6 +72,7 @@ def test_rates_and_mfu_follow_from_the_measured_times(smoke):
   assert results['train'][0]['ours']['optimizer'].startswith('LAMB')
 
 
+@pytest.mark.slow
 def test_flops_are_the_analytic_count_and_xla_agrees(smoke):
   results, _ = smoke
   config = ours.model_config('tiny_hf', 'float32')
@@ -85,6 +88,7 @@ def test_flops_are_the_analytic_count_and_xla_agrees(smoke):
       assert 1.0 <= side['xla_over_analytic'] <= 1.0 + tolerance, (section, side)
 
 
+@pytest.mark.slow
 def test_memory_points_and_data_rate(smoke):
   results, _ = smoke
   config = ours.model_config('tiny_hf', 'float32')
@@ -109,6 +113,7 @@ def test_memory_points_and_data_rate(smoke):
   assert need['headroom'] == pytest.approx(rate['batches_per_s'] * fastest)
 
 
+@pytest.mark.slow
 def test_targets_are_judged_from_the_measured_values(smoke):
   results, _ = smoke
   by_name = {t['target']: t for t in results['targets']}

@@ -158,6 +158,7 @@ def test_atomic_write_gives_ordinary_permissions(tmp_path):
     os.umask(umask)
 
 
+@pytest.mark.slow
 def test_kill_9_during_a_write_leaves_the_previous_checkpoint_loadable(tiny_params, tmp_path):
   config, params = tiny_params
   path = tmp_path / 'ckpt.npz'
@@ -195,6 +196,7 @@ def test_corrupt_or_foreign_files_are_named(tmp_path):
     checkpoint.save(tmp_path / 'x.npz', {}, {}, when=object())
 
 
+@pytest.mark.slow
 def test_fill_mask_fills_the_marked_span(tiny_params, tmp_path):
   data, spans = fill_mask.parse_marked(b'some words are[[ missing.]]')
   assert data == b'some words are missing.' and spans == [(14, 23)]

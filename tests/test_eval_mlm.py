@@ -126,6 +126,7 @@ def test_masks_are_fixed_by_the_seed_whatever_the_window_or_batch(tmp_path):
   assert (a[0][a[1] == 0] != tok_lib.MASK_ID).all()
 
 
+@pytest.mark.slow
 def test_command_line_writes_json_and_names_bad_flags(tmp_path):
   ckpt, _, _ = _checkpoint(tmp_path)
   data = _corpus(tmp_path)

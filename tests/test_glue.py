@@ -135,6 +135,7 @@ def test_single_task_writes_consistent_outputs_and_a_loadable_best_checkpoint(tm
   assert summary['submission'] == [os.path.join('..', 'submission', 'SST-2.tsv')]
 
 
+@pytest.mark.slow
 def test_stsb_is_a_regression_with_three_decimal_predictions(tmp_path):
   data_dir = write_task(tmp_path / 'glue', 'stsb')
   glue.run('stsb', tiny_config(), str(data_dir), str(tmp_path / 'out'), do_predict=True)
@@ -150,6 +151,7 @@ def test_stsb_is_a_regression_with_three_decimal_predictions(tmp_path):
   assert params['classification_head/linear_1']['w'].shape[-1] == 1
 
 
+@pytest.mark.slow
 def test_all_runs_the_present_tasks_and_tables_the_rest_as_missing(tmp_path, capsys):
   data_dir = tmp_path / 'glue'
   write_task(data_dir, 'mnli')
@@ -178,6 +180,7 @@ def test_all_runs_the_present_tasks_and_tables_the_rest_as_missing(tmp_path, cap
   assert 'not in the average' in table and 'average' in (tmp_path / 'out' / 'log.txt').read_text()
 
 
+@pytest.mark.slow
 def test_sweep_runs_each_grid_point_and_keeps_the_best(tmp_path):
   data_dir = write_task(tmp_path / 'glue', 'rte')
   glue.run('rte', tiny_config(**{'train.epochs': 1}), str(data_dir), str(tmp_path / 'out'),
@@ -400,6 +403,7 @@ def test_bad_input_is_an_error_naming_the_file_line_task_or_field(tmp_path):
     glue.run('rte', config, str(data_dir), out)
 
 
+@pytest.mark.slow
 def test_a_finished_task_is_kept_refused_or_retrained_and_cleaning_spares_other_files(
     tmp_path):
   data_dir = write_task(tmp_path / 'glue', 'wnli')
@@ -433,6 +437,7 @@ def _cli(*args):
                         capture_output=True, text=True, check=False)
 
 
+@pytest.mark.slow
 def test_command_line_errors_are_one_line_without_a_traceback(tmp_path):
   unknown = _cli('--task=foo', f'--data_dir={tmp_path}', f'--workdir={tmp_path}/o')
   assert unknown.returncode == 1 and 'Traceback' not in unknown.stderr
@@ -447,6 +452,7 @@ def test_command_line_errors_are_one_line_without_a_traceback(tmp_path):
   assert missing.returncode != 0 and '--data_dir' in missing.stderr
 
 
+@pytest.mark.slow
 def test_command_line_fine_tunes_from_a_project_mlm_checkpoint(tmp_path):
   config = model_configs.tiny(max_seq_len=SEQ)
   path = checkpoint.save(tmp_path / 'mlm.npz', _tiny_mlm_params(config), config)
@@ -478,6 +484,7 @@ glue.run('wnli', tiny_config(**{{'train.epochs': 2, 'dropout.encoder': 0.0,
 """
 
 
+@pytest.mark.slow
 def test_two_devices_give_the_one_device_run(tmp_path):
   # Without dropout: its masks come from per-device keys (perceiver.training.step), so with dropout
   # two layouts agree in distribution only. Batches of 8 (4 per device), 20 examples:
@@ -504,6 +511,7 @@ def test_two_devices_give_the_one_device_run(tmp_path):
 # --------------------------------------------------------------------------------------
 # The real files.
 
+@pytest.mark.slow
 def test_end_to_end_on_the_real_rte_files(tmp_path):
   data_dir = glue_dir()
   config = tiny_config(**{'data.max_seq_len': SEQ, 'train.batch_size': 16,
@@ -527,6 +535,7 @@ glue.run('wnli', tiny_config(**{{'train.epochs': 3, 'train.batch_size': 4,
 """
 
 
+@pytest.mark.slow
 def test_a_fine_tune_killed_mid_way_resumes_to_the_uninterrupted_dev_metrics(tmp_path):
   """kill -9 after the first epoch's resume checkpoint; rerunning the same command
   continues from it and ends with exactly the dev metrics of a run never stopped."""

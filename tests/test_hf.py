@@ -442,6 +442,7 @@ def test_corrupt_safetensors_errors_name_the_file(tmp_path):
     hf_io.read_safetensors(bad)
 
 
+@pytest.mark.slow
 def test_safetensors_checkpoint_loads_without_torch(tmp_path):
   """Import from model.safetensors with torch and transformers made unimportable; without
   the safetensors package the error says what to install."""

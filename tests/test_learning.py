@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pytest
 
 from perceiver import configs as model_configs
 from tests.helpers import mlm_tiny_config as tiny_config
@@ -29,6 +30,7 @@ def _cycles(path, seed, count):
   return str(path)
 
 
+@pytest.mark.slow
 def test_held_out_accuracy_ends_above_the_context_free_baseline(tmp_path):
   config = tiny_config(tmp_path)
   config.unlock()

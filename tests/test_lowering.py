@@ -28,6 +28,7 @@ def test_accelerator_train_step_has_no_conditional_and_no_barrier(platform):
   assert counts['conditionals'] == 0 and counts['optimization_barriers'] == 0, counts
 
 
+@pytest.mark.slow
 def test_released_model_train_step_lowers_cleanly_for_gpu():
   counts = _counts('cuda', preset='language_mlm')
   assert counts['conditionals'] == 0 and counts['optimization_barriers'] == 0, counts

@@ -17,6 +17,8 @@ import pytest
 
 from perceiver import checkpoint
 
+pytestmark = pytest.mark.slow   # every test starts several training processes
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TIMEOUT = 240   # seconds for any one process
 

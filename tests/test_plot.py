@@ -25,6 +25,7 @@ def _png_size(path):
   return width, height
 
 
+@pytest.mark.slow
 def test_plot_writes_a_png_of_a_short_run(tmp_path):
   run = tmp_path / 'run'
   mlm.train(tiny_config(tmp_path, steps=4, log_every=1, eval_every=2), str(run))

@@ -38,6 +38,7 @@ def _faults(mode):
 
 @pytest.mark.skipif(platform.system() != 'Linux' or not platform.libc_ver()[0] == 'glibc',
                     reason='glibc only')
+@pytest.mark.slow
 def test_a_freed_block_is_reused_without_page_faults():
   pages = 256 * 2 ** 20 // 4096
   assert _faults('default') > pages // 2     # glibc unmaps it; touching it faults again
