@@ -9,6 +9,9 @@ setup(
                  "DeepMind's released checkpoint, with MLM pretraining and GLUE fine-tuning."),
     packages=find_packages(include=['perceiver', 'perceiver.*', 'train', 'train.*', 'eval',
                                     'eval.*', 'bench', 'bench.*']),
+    # The export loader (python -m perceiver.export): outside the perceiver package so
+    # that it imports neither Haiku nor this project.
+    py_modules=['perceiver_load'],
     python_requires='>=3.10',
     install_requires=[
         'jax>=0.4.30',
@@ -19,6 +22,8 @@ setup(
         'chex>=0.1.86',
         'absl-py>=1.4',
         'ml-collections>=0.1.1',
+        # perceiver.export writes, and perceiver_load reads, the parameters as safetensors.
+        'safetensors>=0.4',
     ],
     extras_require={
         'dev': ['pytest>=7'],
@@ -29,7 +34,9 @@ setup(
         # Python>=3.11. Off PyPI's default index torch is a CUDA build; for CPU add
         # --extra-index-url https://download.pytorch.org/whl/cpu.
         'safetensors': ['safetensors>=0.4'],
-        'hf': ['safetensors>=0.4', 'transformers==5.24.0', 'torch==2.13.0'],
+        # onnx and onnxruntime: the ONNX route (perceiver.onnx_route) and its test.
+        'hf': ['safetensors>=0.4', 'transformers==5.24.0', 'torch==2.13.0', 'onnx>=1.16',
+               'onnxruntime>=1.18'],
         # python -m bench.run: the peer rows (transformers' PyTorch PerceiverForMaskedLM).
         # Without it the benchmark runs and those rows say "not installed".
         'bench': ['safetensors>=0.4', 'transformers==5.24.0', 'torch==2.13.0'],
