@@ -24,8 +24,9 @@ original's formulation (``kernels='reference'``) on every platform, so what runs
 GPU or TPU holds no XLA:CPU kernel, conditional or optimization barrier; the only
 conditionals in the module are JAX's switches on the platform index, which the compiler
 resolves (tests/test_export.py checks both). A CPU gives up ``perceiver.xla_cpu``'s
-kernels, which mostly speed up the backward pass: the forward pass of the released
-model in mixed precision is ~7% slower without them (bench/RESULTS.md).
+kernels, which mostly speed up the backward pass; of the forward pass they saved 7-8% in
+mixed precision, through the attention kernel (bench/RESULTS.md, "Why the XLA:CPU
+kernels").
 
 ``--task``: ``masked_lm`` (logits [B, T, vocab]), ``classifier`` (logits [B, classes];
 the checkpoint must be a classifier, e.g. ``eval.glue``'s, whose label names and task
