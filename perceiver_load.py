@@ -162,6 +162,10 @@ def read_program(directory, manifest):
                       f'{jax.__version__} (written by jax {manifest["jax_version"]}; '
                       f'{COMPATIBILITY}): {type(e).__name__}: {e}') from e
   _check_version(exported, manifest, path)
+  here = jax.export.default_export_platform()
+  if here not in exported.platforms:
+    raise ExportError(f'{path}: exported for {", ".join(exported.platforms)}; this jax runs '
+                      f'on {here} (export again with --platforms naming {here})')
   try:
     exported.mlir_module()   # Reads the StableHLO: fails here, not at the first call.
   except Exception as e:  # pylint: disable=broad-except

@@ -317,6 +317,13 @@ def test_a_program_outside_the_installed_jax_window_is_named(mlm, monkeypatch):
     perceiver_load.load(mlm['out'])
 
 
+def test_a_program_for_other_platforms_is_named(mlm, tmp_path):
+  export.export(mlm['checkpoint'], str(tmp_path / 'tpu'), platforms=['tpu'])
+  with pytest.raises(perceiver_load.ExportError,
+                     match='model.jaxexport: exported for tpu; this jax runs on cpu'):
+    perceiver_load.load(tmp_path / 'tpu')
+
+
 def test_damaged_exports_are_named(mlm, tmp_path):
   bad = tmp_path / 'bad'
   bad.mkdir()
