@@ -17,7 +17,9 @@ decoded like real ones (compare logits only where ``attention_mask`` is 1). It u
 PyTorch's TorchScript exporter (``dynamo=False``): torch 2.13's default dynamo exporter
 needs ``onnxscript``, which this project does not depend on. Needs the ``hf`` extra
 (torch, transformers, onnx, onnxruntime). tests/test_export.py holds onnxruntime's logits
-to ours (relative 1e-4, measured 1.2e-6 on ``configs.small()``).
+to ours (relative 1e-4, measured 1.2e-6 on ``configs.small()``); on the released
+architecture at 2,048 bytes the route gave an 806 MB ``model.onnx`` within 7.3e-7 of our
+logits (random weights, batch 1; checked once by hand, too slow for the tests).
 """
 
 from __future__ import annotations
