@@ -134,7 +134,9 @@ def test_artifact_runs_without_haiku_or_perceiver_and_equals_the_live_model(mlm,
   script.write_text(_CHILD)
   env = {k: v for k, v in os.environ.items() if k not in ('PYTHONPATH', 'PYTHONSTARTUP')}
   env['JAX_PLATFORMS'] = 'cpu'
-  proc = subprocess.run([sys.executable, '-I', str(script), str(mlm['out']),
+  # -I: no PYTHONPATH, no script directory, no user site; -B: no __pycache__ written
+  # into the shared export directory by ``import load``.
+  proc = subprocess.run([sys.executable, '-I', '-B', str(script), str(mlm['out']),
                          str(tmp_path / 'inputs.npz'), str(tmp_path)],
                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -327,7 +329,7 @@ def test_a_program_for_other_platforms_is_named(mlm, tmp_path):
 def test_damaged_exports_are_named(mlm, tmp_path):
   bad = tmp_path / 'bad'
   bad.mkdir()
-  for name in os.listdir(mlm['out']):
+  for name in ('export.json', 'model.jaxexport', 'params.safetensors'):
     (bad / name).write_bytes((mlm['out'] / name).read_bytes())
   (bad / 'model.jaxexport').write_bytes(b'\x00' * 64)
   with pytest.raises(perceiver_load.ExportError, match='model.jaxexport: not a serialized'):
