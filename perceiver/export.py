@@ -125,18 +125,20 @@ def conditionals(mlir_text: str):
     indexed = re.search(r'%arg0: tensor<i32> \{jax\.global_constant = "_platform_index"\}',
                         header) is not None
     selectors = set()
-    for result, operand in re.findall(r'(%[\w#]+) = "stablehlo\.case"\((%[\w#]+)\)', body):
+    for result, operand in re.findall(
+        r'(%[\w#]+)(?::\d+)? = "stablehlo\.case"\((%[\w#]+)\)', body):
       if (indexed and operand == '%arg0') or operand in selectors:
         selectors.add(result)
-        switches += 1
-      else:
-        run_time += 1
+    # Every case not keyed on the platform index (whatever its form) runs at run time.
+    run_time += len(re.findall(r'\bstablehlo\.case\b', body)) - len(selectors)
+    switches += len(selectors)
     run_time += len(re.findall(r'\bstablehlo\.if\b', body))
   return switches, run_time
 
 
 def _select(task, params, config, metadata, checkpoint_path):
-  """(the parameters the task's model uses, number of outputs or None), or an error."""
+  """(the task's model, the parameters it uses, its number of outputs or None), or an
+  error naming what does not fit."""
   num_outputs = metadata.get('num_outputs') if isinstance(metadata, dict) else None
   if task == 'classifier' and not num_outputs:
     raise errors.ConfigError(

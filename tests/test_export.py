@@ -276,6 +276,25 @@ def test_conditionals_tell_the_xla_cpu_kernels_from_platform_switches(mlm):
   assert run_time == 4 and switches + run_time == lowering.count_ops(text)['conditionals']
 
 
+def test_conditionals_reads_stablehlo_text():
+  """Hand-written module text: a platform switch is a case on the platform index and a
+  case on its result; a case on anything else (one with two results here) and an ``if``
+  run at run time; a function without the platform index has no switches."""
+  text = textwrap.dedent('''
+      func.func public @main(%arg0: tensor<i32> {jax.global_constant = "_platform_index"}, %arg1: tensor<f32>) {
+        %0 = "stablehlo.case"(%arg0) ({...}) : (tensor<i32>) -> tensor<i32>
+        %1 = "stablehlo.case"(%0) ({...}) : (tensor<i32>) -> tensor<f32>
+        %2:2 = "stablehlo.case"(%7) ({...}) : (tensor<i32>) -> (tensor<f32>, tensor<f32>)
+        %3 = stablehlo.if %p ...
+      }
+      func.func private @f(%arg0: tensor<i32>, %arg1: tensor<f32>) {
+        %0 = "stablehlo.case"(%arg0) ({...}) : (tensor<i32>) -> tensor<f32>
+      }
+  ''')
+  assert export.conditionals(text) == (2, 3)
+  assert lowering.count_ops(text)['conditionals'] == 5
+
+
 # --------------------------------------------------------------------------------------
 # Errors: one line each, naming the culprit.
 
