@@ -391,7 +391,7 @@ def test_export_command_prints_one_error_line(tmp_path):
 # The ONNX route: ours -> Hugging Face -> torch.onnx.export -> onnxruntime.
 
 @pytest.mark.slow
-def test_onnxruntime_logits_equal_ours_on_the_small_config(tmp_path):
+def test_onnxruntime_logits_equal_ours_on_the_small_config(glue_classifier, tmp_path):
   """configs.small() (10M parameters, 512-byte window) with the text decoder transformers
   fixes, exported at the full window with a symbolic batch: onnxruntime's logits within
   1e-4 of ours at real positions (transformers decodes padded positions like real ones)."""
@@ -415,3 +415,6 @@ def test_onnxruntime_logits_equal_ours_on_the_small_config(tmp_path):
     rel = _relative(theirs[real], ours[real])
     print(f'\nonnxruntime vs ours, batch {batch}: max relative logit difference {rel:.2e}')
     assert rel < 1e-4
+  # transformers' PerceiverForMaskedLM is the route's only model: a classifier is refused.
+  with pytest.raises(errors.ConfigError, match='a classifier; the ONNX route exports'):
+    onnx_route.export_onnx(glue_classifier['checkpoint'], str(tmp_path / 'cls'))
