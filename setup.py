@@ -9,6 +9,9 @@ setup(
                  "DeepMind's released checkpoint, with MLM pretraining and GLUE fine-tuning."),
     packages=find_packages(include=['perceiver', 'perceiver.*', 'train', 'train.*', 'eval',
                                     'eval.*', 'bench', 'bench.*']),
+    # The export loader (python -m perceiver.export): outside the perceiver package so
+    # that it imports neither Haiku nor this project.
+    py_modules=['perceiver_load'],
     python_requires='>=3.10',
     install_requires=[
         'jax>=0.4.30',
@@ -20,7 +23,8 @@ setup(
         'absl-py>=1.4',
         'ml-collections>=0.1.1',
         # Hugging Face checkpoints (perceiver.hf_io, perceiver.convert): model.safetensors is
-        # read and written through the safetensors package's numpy API, no torch needed.
+        # read and written through the safetensors package's numpy API, no torch needed;
+        # perceiver.export writes, and perceiver_load reads, an export's parameters so.
         'safetensors>=0.4',
         # python -m train.plot: learning curves as a PNG.
         'matplotlib>=3.7',
@@ -34,7 +38,8 @@ setup(
         # transformers 5.24.0 requires torch>=2.6 and Python>=3.11. Off PyPI's default
         # index torch is a CUDA build; for CPU add
         # --extra-index-url https://download.pytorch.org/whl/cpu.
-        'hf': ['transformers==5.24.0', 'torch==2.13.0'],
+        # onnx and onnxruntime: the ONNX route (perceiver.onnx_route) and its test.
+        'hf': ['transformers==5.24.0', 'torch==2.13.0', 'onnx>=1.16', 'onnxruntime>=1.18'],
         # python -m bench.run: the peer rows (the same port). Without it the benchmark
         # runs and those rows say "not installed".
         'bench': ['transformers==5.24.0', 'torch==2.13.0'],
