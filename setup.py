@@ -19,6 +19,8 @@ setup(
         'chex>=0.1.86',
         'absl-py>=1.4',
         'ml-collections>=0.1.1',
+        # eval.tagging's entity-level precision, recall and F1 (conlleval's reading).
+        'seqeval>=1.2',
     ],
     extras_require={
         'dev': ['pytest>=7'],
