@@ -235,6 +235,7 @@ def test_command_line_errors_are_one_line_naming_the_file_line_or_field(tmp_path
       'field': _cli(f'--data_dir={data_dir}', f'--workdir={tmp_path}/o',
                     '--config=eval/configs/tagging.py:smoke', '--config.eval.metric=f2'),
       'dir': _cli(f'--data_dir={tmp_path}/nope', f'--workdir={tmp_path}/o'),
+      'format': _cli(f'--data_dir={data_dir}', f'--workdir={tmp_path}/o', '--format=conllu'),
   }
   for name, run in runs.items():
     assert run.returncode == 1 and 'Traceback' not in run.stderr, (name, run.stderr)
@@ -244,14 +245,17 @@ def test_command_line_errors_are_one_line_naming_the_file_line_or_field(tmp_path
   assert "error: eval.metric='f2': expected one of auto, entity, accuracy" in (
       runs['field'].stderr)
   assert f'--data_dir {tmp_path}/nope: no such directory' in runs['dir'].stderr
+  assert f'error: {data_dir}: no train file (looked for *train.conllu)' in (
+      runs['format'].stderr)
 
 
 @pytest.mark.slow
 def test_a_smoke_model_learns_context_dependent_tags_from_scratch(tmp_path):
-  """The same names are O, B-PER, B-LOC or B-ORG by the word before them: a model that
-  reads each word alone scores far below F1 0.9. The smoke preset's model from scratch
-  gets there in 12 epochs of 1,000 sentences (384 steps of 32; under a minute of CPU
-  time on two cores)."""
+  """The same names are O, B-PER, B-LOC or B-ORG by the word before them: a tagger that
+  reads each word alone can do no better than one tag for every name (F1 about 0.26:
+  precision 0.21, recall 1/3). The smoke preset's model from scratch passes 0.9 within
+  12 epochs of 1,000 sentences (384 steps of 32; measured: 0.905 at step 288, 0.939 at
+  the best epoch, 59 s of CPU time for the whole command)."""
   data_dir = write_context_task(tmp_path / 'data', 1000)
   config = tagging_configs.get_config('smoke')
   config.train.update(dict(epochs=12, log_every=100))
