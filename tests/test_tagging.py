@@ -217,6 +217,42 @@ def test_a_run_writes_predictions_that_reproduce_its_scores_and_a_loadable_check
     tagging.run(tiny_config(), data_dir, str(out), resume=False)
 
 
+def write_conllu_task(root, num_train, num_dev):
+  """The context task in CoNLL-U, tagged with UPOS-like tags: a name is PROPN after a
+  trigger (VERB), else NOUN; other words are X."""
+  root = pathlib.Path(root)
+  root.mkdir(parents=True, exist_ok=True)
+  for name, count, offset in (('xx_gen-ud-train.conllu', num_train, 0),
+                              ('xx_gen-ud-dev.conllu', num_dev, 1)):
+    rng = np.random.default_rng([0, offset])
+    lines = []
+    for i in range(count):
+      words, tags = _sentence(rng)
+      upos = ['VERB' if w in TRIGGERS else 'PROPN' if t != 'O' else
+              'NOUN' if w in NAMES else 'X' for w, t in zip(words, tags)]
+      lines += [f'# sent_id = {i}', f'# text = {" ".join(words)}']
+      lines += [f'{k + 1}\t{w}\t{w}\t{u}\t_\t_\t0\tdep\t_\t_'
+                for k, (w, u) in enumerate(zip(words, upos))] + ['']
+    (root / name).write_text('\n'.join(lines) + '\n', encoding='utf-8')
+  return str(root)
+
+
+@pytest.mark.slow
+def test_conllu_upos_is_scored_by_word_accuracy_from_the_written_predictions(tmp_path):
+  data_dir = write_conllu_task(tmp_path / 'ud', 40, 20)
+  out = tmp_path / 'out'
+  summary = tagging.run(tiny_config(**{'data.format': 'conllu', 'train.epochs': 1}),
+                        data_dir, str(out))
+  assert summary['metric'] == 'accuracy' and 'f1' not in summary['results']
+  assert summary['labels'] == ['NOUN', 'PROPN', 'VERB', 'X']
+  rows = [r for s in _read_conll(out / 'dev_predictions.txt') for r in s]
+  assert len(rows) == summary['num_words']['dev']
+  assert summary['results']['accuracy'] == pytest.approx(
+      np.mean([r[1] == r[2] for r in rows]))
+  assert summary['main_score'] == summary['results']['accuracy']
+  assert not (out / 'dev_entity_table.txt').exists()
+
+
 def _cli(*args):
   return subprocess.run([sys.executable, '-m', 'eval.tagging', *args], cwd=ROOT,
                         capture_output=True, text=True, check=False,
