@@ -2,6 +2,8 @@
 decoding of chosen positions, its start from an MLM checkpoint, seqeval scores against a
 hand count, the command's outputs, learning a context-dependent task, and resume."""
 
+import contextlib
+import io
 import json
 import os
 import pathlib
@@ -20,6 +22,7 @@ from eval import tagging
 from eval import tagging_task
 from eval.configs import tagging as tagging_configs
 from perceiver import checkpoint
+from perceiver import cli
 from perceiver import configs as model_configs
 from perceiver import convert
 from perceiver import hf
@@ -251,6 +254,49 @@ def test_conllu_upos_is_scored_by_word_accuracy_from_the_written_predictions(tmp
       np.mean([r[1] == r[2] for r in rows]))
   assert summary['main_score'] == summary['results']['accuracy']
   assert not (out / 'dev_entity_table.txt').exists()
+
+
+def _error(command):
+  """The one ``error:`` line of ``command`` under the commands' policy (exit status 1)."""
+  stderr = io.StringIO()
+  with contextlib.redirect_stderr(stderr):
+    status = cli.run(command)
+  lines = stderr.getvalue().strip().splitlines()
+  assert status == 1 and len(lines) == 1 and lines[0].startswith('error: '), lines
+  return lines[0]
+
+
+def test_bad_inputs_are_one_error_line_naming_the_file_line_field_or_checkpoint(tmp_path):
+  data_dir = write_context_task(tmp_path / 'data', 4, num_dev=3)
+  out = str(tmp_path / 'out')
+
+  def run(config=None, init=None, data=data_dir):
+    return _error(lambda: tagging.run(config or tiny_config(), data, out, init))
+
+  assert "eval.metric='f1': expected one of auto, entity, accuracy" in run(
+      tiny_config(**{'eval.metric': 'f1'}))
+  assert "data.format='iob': expected one of conll2003, conllu" in run(
+      tiny_config(**{'data.format': 'iob'}))
+  assert 'data.window_overlap=64 must be smaller than the window (64 bytes)' in run(
+      tiny_config(**{'data.window_overlap': 64}))
+  assert 'train.epochs must be an integer >= 1, got 0' in run(
+      tiny_config(**{'train.epochs': 0}))
+  assert f'{tmp_path}/nope.npz: no such checkpoint' in run(init=str(tmp_path / 'nope.npz'))
+  # A checkpoint without a masked-LM decoder (here: the encoder alone).
+  config = model_configs.tiny(max_seq_len=64)
+  shapes = jax.eval_shape(transform.encoder(config).init, jax.random.PRNGKey(0),
+                          jnp.zeros((1, 8), jnp.int32))
+  encoder_only = checkpoint.save(tmp_path / 'enc.npz', jax.tree.map(
+      lambda x: np.zeros(x.shape, x.dtype), shapes), config)
+  message = run(init=str(encoder_only))
+  assert str(encoder_only) in message and 'basic_decoder' in message
+  assert message.endswith('pass --config.init.mlm_decoder=false to start the token '
+                          'decoder from scratch')
+  train = tmp_path / 'data' / 'train.txt'
+  train.write_text(train.read_text() + 'lonely\n', encoding='utf-8')
+  number = train.read_text().count('\n')
+  assert f'{train}:{number}: expected "word ... tag"' in run()
+  assert not os.path.exists(os.path.join(out, 'dev_metrics.json'))
 
 
 def _cli(*args):
