@@ -28,6 +28,7 @@ from perceiver import convert
 from perceiver import hf
 from perceiver import transfer
 from perceiver import transform
+from train.configs import mlm as mlm_configs
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -119,6 +120,26 @@ def test_seqeval_scores_match_a_hand_count_with_iob1_and_iob2():
                                                          'main': 0.8}
   assert tagging_task.resolve_metric('auto', ['O', 'B-PER', 'I-PER']) == 'entity'
   assert tagging_task.resolve_metric('auto', ['NOUN', 'VERB']) == 'accuracy'
+
+
+def test_presets_the_paper_model_and_the_mlm_cpu_model():
+  paper = tagging_configs.get_config('paper')
+  assert paper.model.to_dict() == model_configs.language_mlm().to_dict()
+  assert (paper.train.epochs, paper.train.batch_size, paper.optimizer.learning_rate) == (
+      3, 32, 5e-5)
+  tagging.check_config(paper)
+  assert tagging.resolve_window(paper, paper.model) == 2048
+  # The smoke preset's model is the MLM cpu and smoke presets' (their checkpoints fit it).
+  def model(config):   # the dropout is the fine-tuning's (transfer.with_dropout)
+    out = config.model.to_dict()
+    out['encoder'].pop('dropout_prob', None)
+    return out
+
+  smoke = tagging_configs.get_config('smoke')
+  for preset in ('cpu', 'smoke'):
+    assert model(smoke) == model(mlm_configs.get_config(preset))
+  with pytest.raises(ValueError, match="unknown preset 'nope'"):
+    tagging_configs.get_config('nope')
 
 
 # --------------------------------------------------------------------------------------
