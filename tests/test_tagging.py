@@ -40,6 +40,26 @@ def _ids(batch, length, seed=0):
   return jnp.asarray(np.random.default_rng(seed).integers(6, 262, (batch, length)))
 
 
+def test_token_classifier_shapes_and_names_without_compiling():
+  config = model_configs.tiny(max_seq_len=32)
+  model = transform.token_classifier(config, 5)
+  ids = jax.ShapeDtypeStruct((2, 32), jnp.int32)
+  params = jax.eval_shape(model.init, jax.random.PRNGKey(0), ids)
+  positions = jax.ShapeDtypeStruct((2, 4), jnp.int32)
+  assert jax.eval_shape(lambda p, i: model.apply(p, None, i), params, ids).shape == (2, 32, 5)
+  assert jax.eval_shape(lambda p, i, q: model.apply(p, None, i, None, False, q), params, ids,
+                        positions).shape == (2, 4, 5)
+  mlm = jax.eval_shape(transform.masked_lm(config).init, jax.random.PRNGKey(0), ids)
+  renamed = {m.replace(transform.TOKEN_DECODER, 'basic_decoder'): {
+      n: v.shape for n, v in leaves.items()} for m, leaves in params.items()
+             if not m.startswith(transform.TOKEN_HEAD)}
+  assert renamed == {m: {n: v.shape for n, v in leaves.items()} for m, leaves in mlm.items()
+                     if m != 'embedding_decoder'}
+  assert params['token_classification_head/linear_1']['w'].shape == (32, 5)
+  with pytest.raises(ValueError, match='num_labels must be >= 1'):
+    transform.token_classifier(config, 0)
+
+
 @pytest.mark.slow   # compiles the model (about 15 s of CPU)
 def test_decoding_chosen_positions_gives_the_full_decoder_s_logits():
   config = model_configs.tiny(max_seq_len=32)
