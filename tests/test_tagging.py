@@ -398,13 +398,16 @@ tagging.run(tiny_config(**{{'train.epochs': 3, 'train.batch_size': 4}}), {data!r
 def test_a_run_killed_mid_way_resumes_to_the_uninterrupted_dev_metrics(tmp_path):
   """kill -9 after the first epoch's resume checkpoint; the same command again continues
   from it and ends with the dev metrics of a run never stopped."""
-  data_dir = write_context_task(tmp_path / 'data', 24, num_dev=100)
+  data_dir = write_context_task(tmp_path / 'data', 24, num_dev=60)
+  # JAX's persistent compilation cache: the three runs compile the same steps once.
+  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(tmp_path / 'jax_cache'),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0.2')
 
   def start(out):
     return subprocess.Popen([sys.executable, '-c', _RUN.format(root=str(ROOT), data=data_dir,
                                                                out=str(out))],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+                            text=True, env=env)
 
   straight = start(tmp_path / 'straight')
   assert straight.wait(timeout=600) == 0, straight.stdout.read()[-3000:]
