@@ -28,6 +28,8 @@ setup(
         'safetensors>=0.4',
         # python -m train.plot: learning curves as a PNG.
         'matplotlib>=3.7',
+        # eval.tagging's entity-level precision, recall and F1 (conlleval's reading).
+        'seqeval>=1.2',
     ],
     extras_require={
         'dev': ['pytest>=7'],

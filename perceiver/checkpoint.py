@@ -289,8 +289,12 @@ _PARAM_ENTRY = re.compile(r'^params/(.+)/([^/]+)\.npy$')
 
 def _model_shapes(config, metadata) -> Optional[dict]:
   """The {module: {name: shape}} the stored config builds (a classifier when the metadata
-  has ``num_outputs``), or None when the config builds no model of this project."""
+  has ``num_outputs``, a token classifier when it has ``token_labels``), or None when
+  the config builds no model of this project."""
   try:
+    if isinstance(metadata, dict) and metadata.get('token_labels'):
+      return expected_shapes(
+          transform.token_classifier(config, len(metadata['token_labels'])), config)
     if isinstance(metadata, dict) and metadata.get('num_outputs'):
       return expected_shapes(transform.classifier(config, int(metadata['num_outputs'])),
                              config)

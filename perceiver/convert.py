@@ -98,6 +98,7 @@ def _read(source, src, config_flag, to):
       raise errors.ConfigError('--config applies to --from=deepmind only (a project '
                                'checkpoint carries its config)')
     params, config, _ = checkpoint.load(src)
+    hf.refuse_token_classifier(params, src)
     checkpoint.check_params(
         params, checkpoint.expected_shapes(transform.masked_lm(config), config), source=src)
   return params, config, [], sum(len(leaves) for leaves in params.values())

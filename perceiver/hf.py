@@ -79,6 +79,26 @@ class UnsupportedConfigError(errors.UserError, ValueError):
   """A configuration one side cannot express; the message names the field."""
 
 
+def refuse_token_classifier(params, source='the parameters') -> None:
+  """Refuses a token classifier (``transform.token_classifier``) for export.
+
+  transformers has no Perceiver token-classification model (no
+  ``PerceiverForTokenClassification``, as of 5.24), so no export of one would load as a
+  tagger there; writing its trunk as a masked LM would silently drop the tag head.
+
+  Raises:
+    UnsupportedConfigError: naming ``source`` and the token classifier's modules.
+  """
+  modules = sorted({m.split('/')[0] for m in params
+                    if m.startswith((transform.TOKEN_DECODER, transform.TOKEN_HEAD))})
+  if modules:
+    raise UnsupportedConfigError(
+        f'{source} is a token classifier ({", ".join(modules)}): transformers has no '
+        'Perceiver token-classification model (no PerceiverForTokenClassification), so '
+        'nothing it loads would compute these tags; only masked LMs are exported. Use '
+        'the checkpoint with this project (perceiver.transform.token_classifier)')
+
+
 # --------------------------------------------------------------------------------------
 # Configurations.
 

@@ -279,12 +279,14 @@ def export_hf(params, config, out_dir, *, overwrite=False) -> List[str]:
     Notes on the conversion (may be empty).
 
   Raises:
-    UnsupportedConfigError: naming the config field transformers cannot express.
+    UnsupportedConfigError: naming the config field transformers cannot express, or
+      refusing a token classifier (transformers has none for Perceiver).
     CheckpointError: naming missing, unexpected or mis-shaped parameters.
     FileExistsError: ``out_dir`` exists and is a file or a non-empty directory.
     CheckpointError: the parameters hold NaN or infinity (nothing is written).
   """
   out_dir = os.path.abspath(os.fspath(out_dir))
+  hf.refuse_token_classifier(params)
   hf_config, notes = hf.hf_config_from(config)
   checkpoint.check_finite(params)
   tensors = hf.params_to_hf(params, config)

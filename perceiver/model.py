@@ -222,7 +222,10 @@ class ClassificationDecoder(hk.Module):
 
 
 class ClassificationHead(hk.Module):
-  """Two-layer MLP on the decoded query: Linear(hidden), tanh, Linear(num_outputs)."""
+  """Two-layer MLP on the decoded query: Linear(hidden), tanh, Linear(num_outputs).
+
+  Applied to each decoded position alike, it is also the token classifier's head.
+  """
 
   def __init__(self, num_outputs, hidden_size=768, dropout_prob=0.0,
                compute_dtype=jnp.float32, kernels='auto', name='classification_head'):
@@ -234,7 +237,7 @@ class ClassificationHead(hk.Module):
     self.kernels = kernels
 
   def __call__(self, x, *, is_training, embedding_matrix=None):
-    """[B, C] -> [B, num_outputs]."""
+    """[B, C] -> [B, num_outputs], or per position: [B, L, C] -> [B, L, num_outputs]."""
     del embedding_matrix
     dense = lambda size: layers.Linear(size, compute_dtype=self.compute_dtype,
                                        kernels=self.kernels)

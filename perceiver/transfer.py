@@ -4,7 +4,9 @@
 under the same names (the trunk); its decoder (one trainable query) and MLP head are new.
 ``load_trunk`` reads any checkpoint (DeepMind's pickle, this project's, Hugging Face's)
 and keeps its trunk; ``classifier_params`` makes fresh parameters with that trunk copied
-in exactly.
+in exactly. The token classifier (``transform.token_classifier``) starts the same way;
+``load_trunk(..., mlm_decoder=True)`` also keeps the masked LM's decoder, renamed to the
+token classifier's decoder (the same structure: one query per byte position).
 """
 
 from __future__ import annotations
@@ -21,7 +23,10 @@ from perceiver import checkpoint
 from perceiver import loading
 from perceiver import transform
 
-HEAD_MODULES = ('classification_decoder', 'classification_head')
+HEAD_MODULES = ('classification_decoder', 'classification_head',
+                transform.TOKEN_DECODER, transform.TOKEN_HEAD)
+# The masked LM's decoder, which the token classifier's decoder may start from.
+MLM_DECODER = 'basic_decoder'
 
 
 @dataclasses.dataclass
@@ -66,10 +71,30 @@ def trunk_shapes(model_config) -> Dict[str, Dict[str, tuple]]:
   return {m: s for m, s in expected.items() if not is_head_module(m)}
 
 
+def mlm_decoder_as_token_decoder(params, model_config, source: str):
+  """The masked LM's decoder modules of ``params`` under the token classifier's decoder
+  names (``basic_decoder/...`` -> ``token_classification_decoder/...``), shape-checked.
+
+  Raises:
+    CheckpointError: naming ``source``, when the decoder is missing or mis-shaped.
+  """
+  expected = checkpoint.expected_shapes(transform.token_classifier(model_config, 1),
+                                        model_config)
+  want = {m: s for m, s in expected.items() if m.startswith(transform.TOKEN_DECODER)}
+  renamed = {transform.TOKEN_DECODER + m[len(MLM_DECODER):]: dict(leaves)
+             for m, leaves in params.items()
+             if m == MLM_DECODER or m.startswith(MLM_DECODER + '/')}
+  checkpoint.check_params(renamed, want, source=f'{source} (its MLM decoder, renamed '
+                          f'{MLM_DECODER} -> {transform.TOKEN_DECODER})')
+  return renamed
+
+
 def load_trunk(path: Optional[str], default_config, *, encoder_dropout: float,
-               head_dropout: float, note: Callable[[str], None] = print) -> Trunk:
+               head_dropout: float, note: Callable[[str], None] = print,
+               mlm_decoder: bool = False) -> Trunk:
   """The trunk of the checkpoint at ``path`` (with its model config), or, without a path,
-  ``default_config`` and no parameters (training from scratch).
+  ``default_config`` and no parameters (training from scratch). ``mlm_decoder``: also
+  its masked-LM decoder, as the token classifier's decoder.
 
   Raises:
     CheckpointError: naming the file, when it is unreadable, holds non-finite values, or
@@ -88,6 +113,9 @@ def load_trunk(path: Optional[str], default_config, *, encoder_dropout: float,
   want = trunk_shapes(model_config)
   trunk = {m: dict(params[m]) for m in params if m in want}
   checkpoint.check_params(trunk, want, source=f'{path} (the classifier trunk)')
+  if mlm_decoder:
+    trunk.update(mlm_decoder_as_token_decoder(params, model_config, path))
+    want = dict(want, **{m: None for m in params if m.startswith(MLM_DECODER)})
   unused = sorted(m for m in params if m not in want)
   kind = meta.get('source', 'project') if isinstance(meta, dict) else 'project'
   note(f'init checkpoint {path} ({kind} format): model config from it (the config '
@@ -101,9 +129,9 @@ def _count(tree) -> int:
 
 def classifier_params(model, trunk: Trunk, seed: int, length: int,
                       note: Optional[Callable[[str], None]] = None):
-  """Fresh parameters of ``model`` (a ``transform.classifier``) for inputs of ``length``
-  bytes, with the trunk replaced by ``trunk.params`` (exact copies, cast to the fresh
-  parameters' dtypes)."""
+  """Fresh parameters of ``model`` (a ``transform.classifier`` or ``token_classifier``)
+  for inputs of ``length`` bytes, with the trunk replaced by ``trunk.params`` (exact
+  copies, cast to the fresh parameters' dtypes)."""
   ids = jnp.zeros((1, length), jnp.int32)
   # Jitted: one compilation instead of one per initialiser op.
   params = jax.device_get(jax.jit(model.init)(jax.random.PRNGKey(seed), ids,
@@ -114,12 +142,14 @@ def classifier_params(model, trunk: Trunk, seed: int, length: int,
       params[module] = {name: np.asarray(value, dtype=params[module][name].dtype)
                         for name, value in leaves.items()}
   if note is not None:
-    head = {m: v for m, v in params.items() if is_head_module(m)}
-    body = {m: v for m, v in params.items() if not is_head_module(m)}
+    copied = trunk.params or {}
+    head = {m: v for m, v in params.items() if is_head_module(m) and m not in copied}
+    body = {m: v for m, v in params.items() if m not in head}
     modules = sorted({m.split('/')[0] for m in body})
+    heads = sorted({m.split('/')[0] for m in head})
     where = 'randomly initialised' if trunk.params is None else f'copied from {trunk.source}'
     note(f'  parameters: trunk ({", ".join(modules)}; {_count(body):,} values) {where}; '
-         f'{" and ".join(HEAD_MODULES)} ({_count(head):,} values) newly initialised '
+         f'{" and ".join(heads)} ({_count(head):,} values) newly initialised '
          f'(seed {seed})')
     if trunk.unused:
       note(f'  not used from the checkpoint: {", ".join(trunk.unused)}')

@@ -28,6 +28,11 @@ from perceiver import layers
 from perceiver import model
 
 
+# The token classifier's new modules (the trunk keeps the masked LM's names).
+TOKEN_DECODER = 'token_classification_decoder'
+TOKEN_HEAD = 'token_classification_head'
+
+
 def _compute(config, platform):
   """The modules' keyword arguments that choose how they compute (not what)."""
   return dict(compute_dtype=jnp.dtype(config.compute_dtype),
@@ -114,6 +119,50 @@ def classifier(config, num_classes: int, platform: Optional[str] = None) -> hk.T
             num_classes, hidden_size=cls.head_hidden_size,
             dropout_prob=cls.head_dropout_prob, **_compute(config, platform)))
     return perceiver(input_ids, is_training=is_training, input_mask=input_mask)
+
+  return hk.transform(forward)
+
+
+def token_classifier(config, num_labels: int, platform: Optional[str] = None
+                     ) -> hk.Transformed:
+  """Token (byte) classification, e.g. NER or POS tags: ids [B, T] -> [B, T, num_labels].
+
+  The trunk has the masked LM's names, so an MLM checkpoint initialises it
+  (``perceiver.transfer``). The decoder is the MLM decoder's structure (``config.decoder``:
+  one trainable query per byte position, cross-attending to the latents) under the new
+  name ``token_classification_decoder``, and each decoded position goes through
+  ``classification_head``'s 2-layer tanh MLP (``config.classifier``'s width and dropout)
+  under the name ``token_classification_head``.
+
+  ``apply(params, rng, input_ids, input_mask=None, is_training=False,
+  query_positions=None, query_mask=None)``: as ``masked_lm``, ``query_positions`` [B, L]
+  decodes only those positions (e.g. each word's first byte), with the logits the full
+  decoder gives there, since each query attends to the latents alone.
+  """
+  configs.validate(config)
+  if num_labels < 1:
+    raise ValueError(f'num_labels must be >= 1, got {num_labels}')
+  cls = config.classifier
+
+  def forward(input_ids, input_mask=None, is_training=False, query_positions=None,
+              query_mask=None):
+    input_mask = _input_mask(input_ids, input_mask)
+    if query_positions is None:
+      query_positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
+      query_mask = input_mask if query_mask is None else query_mask
+    elif query_mask is None:
+      query_mask = jnp.take_along_axis(input_mask, query_positions, axis=1)
+    preprocessor, encoder_module = _trunk(config, platform)
+    perceiver = model.Perceiver(
+        encoder=encoder_module,
+        decoder=model.BasicDecoder(**config.decoder.to_dict(), **_compute(config, platform),
+                                   name=TOKEN_DECODER),
+        input_preprocessor=preprocessor,
+        output_postprocessor=model.ClassificationHead(
+            num_labels, hidden_size=cls.head_hidden_size, dropout_prob=cls.head_dropout_prob,
+            **_compute(config, platform), name=TOKEN_HEAD))
+    return perceiver(input_ids, is_training=is_training, input_mask=input_mask,
+                     query_positions=query_positions, query_mask=query_mask)
 
   return hk.transform(forward)
 

@@ -183,3 +183,62 @@ def glue_tiny_config(**overrides):
     c[section][field] = value
   c.lock()
   return c
+
+
+# --------------------------------------------------------------------------------------
+# Token classification (eval.tagging) on generated CoNLL-2003 files whose tags depend on
+# context.
+
+TAGGING_TRIGGERS = {'met': 'PER', 'visited': 'LOC', 'joined': 'ORG'}
+TAGGING_NAMES = ['alba', 'boren', 'cato', 'dunmore', 'elko', 'farrow', 'gila', 'hollis',
+                 'ivor', 'juno', 'kemp', 'lorne']
+_FILLER = ['the', 'a', 'we', 'then', 'quietly', 'today', 'and', 'they', 'soon', 'often',
+           'saw', 'said']
+
+
+def tagging_sentence(rng):
+  """2-4 chunks: a trigger, a name tagged by the trigger, a filler word; or a name that
+  is no entity (O); or a filler word. The same names take every tag: only the word
+  before a name tells its tag."""
+  words, tags = [], []
+  for _ in range(rng.integers(2, 5)):
+    r = rng.random()
+    if r < 0.45:
+      trigger = list(TAGGING_TRIGGERS)[rng.integers(3)]
+      words += [trigger, TAGGING_NAMES[rng.integers(len(TAGGING_NAMES))],
+                _FILLER[rng.integers(len(_FILLER))]]
+      tags += ['O', 'B-' + TAGGING_TRIGGERS[trigger], 'O']
+    else:
+      words.append((TAGGING_NAMES if r < 0.7 else _FILLER)[rng.integers(12)])
+      tags.append('O')
+  return words, tags
+
+
+def write_tagging_context_task(root, num_train, num_dev=200, seed=0):
+  """train.txt and valid.txt in the CoNLL-2003 layout (word POS chunk NER)."""
+  root = pathlib.Path(root)
+  root.mkdir(parents=True, exist_ok=True)
+  for name, count, offset in (('train.txt', num_train, 0), ('valid.txt', num_dev, 1)):
+    rng = np.random.default_rng([seed, offset])
+    lines = ['-DOCSTART- -X- -X- O', '']
+    for _ in range(count):
+      words, tags = tagging_sentence(rng)
+      lines += [f'{w} X X {t}' for w, t in zip(words, tags)] + ['']
+    (root / name).write_text('\n'.join(lines) + '\n', encoding='utf-8')
+  return str(root)
+
+
+def tagging_tiny_config(**overrides):
+  """The tagging smoke preset shrunk to seconds: a tiny model, 64 bytes, small batches."""
+  from eval.configs import tagging as tagging_configs   # pylint: disable=import-outside-toplevel
+  from perceiver import configs as model_configs        # pylint: disable=import-outside-toplevel
+  c = tagging_configs.get_config('smoke')
+  c.model = model_configs.tiny(max_seq_len=64)
+  c.train.update(dict(epochs=2, batch_size=8, log_every=5))
+  c.eval.batch_size = 16
+  c.optimizer.warmup_steps = 2
+  for key, value in overrides.items():
+    section, field = key.split('.')
+    c[section][field] = value
+  c.lock()
+  return c

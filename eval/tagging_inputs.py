@@ -1,0 +1,68 @@
+"""Tagging windows as batches: seeded training epochs, and prediction in order.
+
+The same walk as ``eval.glue_inputs``: an epoch visits every window once in a seeded
+order (``[seed, epoch]``), the last batch filled with zero-weight rows, and the position
+is the step count alone, so a resumed run sees exactly the batches it would have seen.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, Iterator, Tuple
+
+import numpy as np
+
+from eval import tagging_data
+from perceiver.training import step as step_lib
+
+MODEL_INPUTS = ('input_ids', 'input_mask', 'positions', 'slot_mask')
+
+
+def host_batch(split: tagging_data.EncodedSplit, rows: np.ndarray, size: int
+               ) -> Dict[str, np.ndarray]:
+  """Windows ``rows`` of ``split`` as a batch of ``size`` (padding rows weigh 0)."""
+  n = len(rows)
+  batch = {
+      'input_ids': np.zeros((size, split.length), np.int32),
+      'input_mask': np.zeros((size, split.length), np.int32),
+      'positions': np.zeros((size, split.positions.shape[1]), np.int32),
+      'slot_mask': np.zeros((size, split.positions.shape[1]), np.int32),
+      'labels': np.zeros((size, split.positions.shape[1]), np.int32),
+      'weights': np.zeros((size, split.positions.shape[1]), np.float32),
+  }
+  batch['input_ids'][:n] = split.input_ids[rows]
+  batch['input_mask'][:n] = split.input_mask[rows]
+  batch['positions'][:n] = split.positions[rows]
+  batch['slot_mask'][:n] = split.slot_mask[rows]
+  batch['labels'][:n] = split.labels[rows]
+  batch['weights'][:n] = split.weights[rows]
+  return batch
+
+
+def steps_per_epoch(split: tagging_data.EncodedSplit, batch_size: int) -> int:
+  return math.ceil(len(split) / batch_size)
+
+
+def train_batches(split: tagging_data.EncodedSplit, batch_size: int, seed: int,
+                  start_step: int = 0) -> Iterator[Tuple[Dict[str, np.ndarray], int]]:
+  """Endless seeded epochs from step ``start_step`` on: (batch, steps done after it)."""
+  per_epoch = steps_per_epoch(split, batch_size)
+  step = start_step
+  while True:
+    epoch, index = divmod(step, per_epoch)
+    order = np.random.default_rng([seed, epoch + 1]).permutation(len(split))
+    for start in range(index * batch_size, len(order), batch_size):
+      step += 1
+      yield host_batch(split, order[start:start + batch_size], batch_size), step
+
+
+def predict(predict_step, params, split: tagging_data.EncodedSplit, batch_size: int
+            ) -> np.ndarray:
+  """Logits [n, slots, num_labels] for every window of ``split`` (params replicated)."""
+  pending = []
+  for start in range(0, len(split), batch_size):
+    rows = np.arange(start, min(start + batch_size, len(split)))
+    batch = host_batch(split, rows, batch_size)
+    inputs = {k: batch[k] for k in MODEL_INPUTS}
+    pending.append((len(rows), predict_step(params, step_lib.shard(inputs))))
+  return np.concatenate([step_lib.gather_examples(out)[:n] for n, out in pending])
