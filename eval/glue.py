@@ -53,7 +53,6 @@ import sys
 import time
 from typing import Any, Dict, Optional
 
-from absl import app
 from absl import flags
 import jax
 from ml_collections import config_flags
@@ -277,10 +276,10 @@ def main(argv):
     except Stopped as e:
       print(f'{e}', file=sys.stderr)
 
-  return cli.run(command, saved="each task's last epoch is kept; rerun to resume")
+  return cli.run(command, saved="each task's last epoch is kept; rerun to resume",
+                 stop_status=0)
 
 
 if __name__ == '__main__':
   host_memory.retain_freed_memory()   # before JAX starts its threads: see its docstring
-  define_flags()
-  app.run(main)
+  cli.start(main, define_flags)

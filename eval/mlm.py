@@ -36,7 +36,6 @@ import sys
 import time
 from typing import Dict, Iterator, List, Optional, Sequence
 
-from absl import app
 from absl import flags
 import jax
 import jax.numpy as jnp
@@ -354,5 +353,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  define_flags()
-  app.run(main)
+  cli.start(main, define_flags)

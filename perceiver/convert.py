@@ -185,6 +185,8 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  define_flags()
-  flags.mark_flags_as_required(['from', 'src', 'dst'])
-  app.run(main)
+  def _define():
+    define_flags()
+    flags.mark_flags_as_required(['from', 'src', 'dst'])
+
+  cli.start(main, _define)

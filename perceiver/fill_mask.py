@@ -16,7 +16,6 @@ from __future__ import annotations
 import sys
 from typing import List, Sequence, Tuple
 
-from absl import app
 from absl import flags
 import jax
 import jax.numpy as jnp
@@ -160,6 +159,8 @@ def _command(path: str, text: str, span_flags: Sequence[str]) -> int:
 
 
 if __name__ == '__main__':
-  define_flags()
-  flags.mark_flags_as_required(['checkpoint', 'text'])
-  sys.exit(app.run(main))
+  def _define():
+    define_flags()
+    flags.mark_flags_as_required(['checkpoint', 'text'])
+
+  cli.start(main, _define)

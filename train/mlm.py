@@ -19,7 +19,6 @@ import os
 import sys
 from typing import Dict
 
-from absl import app
 from absl import flags
 import jax
 import jax.numpy as jnp
@@ -381,10 +380,10 @@ def main(argv):
   def command():
     train(config, workdir)
 
-  return cli.run(command, saved=f'the last complete checkpoint in {workdir} is kept')
+  return cli.run(command, saved=f'the last complete checkpoint in {workdir} is kept',
+                 stop_status=0)
 
 
 if __name__ == '__main__':
   host_memory.retain_freed_memory()   # before JAX starts its threads: see its docstring
-  define_flags()
-  app.run(main)
+  cli.start(main, define_flags)
