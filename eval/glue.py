@@ -46,6 +46,15 @@ paper's row) and ``DIR/glue_results.json``, written even when a task fails;
 
 from __future__ import annotations
 
+# First, before the imports below (JAX takes seconds, and starts threads): the host
+# memory policy, then the signal guard (see each one's docstring).
+from perceiver.training import host_memory  # pylint: disable=g-bad-import-order
+from perceiver import signal_guard  # pylint: disable=g-bad-import-order
+
+if __name__ == '__main__':
+  host_memory.retain_freed_memory()
+  signal_guard.install(stop_status=0)
+
 import json
 import math
 import os
@@ -65,7 +74,6 @@ from eval import metrics as metrics_lib
 from perceiver import cli
 from perceiver import transfer
 from perceiver.training import checkpoints
-from perceiver.training import host_memory
 from perceiver.training import writer as writer_lib
 
 _CONFIG_FILE = os.path.join(os.path.dirname(__file__), 'configs', 'glue.py')
@@ -281,5 +289,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  host_memory.retain_freed_memory()   # before JAX starts its threads: see its docstring
-  cli.start(main, define_flags)
+  cli.start(main, define_flags, stop_status=0)

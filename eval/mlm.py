@@ -29,6 +29,13 @@ Reported (nats and bits are per masked byte):
 
 from __future__ import annotations
 
+# First, before the imports below (JAX takes seconds): a signal while they run is
+# handled (see perceiver/signal_guard.py).
+from perceiver import signal_guard  # pylint: disable=g-bad-import-order
+
+if __name__ == '__main__':
+  signal_guard.install(stop_status=None)
+
 import json
 import math
 import os
@@ -260,6 +267,7 @@ def evaluate(params, config, files: Sequence[str], *, seed: int = 0, batch_size:
       sums[k] += float(v)
 
   for batch in batches(windows, batch_size, max_examples):
+    signal_guard.check()   # a signal whose exception was lost (see signal_guard) stops here
     np.add.at(counts, batch['labels'][batch['weights'] > 0], 1)
     result = score(params, *(jnp.asarray(batch[k]) for k in _FIELDS))
     if pending is not None:

@@ -25,7 +25,6 @@ from absl import flags
 
 from perceiver import errors
 from perceiver import signal_guard
-from perceiver.training import hosts
 
 flags.DEFINE_bool('verbose', False, 'Show the traceback of expected errors too (also: '
                   'PERCEIVER_VERBOSE=1).')
@@ -49,6 +48,7 @@ def run(command: Callable[[], Optional[int]], *, saved: str = '',
   loses nothing (a run that resumes), None for 128 + signal (a one-shot command whose
   result was not written).
   """
+  signal_guard.started(saved)
   try:
     return command() or 0
   except (errors.UserError, OSError) as e:
@@ -65,7 +65,7 @@ def run(command: Callable[[], Optional[int]], *, saved: str = '',
     if signal_guard.claim():
       print(line, file=sys.stderr)
     return 128 + e.signum if stop_status is None else stop_status
-  except hosts.Interrupted as e:
+  except signal_guard.Interrupted as e:
     if signal_guard.claim():
       print(f'error: {e}: stopped at once, nothing more saved' +
             (f'; {saved}' if saved else ''), file=sys.stderr)
@@ -163,14 +163,16 @@ def parse_flags(argv: Sequence[str], config_flags: Sequence[str] = ('config',)):
 
 
 def start(main: Callable, define_flags: Callable[[], None] = lambda: None, *,
-          saved: str = '', config_flags: Sequence[str] = ('config',)) -> None:
+          stop_status: Optional[int] = None, config_flags: Sequence[str] = ('config',)
+          ) -> None:
   """Runs a command: the signal guard first, then its flags, then ``main`` (absl).
 
   ``define_flags`` may already parse part of the command line (ml_collections defines a
   flag per ``--config.<field>`` override when the config flag is defined), so its errors
-  are reported under the policy too. ``saved`` says what a stop keeps.
+  are reported under the policy too. ``stop_status``: see ``signal_guard.install`` (which
+  the command module calls first thing; calling it again changes nothing else).
   """
-  signal_guard.install(saved)
+  signal_guard.install(stop_status)
   try:
     define_flags()
   except flags.Error as e:
@@ -181,4 +183,16 @@ def start(main: Callable, define_flags: Callable[[], None] = lambda: None, *,
     if verbose():
       raise
     _fail(_unknown_field(e, sys.argv))
-  app.run(main, flags_parser=lambda argv: parse_flags(argv, config_flags))
+
+  def guarded_main(argv):
+    status = main(argv)
+    if signal_guard.reported():
+      # A signal ended the command, possibly inside JAX's own code (a compilation): the
+      # command has unwound and reported, and the interpreter's teardown of JAX's
+      # half-built objects could crash, so the process ends here.
+      sys.stdout.flush()
+      sys.stderr.flush()
+      os._exit(status or 0)   # pylint: disable=protected-access
+    return status
+
+  app.run(guarded_main, flags_parser=lambda argv: parse_flags(argv, config_flags))

@@ -13,6 +13,13 @@ or a Hugging Face directory; its parameters are checked against the model, by na
 
 from __future__ import annotations
 
+# First, before the imports below (JAX takes seconds): a signal while they run is
+# handled (see perceiver/signal_guard.py).
+from perceiver import signal_guard  # pylint: disable=g-bad-import-order
+
+if __name__ == '__main__':
+  signal_guard.install(stop_status=None)
+
 import sys
 from typing import List, Sequence, Tuple
 

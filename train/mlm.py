@@ -13,6 +13,15 @@ masked-byte loss and its held-out evaluation.
 
 from __future__ import annotations
 
+# First, before the imports below (JAX takes seconds, and starts threads): the host
+# memory policy, then the signal guard (see each one's docstring).
+from perceiver.training import host_memory  # pylint: disable=g-bad-import-order
+from perceiver import signal_guard  # pylint: disable=g-bad-import-order
+
+if __name__ == '__main__':
+  host_memory.retain_freed_memory()
+  signal_guard.install(stop_status=0)
+
 import json
 import math
 import os
@@ -33,7 +42,6 @@ from perceiver import flops
 from perceiver import transform
 from perceiver.training import checkpoints
 from perceiver.training import feed
-from perceiver.training import host_memory
 from perceiver.training import hosts
 from perceiver.training import loop as loop_lib
 from perceiver.training import losses
@@ -385,5 +393,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  host_memory.retain_freed_memory()   # before JAX starts its threads: see its docstring
-  cli.start(main, define_flags)
+  cli.start(main, define_flags, stop_status=0)

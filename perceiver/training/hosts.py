@@ -27,15 +27,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from perceiver import signal_guard
+
 WATCHDOG_EXIT_STATUS = 3
 
 
-class Interrupted(BaseException):
-  """A second SIGTERM or SIGINT: stop now, without saving. ``signum`` is the signal."""
-
-  def __init__(self, signum: int):
-    super().__init__(f'{signal.Signals(signum).name} received twice')
-    self.signum = signum
+# A second SIGTERM or SIGINT: stop now, without saving (``signum`` is the signal).
+Interrupted = signal_guard.Interrupted
 
 
 def initialize_distributed(config) -> None:
@@ -100,6 +98,7 @@ class StopAgreement:
   # -- signals -------------------------------------------------------------------------
 
   def __enter__(self):
+    signal_guard.check()   # a signal during set-up whose exception was lost stops here
     if threading.current_thread() is threading.main_thread():
       for sig in self.signals:
         self._previous[sig] = signal.signal(sig, self._handle)
