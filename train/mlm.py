@@ -138,6 +138,9 @@ def check_config(config) -> None:
          ' or '.join(repr(u) for u in masking.UNITS))
   _check(finite(t.stop_timeout_s) and t.stop_timeout_s > 0, 'train.stop_timeout_s',
          t.stop_timeout_s, 'a finite number > 0')
+  timeout = config.distributed.get('initialization_timeout_s', 60.0)
+  _check(finite(timeout) and timeout > 0, 'distributed.initialization_timeout_s', timeout,
+         'a finite number > 0')
   _check(finite(t.peak_flops_per_device) and t.peak_flops_per_device >= 0,
          'train.peak_flops_per_device', t.peak_flops_per_device, 'a finite number >= 0')
   try:
