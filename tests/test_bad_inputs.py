@@ -605,3 +605,115 @@ def test_distributed_start_up_gives_up_naming_the_address(tmp_path, process_id, 
   assert 'distributed.initialization_timeout_s' in last
   assert 'Traceback' not in done.stderr and 'Check failure' not in done.stderr
   assert not (tmp_path / 'w').exists()
+
+
+# --------------------------------------------------------------------------------------
+# Files told apart by content: every message names what the file is and what was expected.
+
+def _kinds_of_files(directory, tiny_npz):
+  """{name: path} of files that are not what their names say."""
+  import struct  # pylint: disable=import-outside-toplevel
+  directory = pathlib.Path(directory)
+  files = {}
+  files['empty'] = directory / 'empty.npz'
+  files['empty'].write_bytes(b'')
+  files['random'] = directory / 'random.npz'
+  files['random'].write_bytes(bytes(np.random.default_rng(0).integers(0, 256, 4096,
+                                                                       dtype=np.uint8)))
+  files['numpy'] = directory / 'arrays.npz'
+  np.savez(files['numpy'], a=np.zeros(3))
+  files['zip'] = directory / 'notes.npz'
+  with zipfile.ZipFile(files['zip'], 'w') as zf:
+    zf.writestr('readme.txt', 'hello')
+  files['safetensors'] = directory / 'weights.safetensors'
+  header = b'{"__metadata__":{}}'
+  files['safetensors'].write_bytes(struct.pack('<Q', len(header)) + header)
+  files['project_as_pickle'] = directory / 'project.pickle'
+  files['project_as_pickle'].write_bytes(pathlib.Path(tiny_npz).read_bytes())
+  files['pickle_as_npz'] = directory / 'params.npz'
+  with open(files['pickle_as_npz'], 'wb') as f:
+    pickle.dump({'embed': {'embeddings': np.zeros((2, 2), np.float32)}}, f, protocol=4)
+  return files
+
+
+_ANY_CHECKPOINT = ("expected this project's checkpoint, DeepMind's pickle or a Hugging Face "
+                   'directory')
+
+
+@pytest.mark.parametrize('name,message', [
+    ('empty', f'empty.npz: an empty file (0 bytes); {_ANY_CHECKPOINT}'),
+    ('random', 'random.npz: not a checkpoint format this project reads (it starts with b'),
+    ('numpy', 'arrays.npz: a numpy .npz archive not written by this project (no '
+              f'metadata.json); {_ANY_CHECKPOINT}'),
+    ('zip', f'notes.npz: a zip archive that is not a checkpoint; {_ANY_CHECKPOINT}'),
+    ('safetensors', 'weights.safetensors: a safetensors file without config.json beside it'),
+])
+def test_load_any_names_what_a_file_is(tiny_checkpoint, tmp_path, name, message):
+  path, _ = tiny_checkpoint
+  files = _kinds_of_files(tmp_path, path)
+  with pytest.raises(checkpoint.CheckpointError) as raised:
+    loading.load_any(files[name])
+  assert message in str(raised.value)
+  assert 'pickle' not in str(raised.value).split(';')[0]   # not "not a safe ... pickle"
+
+
+@pytest.mark.parametrize('source,name,message', [
+    ('deepmind', 'project_as_pickle', "project.pickle: this project's checkpoint (a zip of "
+                                      ".npy arrays and metadata.json), not DeepMind's "
+                                      'parameter pickle: use --from=project'),
+    ('deepmind', 'random', "random.npz: not a checkpoint format this project reads"),
+    ('project', 'pickle_as_npz', "params.npz: a Python pickle, not this project's checkpoint: "
+                                 'use --from=deepmind'),
+    ('project', 'empty', "empty.npz: an empty file (0 bytes), not this project's checkpoint"),
+    ('hf', 'project_as_pickle', 'not a Hugging Face directory (or its weights file with '
+                                'config.json beside it): use --from=project'),
+])
+def test_convert_names_what_src_is_and_the_from_that_reads_it(tiny_checkpoint, tmp_path,
+                                                              source, name, message):
+  path, _ = tiny_checkpoint
+  files = _kinds_of_files(tmp_path, path)
+  before = _snapshot(tmp_path)
+  status, stderr = _run(lambda: convert.convert(source, str(files[name]),
+                                                str(tmp_path / 'out.npz'), config='tiny'
+                                                if source == 'deepmind' else None))
+  line = _one_error_line(stderr)
+  assert status == 1 and f'--src={files[name]}' in line and message in line, line
+  assert _snapshot(tmp_path) == before
+
+
+def test_a_checkpoint_without_a_config_is_named_by_every_command(tiny_checkpoint, tmp_path):
+  from eval import mlm as eval_mlm  # pylint: disable=import-outside-toplevel
+  path, _ = tiny_checkpoint
+  broken = tmp_path / 'noconfig.npz'
+  with zipfile.ZipFile(path) as src, zipfile.ZipFile(broken, 'w') as out:
+    for item in src.infolist():
+      data = src.read(item.filename)
+      if item.filename == 'metadata.json':
+        header = json.loads(data)
+        del header['config']
+        data = json.dumps(header).encode()
+      out.writestr(item, data)
+  text = tmp_path / 'text.txt'
+  text.write_text('some words here\n')
+  message = f'{broken}: metadata.json holds no model config'
+  for command in (lambda: fill_mask._command(str(broken), 'a [[b]]', []),
+                  lambda: convert.convert('project', str(broken), str(tmp_path / 'o.npz')),
+                  lambda: eval_mlm.run(str(broken), str(text))):
+    status, stderr = _run(command)
+    assert status == 1 and message in _one_error_line(stderr), stderr
+
+
+def test_a_resume_whose_only_checkpoint_is_corrupt_says_it_starts_over(finished_run, tmp_path,
+                                                                        capsys):
+  tmp, workdir = finished_run
+  run = tmp_path / 'run'
+  run.mkdir()
+  newest = sorted(workdir.glob('ckpt_*.npz'))[-1]
+  (run / newest.name).write_bytes(newest.read_bytes()[:1000])   # truncated
+  capsys.readouterr()
+  mlm.train(tiny_config(tmp, steps=1), str(run))
+  out = capsys.readouterr().out
+  assert (f'{run / newest.name} does not read back' in out and
+          'no other checkpoint is left: starting a new run from step 0' in out), out
+  assert 'the checkpoint before it' not in out
+  assert 'new run in' in out and (run / 'ckpt_000000001.npz').is_file()
