@@ -317,6 +317,8 @@ def run(checkpoint_path: str, data: str, out: Optional[str] = None, **kwargs):
   mask_prob = kwargs.get('mask_prob', 0.15)
   if not 0 < mask_prob < 1:
     raise EvalError(f'--mask_prob must be in (0, 1), got {mask_prob}')
+  if out:
+    atomic.check_writable(out, '--out')   # before the evaluation, not after it
   files = data_lib.expand_paths(data, '--data')
   params, config, _ = loading.load_any(checkpoint_path)
   checkpoint.check_params(params, checkpoint.expected_shapes(transform.masked_lm(config),

@@ -717,3 +717,68 @@ def test_a_resume_whose_only_checkpoint_is_corrupt_says_it_starts_over(finished_
           'no other checkpoint is left: starting a new run from step 0' in out), out
   assert 'the checkpoint before it' not in out
   assert 'new run in' in out and (run / 'ckpt_000000001.npz').is_file()
+
+
+# --------------------------------------------------------------------------------------
+# Late checks made early: outputs, metrics files and free space, before the work starts.
+
+def test_eval_mlm_checks_out_before_reading_the_checkpoint(tmp_path):
+  from eval import mlm as eval_mlm  # pylint: disable=import-outside-toplevel
+  text = tmp_path / 'text.txt'
+  text.write_text('some words here\n')
+  blocker = tmp_path / 'file'
+  blocker.write_text('x')
+  missing = str(tmp_path / 'missing.npz')   # would fail second: --out is named first
+  status, stderr = _run(lambda: eval_mlm.run(missing, str(text), str(blocker / 'out.json')))
+  line = _one_error_line(stderr)
+  assert status == 1 and f'--out={blocker / "out.json"}: cannot write there' in line, line
+  status, stderr = _run(lambda: eval_mlm.run(missing, str(text), str(tmp_path)))
+  assert status == 1 and f'--out={tmp_path}: is a directory' in _one_error_line(stderr)
+  assert blocker.read_text() == 'x'
+
+
+_GOOD_RECORD = '{"kind": "train", "step": 1, "loss": 2.0, "accuracy": 0.1, "elapsed_s": 3}'
+
+
+@pytest.mark.parametrize('content,message', [
+    (_GOOD_RECORD.encode() + b'\n{"kind": "train", "step": 2, "note": "caf\xe9"}\n',
+     'metrics.jsonl:2: not UTF-8 text (byte 42 of the line)'),
+    (_GOOD_RECORD.encode() + b'\n{"kind": "train", "step": 2, "loss": "2.5", "time": 1}\n',
+     "metrics.jsonl:2: field 'loss' is '2.5', not a finite number"),
+    (b'{"kind": "train", "step": 1, "loss": 2.0}\n',
+     'metrics.jsonl:1: no elapsed_s or time field'),
+    (b'{"kind": ["train"], "step": 1, "loss": 2.0, "time": 1}\n',
+     'metrics.jsonl:1: not a metrics record (no step or kind)'),
+    (b'{"kind": "train", "step": null, "loss": 2.0, "time": 1}\n',
+     "metrics.jsonl:1: field 'step' is None, not a finite number"),
+])
+def test_train_plot_names_the_line_of_a_bad_metrics_file(tmp_path, content, message):
+  from train import plot  # pylint: disable=import-outside-toplevel
+  (tmp_path / 'metrics.jsonl').write_bytes(content)
+  with pytest.raises(plot.PlotError) as raised:
+    plot.read_metrics(str(tmp_path))
+  assert message in str(raised.value)
+
+
+def test_train_plot_checks_out_before_drawing(tmp_path):
+  pytest.importorskip('matplotlib', reason='the plot extra (matplotlib) is not installed')
+  from train import plot  # pylint: disable=import-outside-toplevel
+  (tmp_path / 'metrics.jsonl').write_text(_GOOD_RECORD + '\n')
+  blocker = tmp_path / 'file'
+  blocker.write_text('x')
+  status, stderr = _run(lambda: plot.plot([str(tmp_path)], str(blocker / 'curves.png')))
+  assert status == 1 and '--out=' in _one_error_line(stderr)
+  assert 'cannot write there' in stderr
+
+
+def test_train_mlm_refuses_to_start_without_room_for_its_checkpoints(tmp_path, monkeypatch):
+  import shutil  # pylint: disable=import-outside-toplevel
+  real = shutil.disk_usage
+  monkeypatch.setattr(shutil, 'disk_usage',
+                      lambda p: real(p)._replace(free=100 * 1024))   # 100 KiB free
+  workdir = tmp_path / 'run'
+  status, stderr = _run(lambda: mlm.train(tiny_config(tmp_path, steps=2), str(workdir)))
+  line = _one_error_line(stderr)
+  assert status == 1 and line.startswith(f'error: --workdir={workdir}: ') and (
+      'more checkpoint(s) of' in line and 'has 0.1 MiB free' in line), line
+  assert not list(workdir.glob('ckpt_*')) and not (workdir / 'metrics.jsonl').exists()

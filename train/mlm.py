@@ -35,6 +35,7 @@ import ml_collections
 from ml_collections import config_flags
 import numpy as np
 
+from perceiver import atomic
 from perceiver import cli
 from perceiver import configs as model_configs
 from perceiver import errors
@@ -289,6 +290,13 @@ def _train(config, workdir) -> Dict[str, float]:
   init_ids = jnp.zeros((1, seq_len), jnp.int32)
   params = model.init(jax.random.PRNGKey(config.seed), init_ids, jnp.ones_like(init_ids))
   opt_state = optimizer.init(params)
+  # Room for the checkpoints this run will add (each: parameters and optimizer state).
+  size = sum(x.nbytes for x in jax.tree.leaves((params, opt_state)))
+  count = max(1, config.train.keep_checkpoints + 1 - len(manager.steps()))
+  atomic.check_free_space(
+      workdir, size * count, f'{count} more checkpoint(s) of {size / 2**20:,.1f} MiB '
+      f'(train.keep_checkpoints={config.train.keep_checkpoints}, and one being written)',
+      f'--workdir={workdir}')
   rng = jax.random.PRNGKey(config.seed + 1)
   start_step, data_state = 0, None
   restored = manager.restore_latest(
