@@ -782,3 +782,46 @@ def test_train_mlm_refuses_to_start_without_room_for_its_checkpoints(tmp_path, m
   assert status == 1 and line.startswith(f'error: --workdir={workdir}: ') and (
       'more checkpoint(s) of' in line and 'has 0.1 MiB free' in line), line
   assert not list(workdir.glob('ckpt_*')) and not (workdir / 'metrics.jsonl').exists()
+
+
+# --------------------------------------------------------------------------------------
+# A pathological document: its reading cost is bounded by the crop, not by its size.
+
+@pytest.mark.parametrize('suffix', ['.jsonl', '.txt'])
+def test_a_huge_one_line_document_is_parsed_once_per_pass_not_per_example(
+    tmp_path, monkeypatch, suffix):
+  from train import data as data_lib  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(0)
+  words = [bytes(rng.integers(97, 123, 6, dtype=np.uint8)).decode() for _ in range(500)]
+  text = ' '.join(rng.choice(words, 600_000))   # about 4 MB on one line
+  path = tmp_path / f'huge{suffix}'
+  path.write_text(json.dumps({'text': text}) + '\n' if suffix == '.jsonl' else text + '\n')
+  # The per-source cache (128 MiB) would hide the cost at this size; a 300 MB document
+  # does not fit it: shrink it to 1 MiB so this document does not either.
+  monkeypatch.setattr(data_lib.DocumentSource, 'CACHE_BYTES', 1 << 20)
+  parsed = []
+  real = data_lib.read_documents
+
+  def counting(*args, **kwargs):
+    for doc in real(*args, **kwargs):
+      parsed.append(len(doc))
+      yield doc
+
+  monkeypatch.setattr(data_lib, 'read_documents', counting)
+  source = data_lib.DocumentSource('huge', [str(path)], seed=0)
+  stream = data_lib.ExampleStream([source], [1.0], seq_len=64, docs_per_example=10,
+                                  shuffle_block=16, seed=0)
+  examples = stream.examples()
+  count = 64
+  rows = [next(examples)[0] for _ in range(count)]
+  piece = data_lib.DocumentSource.PIECE_BYTES
+  # Each example reads at most docs_per_example pieces' worth of parsing (plus the first
+  # parse); before, each one parsed the whole document up to ten times.
+  assert sum(parsed) <= len(text) + count * 10 * piece, (len(parsed), sum(parsed))
+  # The pieces are the document, in order, and the examples are real crops of it.
+  pieces = [doc for doc, _ in zip((d for d, _ in source.documents(data_lib.SourceState())),
+                                  range(len(text) // piece + 1))]
+  assert b''.join(pieces) == text.encode() and max(map(len, pieces)) == piece
+  for row in rows:
+    crop = bytes((row[row >= 6] - 6).astype(np.uint8).tolist())
+    assert len(crop) >= 50 and crop[:20] in text.encode()
