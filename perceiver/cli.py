@@ -146,6 +146,16 @@ def _check_config_flags(names: Sequence[str]) -> None:
       pass   # not a ConfigDict (an inline config, a dataclass): nothing to check
 
 
+def _broken_config_file(error: BaseException, argv: Sequence[str],
+                        config_flags: Sequence[str]) -> str:
+  """The message for a config file that is not valid Python (or fails to import)."""
+  given = [a for a in argv[1:] for name in config_flags if a.startswith(f'--{name}=')]
+  where = f' ({error.filename}, line {error.lineno})' if isinstance(error, SyntaxError) else ''
+  text = error.msg if isinstance(error, SyntaxError) else str(error)
+  return (f'{given[-1] if given else "--config"}: the config file does not load: '
+          f'{type(error).__name__}: {text}{where}')
+
+
 def parse_flags(argv: Sequence[str], config_flags: Sequence[str] = ('config',)):
   """``app.run``'s flags parser under the policy (see the module docstring)."""
   try:
@@ -158,6 +168,10 @@ def parse_flags(argv: Sequence[str], config_flags: Sequence[str] = ('config',)):
     if verbose():
       raise
     _fail(_unknown_field(e, argv))
+  except (SyntaxError, ImportError, NameError) as e:   # a config file that is not Python
+    if verbose():
+      raise
+    _fail(_broken_config_file(e, argv, config_flags))
   _check_config_flags(config_flags)
   return rest
 

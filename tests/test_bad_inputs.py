@@ -405,6 +405,8 @@ _FLAG_CASES = [
     (['train.mlm', '--config=missing_config.py'],
      "--config=missing_config.py: the config file does not load: [Errno 2] No such file"),
     (['train.mlm', '--config.train.steps=abc'], "--config.train.steps=abc: invalid literal"),
+    (['train.mlm', '--config=README.md'],
+     '--config=README.md: the config file does not load: SyntaxError: '),
     (['train.mlm', '--stepz=3'], "Unknown command line flag 'stepz'"),
     (['eval.glue', '--task=rte', '--config.train.epochz=1'],
      "--config.train.epochz=1: no config field 'train.epochz' (did you mean 'train.epochs'?)"),
