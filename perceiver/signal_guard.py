@@ -28,8 +28,8 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import _thread
 import socket
+import _thread
 import sys
 import threading
 from typing import Optional
@@ -75,7 +75,7 @@ class _State:
     self.blocking: Optional[str] = None   # message of the current ``blocking`` section
     self.saved = ''                # what the command keeps, for the messages
     self.stop_status: Optional[int] = None   # see ``install``
-    self.installed = False
+    self.installed = None          # (reader, writer) of the wake-up fd, kept referenced
 
 
 _STATE = _State()
@@ -205,8 +205,7 @@ def install(stop_status: Optional[int] = None) -> None:
   _STATE.previous_hook = sys.unraisablehook
   sys.unraisablehook = _lost
   threading.Thread(target=_watch, args=(reader,), name='signal-guard', daemon=True).start()
-  # Kept referenced: closing the writer would stop the wake-up bytes.
-  _STATE.installed = (reader, writer)
+  _STATE.installed = (reader, writer)   # closing the writer would stop the wake-up bytes
 
 
 def started(saved: str = '') -> None:
@@ -222,7 +221,7 @@ def started(saved: str = '') -> None:
 @contextlib.contextmanager
 def blocking(what: str):
   """A section (one native call that writes nothing) in which the first signal ends the
-  process at once, with status 0 and the line "<SIGNAL> received <what>: stopped".
+  process at once, with the status ``install`` was given and one line naming ``what``.
 
   ``what`` reads after "received", e.g. ``'while connecting to the coordinator'``.
   """
