@@ -46,6 +46,15 @@ paper's row) and ``DIR/glue_results.json``, written even when a task fails;
 
 from __future__ import annotations
 
+# First, before the imports below (JAX takes seconds, and starts threads): the host
+# memory policy, then the signal guard (see each one's docstring).
+from perceiver.training import host_memory  # pylint: disable=g-bad-import-order
+from perceiver import signal_guard  # pylint: disable=g-bad-import-order
+
+if __name__ == '__main__':
+  host_memory.retain_freed_memory()
+  signal_guard.install(stop_status=0)
+
 import json
 import math
 import os
@@ -53,7 +62,6 @@ import sys
 import time
 from typing import Any, Dict, Optional
 
-from absl import app
 from absl import flags
 import jax
 from ml_collections import config_flags
@@ -66,7 +74,6 @@ from eval import metrics as metrics_lib
 from perceiver import cli
 from perceiver import transfer
 from perceiver.training import checkpoints
-from perceiver.training import host_memory
 from perceiver.training import writer as writer_lib
 
 _CONFIG_FILE = os.path.join(os.path.dirname(__file__), 'configs', 'glue.py')
@@ -277,10 +284,9 @@ def main(argv):
     except Stopped as e:
       print(f'{e}', file=sys.stderr)
 
-  return cli.run(command, saved="each task's last epoch is kept; rerun to resume")
+  return cli.run(command, saved="each task's last epoch is kept; rerun to resume",
+                 stop_status=0)
 
 
 if __name__ == '__main__':
-  host_memory.retain_freed_memory()   # before JAX starts its threads: see its docstring
-  define_flags()
-  app.run(main)
+  cli.start(main, define_flags, stop_status=0)

@@ -29,6 +29,13 @@ Reported (nats and bits are per masked byte):
 
 from __future__ import annotations
 
+# First, before the imports below (JAX takes seconds): a signal while they run is
+# handled (see perceiver/signal_guard.py).
+from perceiver import signal_guard  # pylint: disable=g-bad-import-order
+
+if __name__ == '__main__':
+  signal_guard.install(stop_status=None)
+
 import json
 import math
 import os
@@ -36,7 +43,6 @@ import sys
 import time
 from typing import Dict, Iterator, List, Optional, Sequence
 
-from absl import app
 from absl import flags
 import jax
 import jax.numpy as jnp
@@ -261,6 +267,7 @@ def evaluate(params, config, files: Sequence[str], *, seed: int = 0, batch_size:
       sums[k] += float(v)
 
   for batch in batches(windows, batch_size, max_examples):
+    signal_guard.check()   # a signal whose exception was lost (see signal_guard) stops here
     np.add.at(counts, batch['labels'][batch['weights'] > 0], 1)
     result = score(params, *(jnp.asarray(batch[k]) for k in _FIELDS))
     if pending is not None:
@@ -310,6 +317,8 @@ def run(checkpoint_path: str, data: str, out: Optional[str] = None, **kwargs):
   mask_prob = kwargs.get('mask_prob', 0.15)
   if not 0 < mask_prob < 1:
     raise EvalError(f'--mask_prob must be in (0, 1), got {mask_prob}')
+  if out:
+    atomic.check_writable(out, '--out')   # before the evaluation, not after it
   files = data_lib.expand_paths(data, '--data')
   params, config, _ = loading.load_any(checkpoint_path)
   checkpoint.check_params(params, checkpoint.expected_shapes(transform.masked_lm(config),
@@ -354,5 +363,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  define_flags()
-  app.run(main)
+  cli.start(main, define_flags)

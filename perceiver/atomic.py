@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
+
+from perceiver import errors
 
 
 @contextlib.contextmanager
@@ -76,3 +79,41 @@ def _fsync_directory(directory):
     pass
   finally:
     os.close(fd)
+
+
+def check_writable(path, flag: str) -> None:
+  """Checks, before any work, that ``path`` (a file to be written at the end) can be:
+  its directory is created if need be and a probe file is written and removed there.
+
+  Raises:
+    errors.ConfigError: naming ``flag`` (e.g. ``--out``) and why.
+  """
+  path = os.fspath(path)
+  if os.path.isdir(path):
+    raise errors.ConfigError(f'{flag}={path}: is a directory; give a file name')
+  directory = os.path.dirname(os.path.abspath(path))
+  try:
+    os.makedirs(directory, exist_ok=True)
+    fd, probe = tempfile.mkstemp(prefix='.write-probe.', dir=directory)
+    os.close(fd)
+    os.unlink(probe)
+  except OSError as e:
+    raise errors.ConfigError(f'{flag}={path}: cannot write there: {e.strerror or e} '
+                             f'({e.filename or directory})') from None
+
+
+def check_free_space(directory, need_bytes: int, what: str, field: str) -> None:
+  """Refuses to start work whose output (``need_bytes``, described by ``what``) cannot fit
+  in the free space of ``directory``'s filesystem, where the filesystem reports it.
+
+  Raises:
+    errors.UserError: naming ``field`` (the flag or config field that sets the place or
+      the amount), the free and needed sizes.
+  """
+  try:
+    free = shutil.disk_usage(os.fspath(directory)).free
+  except OSError:
+    return   # not reported: the write itself will say
+  if free < need_bytes:
+    raise errors.UserError(f'{field}: {what} needs {need_bytes / 2**20:,.1f} MiB, but the '
+                           f'filesystem of {directory} has {free / 2**20:,.1f} MiB free')

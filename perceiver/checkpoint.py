@@ -279,8 +279,15 @@ def _header(zf, source) -> dict:
     header = json.loads(zf.read(_METADATA))
   except (KeyError, ValueError) as e:
     raise CheckpointError(f'{source}: missing or corrupt {_METADATA}: {e}') from e
-  if header.get('format') != FORMAT:
-    raise CheckpointError(f'{source}: format {header.get("format")!r}, expected {FORMAT!r}')
+  if not isinstance(header, dict) or header.get('format') != FORMAT:
+    got = header.get('format') if isinstance(header, dict) else None
+    raise CheckpointError(f'{source}: format {got!r}, expected {FORMAT!r}')
+  if not isinstance(header.get('config'), dict):
+    raise CheckpointError(f'{source}: {_METADATA} holds no model config (its "config" '
+                          'entry is missing or not an object)')
+  for key, kind in (('metadata', dict), ('trees', dict)):
+    if not isinstance(header.setdefault(key, kind()), kind):
+      raise CheckpointError(f'{source}: {_METADATA}: "{key}" is not an object')
   return header
 
 

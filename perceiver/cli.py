@@ -4,20 +4,27 @@ Expected failures are ``errors.UserError`` (bad flags, config fields, files, row
 checkpoints) and ``OSError`` (a path that cannot be read or written: missing,
 permissions, a full disk). Anything else is a bug and keeps its traceback.
 ``--verbose`` (or ``PERCEIVER_VERBOSE=1``) shows the traceback of expected failures too.
-A second SIGTERM/SIGINT during training ends the command at once with status
-128 + signal; Ctrl-C outside training ends it with status 130.
+
+Every command starts through ``start``: it installs ``perceiver.signal_guard`` first,
+then defines and parses the flags, so that a flag or config error (an unknown field, a
+preset or config file that does not load, a value that does not parse) is one ``error:``
+line naming the flag, with ml_collections' "did you mean" hint. A signal during set-up
+ends the command with one line saying what was kept (``run``'s ``stop_status``); a second
+one ends it at once with status 128 + signal.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import sys
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
+from absl import app
 from absl import flags
 
 from perceiver import errors
-from perceiver.training import hosts
+from perceiver import signal_guard
 
 flags.DEFINE_bool('verbose', False, 'Show the traceback of expected errors too (also: '
                   'PERCEIVER_VERBOSE=1).')
@@ -26,15 +33,22 @@ flags.DEFINE_bool('verbose', False, 'Show the traceback of expected errors too (
 def verbose() -> bool:
   if os.environ.get('PERCEIVER_VERBOSE', '') not in ('', '0'):
     return True
-  return bool(flags.FLAGS.is_parsed() and flags.FLAGS.verbose)
+  if not flags.FLAGS.is_parsed():   # an error while the flags are parsed
+    return any(a in ('--verbose', '--verbose=true', '--verbose=1') for a in sys.argv[1:])
+  return bool(flags.FLAGS.verbose)
 
 
-def run(command: Callable[[], Optional[int]], *, saved: str = '') -> int:
+def run(command: Callable[[], Optional[int]], *, saved: str = '',
+        stop_status: Optional[int] = None) -> int:
   """Runs ``command`` under the policy; returns the exit status.
 
   ``saved`` says where the last complete output is (for the message after an
-  interruption).
+  interruption). ``stop_status``: the status after a first signal that stopped the
+  command before it finished (``signal_guard.Stopped``): 0 for a command whose stop
+  loses nothing (a run that resumes), None for 128 + signal (a one-shot command whose
+  result was not written).
   """
+  signal_guard.started(saved)
   try:
     return command() or 0
   except (errors.UserError, OSError) as e:
@@ -42,10 +56,157 @@ def run(command: Callable[[], Optional[int]], *, saved: str = '') -> int:
       raise
     print(f'error: {e}', file=sys.stderr)
     return 1
-  except hosts.Interrupted as e:
-    print(f'error: {e}: stopped at once, nothing more saved' +
-          (f'; {saved}' if saved else ''), file=sys.stderr)
+  except signal_guard.Stopped as e:
+    kept = f'; {saved}' if saved else ''
+    if stop_status == 0:
+      line = f'{e} before the command finished: stopped; nothing was lost{kept}'
+    else:
+      line = f'error: interrupted ({e}): the command did not finish{kept}'
+    if signal_guard.claim():
+      print(line, file=sys.stderr)
+    return 128 + e.signum if stop_status is None else stop_status
+  except signal_guard.Interrupted as e:
+    if signal_guard.claim():
+      print(f'error: {e}: stopped at once, nothing more saved' +
+            (f'; {saved}' if saved else ''), file=sys.stderr)
     return 128 + e.signum
   except KeyboardInterrupt:
-    print('error: interrupted' + (f'; {saved}' if saved else ''), file=sys.stderr)
+    if signal_guard.claim():
+      print('error: interrupted' + (f'; {saved}' if saved else ''), file=sys.stderr)
     return 130
+
+
+# --------------------------------------------------------------------------------------
+# Flags and config files.
+
+_HINT = re.compile(r'Did you mean "([^"]+)" instead of "([^"]+)"\?')
+
+
+def _unknown_field(error: BaseException, argv: Sequence[str]) -> str:
+  """The message for an override of a config field that does not exist.
+
+  ml_collections raises a bare KeyError/AttributeError naming only the last part of the
+  path (with a hint); the flag is found on the command line by that part.
+  """
+  text = str(error.args[0] if error.args else error).replace("\\'", "'")
+  text = text.replace('\\n', '\n')
+  hint = _HINT.search(text)
+  key = hint.group(2) if hint else text.split('\n')[0].strip().strip('\'"\\')
+  culprit = None
+  for arg in argv[1:]:
+    name = arg.lstrip('-').split('=', 1)[0]
+    parts = name.split('.')
+    if len(parts) > 1 and key in parts[1:]:
+      culprit = arg if '=' in arg else '--' + name
+      path = '.'.join(parts[1:])
+      break
+  if culprit is None:
+    return f'no config field {key!r}' + (f' (did you mean {hint.group(1)!r}?)' if hint else '')
+  message = f'{culprit}: no config field {path!r}'
+  if hint:
+    message += f' (did you mean {path.replace(key, hint.group(1))!r}?)'
+  return message
+
+
+def _flag_error_line(error: BaseException) -> str:
+  """One line for an absl flag error; a config file's traceback is cut to its last line."""
+  text = str(error)
+  match = re.match(r'flag (--\S+): Error whilst parsing config file:', text)
+  if match:
+    last = [line.strip() for line in text.splitlines() if line.strip()][-1]
+    last = re.sub(r'^\w+(Error|Exception): ', '', last)
+    return f'{match.group(1)}: the config file does not load: {last}'
+  lines = [line.strip() for line in text.splitlines() if line.strip()]
+  line = ' '.join(lines) if lines else type(error).__name__
+  return line[len('flag '):] if line.startswith('flag --') else line
+
+
+def _fail(line: str) -> None:
+  print(f'error: {line}', file=sys.stderr)
+  sys.exit(1)
+
+
+def _check_config_flags(names: Sequence[str]) -> None:
+  """A config flag whose file did not load holds a placeholder that raises OSError when
+  touched; touch it now, so the error names the flag before anything runs."""
+  for name in names:
+    if name not in flags.FLAGS:
+      continue
+    try:
+      flags.FLAGS[name].value.keys()
+    except OSError as e:
+      if verbose():
+        raise
+      cause = e.__cause__ or e
+      lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
+      where = getattr(flags.FLAGS[name], 'config_filename', '') or flags.FLAGS[name].serialize()
+      _fail(f'--{name}={where}: the config file does not load: '
+            f'{lines[-1] if lines else cause}')
+    except AttributeError:
+      pass   # not a ConfigDict (an inline config, a dataclass): nothing to check
+
+
+def _broken_config_file(error: BaseException, argv: Sequence[str],
+                        config_flags: Sequence[str]) -> str:
+  """The message for a config file that is not valid Python (or fails to import)."""
+  given = [a for a in argv[1:] for name in config_flags if a.startswith(f'--{name}=')]
+  where = f' ({error.filename}, line {error.lineno})' if isinstance(error, SyntaxError) else ''
+  text = error.msg if isinstance(error, SyntaxError) else str(error)
+  return (f'{given[-1] if given else "--config"}: the config file does not load: '
+          f'{type(error).__name__}: {text}{where}')
+
+
+def parse_flags(argv: Sequence[str], config_flags: Sequence[str] = ('config',)):
+  """``app.run``'s flags parser under the policy (see the module docstring)."""
+  try:
+    rest = flags.FLAGS(argv)
+  except flags.Error as e:
+    if verbose():
+      raise
+    _fail(_flag_error_line(e))
+  except (KeyError, AttributeError) as e:   # an override of a field that does not exist
+    if verbose():
+      raise
+    _fail(_unknown_field(e, argv))
+  except (SyntaxError, ImportError, NameError) as e:   # a config file that is not Python
+    if verbose():
+      raise
+    _fail(_broken_config_file(e, argv, config_flags))
+  _check_config_flags(config_flags)
+  return rest
+
+
+def start(main: Callable, define_flags: Callable[[], None] = lambda: None, *,
+          stop_status: Optional[int] = None, config_flags: Sequence[str] = ('config',)
+          ) -> None:
+  """Runs a command: the signal guard first, then its flags, then ``main`` (absl).
+
+  ``define_flags`` may already parse part of the command line (ml_collections defines a
+  flag per ``--config.<field>`` override when the config flag is defined), so its errors
+  are reported under the policy too. ``stop_status``: see ``signal_guard.install`` (which
+  the command module calls first thing; calling it again changes nothing else).
+  """
+  signal_guard.install(stop_status)
+  try:
+    define_flags()
+  except flags.Error as e:
+    if verbose():
+      raise
+    _fail(_flag_error_line(e))
+  except (KeyError, AttributeError) as e:
+    if verbose():
+      raise
+    _fail(_unknown_field(e, sys.argv))
+
+  def guarded_main(argv):
+    status = main(argv)
+    if signal_guard.reported():
+      # A signal ended the command, possibly inside JAX's own code (a compilation): the
+      # command has unwound and reported, and the interpreter's teardown of JAX's
+      # half-built objects could crash, so the process ends here.
+      sys.stdout.flush()
+      sys.stderr.flush()
+      os._exit(status or 0)   # pylint: disable=protected-access
+    return status
+
+  app.run(guarded_main, flags_parser=lambda argv: parse_flags(argv, config_flags))

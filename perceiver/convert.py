@@ -16,6 +16,13 @@ differs are printed.
 
 from __future__ import annotations
 
+# First, before the imports below (JAX takes seconds): a signal while they run is
+# handled (see perceiver/signal_guard.py).
+from perceiver import signal_guard  # pylint: disable=g-bad-import-order
+
+if __name__ == '__main__':
+  signal_guard.install(stop_status=None)
+
 import dataclasses
 import json
 import math
@@ -31,6 +38,7 @@ from perceiver import checkpoint
 from perceiver import cli
 from perceiver import configs
 from perceiver import errors
+from perceiver import formats
 from perceiver import hf
 from perceiver import hf_io
 from perceiver import transform
@@ -81,8 +89,30 @@ def load_config(value: Optional[str]) -> ml_collections.ConfigDict:
                              f'{e}') from e
 
 
+# What each --from reads, and which --from reads each other kind (perceiver.formats).
+_EXPECTED = {'hf': 'a Hugging Face directory (or its weights file with config.json beside it)',
+             'deepmind': "DeepMind's parameter pickle", 'project': "this project's checkpoint"}
+_FROM_FOR_KIND = {'project': 'project', 'pickle': 'deepmind', 'hf_directory': 'hf',
+                  'safetensors': 'hf', 'torch': 'hf'}
+
+
+def check_source_kind(source: str, src: str) -> None:
+  """Refuses ``src`` whose content is not what ``--from=source`` reads, naming what it is
+  and the ``--from`` that reads it, before any loader runs."""
+  kind = formats.sniff(src)
+  accepted = {'hf': ('hf_directory', 'safetensors', 'torch', 'pickle'),
+              'deepmind': ('pickle',), 'project': ('project',)}[source]
+  if kind in accepted:
+    return
+  message = f'--src={src}: {formats.describe(src, kind)}, not {_EXPECTED[source]}'
+  if kind in _FROM_FOR_KIND:
+    message += f': use --from={_FROM_FOR_KIND[kind]}'
+  raise checkpoint.CheckpointError(message)
+
+
 def _read(source, src, config_flag, to):
   """(params, config, notes, number of tensors in the file)."""
+  check_source_kind(source, src)
   if source == 'hf':
     converted = hf_io.read_hf_checkpoint(src)
     checkpoint.check_finite(converted.params, src)
@@ -186,6 +216,8 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  define_flags()
-  flags.mark_flags_as_required(['from', 'src', 'dst'])
-  app.run(main)
+  def _define():
+    define_flags()
+    flags.mark_flags_as_required(['from', 'src', 'dst'])
+
+  cli.start(main, _define)

@@ -13,10 +13,16 @@ or a Hugging Face directory; its parameters are checked against the model, by na
 
 from __future__ import annotations
 
+# First, before the imports below (JAX takes seconds): a signal while they run is
+# handled (see perceiver/signal_guard.py).
+from perceiver import signal_guard  # pylint: disable=g-bad-import-order
+
+if __name__ == '__main__':
+  signal_guard.install(stop_status=None)
+
 import sys
 from typing import List, Sequence, Tuple
 
-from absl import app
 from absl import flags
 import jax
 import jax.numpy as jnp
@@ -160,6 +166,8 @@ def _command(path: str, text: str, span_flags: Sequence[str]) -> int:
 
 
 if __name__ == '__main__':
-  define_flags()
-  flags.mark_flags_as_required(['checkpoint', 'text'])
-  sys.exit(app.run(main))
+  def _define():
+    define_flags()
+    flags.mark_flags_as_required(['checkpoint', 'text'])
+
+  cli.start(main, _define)

@@ -1,4 +1,5 @@
-"""Parameters from any checkpoint this project reads, detected from the path.
+"""Parameters from any checkpoint this project reads, told apart by content
+(``perceiver.formats``) before any loader runs:
 
 - this project's checkpoint (``perceiver.checkpoint``: a zip of arrays and metadata), with
   the model config stored in it;
@@ -14,6 +15,7 @@ import os
 
 from perceiver import checkpoint
 from perceiver import configs
+from perceiver import formats
 from perceiver import hf_io
 
 CheckpointError = checkpoint.CheckpointError
@@ -30,7 +32,10 @@ def load_any(path, config=None):
       unsafe, holds non-finite values or does not match its model.
   """
   path = os.fspath(path)
-  if os.path.isdir(path) and not os.path.exists(os.path.join(path, hf_io.CONFIG_FILE)):
+  kind = formats.sniff(path)
+  if kind == 'missing':
+    raise CheckpointError(f'{path}: no such checkpoint')
+  if kind == 'directory':
     raise CheckpointError(f'{path}: a directory, but not a Hugging Face checkpoint '
                           f'(no {hf_io.CONFIG_FILE})')
   # Before the zip test: a PyTorch .bin is a zip file too.
@@ -38,10 +43,15 @@ def load_any(path, config=None):
     params, hf_config = hf_io.load_hf_checkpoint(path)
     checkpoint.check_finite(params, path)
     return params, hf_config, {'source': 'huggingface', 'path': path}
-  if checkpoint.is_own_checkpoint(path):
+  if kind == 'project':
     return checkpoint.load(path)
-  if not os.path.exists(path):
-    raise CheckpointError(f'{path}: no such checkpoint')
+  if kind in ('torch', 'safetensors'):
+    raise CheckpointError(f'{path}: {formats.describe(path, kind)} without '
+                          f'{hf_io.CONFIG_FILE} beside it: give the Hugging Face directory '
+                          'that holds both')
+  if kind != 'pickle':
+    raise CheckpointError(f'{path}: {formats.describe(path, kind)}; expected this project\'s '
+                          "checkpoint, DeepMind's pickle or a Hugging Face directory")
   config = config or configs.language_mlm()
   params = checkpoint.load_deepmind_pickle(path, config)
   checkpoint.check_finite(params, path)

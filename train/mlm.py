@@ -13,13 +13,21 @@ masked-byte loss and its held-out evaluation.
 
 from __future__ import annotations
 
+# First, before the imports below (JAX takes seconds, and starts threads): the host
+# memory policy, then the signal guard (see each one's docstring).
+from perceiver.training import host_memory  # pylint: disable=g-bad-import-order
+from perceiver import signal_guard  # pylint: disable=g-bad-import-order
+
+if __name__ == '__main__':
+  host_memory.retain_freed_memory()
+  signal_guard.install(stop_status=0)
+
 import json
 import math
 import os
 import sys
 from typing import Dict
 
-from absl import app
 from absl import flags
 import jax
 import jax.numpy as jnp
@@ -27,6 +35,7 @@ import ml_collections
 from ml_collections import config_flags
 import numpy as np
 
+from perceiver import atomic
 from perceiver import cli
 from perceiver import configs as model_configs
 from perceiver import errors
@@ -34,7 +43,6 @@ from perceiver import flops
 from perceiver import transform
 from perceiver.training import checkpoints
 from perceiver.training import feed
-from perceiver.training import host_memory
 from perceiver.training import hosts
 from perceiver.training import loop as loop_lib
 from perceiver.training import losses
@@ -131,6 +139,9 @@ def check_config(config) -> None:
          ' or '.join(repr(u) for u in masking.UNITS))
   _check(finite(t.stop_timeout_s) and t.stop_timeout_s > 0, 'train.stop_timeout_s',
          t.stop_timeout_s, 'a finite number > 0')
+  timeout = config.distributed.get('initialization_timeout_s', 60.0)
+  _check(finite(timeout) and timeout > 0, 'distributed.initialization_timeout_s', timeout,
+         'a finite number > 0')
   _check(finite(t.peak_flops_per_device) and t.peak_flops_per_device >= 0,
          'train.peak_flops_per_device', t.peak_flops_per_device, 'a finite number >= 0')
   try:
@@ -279,6 +290,13 @@ def _train(config, workdir) -> Dict[str, float]:
   init_ids = jnp.zeros((1, seq_len), jnp.int32)
   params = model.init(jax.random.PRNGKey(config.seed), init_ids, jnp.ones_like(init_ids))
   opt_state = optimizer.init(params)
+  # Room for the checkpoints this run will add (each: parameters and optimizer state).
+  size = sum(x.nbytes for x in jax.tree.leaves((params, opt_state)))
+  count = max(1, config.train.keep_checkpoints + 1 - len(manager.steps()))
+  atomic.check_free_space(
+      workdir, size * count, f'{count} more checkpoint(s) of {size / 2**20:,.1f} MiB '
+      f'(train.keep_checkpoints={config.train.keep_checkpoints}, and one being written)',
+      f'--workdir={workdir}')
   rng = jax.random.PRNGKey(config.seed + 1)
   start_step, data_state = 0, None
   restored = manager.restore_latest(
@@ -381,10 +399,9 @@ def main(argv):
   def command():
     train(config, workdir)
 
-  return cli.run(command, saved=f'the last complete checkpoint in {workdir} is kept')
+  return cli.run(command, saved=f'the last complete checkpoint in {workdir} is kept',
+                 stop_status=0)
 
 
 if __name__ == '__main__':
-  host_memory.retain_freed_memory()   # before JAX starts its threads: see its docstring
-  define_flags()
-  app.run(main)
+  cli.start(main, define_flags, stop_status=0)

@@ -12,17 +12,38 @@ colour: a curve leaves its baseline when the model starts to use context.
 
 from __future__ import annotations
 
+# First, before the imports below (JAX takes seconds): a signal while they run is
+# handled (see perceiver/signal_guard.py).
+from perceiver import signal_guard  # pylint: disable=g-bad-import-order
+
+if __name__ == '__main__':
+  signal_guard.install(stop_status=None)
+
 import json
+import math
 import os
 import sys
 from typing import Dict, List
 
-from absl import app
 from absl import flags
 
+from perceiver import atomic
+from perceiver import cli
+from perceiver import errors
 
-class PlotError(ValueError):
-  """Bad input: the message names the flag or file."""
+
+class PlotError(errors.UserError, ValueError):
+  """Bad input: the message names the flag or file (and line)."""
+
+
+# The fields a record is plotted by: each must be a number where present.
+_NUMERIC = ('step', 'loss', 'accuracy', 'baseline_loss', 'baseline_accuracy', 'elapsed_s',
+            'time')
+
+
+def _is_number(value) -> bool:
+  return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(
+      value)
 
 
 def read_metrics(workdir: str) -> Dict[str, List[dict]]:
@@ -33,16 +54,27 @@ def read_metrics(workdir: str) -> Dict[str, List[dict]]:
     raise PlotError(f'--workdir {workdir}: no metrics.jsonl there (is it a train.mlm '
                     'run directory?)')
   records = []
-  with open(path, encoding='utf-8') as f:
-    for line_no, line in enumerate(f, 1):
-      if not line.strip():
+  with open(path, 'rb') as f:
+    for line_no, raw in enumerate(f, 1):
+      if not raw.strip():
         continue
       try:
-        record = json.loads(line)
+        record = json.loads(raw.decode('utf-8'))
+      except UnicodeDecodeError as e:
+        raise PlotError(f'{path}:{line_no}: not UTF-8 text (byte {e.start + 1} of the '
+                        'line)') from None
       except ValueError as e:
         raise PlotError(f'{path}:{line_no}: not a JSON object: {e}') from None
-      if not isinstance(record, dict) or 'step' not in record or 'kind' not in record:
+      if (not isinstance(record, dict) or 'step' not in record or
+          not isinstance(record.get('kind'), str)):
         raise PlotError(f'{path}:{line_no}: not a metrics record (no step or kind)')
+      for field in _NUMERIC:
+        if field in record and not _is_number(record[field]):
+          raise PlotError(f'{path}:{line_no}: field {field!r} is {record[field]!r}, not a '
+                          'finite number')
+      if 'elapsed_s' not in record and 'time' not in record:
+        raise PlotError(f'{path}:{line_no}: no elapsed_s or time field (the wall-clock '
+                        'axis needs one)')
       records.append(record)
   _add_minutes(records)
   out = {'train': [], 'eval': []}
@@ -81,6 +113,7 @@ def plot(workdirs: List[str], out: str, title: str = '') -> str:
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
 
   runs = [(w, read_metrics(w)) for w in workdirs]
+  atomic.check_writable(out, '--out')   # before drawing
   fig, axes = plt.subplots(2, 2, figsize=(12, 8), squeeze=False)
   colors = plt.rcParams['axes.prop_cycle'].by_key()['color']
   for i, (workdir, metrics) in enumerate(runs):
@@ -141,15 +174,13 @@ def main(argv):
     print('error: --workdir: give at least one run directory', file=sys.stderr)
     return 1
   out = FLAGS.out or os.path.join(workdirs[0], 'curves.png')
-  try:
+
+  def command():
     plot(workdirs, out, FLAGS.title)
-  except PlotError as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 1
-  print(f'wrote {out}')
-  return 0
+    print(f'wrote {out}')
+
+  return cli.run(command)
 
 
 if __name__ == '__main__':
-  define_flags()
-  app.run(main)
+  cli.start(main, define_flags)

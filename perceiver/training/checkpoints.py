@@ -151,8 +151,9 @@ class CheckpointManager:
     tried next. One that reads but does not fit this run (``CheckpointMismatch``) is an
     error, not damage: it is left alone.
     """
-    for step in reversed(self.steps()):
-      path = self.path(step)
+    steps = self.steps()
+    for index in reversed(range(len(steps))):
+      path = self.path(steps[index])
       try:
         if check is not None:
           check(checkpoint.load_config(path), path)
@@ -163,8 +164,9 @@ class CheckpointManager:
         aside = path + '.corrupt'
         if jax.process_index() == 0 and os.path.exists(path):
           os.replace(path, aside)
-        note(f'warning: {path} does not read back ({e}); moved aside to {aside}; '
-             'resuming from the checkpoint before it')
+        then = (f'trying the one before it ({self.path(steps[index - 1])})' if index else
+                'no other checkpoint is left: starting a new run from step 0')
+        note(f'warning: {path} does not read back ({e}); moved aside to {aside}; {then}')
     return None
 
   def restore(self, path: str, opt_state_template=None, rng_template=None):

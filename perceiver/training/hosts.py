@@ -15,6 +15,7 @@ never completes). A second signal raises ``Interrupted`` at once.
 
 from __future__ import annotations
 
+import math
 import os
 import queue
 import signal
@@ -27,21 +28,34 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from perceiver import signal_guard
+
 WATCHDOG_EXIT_STATUS = 3
 
 
-class Interrupted(BaseException):
-  """A second SIGTERM or SIGINT: stop now, without saving. ``signum`` is the signal."""
+# A second SIGTERM or SIGINT: stop now, without saving (``signum`` is the signal).
+Interrupted = signal_guard.Interrupted
 
-  def __init__(self, signum: int):
-    super().__init__(f'{signal.Signals(signum).name} received twice')
-    self.signum = signum
+
+# Seconds a process waits at start-up for the coordinator (or, on process 0, for every
+# other process) before it gives up; JAX's own limit is 300 s, after which it aborts the
+# process with a C++ stack trace.
+DEFAULT_INITIALIZATION_TIMEOUT_S = 60.0
+INITIALIZATION_EXIT_STATUS = 1
 
 
 def initialize_distributed(config) -> None:
   """Calls ``jax.distributed.initialize`` when ``config.enabled`` (a ``distributed``
-  config block: coordinator_address, num_processes, process_id, heartbeat_timeout_s;
-  empty ones are auto-detected on TPU pods, SLURM and other supported clusters)."""
+  config block: coordinator_address, num_processes, process_id, heartbeat_timeout_s,
+  initialization_timeout_s; empty ones are auto-detected on TPU pods, SLURM and other
+  supported clusters).
+
+  Bounded: if the connection (and, on process 0, every other process's) is not made
+  within ``initialization_timeout_s``, one ``error:`` line names the address, this
+  process and what it waited for, and the process exits with status 1. JAX's call cannot
+  be interrupted, so a watchdog thread ends the process; JAX's own limit is set past
+  ours. A signal while it waits ends the process at once (nothing is written yet).
+  """
   if not config.enabled:
     return
   kwargs = {}
@@ -53,7 +67,37 @@ def initialize_distributed(config) -> None:
     kwargs['process_id'] = config.process_id
   if config.get('heartbeat_timeout_s', 0) > 0:
     kwargs['heartbeat_timeout_seconds'] = int(config.heartbeat_timeout_s)
-  jax.distributed.initialize(**kwargs)
+  timeout = float(config.get('initialization_timeout_s', 0) or
+                  DEFAULT_INITIALIZATION_TIMEOUT_S)
+  kwargs['initialization_timeout'] = int(math.ceil(timeout)) + 60
+  address = config.coordinator_address or 'the auto-detected coordinator'
+  count = f' of {config.num_processes}' if config.num_processes > 0 else ''
+  who = (f'process {config.process_id}{count}' if config.process_id >= 0 else
+         f'this process{count}')
+  if config.process_id == 0:
+    waited = (f'every other process to connect to the coordinator it serves at {address}'
+              ' (are they all started, with this address?)')
+  else:
+    waited = (f'the coordinator at {address} to answer (is process 0 started there, and '
+              'the address and port right?)')
+  print(f'connecting to {address} as {who} (giving up after {timeout:g} s: '
+        'distributed.initialization_timeout_s)', flush=True)
+  done = threading.Event()
+
+  def watchdog():
+    if done.wait(timeout) or not signal_guard.claim():
+      return
+    sys.stderr.write(f'error: distributed start-up: {who} waited {timeout:g} s for {waited};'
+                     ' giving up (config field distributed.initialization_timeout_s)\n')
+    sys.stderr.flush()
+    os._exit(INITIALIZATION_EXIT_STATUS)   # pylint: disable=protected-access
+
+  threading.Thread(target=watchdog, name='distributed-start-up', daemon=True).start()
+  try:
+    with signal_guard.blocking(f'while connecting to {address}'):
+      jax.distributed.initialize(**kwargs)
+  finally:
+    done.set()
 
 
 def batch_layout(global_batch: int, accum_steps: int, field: str = 'batch_size',
@@ -100,6 +144,7 @@ class StopAgreement:
   # -- signals -------------------------------------------------------------------------
 
   def __enter__(self):
+    signal_guard.check()   # a signal during set-up whose exception was lost stops here
     if threading.current_thread() is threading.main_thread():
       for sig in self.signals:
         self._previous[sig] = signal.signal(sig, self._handle)

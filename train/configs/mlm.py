@@ -113,6 +113,11 @@ def _base() -> ml_collections.ConfigDict:
   # Seconds without a heartbeat before the coordination service declares a host dead and
   # ends every process (0: JAX's default, 100 s).
   c.distributed.heartbeat_timeout_s = 0
+  # Seconds to wait at start-up for the coordinator (process 0: for every process) before
+  # exiting with an error naming the address. Chosen here, well under JAX's own 300 s
+  # (after which it aborts with a C++ stack trace): launchers start all processes within
+  # seconds; raise it where they start minutes apart.
+  c.distributed.initialization_timeout_s = 60.0
   return c
 
 
