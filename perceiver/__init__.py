@@ -1,14 +1,27 @@
-"""Perceiver IO for language in JAX/Haiku, faithful to DeepMind's released model."""
+"""Perceiver IO for language in JAX/Haiku, faithful to DeepMind's released model.
 
-from perceiver import configs
-from perceiver import layers
-from perceiver import model
-from perceiver import position_encoding
-from perceiver import tokenizer
-from perceiver import transform
-from perceiver.tokenizer import BytesTokenizer
+The submodules are imported on first use (``perceiver.configs``, ``perceiver.BytesTokenizer``),
+so that a process needing only a light one -- a data worker importing ``perceiver.errors``
+and ``perceiver.tokenizer`` (``train/workers.py``) -- starts without importing JAX and Haiku.
+"""
+
+import importlib
 
 __version__ = '0.1.0'
 
 __all__ = ['BytesTokenizer', 'configs', 'layers', 'model', 'position_encoding', 'tokenizer',
            'transform']
+
+_SUBMODULES = ('configs', 'layers', 'model', 'position_encoding', 'tokenizer', 'transform')
+
+
+def __getattr__(name):
+  if name in _SUBMODULES:
+    return importlib.import_module(f'{__name__}.{name}')
+  if name == 'BytesTokenizer':
+    return importlib.import_module(f'{__name__}.tokenizer').BytesTokenizer
+  raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
+
+
+def __dir__():
+  return sorted(list(globals()) + list(_SUBMODULES) + ['BytesTokenizer'])
