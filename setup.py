@@ -19,6 +19,8 @@ setup(
         'chex>=0.1.86',
         'absl-py>=1.4',
         'ml-collections>=0.1.1',
+        # Parquet pretraining shards (train/data.py), e.g. wikimedia/wikipedia as distributed.
+        'pyarrow>=14',
     ],
     extras_require={
         'dev': ['pytest>=7'],

@@ -389,15 +389,17 @@ class ExampleStream:
     return StreamState(0, 0, {s.name: SourceState() for s in self.sources},
                        {s.name: 0 for s in self.sources})
 
-  def _build_block(self, block: int, crops: Sequence[_Crops]) -> np.ndarray:
-    """Block #``block``: ``shuffle_block`` crops drawn by source, in a seeded order."""
+  def _build_block(self, block: int, crops: Sequence[_Crops]
+                   ) -> Tuple[np.ndarray, np.ndarray]:
+    """Block #``block``: ``shuffle_block`` crops drawn by source, and the seeded order to
+    emit them in (applied as they are emitted, not by copying the block)."""
     rng = np.random.default_rng([self.seed, self.process_index, block])
     examples = np.full((self.shuffle_block, self.seq_len), tokenizer_lib.PAD_ID, np.int32)
     choices = rng.choice(len(self.sources), size=self.shuffle_block, p=self.probs)
     for row, choice in enumerate(choices):
       crop = crops[choice].next()
       examples[row, :len(crop)] = crop
-    return examples[rng.permutation(self.shuffle_block)]
+    return examples, rng.permutation(self.shuffle_block)
 
   def examples(self, state: Optional[StreamState] = None
                ) -> Iterator[Tuple[np.ndarray, StreamState]]:
@@ -410,7 +412,7 @@ class ExampleStream:
     at_block_start = (dict(state.sources), {s.name: state.crops.get(s.name, 0)
                                             for s in self.sources})
     while True:
-      examples = self._build_block(block, crops)
+      examples, order = self._build_block(block, crops)
       at_end = ({c.source.name: c.start for c in crops},
                 {c.source.name: c.taken for c in crops})
       for index in range(start, self.shuffle_block):
@@ -418,7 +420,7 @@ class ExampleStream:
           after = StreamState(block + 1, 0, *at_end)
         else:
           after = StreamState(block, index + 1, *at_block_start)
-        yield examples[index], after
+        yield examples[order[index]], after
       block, start, at_block_start = block + 1, 0, at_end
 
 
