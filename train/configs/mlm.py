@@ -219,9 +219,10 @@ def cpu():
 
 def paper():
   c = _with_model(_base(), model_configs.language_mlm())
-  # Chosen here: an 8-accelerator host needs about 9,800 sequences/s at 45% MFU; one worker
-  # makes about WORKER_RATE on a 2-core CPU (bench/RESULTS.md, data suite), so 8 workers
-  # leave room on a host's cores for the training process. Same batches at any value.
+  # Chosen here: an 8-accelerator host needs about 9,800 sequences/s at 45% MFU; a worker
+  # spends 134-154 us of CPU per sequence (bench/RESULTS.md, data suite), about 6,800
+  # sequences/s per core, so 8 workers (one per stream) give several times the need and
+  # leave a host's other cores to the training process. Same batches at any value.
   c.data.workers = 8
   return c
 
