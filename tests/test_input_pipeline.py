@@ -271,3 +271,17 @@ def test_kill_9_mid_run_with_workers_then_resume_equals_a_straight_run(tmp_path)
   a = checkpoint.load(killed / f'ckpt_{end:09d}.npz')[0]
   b = checkpoint.load(tmp_path / 'straight' / f'ckpt_{end:09d}.npz')[0]
   assert jax.tree.all(jax.tree.map(np.array_equal, a, b))
+
+
+@pytest.mark.slow
+def test_closing_the_prefetcher_ends_the_workers_and_waits_are_counted(tmp_path):
+  from perceiver.training import feed  # pylint: disable=import-outside-toplevel
+  pool = workers.WorkerPool([_spec(_two_sources(tmp_path), streams=2)], 2)
+  prefetcher = feed.Prefetcher(pool, depth=2)
+  next(prefetcher)      # waits at least for the workers to start and build a block
+  assert prefetcher.waited_s > 0
+  prefetcher.close()
+  deadline = time.time() + 30
+  while time.time() < deadline and not all(_zombie(p) for p in pool.pids()):
+    time.sleep(0.1)
+  assert all(_zombie(p) for p in pool.pids())
