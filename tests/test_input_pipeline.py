@@ -285,3 +285,14 @@ def test_closing_the_prefetcher_ends_the_workers_and_waits_are_counted(tmp_path)
   while time.time() < deadline and not all(_zombie(p) for p in pool.pids()):
     time.sleep(0.1)
   assert all(_zombie(p) for p in pool.pids())
+
+
+def test_the_data_suite_computes_the_devices_need_from_the_flops():
+  from bench import data_rate  # pylint: disable=import-outside-toplevel
+  # The issue's figures: a train step of the released model is 3 x 120.9 GFLOP per
+  # 2,048-byte sequence; 45% of an H100's 989 TFLOP/s is about 1,230 sequences/s.
+  one, eight = data_rate.device_need(1), data_rate.device_need(8)
+  assert one['train_flops_per_sequence'] == pytest.approx(3 * 120.9e9, rel=1e-3)
+  assert one['sequences_per_s'] == pytest.approx(0.45 * 989e12 / (3 * 120.9e9), rel=1e-3)
+  assert eight['sequences_per_s'] == pytest.approx(8 * one['sequences_per_s'])
+  assert one['bytes_per_s'] == pytest.approx(2048 * one['sequences_per_s'])
