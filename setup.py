@@ -30,6 +30,8 @@ setup(
         'matplotlib>=3.7',
         # eval.tagging's entity-level precision, recall and F1 (conlleval's reading).
         'seqeval>=1.2',
+        # Parquet pretraining shards (train/data.py), e.g. wikimedia/wikipedia as distributed.
+        'pyarrow>=14',
     ],
     extras_require={
         'dev': ['pytest>=7'],

@@ -5,8 +5,10 @@ r"""Benchmarks of the released model against transformers' PyTorch port, in one 
 Suites:
 - ``smoke``: everything below on the tiny config, in seconds (run by the tests);
 - ``full``: matmul peak, forward, forward+backward, train step, memory, data pipeline;
-- ``forward``, ``train``, ``memory``, ``data``, ``peak``: one part (``train`` includes the
+- ``forward``, ``train``, ``memory``, ``peak``: one part (``train`` includes the
   forward+backward rows), for iterating on one figure;
+- ``data``: the input pipeline on real-format shards at 1 and 2 worker processes, beside
+  what 1 and 8 H100-class devices need, and where its time goes (``bench.data_rate``);
 - ``accelerator``: the train step alone on whatever device JAX runs on (a GPU or TPU),
   at per-device batch 8, 32 and 64, with MFU against the device's published peak
   (``bench.accelerator``); no peer.
@@ -78,7 +80,7 @@ def _parts(suite: str) -> List[str]:
   if suite in ('smoke', 'full'):
     return ['peak', 'forward', 'train', 'memory', 'data']
   return {'forward': ['peak', 'forward'], 'train': ['peak', 'train'], 'memory': ['memory'],
-          'data': ['data'], 'peak': ['peak'], 'accelerator': ['accelerator']}[suite]
+          'data': ['data_suite'], 'peak': ['peak'], 'accelerator': ['accelerator']}[suite]
 
 
 def _cpu_model() -> str:
@@ -353,6 +355,12 @@ def run(suite: str, out: Optional[str] = None) -> Dict:
     if out:
       _write_json(results, out)
 
+  if 'data_suite' in parts:
+    from bench import data_rate  # pylint: disable=import-outside-toplevel
+    results['data_suite'] = data_rate.suite()
+    lap('data_suite')
+    results['meta']['loadavg_end'] = _loadavg()
+    return results
   if 'accelerator' in parts:
     from bench import accelerator  # pylint: disable=import-outside-toplevel
     results['accelerator'] = accelerator.measure(
@@ -416,7 +424,10 @@ def main(argv):
   if FLAGS.out:
     _write_json(results, FLAGS.out)
   print()
-  if 'accelerator' in results:
+  if 'data_suite' in results:
+    from bench import data_rate  # pylint: disable=import-outside-toplevel
+    print(data_rate.render(results['data_suite']))
+  elif 'accelerator' in results:
     from bench import accelerator  # pylint: disable=import-outside-toplevel
     print(accelerator.render(results['accelerator']))
   else:

@@ -78,6 +78,8 @@ _MLM_CASES = [
     ({'train.log_every': 0}, 'train.log_every must be an integer >= 1, got 0'),
     ({'data.shuffle_block': 0}, 'data.shuffle_block must be an integer >= 1, got 0'),
     ({'data.prefetch': 0}, 'data.prefetch must be an integer >= 1, got 0'),
+    ({'data.streams': 0}, 'data.streams must be an integer >= 1, got 0'),
+    ({'data.workers': -1}, 'data.workers must be an integer >= 0, got -1'),
     ({'masking.mask_prob': 1.5}, 'masking.mask_prob must be in (0, 1), got 1.5'),
     ({'optimizer.b2': 1.0}, 'optimizer.b2 must be in [0, 1), got 1.0'),
     ({'optimizer.decay_steps': 1}, 'optimizer.decay_steps must be an integer > '
@@ -124,6 +126,21 @@ def test_train_mlm_names_bad_data_paths_and_rows(tmp_path):
   bad.write_text('{"text": "fine"}\n{"text": broken\n')
   config.data.sources.gen.paths = str(bad)
   cases.append((config.copy_and_resolve_references(), f'{bad}:2: not a JSON object'))
+  config.data.workers = 1    # the same error, raised in a worker process
+  cases.append((config.copy_and_resolve_references(), f'{bad}:2: not a JSON object'))
+  config.data.workers = 0
+  import pyarrow as pa  # pylint: disable=import-outside-toplevel
+  import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
+  no_text = tmp_path / 'wiki.parquet'
+  pq.write_table(pa.table({'title': ['A'], 'body': ['words']}), no_text)
+  config.data.sources.gen.paths = str(no_text)
+  cases.append((config.copy_and_resolve_references(),
+                f"{no_text}: Parquet file has no 'text' column (columns: title, body)"))
+  not_parquet = tmp_path / 'broken.parquet'
+  not_parquet.write_bytes(b'not parquet at all')
+  config.data.sources.gen.paths = str(not_parquet)
+  cases.append((config.copy_and_resolve_references(),
+                f'{not_parquet}: not a readable Parquet file'))
   for case, message in cases:
     status, stderr = _run(lambda case=case: mlm.train(case, str(tmp_path / 'w')))
     assert status == 1 and message in _one_error_line(stderr), stderr

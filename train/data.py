@@ -1,23 +1,35 @@
 """The pretraining input pipeline: documents -> mixed, concatenated, cropped byte examples.
 
-numpy only. Per host:
+numpy (and pyarrow for Parquet) only. Per host:
 
-1. ``DocumentSource``: one corpus (globs of shards). Shards are visited in a seeded order
-   that changes every epoch; this host reads its share (whole shards when there are at
-   least as many shards as hosts, else every P-th document of each shard).
-2. ``ExampleStream``: each example draws a source by the mixing weights, concatenates
-   ``docs_per_example`` consecutive documents of it joined by ``separator``, and takes a
-   random crop of ``seq_len`` ids (shorter concatenations are padded).
+1. ``DocumentSource``: one corpus (globs of shards). Its units -- whole files, or the row
+   groups of Parquet files -- are visited in a seeded order that changes every epoch; a
+   reader takes its share of them (whole units when there are at least as many units as
+   readers, else every P-th record of each unit, skipped before it is parsed).
+2. ``ExampleStream``: each example draws a source by the mixing weights and takes that
+   source's next crop. A source concatenates ``docs_per_example`` consecutive documents
+   joined by ``separator`` and splits the concatenation into consecutive ``seq_len``
+   crops (the last one padded), every crop an example -- the model card's "concatenate
+   10 documents before splitting into crops to reduce wasteful computation on padding
+   tokens" -- so each document byte is trained on once per epoch.
 3. Shuffling: examples are built in blocks of ``shuffle_block`` and emitted in a seeded
-   permutation of each block. Everything random is seeded by (seed, host, block), so the
-   stream's position is a small JSON state -- the sources' positions at the block's start
-   plus the index in the block -- and a resumed run sees exactly the examples it would
-   have seen.
+   permutation of each block. Everything random is seeded by (seed, reader, block), so the
+   stream's position is a small JSON state -- for each source, where its current
+   concatenation starts and how many of its crops were taken, at the block's start, plus
+   the index in the block -- and a resumed run sees exactly the examples it would have
+   seen.
+4. ``batches``: masked batches of one stream, the masking RNG seeded by the batch's number.
+5. ``StreamSpec`` and ``interleave``: a host's data is ``streams`` such streams (each a
+   disjoint share of the host's share, like a host of its own), batch ``n`` taken from
+   stream ``n % streams``. The order is a function of the seed and ``streams``, not of
+   how many worker processes compute the streams (``train/workers.py``).
 
 Formats, by file name: ``*.json.gz``/``*.jsonl.gz`` (C4 as released: gzipped JSON lines,
-the ``text`` field), ``*.json``/``*.jsonl`` (JSON lines, e.g. a Wikipedia export), and
-``*.txt`` (plain text; documents separated by blank lines, as in BERT's pretraining text
-format). Bytes are kept as they are: invalid UTF-8 in a .txt file is trained on unchanged.
+the ``text`` field), ``*.json``/``*.jsonl`` (JSON lines, e.g. a Wikipedia export),
+``*.parquet`` (a ``text`` column, as Hugging Face's ``wikimedia/wikipedia`` is
+distributed; read one row group at a time) and ``*.txt`` (plain text; documents separated
+by blank lines, as in BERT's pretraining text format). Bytes are kept as they are: invalid
+UTF-8 in a .txt file is trained on unchanged.
 """
 
 from __future__ import annotations
@@ -53,12 +65,15 @@ def _open_lines(path):
 
 
 def _file_format(path):
+  if path.endswith('.parquet'):
+    return 'parquet'
   name = path[:-3] if path.endswith('.gz') else path
   if name.endswith(('.json', '.jsonl')):
     return 'json'
   if name.endswith('.txt') or name.endswith('.raw'):
     return 'text'
-  raise DataError(f'{path}: unknown format; expected .json[l][.gz] or .txt[.gz]/.raw')
+  raise DataError(f'{path}: unknown format; expected .json[l][.gz], .parquet or '
+                  '.txt[.gz]/.raw')
 
 
 def _json_text(line: bytes, path: str, line_no: int, field: str) -> bytes:
@@ -78,39 +93,93 @@ def _json_text(line: bytes, path: str, line_no: int, field: str) -> bytes:
     return text.encode('utf-8', errors='replace')
 
 
-def read_documents(path: str, text_field: str = 'text') -> Iterator[bytes]:
-  """Yields the non-empty documents of one file, as bytes.
+def parquet_row_groups(path: str, field: str = 'text') -> int:
+  """The number of row groups of a Parquet file whose ``field`` column holds text.
 
   Raises:
-    DataError: naming the file and line, for malformed JSON, a missing field, or a
-      corrupt gzip stream.
+    DataError: naming the file, when it is not Parquet or has no such text column.
+  """
+  import pyarrow as pa  # pylint: disable=import-outside-toplevel
+  import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
+  try:
+    with pq.ParquetFile(path) as f:
+      schema, groups = f.schema_arrow, f.num_row_groups
+  except (OSError, pa.ArrowException) as e:
+    raise DataError(f'{path}: not a readable Parquet file: {e}') from None
+  if field not in schema.names:
+    raise DataError(f'{path}: Parquet file has no {field!r} column (columns: '
+                    f'{", ".join(schema.names)})')
+  kind = schema.field(field).type
+  if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)
+          or pa.types.is_binary(kind) or pa.types.is_large_binary(kind)):
+    raise DataError(f'{path}: Parquet column {field!r} is {kind}, not text')
+  return groups
+
+
+def _parquet_documents(path: str, field: str, groups, stride: int, offset: int
+                       ) -> Iterator[bytes]:
+  import pyarrow as pa  # pylint: disable=import-outside-toplevel
+  import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
+  try:
+    with pq.ParquetFile(path) as f:
+      for group in (range(f.num_row_groups) if groups is None else groups):
+        column = f.read_row_group(group, columns=[field]).column(0)
+        if stride > 1:
+          column = column.take(np.arange(offset, len(column), stride))
+        # As binary: the UTF-8 bytes themselves, without decoding and re-encoding them.
+        kind = pa.large_binary() if pa.types.is_large_string(column.type) else pa.binary()
+        for text in column.cast(kind).to_pylist():
+          if text and text.strip():
+            yield text
+  except (OSError, pa.ArrowException) as e:
+    raise DataError(f'{path}: unreadable Parquet data: {e}') from None
+  except KeyError:
+    raise DataError(f'{path}: Parquet file has no {field!r} column') from None
+
+
+def read_documents(path: str, text_field: str = 'text', *, stride: int = 1, offset: int = 0,
+                   row_group: Optional[int] = None) -> Iterator[bytes]:
+  """Yields the non-empty documents of one file (or one Parquet row group), as bytes.
+
+  With ``stride`` > 1 only records (JSON lines, Parquet rows, text paragraphs) whose index
+  is ``offset`` modulo ``stride`` are kept; the others are skipped before being parsed.
+
+  Raises:
+    DataError: naming the file and line, for malformed JSON, a missing field or column,
+      or a corrupt gzip stream or Parquet file.
   """
   fmt = _file_format(path)
+  if fmt == 'parquet':
+    yield from _parquet_documents(path, text_field,
+                                  None if row_group is None else [row_group], stride, offset)
+    return
   line_no = 0
   try:
     with _open_lines(path) as f:
       if fmt == 'json':
         for line_no, line in enumerate(f, 1):
-          if line.strip():
+          if (line_no - 1) % stride == offset and line.strip():
             text = _json_text(line, path, line_no, text_field)
             if text.strip():
               yield text
       else:
         paragraph: List[bytes] = []
+        index = 0
         for line_no, line in enumerate(f, 1):
           if line.strip():
             paragraph.append(line)
           elif paragraph:
-            yield b''.join(paragraph).rstrip(b'\r\n')
-            paragraph = []
-        if paragraph:
+            if index % stride == offset:
+              yield b''.join(paragraph).rstrip(b'\r\n')
+            paragraph, index = [], index + 1
+        if paragraph and index % stride == offset:
           yield b''.join(paragraph).rstrip(b'\r\n')
   except (OSError, EOFError, zlib.error) as e:
     raise DataError(f'{path}: unreadable after line {line_no}: {e}') from None
 
 
 # --------------------------------------------------------------------------------------
-# A corpus: globs of shards, this host's share, endless epochs.
+# A corpus: globs of shards, this reader's share, endless epochs.
 
 def expand_paths(patterns, what: str) -> List[str]:
   """Comma-separated globs -> sorted existing files; the error names ``what``."""
@@ -134,14 +203,18 @@ def expand_paths(patterns, what: str) -> List[str]:
 
 @dataclasses.dataclass
 class SourceState:
-  """Position of a source: the next document is #doc of shard #shard of epoch #epoch."""
+  """Position of a source: the next document is #doc of unit #shard of epoch #epoch."""
   epoch: int = 0
   shard: int = 0
   doc: int = 0
 
 
 class DocumentSource:
-  """Endless documents of one corpus, for one host, in a seeded per-epoch shard order."""
+  """Endless documents of one corpus, for one reader, in a seeded per-epoch unit order.
+
+  A unit is a file, or one row group of a Parquet file. ``process_index`` of
+  ``process_count`` is the reader: a host, or one of a host's streams (``StreamSpec``).
+  """
 
   CACHE_BYTES = 128 << 20   # parsed documents kept per source (see ``_read``)
   # A document longer than LONG_DOCUMENT_BYTES is read as consecutive pieces of
@@ -156,38 +229,48 @@ class DocumentSource:
   PIECE_BYTES = 1 << 16
 
   def __init__(self, name: str, files: Sequence[str], *, seed: int, process_index: int = 0,
-               process_count: int = 1, text_field: str = 'text'):
+               process_count: int = 1, text_field: str = 'text',
+               cache_bytes: Optional[int] = None):
     self.name = name
-    self.files = list(files)
     self.seed = seed
     self.text_field = text_field
     self.process_index, self.process_count = process_index, process_count
-    self._cache: Dict[str, List[bytes]] = {}
+    self.cache_bytes = self.CACHE_BYTES if cache_bytes is None else cache_bytes
+    self._cache: Dict[Tuple[str, Optional[int]], List[bytes]] = {}
     self._cached_bytes = 0
-    if len(self.files) >= process_count:   # whole shards per host
-      self.files = self.files[process_index::process_count]
+    units: List[Tuple[str, Optional[int]]] = []
+    for path in files:
+      if _file_format(path) == 'parquet':
+        units.extend((path, g) for g in range(parquet_row_groups(path, text_field)))
+      else:
+        units.append((path, None))
+    self.num_files = len(files)
+    if len(units) >= process_count:   # whole units per reader
+      self.units = units[process_index::process_count]
       self.doc_stride, self.doc_offset = 1, 0
-    else:                                  # every P-th document of every shard
+    else:                             # every P-th record of every unit
+      self.units = units
       self.doc_stride, self.doc_offset = process_count, process_index
 
-  def _read(self, path: str) -> Iterator[bytes]:
-    """The documents of one shard; a shard read to its end is kept in memory while the
-    source's cache holds less than ``CACHE_BYTES``, so that a small corpus (or one huge
-    document) is not parsed again for every example that wraps around it."""
-    cached = self._cache.get(path)
+  def _read(self, unit: Tuple[str, Optional[int]]) -> Iterator[bytes]:
+    """This reader's documents of one unit; a unit read to its end is kept in memory while
+    the source's cache holds less than ``cache_bytes``, so that a small corpus (or one huge
+    document) is not parsed again for every pass over it."""
+    cached = self._cache.get(unit)
     if cached is not None:
       yield from cached
       return
     docs, size = [], 0
-    for doc in self._pieces(read_documents(path, self.text_field)):
+    for doc in self._pieces(read_documents(unit[0], self.text_field, stride=self.doc_stride,
+                                           offset=self.doc_offset, row_group=unit[1])):
       yield doc
       if docs is not None:
         docs.append(doc)
         size += len(doc)
-        if self._cached_bytes + size > self.CACHE_BYTES:
+        if self._cached_bytes + size > self.cache_bytes:
           docs = None
     if docs is not None:
-      self._cache[path] = docs
+      self._cache[unit] = docs
       self._cached_bytes += size
 
   def _pieces(self, documents: Iterator[bytes]) -> Iterator[bytes]:
@@ -199,9 +282,9 @@ class DocumentSource:
         for start in range(0, len(doc), self.PIECE_BYTES):
           yield doc[start:start + self.PIECE_BYTES]
 
-  def _order(self, epoch: int) -> List[str]:
+  def _order(self, epoch: int) -> List[Tuple[str, Optional[int]]]:
     rng = np.random.default_rng([self.seed, zlib.crc32(self.name.encode()), epoch])
-    return [self.files[i] for i in rng.permutation(len(self.files))]
+    return [self.units[i] for i in rng.permutation(len(self.units))]
 
   def documents(self, state: SourceState) -> Iterator[Tuple[bytes, SourceState]]:
     """Yields (document, state after it) from ``state`` on, forever."""
@@ -210,44 +293,97 @@ class DocumentSource:
       from_start, found = shard == 0 and skip == 0, False
       order = self._order(epoch)
       for shard in range(shard, len(order)):
-        kept = 0
-        for i, doc in enumerate(self._read(order[shard])):
-          if i % self.doc_stride != self.doc_offset:
-            continue
-          kept += 1
+        for kept, doc in enumerate(self._read(order[shard]), 1):
           found = True
           if kept > skip:
             yield doc, SourceState(epoch, shard, kept)
         skip = 0
       if from_start and not found:
-        raise DataError(f'source {self.name!r}: no documents for host {self.process_index} '
-                        f'in {len(self.files)} file(s)')
+        raise DataError(f'source {self.name!r}: no documents for reader '
+                        f'{self.process_index} of {self.process_count} in '
+                        f'{self.num_files} file(s)')
       epoch, shard = epoch + 1, 0
 
 
 # --------------------------------------------------------------------------------------
-# Examples: mixing, concatenation, cropping, block shuffling.
+# Examples: concatenation, consecutive crops, mixing, block shuffling.
+
+def join_documents(parts: Sequence[bytes], separator: np.ndarray) -> np.ndarray:
+  """Token ids of ``parts`` (document bytes) joined by ``separator`` (ids)."""
+  total = sum(len(p) for p in parts) + len(separator) * max(len(parts) - 1, 0)
+  out = np.empty(total, np.int32)
+  at = 0
+  for i, part in enumerate(parts):
+    if i and len(separator):
+      out[at:at + len(separator)] = separator
+      at += len(separator)
+    view = out[at:at + len(part)]
+    view[:] = np.frombuffer(part, np.uint8)
+    view += tokenizer_lib.NUM_SPECIAL
+    at += len(part)
+  return out
+
+
+class _Crops:
+  """One source's consecutive crops: ``docs`` documents joined, cut every ``seq_len``.
+
+  ``start`` is the source position where the current concatenation begins and ``taken``
+  how many of its crops were emitted: together, this source's resume state.
+  """
+
+  def __init__(self, source: DocumentSource, start: SourceState, taken: int, docs: int,
+               separator: np.ndarray, seq_len: int):
+    self.source, self.start, self.taken = source, start, taken
+    self.docs, self.separator, self.seq_len = docs, separator, seq_len
+    self._documents = None
+    self._ids: Optional[np.ndarray] = None
+    self._after = start
+
+  def _load(self) -> None:
+    if self._documents is None:
+      self._documents = self.source.documents(self.start)
+    parts = []
+    for _ in range(self.docs):
+      doc, self._after = next(self._documents)
+      parts.append(doc)
+    self._ids = join_documents(parts, self.separator)
+
+  def next(self) -> np.ndarray:
+    """The next crop (at most ``seq_len`` ids)."""
+    if self._ids is None:
+      self._load()
+    if self.taken * self.seq_len >= len(self._ids):
+      self.start, self.taken = self._after, 0
+      self._load()
+    begin = self.taken * self.seq_len
+    self.taken += 1
+    return self._ids[begin:begin + self.seq_len]
+
 
 @dataclasses.dataclass
 class StreamState:
-  """Where an ``ExampleStream`` is: block #block, example #index in it, and the sources'
-  positions at the start of that block."""
+  """Where an ``ExampleStream`` is: block #block, example #index in it, and, at that
+  block's start, each source's position (where its current concatenation starts) and the
+  number of crops already taken from that concatenation."""
   block: int = 0
   index: int = 0
   sources: Dict[str, SourceState] = dataclasses.field(default_factory=dict)
+  crops: Dict[str, int] = dataclasses.field(default_factory=dict)
 
   def to_json(self) -> dict:
     return {'block': self.block, 'index': self.index,
-            'sources': {k: dataclasses.asdict(v) for k, v in self.sources.items()}}
+            'sources': {k: dataclasses.asdict(v) for k, v in self.sources.items()},
+            'crops': dict(self.crops)}
 
   @classmethod
   def from_json(cls, data: dict) -> 'StreamState':
     return cls(data['block'], data['index'],
-               {k: SourceState(**v) for k, v in data['sources'].items()})
+               {k: SourceState(**v) for k, v in data['sources'].items()},
+               dict(data.get('crops', {})))
 
 
 class ExampleStream:
-  """Endless [seq_len] int32 examples (ids, mask) mixed from weighted sources."""
+  """Endless [seq_len] int32 examples (consecutive crops) mixed from weighted sources."""
 
   def __init__(self, sources: Sequence[DocumentSource], weights: Sequence[float], *,
                seq_len: int, docs_per_example: int = 10, separator: str = 'sep',
@@ -269,62 +405,42 @@ class ExampleStream:
     self.process_index = process_index
 
   def initial_state(self) -> StreamState:
-    return StreamState(0, 0, {s.name: SourceState() for s in self.sources})
+    return StreamState(0, 0, {s.name: SourceState() for s in self.sources},
+                       {s.name: 0 for s in self.sources})
 
-  def _build_block(self, block: int, iters, positions):
-    """Builds block #``block``, advancing the sources' iterators and ``positions``."""
+  def _build_block(self, block: int, crops: Sequence[_Crops]
+                   ) -> Tuple[np.ndarray, np.ndarray]:
+    """Block #``block``: ``shuffle_block`` crops drawn by source, and the seeded order to
+    emit them in (applied as they are emitted, not by copying the block)."""
     rng = np.random.default_rng([self.seed, self.process_index, block])
-    examples = np.zeros((self.shuffle_block, self.seq_len), np.int32)
+    examples = np.full((self.shuffle_block, self.seq_len), tokenizer_lib.PAD_ID, np.int32)
     choices = rng.choice(len(self.sources), size=self.shuffle_block, p=self.probs)
     for row, choice in enumerate(choices):
-      name = self.sources[choice].name
-      parts = []
-      for d in range(self.docs_per_example):
-        doc, positions[name] = next(iters[name])
-        if d:
-          parts.append(self.separator)
-        parts.append(doc)
-      total = sum(len(part) for part in parts)
-      start = 0
-      if total > self.seq_len:
-        start = rng.integers(0, total - self.seq_len + 1)
-      examples[row, :min(total, self.seq_len)] = self._window(parts, start)
-    return examples[rng.permutation(self.shuffle_block)]
-
-  def _window(self, parts, start: int) -> np.ndarray:
-    """Ids of the concatenation of ``parts`` (document bytes, separator ids) from
-    ``start`` on, at most ``seq_len``: only the bytes inside the window are converted,
-    so a long document costs its crop, not its length."""
-    out, offset, end = [], 0, start + self.seq_len
-    for part in parts:
-      lo, hi = max(start - offset, 0), min(end - offset, len(part))
-      if lo < hi:
-        if isinstance(part, bytes):
-          out.append(np.frombuffer(part[lo:hi], np.uint8).astype(np.int32) +
-                     tokenizer_lib.NUM_SPECIAL)
-        else:
-          out.append(part[lo:hi])
-      offset += len(part)
-      if offset >= end:
-        break
-    return np.concatenate(out) if out else np.zeros(0, np.int32)
+      crop = crops[choice].next()
+      examples[row, :len(crop)] = crop
+    return examples, rng.permutation(self.shuffle_block)
 
   def examples(self, state: Optional[StreamState] = None
                ) -> Iterator[Tuple[np.ndarray, StreamState]]:
     """Yields (ids [seq_len], state after this example) forever; PAD marks padding."""
     state = state or self.initial_state()
-    iters = {s.name: s.documents(state.sources[s.name]) for s in self.sources}
-    block, start, at_block_start = state.block, state.index, dict(state.sources)
+    crops = [_Crops(s, state.sources[s.name], state.crops.get(s.name, 0),
+                    self.docs_per_example, self.separator, self.seq_len)
+             for s in self.sources]
+    block, start = state.block, state.index
+    at_block_start = (dict(state.sources), {s.name: state.crops.get(s.name, 0)
+                                            for s in self.sources})
     while True:
-      positions = dict(at_block_start)
-      examples = self._build_block(block, iters, positions)
+      examples, order = self._build_block(block, crops)
+      at_end = ({c.source.name: c.start for c in crops},
+                {c.source.name: c.taken for c in crops})
       for index in range(start, self.shuffle_block):
         if index + 1 == self.shuffle_block:
-          after = StreamState(block + 1, 0, dict(positions))
+          after = StreamState(block + 1, 0, *at_end)
         else:
-          after = StreamState(block, index + 1, at_block_start)
-        yield examples[index], after
-      block, start, at_block_start = block + 1, 0, positions
+          after = StreamState(block, index + 1, *at_block_start)
+        yield examples[order[index]], after
+      block, start, at_block_start = block + 1, 0, at_end
 
 
 # --------------------------------------------------------------------------------------
@@ -351,3 +467,105 @@ def batches(stream: ExampleStream, batch_size: int, masker, state: Optional[dict
     batch = masker(ids, (ids != tokenizer_lib.PAD_ID).astype(np.int32), rng)
     count += 1
     yield batch, {'stream': stream_state.to_json(), 'batches': count}
+
+
+# --------------------------------------------------------------------------------------
+# A host's streams.
+
+@dataclasses.dataclass(frozen=True)
+class SourceSpec:
+  """One corpus: its name, files, mixing weight and JSON field / Parquet column."""
+  name: str
+  files: Tuple[str, ...]
+  weight: float
+  text_field: str = 'text'
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamSpec:
+  """One host share's ``streams`` streams, as plain data (sent to worker processes).
+
+  Stream ``j`` of host ``host`` of ``hosts`` reads the share of reader
+  ``host * streams + j`` of ``hosts * streams``: the streams of all hosts split the corpus
+  as that many hosts would.
+  """
+  sources: Tuple[SourceSpec, ...]
+  seq_len: int
+  docs_per_example: int
+  separator: str
+  shuffle_block: int
+  seed: int
+  batch_size: int
+  masker: object
+  host: int = 0
+  hosts: int = 1
+  streams: int = 1
+
+  def stream(self, j: int) -> ExampleStream:
+    reader, readers = self.host * self.streams + j, self.hosts * self.streams
+    sources = [DocumentSource(s.name, s.files, seed=self.seed, process_index=reader,
+                              process_count=readers, text_field=s.text_field,
+                              cache_bytes=DocumentSource.CACHE_BYTES // self.streams)
+               for s in self.sources]
+    return ExampleStream(sources, [s.weight for s in self.sources], seq_len=self.seq_len,
+                         docs_per_example=self.docs_per_example, separator=self.separator,
+                         shuffle_block=self.shuffle_block, seed=self.seed,
+                         process_index=reader)
+
+  def batches(self, j: int, state: Optional[dict] = None):
+    """Stream ``j``'s (masked batch, state) pairs from ``state`` on."""
+    return batches(self.stream(j), self.batch_size, self.masker, state)
+
+
+def schedule(specs: Sequence[StreamSpec], n: int) -> List[Tuple[int, int]]:
+  """The (share, stream) pairs whose next batches, concatenated, make host batch ``n``."""
+  return [(s, n % spec.streams) for s, spec in enumerate(specs)]
+
+
+def start_positions(specs: Sequence[StreamSpec], position) -> Tuple[int, List[List]]:
+  """(next host batch, per share the per-stream states) of a position (None: the start).
+
+  A position is ``{'batches': n, 'streams': [state of each stream]}`` for one share, a
+  list of them for several (``data.hosts``).
+
+  Raises:
+    DataError: when the position was written with another number of streams or shares.
+  """
+  if position is None:
+    return 0, [[None] * spec.streams for spec in specs]
+  positions = position if isinstance(position, list) else [position]
+  if (len(positions) != len(specs) or any(
+      not isinstance(p, dict) or 'streams' not in p or len(p['streams']) != spec.streams
+      for p, spec in zip(positions, specs))):
+    raise DataError(f'the checkpoint\'s data position does not fit {len(specs)} share(s) '
+                    f'of {specs[0].streams} stream(s) (data.hosts, data.streams)')
+  return positions[0]['batches'], [list(p['streams']) for p in positions]
+
+
+def make_position(specs: Sequence[StreamSpec], n: int, states: List[List]):
+  """The position after host batch ``n - 1`` (see ``start_positions``)."""
+  positions = [{'batches': n, 'streams': list(s)} for s in states]
+  return positions[0] if len(specs) == 1 else positions
+
+
+def concatenate(items: Sequence[Dict[str, np.ndarray]]) -> Dict[str, np.ndarray]:
+  if len(items) == 1:
+    return items[0]
+  return {key: np.concatenate([b[key] for b in items]) for key in items[0]}
+
+
+def interleave(specs: Sequence[StreamSpec], position=None
+               ) -> Iterator[Tuple[Dict[str, np.ndarray], object]]:
+  """Host batches of these shares' streams in this process: batch ``n`` concatenates, for
+  each share, the next batch of its stream ``n % streams``. Yields (batch, position)."""
+  n, states = start_positions(specs, position)
+  iters = {}
+  while True:
+    items = []
+    for s, j in schedule(specs, n):
+      if (s, j) not in iters:
+        iters[s, j] = specs[s].batches(j, states[s][j])
+      batch, states[s][j] = next(iters[s, j])
+      items.append(batch)
+    n += 1
+    yield concatenate(items), make_position(specs, n, states)

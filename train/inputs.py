@@ -10,7 +10,7 @@ context-free baseline says what a model ignoring context scores on them.
 from __future__ import annotations
 
 import os
-from typing import Dict, Iterator, List, Sequence, Tuple
+from typing import Dict, Iterator, List, Tuple
 
 import jax
 from jax.experimental import multihost_utils
@@ -20,6 +20,7 @@ from perceiver import tokenizer
 from train import corpus
 from train import data as data_lib
 from train import masking
+from train import workers
 
 
 def data_hosts(config) -> List[Tuple[int, int]]:
@@ -66,47 +67,36 @@ def make_masker(config, for_training=True) -> masking.WordMasker:
                             unit=config.masking.get('unit', 'word'))
 
 
-def _sources(config, cache_dir, host: Tuple[int, int]):
-  sources, weights = [], []
+def stream_specs(config, workdir, host_batch) -> List[data_lib.StreamSpec]:
+  """This host's shares (``data_hosts``) as ``data.StreamSpec``s of ``data.streams``
+  streams each, with the config's data, masking and batch settings."""
+  shares = data_hosts(config)
+  if host_batch % len(shares):
+    raise ValueError(f'data.hosts: {len(shares)} shares do not split the host batch of '
+                     f'{host_batch}')
+  cache_dir = os.path.join(workdir, 'data')
+  sources = []
   for name, spec in sorted(config.data.sources.items()):
     paths, _ = corpus.resolve(spec['paths'], cache_dir)
     files = data_lib.expand_paths(paths, f'data.sources.{name}.paths')
-    sources.append(data_lib.DocumentSource(
-        name, files, seed=config.seed, process_index=host[0], process_count=host[1],
-        text_field=spec.get('text_field', 'text')))
-    weights.append(spec['weight'])
-  return sources, weights
-
-
-def _host_batches(config, workdir, host_batch, state, host):
-  sources, weights = _sources(config, os.path.join(workdir, 'data'), host)
-  stream = data_lib.ExampleStream(
-      sources, weights, seq_len=config.model.max_seq_len,
+    sources.append(data_lib.SourceSpec(name, tuple(files), float(spec['weight']),
+                                       spec.get('text_field', 'text')))
+  masker = make_masker(config)
+  return [data_lib.StreamSpec(
+      tuple(sources), seq_len=config.model.max_seq_len,
       docs_per_example=config.data.docs_per_example, separator=config.data.separator,
-      shuffle_block=config.data.shuffle_block, seed=config.seed, process_index=host[0])
-  return data_lib.batches(stream, host_batch, make_masker(config), state)
+      shuffle_block=config.data.shuffle_block, seed=config.seed,
+      batch_size=host_batch // len(shares), masker=masker, host=host, hosts=hosts,
+      streams=config.data.streams) for host, hosts in shares]
 
 
 def train_batches(config, workdir, host_batch, state=None) -> Iterator[Tuple[Dict, object]]:
   """Endless (masked batch, data position) pairs of this host's share; ``state`` (a
-  position from a checkpoint) resumes exactly."""
-  shares = data_hosts(config)
-  if len(shares) == 1:
-    return _host_batches(config, workdir, host_batch, state, shares[0])
-  if host_batch % len(shares):
-    raise ValueError(f'data.hosts: {len(shares)} shares do not split the host batch of '
-                     f'{host_batch}')
-  states = state or [None] * len(shares)
-  streams = [_host_batches(config, workdir, host_batch // len(shares), s, host)
-             for host, s in zip(shares, states)]
-  return _concatenated(streams)
-
-
-def _concatenated(streams: Sequence[Iterator]):
-  while True:
-    items = [next(stream) for stream in streams]
-    batch = {key: np.concatenate([b[key] for b, _ in items]) for key in items[0][0]}
-    yield batch, [position for _, position in items]
+  position from a checkpoint) resumes exactly. With ``data.workers`` > 0 the batches are
+  computed in that many processes (``train.workers.WorkerPool``: close it with
+  ``train.workers.close``); the batches are the same at any number of workers."""
+  return workers.host_batches(stream_specs(config, workdir, host_batch),
+                              config.data.workers, state)
 
 
 def eval_batches(config, workdir, host_batch) -> List[Dict[str, np.ndarray]]:

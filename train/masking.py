@@ -28,6 +28,15 @@ from perceiver import tokenizer as tokenizer_lib
 
 _WHITESPACE = np.zeros(tokenizer_lib.VOCAB_SIZE, bool)
 _WHITESPACE[[ord(c) + tokenizer_lib.NUM_SPECIAL for c in ' \t\n\r\x0b\x0c']] = True
+# Per id: 0 special, 1 whitespace, 2 any other byte.
+_CLASS = np.where(_WHITESPACE, 1, 2).astype(np.uint8)
+_CLASS[:tokenizer_lib.NUM_SPECIAL] = 0
+# Indexed by 3 * (left neighbour's class) + (this position's class):
+# a word's first byte (not after another word byte);
+_WORD_START = np.array([0, 0, 1,  0, 0, 1,  0, 0, 0], np.uint8)
+# a unit's first position when whitespace joins the next word: a whitespace run's first
+# byte, or a word's first byte with no whitespace before it.
+_START_WITH_SPACE = np.array([0, 1, 1,  0, 0, 0,  0, 1, 0], np.uint8)
 
 
 def default_max_predictions(seq_len: int, mask_prob: float) -> int:
@@ -63,29 +72,27 @@ class WordMasker:
     if self.unit == 'byte':
       unit = np.cumsum(~special.reshape(-1)).reshape(ids.shape) - 1
       return np.where(special, -1, unit)
-    space = _WHITESPACE[np.clip(ids, 0, tokenizer_lib.VOCAB_SIZE - 1)] & ~special
-    char = ~special & ~space
-    prev_char = np.zeros_like(char)
-    prev_char[:, 1:] = char[:, :-1]
-    word_start = char & ~prev_char           # first byte of each word
+    # Each position's class (0 special, 1 whitespace, 2 other byte) and its left
+    # neighbour's (0 at a row's start), combined into one code looked up in small tables:
+    # a few passes over uint8 arrays instead of many over bool ones.
+    cls = _CLASS.take(ids, mode='clip')
+    prev = np.zeros_like(cls)
+    prev[:, 1:] = cls[:, :-1]
+    code = prev * 3 + cls
     if self.include_leading_space:
-      # Whitespace joins the word that follows it: the unit starts at the whitespace run.
-      prev_space = np.zeros_like(space)
-      prev_space[:, 1:] = space[:, :-1]
-      run_start = space & ~prev_space
-      unit_start = run_start | (word_start & ~prev_space)
-      member = char | space
+      # Whitespace joins the word that follows it: a unit starts at a whitespace run, or
+      # at a word with no whitespace before it.
+      start_table, member = _START_WITH_SPACE, cls > 0
     else:
-      unit_start, member = word_start, char
-    flat_start = unit_start.reshape(-1)
-    unit = np.cumsum(flat_start).reshape(ids.shape) - 1
-    unit = np.where(member, unit, -1)
-    # A unit interrupted by a special id (or a row boundary) must not continue past it:
-    # units start fresh after specials because 'member' is False there and the next
-    # member byte is a run or word start. Trailing whitespace with no word is dropped.
-    has_char = np.zeros(int(flat_start.sum()) + 1, bool)
-    has_char[unit[char]] = True
-    return np.where((unit >= 0) & has_char[np.maximum(unit, 0)], unit, -1)
+      start_table, member = _WORD_START, cls == 2
+    unit = np.cumsum(start_table.take(code).reshape(-1), dtype=np.int32
+                     ).reshape(ids.shape) - 1
+    # A unit interrupted by a special id (or a row boundary) does not continue past it
+    # (the next member byte starts a unit). Whitespace with no word after it is in no
+    # unit: a unit counts if a word starts in it.
+    has_word = np.zeros(int(unit[-1, -1]) + 2 if unit.size else 1, bool)
+    has_word[unit[_WORD_START.take(code).astype(bool)]] = True
+    return np.where(member & has_word[unit], unit, -1)
 
   def __call__(self, ids: np.ndarray, input_mask: np.ndarray, rng: np.random.Generator
                ) -> Dict[str, np.ndarray]:

@@ -95,6 +95,8 @@ def check_config(config) -> None:
                             ('data.docs_per_example', d.docs_per_example, 1),
                             ('data.shuffle_block', d.shuffle_block, 1),
                             ('data.prefetch', d.prefetch, 1),
+                            ('data.streams', d.streams, 1),
+                            ('data.workers', d.workers, 0),
                             ('optimizer.warmup_steps', o.warmup_steps, 0),
                             ('seed', config.seed, 0)):
     _check(_is_int(value) and value >= low, field, value, f'an integer >= {low}')
@@ -209,8 +211,8 @@ def _check_resume_config(saved, current, path):
 # Settings a resumed run must share with the one it continues: the data position and
 # the RNG streams mean the same thing only under them.
 _RESUME_FIELDS = ('seed', 'data.sources', 'data.docs_per_example', 'data.separator',
-                  'data.shuffle_block', 'data.hosts', 'masking', 'train.batch_size',
-                  'train.grad_accum_steps', 'train.decode_masked_only',
+                  'data.shuffle_block', 'data.hosts', 'data.streams', 'masking',
+                  'train.batch_size', 'train.grad_accum_steps', 'train.decode_masked_only',
                   'train.max_predictions')
 
 
@@ -335,9 +337,15 @@ def _train(config, workdir) -> Dict[str, float]:
                                           num_queries)
   peak = config.train.peak_flops_per_device * jax.device_count()
 
+  waited = [0.0]   # the Prefetcher's waiting time at the last report
+
   def extra_report(step, report, window):
-    del step, window
+    del step
     extra = {'bytes_per_s': config.train.batch_size * seq_len / report['step_time_s']}
+    # The share of the window's time the loop spent waiting for input.
+    extra['input_wait'] = (batches.waited_s - waited[0]) / max(
+        report['step_time_s'] * window.steps, 1e-9)
+    waited[0] = batches.waited_s
     if peak > 0:
       extra['mfu'] = step_flops / report['step_time_s'] / peak
     return extra

@@ -37,12 +37,25 @@ def _base() -> ml_collections.ConfigDict:
   }
   c.data.eval_paths = 'data/c4/en/c4-validation.00000-of-00008.json.gz'
   c.data.eval_text_field = 'text'
-  c.data.docs_per_example = 10   # paper / model card: 10 documents concatenated, then cropped
+  # Paper / model card: 10 documents concatenated, then split into consecutive
+  # max_seq_len crops, every crop an example (the last one padded): each byte is trained
+  # on once per epoch, and padding is rare.
+  c.data.docs_per_example = 10
   # Chosen here: the tokenizer's SEP id between concatenated documents, so the model sees
   # where one document ends ('sep', 'eos', 'newline' or 'none').
   c.data.separator = 'sep'
   c.data.shuffle_block = 1024    # chosen here: examples are shuffled within blocks of this size
   c.data.prefetch = 8            # host batches prepared ahead by a background thread
+  # Chosen here: each host's data is this many streams, each reading its own share of the
+  # host's shards (as that many hosts would), host batch n taken from stream n % streams.
+  # The batches depend on it (a resumed run must keep it), not on data.workers; at most
+  # this many workers can be busy.
+  c.data.streams = 8
+  # Processes that read, parse, crop and mask (train/workers.py); 0: a thread of the
+  # training process. Any value gives the same batches. Chosen here: 0 for the CPU presets
+  # (the model needs the cores, and the input keeps up: train/README.md), more for the
+  # paper preset (see paper()).
+  c.data.workers = 0
   # Empty: each host reads its own share. 'I/N,J/N,...': read the shares of hosts I, J of
   # an N-host run instead, one after the other in each batch: a one-host run with as many
   # devices then sees the global batches of that multi-host run (to reproduce it).
@@ -210,7 +223,13 @@ def cpu():
 
 
 def paper():
-  return _with_model(_base(), model_configs.language_mlm())
+  c = _with_model(_base(), model_configs.language_mlm())
+  # Chosen here: an 8-accelerator host needs about 9,800 sequences/s at 45% MFU; a worker
+  # spends 134-154 us of CPU per sequence (bench/RESULTS.md, data suite), about 6,800
+  # sequences/s per core, so 8 workers (one per stream) give several times the need and
+  # leave a host's other cores to the training process. Same batches at any value.
+  c.data.workers = 8
+  return c
 
 
 def smoke():
