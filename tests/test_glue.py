@@ -28,6 +28,7 @@ from perceiver import checkpoint
 from perceiver import configs as model_configs
 from perceiver import transfer
 from perceiver import transform
+from perceiver.training import mesh as mesh_lib
 from perceiver.training import step as step_lib
 from tests.conftest import glue_dir
 from tests.conftest import released_param_shapes
@@ -171,8 +172,10 @@ def test_single_task_writes_consistent_outputs_and_a_loadable_best_checkpoint(tm
   model = transform.classifier(config, meta['num_outputs'])
   split = glue_data.load_split(data_dir, 'sst2', 'dev')
   enc = glue_inputs.encode_split(glue_data.TASKS['sst2'], split, 'dev', SEQ, 16)
-  predict_step = step_lib.make_predict_step(glue_task.make_predict_fn(model))
-  outputs = glue_inputs.predict(predict_step, step_lib.replicate(params), enc, 8)
+  mesh = mesh_lib.make()
+  shardings = mesh_lib.state_shardings(mesh, params)
+  predict_step = step_lib.make_predict_step(glue_task.make_predict_fn(model), mesh, shardings)
+  outputs = glue_inputs.predict(predict_step, mesh_lib.place(params, shardings), enc, 8, mesh)
   _, rows = read_tsv(task_dir / 'dev_predictions.tsv')
   assert [r[1] for r in rows] == [str(i) for i in outputs.argmax(-1)]
   # The submission file: the test file's indices, label strings.

@@ -3,8 +3,8 @@ r"""Masked-language-model pretraining of Perceiver IO on bytes.
     python -m train.mlm --config=train/configs/mlm.py:smoke --workdir=checkpoints/smoke
 
 The same command runs on one CPU, one GPU, or every device of many hosts
-(``--config.distributed.enabled=true``); the step is jit-compiled once and pmapped over
-all devices. A run resumes from the newest checkpoint in ``--workdir`` by itself.
+(``--config.distributed.enabled=true``); the step is one ``jax.jit`` over a mesh of all
+devices (``config.mesh``: data parallel, FSDP, or both). A run resumes from the newest checkpoint in ``--workdir`` by itself.
 SIGTERM or Ctrl-C writes a checkpoint and exits 0; a non-finite loss stops the run with
 an error and leaves the last good checkpoint in place. The loop, steps, checkpoints and
 logs are ``perceiver.training``'s; this module holds what is MLM's own: the data, the
@@ -38,6 +38,7 @@ from perceiver.training import host_memory
 from perceiver.training import hosts
 from perceiver.training import loop as loop_lib
 from perceiver.training import losses
+from perceiver.training import mesh as mesh_lib
 from perceiver.training import optim
 from perceiver.training import step as step_lib
 from perceiver.training import writer as writer_lib
@@ -134,6 +135,8 @@ def check_config(config) -> None:
   _check(finite(t.peak_flops_per_device) and t.peak_flops_per_device >= 0,
          'train.peak_flops_per_device', t.peak_flops_per_device, 'a finite number >= 0')
   try:
+    mesh_lib.resolve_shape(config.mesh.data, config.mesh.fsdp,
+                           max(abs(config.mesh.data * config.mesh.fsdp), 1))
     model_configs.validate(config.model)
     if config.data.hosts:
       inputs.parse_hosts(config.data.hosts, config.distributed.enabled)
@@ -233,14 +236,14 @@ def _check_resume_run(meta, config, path, log):
              f'{", ".join(changed)}')
 
 
-def _evaluator(eval_step, held_out, baseline, log):
+def _evaluator(eval_step, held_out, baseline, log, mesh):
   """``evaluate(step, state)``: the held-out masked-byte loss and accuracy beside the
   context-free baseline."""
 
   def evaluate(step, state):
     sums = None
     for batch in held_out:
-      out = step_lib.unreplicate(eval_step(state.params, step_lib.shard(batch)))
+      out = jax.device_get(eval_step(state.params, mesh_lib.shard_batch(batch, mesh)))
       sums = out if sums is None else {k: sums[k] + out[k] for k in sums}
     count = max(sums['count'], 1)
     record = {'loss': sums['loss'] / count, 'accuracy': sums['correct'] / count,
@@ -266,10 +269,19 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, float]:
     return _train(config, workdir)
 
 
+def make_mesh(config):
+  """The run's device mesh from ``config.mesh`` (a bad shape is a config error)."""
+  try:
+    return mesh_lib.make(config.mesh)
+  except ValueError as e:
+    raise errors.ConfigError(str(e)) from None
+
+
 def _train(config, workdir) -> Dict[str, float]:
   layout = batch_layout(config)
-  # Built for the platform this host's devices run (see perceiver.layers: 'auto' kernels).
-  platform = step_lib.platform()
+  mesh = make_mesh(config)
+  # Built for the platform the mesh's devices run (see perceiver.layers: 'auto' kernels).
+  platform = step_lib.platform(mesh.devices.flat[0])
   model = transform.masked_lm(config.model, platform=platform)
   optimizer = optim.make(config.optimizer, platform=platform)
   lr_fn = optim.schedule(config.optimizer)
@@ -277,12 +289,14 @@ def _train(config, workdir) -> Dict[str, float]:
 
   seq_len = config.model.max_seq_len
   init_ids = jnp.zeros((1, seq_len), jnp.int32)
-  params = model.init(jax.random.PRNGKey(config.seed), init_ids, jnp.ones_like(init_ids))
-  opt_state = optimizer.init(params)
-  rng = jax.random.PRNGKey(config.seed + 1)
+  make_state = step_lib.new_state_fn(
+      lambda: model.init(jax.random.PRNGKey(config.seed), init_ids, jnp.ones_like(init_ids)),
+      optimizer, jax.random.PRNGKey(config.seed + 1))
+  shapes = jax.eval_shape(make_state)
+  shardings = step_lib.state_shardings(mesh, shapes)
   start_step, data_state = 0, None
   restored = manager.restore_latest(
-      opt_state, rng, note=print,
+      shapes.opt_state, shapes.rng, note=print,
       check=lambda saved, path: _check_resume_config(saved, config.model, path))
   log = writer_lib.MetricWriter(workdir, config.train.steps,
                                 resume_step=restored[1][2]['step'] if restored else None)
@@ -291,24 +305,29 @@ def _train(config, workdir) -> Dict[str, float]:
     _check_resume_run(meta, config, latest, log)
     start_step = meta['step']
     data_state = manager.load_data_state(start_step, meta)
-    log.note(f'resuming from {latest} at step {start_step}')
+    log.note(f'resuming from {latest} at step {start_step} on {mesh_lib.describe(mesh)}')
   else:
-    count = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
+    count = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(shapes.params))
     log.note(f'new run in {workdir}: {count:,} parameters, {jax.device_count()} device(s) '
              f'on {jax.process_count()} host(s), per-device batch {layout["per_device"]} x '
              f'{layout["accum"]} accumulation step(s)')
+  for line in mesh_lib.rules_report(mesh, shapes.params):
+    log.note(line)
   if start_step >= config.train.steps:
     log.note(f'already at step {start_step} >= train.steps={config.train.steps}; nothing to do')
     return {}
 
-  state = step_lib.replicate(step_lib.TrainState(
-      jnp.asarray(start_step, jnp.int32), params, opt_state, rng))
+  if restored:
+    state = mesh_lib.place(step_lib.TrainState(np.asarray(start_step, np.int32), params,
+                                               opt_state, rng), shardings)
+  else:
+    state, _ = step_lib.init_state(mesh, make_state)
   loss_fn = make_loss_fn(model, config.train.decode_masked_only,
                          config.train.unmasked_loss_weight)
-  train_step = step_lib.make_train_step(loss_fn, count_fn, optimizer, lr_fn)
+  train_step = step_lib.make_train_step(loss_fn, count_fn, optimizer, lr_fn, mesh, shardings)
   held_out = inputs.eval_batches(config, workdir, layout['per_device'] * layout['local_devices'])
-  evaluate = _evaluator(step_lib.make_eval_step(loss_fn, count_fn), held_out,
-                        inputs.unigram_baseline(held_out), log)
+  evaluate = _evaluator(step_lib.make_eval_step(loss_fn, count_fn, mesh, shardings.params),
+                        held_out, inputs.unigram_baseline(held_out), log, mesh)
 
   num_queries = None
   if config.train.decode_masked_only:
@@ -325,7 +344,7 @@ def _train(config, workdir) -> Dict[str, float]:
     return extra
 
   def save(step, state, data_position):
-    host_state = step_lib.unreplicate(state)
+    host_state = mesh_lib.to_host(state)   # gathered from every host's shards
     if not all(np.isfinite(x).all() for x in jax.tree.leaves(host_state.params)):
       raise TrainingError(f'non-finite parameters at step {step}: not saved; the last '
                           f'checkpoint ({manager.latest()}) is kept')
@@ -336,7 +355,7 @@ def _train(config, workdir) -> Dict[str, float]:
 
   batches = feed.Prefetcher(
       inputs.train_batches(config, workdir, layout['host_batch'], data_state), config.data.prefetch,
-      prepare=lambda item: (step_lib.shard(item[0], layout['accum']), item[1]))
+      prepare=lambda item: (mesh_lib.shard_batch(item[0], mesh, layout['accum']), item[1]))
   with hosts.StopAgreement(config.train.stop_timeout_s, log.note) as stop:
     run = loop_lib.Loop(
         train_step, total_steps=config.train.steps, writer=log,
