@@ -9,7 +9,10 @@ Suites:
   forward+backward rows), for iterating on one figure;
 - ``accelerator``: the train step alone on whatever device JAX runs on (a GPU or TPU),
   at per-device batch 8, 32 and 64, with MFU against the device's published peak
-  (``bench.accelerator``); no peer.
+  (``bench.accelerator``); no peer;
+- ``scale``: the step over a device mesh on simulated CPU devices: data-parallel against
+  FSDP on 8 (time, per-device state bytes), and the compiled per-device memory of the
+  released model, IO++ and a ~1B configuration at fsdp 1, 8 and 64 (``bench.scale``).
 
 Ours and the peer (``PerceiverForMaskedLM`` with the same config and weights) are timed
 alternately, round by round, after warm-up; medians are reported, with each side's
@@ -36,7 +39,7 @@ from perceiver.training import host_memory
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum('suite', 'full', ['smoke', 'full', 'forward', 'train', 'memory', 'data',
-                                    'peak', 'accelerator'], 'What to run.')
+                                    'peak', 'accelerator', 'scale'], 'What to run.')
 flags.DEFINE_string('out', None, 'Write the results as JSON to this file.')
 flags.DEFINE_list('batch_sizes', None, 'Batch sizes (default: 1,4; smoke: 1).')
 flags.DEFINE_list('precisions', ['float32', 'bfloat16'], 'float32 and/or bfloat16 (mixed).')
@@ -78,7 +81,8 @@ def _parts(suite: str) -> List[str]:
   if suite in ('smoke', 'full'):
     return ['peak', 'forward', 'train', 'memory', 'data']
   return {'forward': ['peak', 'forward'], 'train': ['peak', 'train'], 'memory': ['memory'],
-          'data': ['data'], 'peak': ['peak'], 'accelerator': ['accelerator']}[suite]
+          'data': ['data'], 'peak': ['peak'], 'accelerator': ['accelerator'],
+          'scale': ['scale']}[suite]
 
 
 def _cpu_model() -> str:
@@ -353,6 +357,12 @@ def run(suite: str, out: Optional[str] = None) -> Dict:
     if out:
       _write_json(results, out)
 
+  if 'scale' in parts:
+    from bench import scale  # pylint: disable=import-outside-toplevel
+    results['scale'] = scale.measure(repeats=settings['repeats'], warmup=settings['warmup'])
+    lap('scale')
+    results['meta']['loadavg_end'] = _loadavg()
+    return results
   if 'accelerator' in parts:
     from bench import accelerator  # pylint: disable=import-outside-toplevel
     results['accelerator'] = accelerator.measure(
@@ -419,6 +429,9 @@ def main(argv):
   if 'accelerator' in results:
     from bench import accelerator  # pylint: disable=import-outside-toplevel
     print(accelerator.render(results['accelerator']))
+  elif 'scale' in results:
+    from bench import scale  # pylint: disable=import-outside-toplevel
+    print(scale.render(results['scale']))
   else:
     print(report.render(results))
   return 0
