@@ -33,13 +33,11 @@ from perceiver import errors
 from perceiver import flops
 from perceiver import transform
 from perceiver.training import checkpoints
-from perceiver.training import feed
+from perceiver.training import driver
 from perceiver.training import host_memory
 from perceiver.training import hosts
-from perceiver.training import loop as loop_lib
 from perceiver.training import losses
 from perceiver.training import mesh as mesh_lib
-from perceiver.training import optim
 from perceiver.training import step as step_lib
 from perceiver.training import writer as writer_lib
 from train import data as data_lib
@@ -88,28 +86,15 @@ def check_config(config) -> None:
                             ('data.docs_per_example', d.docs_per_example, 1),
                             ('data.shuffle_block', d.shuffle_block, 1),
                             ('data.prefetch', d.prefetch, 1),
-                            ('optimizer.warmup_steps', o.warmup_steps, 0),
                             ('seed', config.seed, 0)):
     _check(_is_int(value) and value >= low, field, value, f'an integer >= {low}')
   finite = lambda v: isinstance(v, (int, float)) and math.isfinite(v)
-  _check(finite(o.learning_rate) and o.learning_rate > 0, 'optimizer.learning_rate',
-         o.learning_rate, 'a finite number > 0')
-  _check(finite(o.weight_decay) and o.weight_decay >= 0, 'optimizer.weight_decay',
-         o.weight_decay, 'a finite number >= 0')
-  for field in ('b1', 'b2'):
-    _check(finite(o[field]) and 0 <= o[field] < 1, f'optimizer.{field}', o[field], 'in [0, 1)')
-  _check(finite(o.eps) and o.eps > 0, 'optimizer.eps', o.eps, 'a finite number > 0')
-  _check(finite(o.clip_grad_norm), 'optimizer.clip_grad_norm', o.clip_grad_norm,
-         'a finite number (<= 0 disables clipping)')
-  _check(o.name in ('lamb', 'adamw'), 'optimizer.name', o.name, "'lamb' or 'adamw'")
-  _check(o.decay in ('cosine', 'linear', 'constant'), 'optimizer.decay', o.decay,
-         "'cosine', 'linear' or 'constant'")
-  _check(o.decay == 'constant' or (_is_int(o.decay_steps) and o.decay_steps > o.warmup_steps),
-         'optimizer.decay_steps', o.decay_steps,
+  try:
+    driver.check_optimizer_config(o)
+  except ValueError as e:
+    raise errors.ConfigError(str(e)) from None
+  _check(o.decay == 'constant' or o.decay_steps > 0, 'optimizer.decay_steps', o.decay_steps,
          f'an integer > optimizer.warmup_steps ({o.warmup_steps})')
-  _check(o.get('implementation', 'auto') in optim.IMPLEMENTATIONS,
-         'optimizer.implementation', o.get('implementation'),
-         ' or '.join(repr(i) for i in optim.IMPLEMENTATIONS))
   _check(finite(m.mask_prob) and 0 < m.mask_prob < 1, 'masking.mask_prob', m.mask_prob,
          'in (0, 1)')
   _check(d.separator in data_lib.SEPARATORS, 'data.separator', d.separator,
@@ -269,43 +254,36 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, float]:
     return _train(config, workdir)
 
 
-def make_mesh(config):
-  """The run's device mesh from ``config.mesh`` (a bad shape is a config error)."""
-  try:
-    return mesh_lib.make(config.mesh)
-  except ValueError as e:
-    raise errors.ConfigError(str(e)) from None
-
-
 def _train(config, workdir) -> Dict[str, float]:
   layout = batch_layout(config)
-  mesh = make_mesh(config)
+  try:
+    run = driver.Run.create(config.mesh, config.optimizer)
+  except ValueError as e:
+    raise errors.ConfigError(str(e)) from None
+  mesh = run.mesh
   # Built for the platform the mesh's devices run (see perceiver.layers: 'auto' kernels).
-  platform = step_lib.platform(mesh.devices.flat[0])
-  model = transform.masked_lm(config.model, platform=platform)
-  optimizer = optim.make(config.optimizer, platform=platform)
-  lr_fn = optim.schedule(config.optimizer)
+  model = transform.masked_lm(config.model, platform=run.platform)
   manager = checkpoints.CheckpointManager(workdir, keep=config.train.keep_checkpoints)
 
   seq_len = config.model.max_seq_len
   init_ids = jnp.zeros((1, seq_len), jnp.int32)
   make_state = step_lib.new_state_fn(
       lambda: model.init(jax.random.PRNGKey(config.seed), init_ids, jnp.ones_like(init_ids)),
-      optimizer, jax.random.PRNGKey(config.seed + 1))
+      run.optimizer, jax.random.PRNGKey(config.seed + 1))
   shapes = jax.eval_shape(make_state)
-  shardings = step_lib.state_shardings(mesh, shapes)
+  shardings = run.shardings(shapes)
   start_step, data_state = 0, None
-  restored = manager.restore_latest(
-      shapes.opt_state, shapes.rng, note=print,
-      check=lambda saved, path: _check_resume_config(saved, config.model, path))
+  restored = run.restore(manager, shapes, note=print,
+                         check=lambda saved, path: _check_resume_config(saved, config.model,
+                                                                        path))
   log = writer_lib.MetricWriter(workdir, config.train.steps,
-                                resume_step=restored[1][2]['step'] if restored else None)
+                                resume_step=restored.step if restored else None)
   if restored:
-    latest, (params, _, meta, opt_state, rng) = restored
-    _check_resume_run(meta, config, latest, log)
-    start_step = meta['step']
-    data_state = manager.load_data_state(start_step, meta)
-    log.note(f'resuming from {latest} at step {start_step} on {mesh_lib.describe(mesh)}')
+    _check_resume_run(restored.metadata, config, restored.path, log)
+    start_step = restored.step
+    data_state = manager.load_data_state(start_step, restored.metadata)
+    log.note(f'resuming from {restored.path} at step {start_step} on '
+             f'{mesh_lib.describe(mesh)}')
   else:
     count = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(shapes.params))
     log.note(f'new run in {workdir}: {count:,} parameters, {jax.device_count()} device(s) '
@@ -317,14 +295,9 @@ def _train(config, workdir) -> Dict[str, float]:
     log.note(f'already at step {start_step} >= train.steps={config.train.steps}; nothing to do')
     return {}
 
-  if restored:
-    state = mesh_lib.place(step_lib.TrainState(np.asarray(start_step, np.int32), params,
-                                               opt_state, rng), shardings)
-  else:
-    state, _ = step_lib.init_state(mesh, make_state)
+  state = run.place(restored, shardings) if restored else run.init(make_state)
   loss_fn = make_loss_fn(model, config.train.decode_masked_only,
                          config.train.unmasked_loss_weight)
-  train_step = step_lib.make_train_step(loss_fn, count_fn, optimizer, lr_fn, mesh, shardings)
   held_out = inputs.eval_batches(config, workdir, layout['per_device'] * layout['local_devices'])
   evaluate = _evaluator(step_lib.make_eval_step(loss_fn, count_fn, mesh, shardings.params),
                         held_out, inputs.unigram_baseline(held_out), log, mesh)
@@ -353,25 +326,18 @@ def _train(config, workdir) -> Dict[str, float]:
                         train_config=config.to_json(), process_count=jax.process_count())
     log.note(f'saved {path}')
 
-  batches = feed.Prefetcher(
-      inputs.train_batches(config, workdir, layout['host_batch'], data_state), config.data.prefetch,
-      prepare=lambda item: (mesh_lib.shard_batch(item[0], mesh, layout['accum']), item[1]))
-  with hosts.StopAgreement(config.train.stop_timeout_s, log.note) as stop:
-    run = loop_lib.Loop(
-        train_step, total_steps=config.train.steps, writer=log,
-        log_every=config.train.log_every, stop=stop, extra_report=extra_report,
-        eval_every=config.train.eval_every if held_out else 0, evaluate=evaluate,
-        eval_on_stop=True,
-        checkpoint_every=config.train.checkpoint_every, save=save,
-        max_seconds=config.train.max_seconds)
-    try:
-      result = run.run(state, batches, start_step)
-    except loop_lib.NonFiniteError as e:
-      raise TrainingError(f'{e}: stopping without saving; the last good checkpoint is '
-                          f'{manager.latest() or "none (none was written)"}') from None
-    finally:
-      stop.finished()
-      batches.close()
+  result = run.train(
+      loss_fn, count_fn, state, shardings,
+      inputs.train_batches(config, workdir, layout['host_batch'], data_state),
+      accum_steps=layout['accum'], prefetch=config.data.prefetch, start_step=start_step,
+      stop_timeout_s=config.train.stop_timeout_s, note=log.note,
+      on_non_finite=lambda e: TrainingError(
+          f'{e}: stopping without saving; the last good checkpoint is '
+          f'{manager.latest() or "none (none was written)"}'),
+      total_steps=config.train.steps, writer=log, log_every=config.train.log_every,
+      extra_report=extra_report, eval_every=config.train.eval_every if held_out else 0,
+      evaluate=evaluate, eval_on_stop=True, checkpoint_every=config.train.checkpoint_every,
+      save=save, max_seconds=config.train.max_seconds)
   return result.last_report
 
 
