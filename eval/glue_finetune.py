@@ -19,7 +19,6 @@ from typing import Any, Dict, List, Optional
 
 import jax
 import ml_collections
-import numpy as np
 
 from eval import glue_data
 from eval import glue_inputs
@@ -30,11 +29,9 @@ from perceiver import errors
 from perceiver import transfer
 from perceiver import transform
 from perceiver.training import checkpoints
-from perceiver.training import feed
+from perceiver.training import driver
 from perceiver.training import hosts
-from perceiver.training import loop as loop_lib
 from perceiver.training import mesh as mesh_lib
-from perceiver.training import optim
 from perceiver.training import step as step_lib
 from perceiver.training import writer as writer_lib
 
@@ -96,47 +93,42 @@ def finetune(task: glue_data.Task, data: Dict[str, glue_inputs.EncodedSplit],
                                 'train.grad_accum_steps')
   except ValueError as e:
     raise GlueError(str(e)) from None
-  mesh = make_mesh(config)
-  devices = mesh.devices.size
-  eval_batch = glue_inputs.round_up(config.eval.batch_size, devices)
   steps_per_epoch = math.ceil(len(train) / batch_size)
   total = config.train.epochs * steps_per_epoch
   opt_config = _optimizer_config(config, learning_rate, total)
-  platform = step_lib.platform(mesh.devices.flat[0])
-  optimizer = optim.make(opt_config, platform=platform)
-  model = transform.classifier(trunk.model_config, task.num_outputs, platform=platform)
+  try:
+    run = driver.Run.create(config.mesh, opt_config, jax.local_devices())
+  except ValueError as e:
+    raise GlueError(str(e)) from None
+  mesh = run.mesh
+  devices = mesh.devices.size
+  eval_batch = glue_inputs.round_up(config.eval.batch_size, devices)
+  model = transform.classifier(trunk.model_config, task.num_outputs, platform=run.platform)
   params = transfer.classifier_params(model, trunk, config.seed, train.length, log.note)
   log.note(f'  {len(train)} train examples, batch {batch_size} ({devices} device(s) x '
            f'{layout["accum"]} accumulation step(s)), {steps_per_epoch} steps/epoch x '
            f'{config.train.epochs} epochs = {total} steps; learning rate {learning_rate:g} '
            f'({opt_config.name}, warm-up {opt_config.warmup_steps}, {opt_config.decay} decay '
            f'to step {opt_config.decay_steps})')
-  make_state = step_lib.new_state_fn(lambda: params, optimizer,
-                                     jax.random.PRNGKey(config.seed + 1))
-  shapes = jax.eval_shape(make_state)
-  shardings = step_lib.state_shardings(mesh, shapes)
+  rng = jax.random.PRNGKey(config.seed + 1)
+  shapes = jax.eval_shape(step_lib.new_state_fn(lambda: params, run.optimizer, rng))
+  shardings = run.shardings(shapes)
   best_manager = checkpoints.CheckpointManager(os.path.join(run_dir, 'checkpoint'), keep=1)
   resume_manager = checkpoints.CheckpointManager(os.path.join(run_dir, 'resume'), keep=1)
   settings = _run_settings(config, batch_size, learning_rate)
   start_step, history, best = 0, [], None
-  restored = (resume_manager.restore_latest(shapes.opt_state, shapes.rng, note=log.note)
-              if resume else None)
+  restored = run.restore(resume_manager, shapes, note=log.note) if resume else None
   if restored:
-    latest, (params, _, meta, opt_state, rng) = restored
-    if meta.get('settings') != settings:
-      raise GlueError(f'{latest} was written by a run with other settings; pass '
+    if restored.metadata.get('settings') != settings:
+      raise GlueError(f'{restored.path} was written by a run with other settings; pass '
                       '--noresume to start this task over, or use another --workdir')
-    start_step, history, best = meta['step'], meta['history'], meta['best']
-    log.note(f'  resuming from {latest} at step {start_step} (epoch '
+    start_step = restored.step
+    history, best = restored.metadata['history'], restored.metadata['best']
+    log.note(f'  resuming from {restored.path} at step {start_step} (epoch '
              f'{start_step // steps_per_epoch} of {config.train.epochs} done)')
-    state = mesh_lib.place(step_lib.TrainState(np.asarray(start_step, np.int32), params,
-                                               opt_state, rng), shardings)
+    state = run.place(restored, shardings)
   else:
-    state = step_lib.state_from_params(params, optimizer, jax.random.PRNGKey(config.seed + 1),
-                                       shardings)
-  train_step = step_lib.make_train_step(
-      glue_task.make_loss_fn(model, task.is_regression), glue_task.count_fn, optimizer,
-      optim.schedule(opt_config), mesh, shardings)
+    state = step_lib.state_from_params(params, run.optimizer, rng, shardings)
   predict_step = step_lib.make_predict_step(glue_task.make_predict_fn(model), mesh,
                                             shardings.params)
   writer = writer_lib.MetricWriter(run_dir, total, stream=log, resume_step=start_step)
@@ -171,22 +163,17 @@ def finetune(task: glue_data.Task, data: Dict[str, glue_inputs.EncodedSplit],
             'examples_per_s': window.sums.get('count', 0.0) / max(
                 report['step_time_s'] * window.steps, 1e-9)}
 
-  batches = feed.Prefetcher(
-      glue_inputs.train_batches(train, batch_size, config.seed, start_step), 2,
-      prepare=lambda item: (mesh_lib.shard_batch(item[0], mesh, layout['accum']), item[1]))
-  with hosts.StopAgreement(config.train.stop_timeout_s, log.note) as stop:
-    run = loop_lib.Loop(
-        train_step, total_steps=total, writer=writer, log_every=config.train.log_every,
-        stop=stop, extra_report=extra_report, eval_every=steps_per_epoch, eval_at_end=True,
-        evaluate=evaluate, checkpoint_every=config.train.checkpoint_every or steps_per_epoch,
-        save=save)
-    try:
-      result = run.run(state, batches, start_step)
-    except loop_lib.NonFiniteError as e:
-      raise GlueError(f'{e}; the last epoch\'s state is in {resume_manager.directory}') from None
-    finally:
-      stop.finished()
-      batches.close()
+  result = run.train(
+      glue_task.make_loss_fn(model, task.is_regression), glue_task.count_fn, state, shardings,
+      glue_inputs.train_batches(train, batch_size, config.seed, start_step),
+      accum_steps=layout['accum'], prefetch=2, start_step=start_step,
+      stop_timeout_s=config.train.stop_timeout_s, note=log.note,
+      on_non_finite=lambda e: GlueError(
+          f'{e}; the last epoch\'s state is in {resume_manager.directory}'),
+      total_steps=total, writer=writer, log_every=config.train.log_every,
+      extra_report=extra_report, eval_every=steps_per_epoch, eval_at_end=True,
+      evaluate=evaluate, checkpoint_every=config.train.checkpoint_every or steps_per_epoch,
+      save=save)
   if result.stopped:
     raise Stopped(f'stopped at step {result.step} of {total} in {run_dir}; rerun the same '
                   'command to resume')
