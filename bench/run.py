@@ -58,6 +58,9 @@ flags.DEFINE_enum('lamb', 'auto', ['auto', 'fused', 'optax'],
                   "The train step's LAMB implementation (perceiver.training.optim.make).")
 flags.DEFINE_string('preset', None, 'Model preset (default: language_mlm; smoke: a tiny '
                     'model).')
+flags.DEFINE_bool('scale_compile', True, 'scale suite: also compile the released model, '
+                  'IO++ and ~1B steps over 1, 8 and 64 simulated devices for XLA\'s memory '
+                  'analysis (minutes each on a small CPU).')
 flags.DEFINE_float('peak_flops', 0.0, 'accelerator suite: the per-device peak FLOP/s for '
                    'MFU, instead of the table of known devices.')
 
@@ -359,7 +362,8 @@ def run(suite: str, out: Optional[str] = None) -> Dict:
 
   if 'scale' in parts:
     from bench import scale  # pylint: disable=import-outside-toplevel
-    results['scale'] = scale.measure(repeats=settings['repeats'], warmup=settings['warmup'])
+    results['scale'] = scale.measure(repeats=settings['repeats'], warmup=settings['warmup'],
+                                     compile_memory=FLAGS.scale_compile)
     lap('scale')
     results['meta']['loadavg_end'] = _loadavg()
     return results

@@ -125,6 +125,32 @@ def memory_part(presets: List[str], fsdp_sizes: List[int]) -> List[Dict]:
   return out
 
 
+def placed_state(presets=PRESETS, fsdp_sizes=FSDP) -> List[Dict]:
+  """Per-device bytes of the state by the placement rules alone (``mesh.rule``; no
+  device, no compile): parameters, LAMB's two moments and the gradients, float32."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from perceiver import transform  # pylint: disable=import-outside-toplevel
+  from perceiver.training import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
+  rows = []
+  for preset in presets:
+    config = _model_config(preset)
+    model = transform.masked_lm(config, platform='cuda')
+    shapes = jax.eval_shape(lambda: model.init(
+        jax.random.PRNGKey(0), jnp.zeros((1, config.max_seq_len), jnp.int32)))
+    params = sum(int(x.size) for x in jax.tree.leaves(shapes))
+    for fsdp in fsdp_sizes:
+      shard = 0
+      for x in jax.tree.leaves(shapes):
+        spec = mesh_lib.rule(x.shape, fsdp)[1]
+        size = int(np.prod(x.shape))
+        shard += size // fsdp if 'fsdp' in tuple(spec) else size
+      rows.append({'preset': preset, 'params': params, 'fsdp': fsdp,
+                   'param_bytes': 4 * shard, 'state_and_grad_bytes': 4 * 4 * shard})
+  return rows
+
+
 def run_in_process(part: str, devices: int, **kwargs) -> object:
   """Runs one part in a fresh process with ``devices`` simulated CPU devices."""
   args = [sys.executable, '-m', 'bench.scale', f'--part={part}', f'--devices={devices}']
@@ -139,12 +165,16 @@ def run_in_process(part: str, devices: int, **kwargs) -> object:
 
 
 def measure(time_preset: str = 'small', time_seq_len: int = 128, warmup: int = 1,
-            repeats: int = 5, presets=PRESETS, fsdp_sizes=FSDP) -> Dict:
-  """Both parts (what ``bench.run --suite=scale`` records)."""
+            repeats: int = 5, presets=PRESETS, fsdp_sizes=FSDP, compile_memory: bool = True
+            ) -> Dict:
+  """What ``bench.run --suite=scale`` records: the timed part, the state each device
+  holds by the placement rules, and (``compile_memory``) the compiled memory analysis,
+  which compiles the big models' steps 9 times (long on a small CPU)."""
   result = {'time': run_in_process('time', 8, preset=time_preset, seq_len=time_seq_len,
                                    warmup=warmup, repeats=repeats)}
+  result['placed'] = placed_state(presets, fsdp_sizes)
   result['memory'] = run_in_process('memory', max(fsdp_sizes), presets=list(presets),
-                                    fsdp=list(fsdp_sizes)) if presets else []
+                                    fsdp=list(fsdp_sizes)) if compile_memory else []
   return result
 
 
@@ -163,6 +193,14 @@ def render(result: Dict) -> str:
                  f'{row["step"]["spread"]:.0%} | {row["per_device_param_bytes"]:,} | '
                  f'{row["xla_memory"].get("argument", 0):,} |')
   lines.append(f'FSDP / replicated step time: {t["fsdp_over_replicated"]:.2f}')
+  if result.get('placed'):
+    lines += ['', 'Per-device state by the placement rules (float32 parameters, 2 LAMB '
+              'moments and the gradients; GiB):',
+              '| model | parameters | fsdp | parameters | with LAMB state and gradients |',
+              '|---|---|---|---|---|']
+    for row in result['placed']:
+      lines.append(f'| {row["preset"]} | {row["params"] / 1e6:.0f}M | {row["fsdp"]} | '
+                   f'{_gb(row["param_bytes"])} | {_gb(row["state_and_grad_bytes"])} |')
   if result.get('memory'):
     lines += ['', 'Compiled per-device memory (GiB) of the train step, per-device batch 1, '
               'from XLA memory analysis (nothing run):',
