@@ -158,6 +158,7 @@ def test_atomic_write_gives_ordinary_permissions(tmp_path):
     os.umask(umask)
 
 
+@pytest.mark.slow
 def test_kill_9_during_a_write_leaves_the_previous_checkpoint_loadable(tiny_params, tmp_path):
   config, params = tiny_params
   path = tmp_path / 'ckpt.npz'

@@ -104,6 +104,7 @@ _TWO_DEVICE_SCRIPT = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('devices,accum', [(2, 1), (1, 2)])
 def test_two_devices_or_accumulation_give_the_one_device_losses(tmp_path, devices, accum):
   reference = tmp_path / 'one'
@@ -157,6 +158,7 @@ def test_a_checkpoint_resumes_on_any_mesh(tmp_path):
     np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_sigterm_writes_a_checkpoint_and_exits_zero_then_resumes(tmp_path):
   workdir = tmp_path / 'run'
   config_args = ['--config.train.steps=100000', '--config.train.log_every=1',
@@ -224,6 +226,7 @@ def test_decoding_only_masked_positions_gives_the_same_loss(tmp_path):
   assert mlm.count_fn(batch) == batch['weights'].sum() > 0
 
 
+@pytest.mark.slow
 def test_config_typos_and_bad_batch_sizes_are_named(tmp_path):
   typo = subprocess.run([sys.executable, '-m', 'train.mlm', f'--workdir={tmp_path}',
                          '--config.train.stepz=3'], cwd=ROOT, capture_output=True, text=True)

@@ -179,6 +179,7 @@ def test_prefetcher_prepares_in_order_and_reraises_errors_in_the_consumer():
   slow.close()
 
 
+@pytest.mark.slow
 def test_a_second_signal_interrupts_and_the_watchdog_bounds_a_stuck_stop(tmp_path):
   """In a subprocess: a second SIGTERM raises Interrupted at once; a stop that never
   completes ends the process with status 3 after stop_timeout_s."""
