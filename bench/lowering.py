@@ -24,6 +24,7 @@ from perceiver import configs
 from perceiver import transform
 from train import mlm
 from perceiver.training import optim
+from perceiver.training import mesh as mesh_lib
 from perceiver.training import step as step_lib
 from train.configs import mlm as mlm_configs
 
@@ -40,42 +41,38 @@ def count_ops(mlir_text: str) -> Dict[str, int]:
 
 
 def train_step_text(model_config, platform: str, batch_size: int = 1,
-                    optimizer_config=None, resolve: bool = True) -> str:
+                    optimizer_config=None, resolve: bool = True, mesh=None) -> str:
   """The StableHLO text of one train step for ``platform``, lowered from this host.
 
-  The step is ``perceiver.training.step.train_step_fn`` (what ``make_train_step`` pmaps) mapped over
-  a one-device axis, with ``train.mlm``'s loss and the paper's LAMB; only shapes are
+  The step is ``perceiver.training.step.make_train_step``'s, jitted over ``mesh`` (default:
+  one device; any mesh of this host's devices, e.g. 8 simulated CPU devices standing for
+  8 GPUs) with its shardings, ``train.mlm``'s loss and the paper's LAMB; only shapes are
   used, so the released model lowers in seconds without allocating its parameters.
-  ``resolve``: built for ``platform`` as training builds it for its devices ('auto'
-  settings resolved); otherwise built platform-neutral, 'auto' chosen at lowering.
+  ``batch_size`` is per device. ``resolve``: built for ``platform`` as training builds it
+  for its devices ('auto' settings resolved); otherwise built platform-neutral, 'auto'
+  chosen at lowering.
   """
   seq_len = model_config.max_seq_len
+  mesh = mesh or mesh_lib.make(devices=jax.devices()[:1])
   model = transform.masked_lm(model_config, platform=platform if resolve else None)
   optimizer_config = optimizer_config or mlm_configs.get_config('paper').optimizer
   tx = optim.make(optimizer_config, platform=platform if resolve else None)
-  body = step_lib.train_step_fn(mlm.make_loss_fn(model, decode_masked_only=False),
-                                mlm.count_fn, tx, optim.schedule(optimizer_config))
-  ids = jax.ShapeDtypeStruct((1, seq_len), jnp.int32)
-  params = jax.eval_shape(lambda i: model.init(jax.random.PRNGKey(0), i), ids)
-  state = jax.eval_shape(lambda p: step_lib.TrainState(
-      jnp.zeros((), jnp.int32), p, tx.init(p), jax.random.PRNGKey(0)), params)
+  make = step_lib.new_state_fn(
+      lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, seq_len), jnp.int32)), tx,
+                               jax.random.PRNGKey(0))
+  state = jax.eval_shape(make)
+  shardings = step_lib.state_shardings(mesh, state)
+  step = step_lib.make_train_step(mlm.make_loss_fn(model, decode_masked_only=False),
+                                  mlm.count_fn, tx, optim.schedule(optimizer_config), mesh,
+                                  shardings)
+  rows = batch_size * mesh.devices.size
   batch = {
-      'input_ids': jax.ShapeDtypeStruct((1, batch_size, seq_len), jnp.int32),
-      'input_mask': jax.ShapeDtypeStruct((1, batch_size, seq_len), jnp.int32),
-      'labels': jax.ShapeDtypeStruct((1, batch_size, seq_len), jnp.int32),
-      'weights': jax.ShapeDtypeStruct((1, batch_size, seq_len), jnp.float32),
+      'input_ids': jax.ShapeDtypeStruct((1, rows, seq_len), jnp.int32),
+      'input_mask': jax.ShapeDtypeStruct((1, rows, seq_len), jnp.int32),
+      'labels': jax.ShapeDtypeStruct((1, rows, seq_len), jnp.int32),
+      'weights': jax.ShapeDtypeStruct((1, rows, seq_len), jnp.float32),
   }
-  devices = lambda tree: jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct((1,) + tuple(x.shape), x.dtype), tree)
-  # shard_map over one device, as pmap maps the step (a vmap would turn the XLA:CPU
-  # kernels' run-time conditionals into selects).
-  mesh = jax.sharding.Mesh(jax.devices()[:1], (step_lib.AXIS,))
-  spec = jax.sharding.PartitionSpec(step_lib.AXIS)
-  unstack = lambda tree: jax.tree.map(lambda x: x[0], tree)
-  restack = lambda tree: jax.tree.map(lambda x: x[None], tree)
-  mapped = jax.shard_map(lambda s, b: restack(body(unstack(s), unstack(b))), mesh=mesh,
-                         in_specs=spec, out_specs=spec)
-  exported = export.export(jax.jit(mapped), platforms=[platform])(devices(state), devices(batch))
+  exported = export.export(step, platforms=[platform])(state, batch)
   return exported.mlir_module()
 
 

@@ -1,9 +1,10 @@
 """Our side: the forward pass, forward+backward, and the train step that training runs.
 
-Every callable is an XLA executable compiled once here (``jit``/``pmap`` ... ``lower``
+Every callable is an XLA executable compiled once here (``jit`` ... ``lower``
 ... ``compile``), so its cost and memory analyses describe exactly what is timed. The
 train step is ``perceiver.training.step.make_train_step`` with ``train.mlm``'s loss and
-``perceiver.training.optim.make``'s optimizer, state replicated and donated as ``train.mlm`` does.
+``perceiver.training.optim.make``'s optimizer, state placed on the mesh and donated as
+``train.mlm`` does.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from perceiver import transform
 from train import masking
 from train import mlm
 from perceiver.training import optim
+from perceiver.training import mesh as mesh_lib
 from perceiver.training import step as step_lib
 from train.configs import mlm as mlm_configs
 
@@ -137,19 +139,25 @@ def forward_backward(config, params, batch) -> Compiled:
                   **_xla_info(compiled))
 
 
-def train_step(config, params, batch, optimizer=None) -> Compiled:
-  """One step of ``train.mlm``: pmapped, state donated, LAMB from ``perceiver.training.optim``.
+def train_step(config, params, batch, optimizer=None, mesh=None) -> Compiled:
+  """One step of ``train.mlm``: jitted over ``mesh`` (default: data parallel over every
+  device), state donated, LAMB from ``perceiver.training.optim``.
 
-  The state is replicated from ``params`` (not consumed); each call advances it.
+  The state is placed from ``params`` by the mesh's rules (not consumed); each call
+  advances it.
   """
   optimizer = optimizer or optimizer_config()
-  model = transform.masked_lm(config, platform=step_lib.platform())
-  tx = optim.make(optimizer, platform=step_lib.platform())
+  mesh = mesh or mesh_lib.make()
+  platform = step_lib.platform(mesh.devices.flat[0])
+  model = transform.masked_lm(config, platform=platform)
+  tx = optim.make(optimizer, platform=platform)
+  make = step_lib.new_state_fn(lambda: params, tx, jax.random.PRNGKey(1))
+  shardings = step_lib.state_shardings(mesh, jax.eval_shape(make))
   step = step_lib.make_train_step(mlm.make_loss_fn(model, False), mlm.count_fn, tx,
-                                  optim.schedule(optimizer))
-  state = step_lib.replicate(step_lib.TrainState(
-      jnp.asarray(0, jnp.int32), params, tx.init(params), jax.random.PRNGKey(1)))
-  device_batch = step_lib.shard(batch, accum_steps=1)
+                                  optim.schedule(optimizer), mesh, shardings)
+  state = step_lib.state_from_params(jax.device_get(params), tx, jax.random.PRNGKey(1),
+                                     shardings)
+  device_batch = mesh_lib.shard_batch(batch, mesh, accum_steps=1)
   compiled = step.lower(state, device_batch).compile()
   holder = [state]
 

@@ -11,7 +11,10 @@ Suites:
   what 1 and 8 H100-class devices need, and where its time goes (``bench.data_rate``);
 - ``accelerator``: the train step alone on whatever device JAX runs on (a GPU or TPU),
   at per-device batch 8, 32 and 64, with MFU against the device's published peak
-  (``bench.accelerator``); no peer.
+  (``bench.accelerator``); no peer;
+- ``scale``: the step over a device mesh on simulated CPU devices: data-parallel against
+  FSDP on 8 (time, per-device state bytes), and the compiled per-device memory of the
+  released model, IO++ and a ~1B configuration at fsdp 1, 8 and 64 (``bench.scale``).
 
 Ours and the peer (``PerceiverForMaskedLM`` with the same config and weights) are timed
 alternately, round by round, after warm-up; medians are reported, with each side's
@@ -38,7 +41,7 @@ from perceiver.training import host_memory
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum('suite', 'full', ['smoke', 'full', 'forward', 'train', 'memory', 'data',
-                                    'peak', 'accelerator'], 'What to run.')
+                                    'peak', 'accelerator', 'scale'], 'What to run.')
 flags.DEFINE_string('out', None, 'Write the results as JSON to this file.')
 flags.DEFINE_list('batch_sizes', None, 'Batch sizes (default: 1,4; smoke: 1).')
 flags.DEFINE_list('precisions', ['float32', 'bfloat16'], 'float32 and/or bfloat16 (mixed).')
@@ -57,6 +60,9 @@ flags.DEFINE_enum('lamb', 'auto', ['auto', 'fused', 'optax'],
                   "The train step's LAMB implementation (perceiver.training.optim.make).")
 flags.DEFINE_string('preset', None, 'Model preset (default: language_mlm; smoke: a tiny '
                     'model).')
+flags.DEFINE_bool('scale_compile', True, 'scale suite: also compile the released model, '
+                  'IO++ and ~1B steps over 1, 8 and 64 simulated devices for XLA\'s memory '
+                  'analysis (minutes each on a small CPU).')
 flags.DEFINE_float('peak_flops', 0.0, 'accelerator suite: the per-device peak FLOP/s for '
                    'MFU, instead of the table of known devices.')
 
@@ -80,7 +86,8 @@ def _parts(suite: str) -> List[str]:
   if suite in ('smoke', 'full'):
     return ['peak', 'forward', 'train', 'memory', 'data']
   return {'forward': ['peak', 'forward'], 'train': ['peak', 'train'], 'memory': ['memory'],
-          'data': ['data_suite'], 'peak': ['peak'], 'accelerator': ['accelerator']}[suite]
+          'data': ['data_suite'], 'peak': ['peak'], 'accelerator': ['accelerator'],
+          'scale': ['scale']}[suite]
 
 
 def _cpu_model() -> str:
@@ -361,6 +368,13 @@ def run(suite: str, out: Optional[str] = None) -> Dict:
     lap('data_suite')
     results['meta']['loadavg_end'] = _loadavg()
     return results
+  if 'scale' in parts:
+    from bench import scale  # pylint: disable=import-outside-toplevel
+    results['scale'] = scale.measure(repeats=settings['repeats'], warmup=settings['warmup'],
+                                     compile_memory=FLAGS.scale_compile)
+    lap('scale')
+    results['meta']['loadavg_end'] = _loadavg()
+    return results
   if 'accelerator' in parts:
     from bench import accelerator  # pylint: disable=import-outside-toplevel
     results['accelerator'] = accelerator.measure(
@@ -430,6 +444,9 @@ def main(argv):
   elif 'accelerator' in results:
     from bench import accelerator  # pylint: disable=import-outside-toplevel
     print(accelerator.render(results['accelerator']))
+  elif 'scale' in results:
+    from bench import scale  # pylint: disable=import-outside-toplevel
+    print(scale.render(results['scale']))
   else:
     print(report.render(results))
   return 0

@@ -56,7 +56,6 @@ if __name__ == '__main__':
   signal_guard.install(stop_status=0)
 
 import json
-import math
 import os
 import sys
 import time
@@ -74,6 +73,7 @@ from eval import metrics as metrics_lib
 from perceiver import cli
 from perceiver import transfer
 from perceiver.training import checkpoints
+from perceiver.training import driver
 from perceiver.training import writer as writer_lib
 
 _CONFIG_FILE = os.path.join(os.path.dirname(__file__), 'configs', 'glue.py')
@@ -110,13 +110,10 @@ def check_config(config) -> None:
                             ('data.encode_chunk', config.data.encode_chunk, 1)):
     if not isinstance(value, int) or value < low:
       raise GlueError(f'{field} must be an integer >= {low}, got {value!r}')
-  for field in ('learning_rate', 'weight_decay', 'eps'):
-    value = config.optimizer[field]
-    if not value >= 0 or not math.isfinite(value):
-      raise GlueError(f'optimizer.{field} must be a finite number >= 0, got {value!r}')
-  if not config.optimizer.learning_rate > 0:
-    raise GlueError(f'optimizer.learning_rate must be > 0, got '
-                    f'{config.optimizer.learning_rate!r}')
+  try:
+    driver.check_optimizer_config(config.optimizer)
+  except ValueError as e:
+    raise GlueError(str(e)) from None
   for field in ('encoder', 'head'):
     if not 0 <= config.dropout[field] < 1:
       raise GlueError(f'dropout.{field} must be in [0, 1), got {config.dropout[field]!r}')

@@ -18,7 +18,6 @@ import time
 from typing import Any, Dict, List, Optional
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 
 from eval import glue_data
@@ -30,10 +29,9 @@ from perceiver import errors
 from perceiver import transfer
 from perceiver import transform
 from perceiver.training import checkpoints
-from perceiver.training import feed
+from perceiver.training import driver
 from perceiver.training import hosts
-from perceiver.training import loop as loop_lib
-from perceiver.training import optim
+from perceiver.training import mesh as mesh_lib
 from perceiver.training import step as step_lib
 from perceiver.training import writer as writer_lib
 
@@ -95,53 +93,57 @@ def finetune(task: glue_data.Task, data: Dict[str, glue_inputs.EncodedSplit],
                                 'train.grad_accum_steps')
   except ValueError as e:
     raise GlueError(str(e)) from None
-  devices = jax.local_device_count()
-  eval_batch = glue_inputs.round_up(config.eval.batch_size, devices)
   steps_per_epoch = math.ceil(len(train) / batch_size)
   total = config.train.epochs * steps_per_epoch
   opt_config = _optimizer_config(config, learning_rate, total)
-  platform = step_lib.platform()
-  optimizer = optim.make(opt_config, platform=platform)
-  model = transform.classifier(trunk.model_config, task.num_outputs, platform=platform)
+  try:
+    run = driver.Run.create(config.mesh, opt_config, jax.local_devices())
+  except ValueError as e:
+    raise GlueError(str(e)) from None
+  mesh = run.mesh
+  devices = mesh.devices.size
+  eval_batch = glue_inputs.round_up(config.eval.batch_size, devices)
+  model = transform.classifier(trunk.model_config, task.num_outputs, platform=run.platform)
   params = transfer.classifier_params(model, trunk, config.seed, train.length, log.note)
   log.note(f'  {len(train)} train examples, batch {batch_size} ({devices} device(s) x '
            f'{layout["accum"]} accumulation step(s)), {steps_per_epoch} steps/epoch x '
            f'{config.train.epochs} epochs = {total} steps; learning rate {learning_rate:g} '
            f'({opt_config.name}, warm-up {opt_config.warmup_steps}, {opt_config.decay} decay '
            f'to step {opt_config.decay_steps})')
-  opt_state, rng = optimizer.init(params), jax.random.PRNGKey(config.seed + 1)
+  rng = jax.random.PRNGKey(config.seed + 1)
+  shapes = jax.eval_shape(step_lib.new_state_fn(lambda: params, run.optimizer, rng))
+  shardings = run.shardings(shapes)
   best_manager = checkpoints.CheckpointManager(os.path.join(run_dir, 'checkpoint'), keep=1)
   resume_manager = checkpoints.CheckpointManager(os.path.join(run_dir, 'resume'), keep=1)
   settings = _run_settings(config, batch_size, learning_rate)
   start_step, history, best = 0, [], None
-  restored = resume_manager.restore_latest(opt_state, rng, note=log.note) if resume else None
+  restored = run.restore(resume_manager, shapes, note=log.note) if resume else None
   if restored:
-    latest, (params, _, meta, opt_state, rng) = restored
-    if meta.get('settings') != settings:
-      raise GlueError(f'{latest} was written by a run with other settings; pass '
+    if restored.metadata.get('settings') != settings:
+      raise GlueError(f'{restored.path} was written by a run with other settings; pass '
                       '--noresume to start this task over, or use another --workdir')
-    start_step, history, best = meta['step'], meta['history'], meta['best']
-    log.note(f'  resuming from {latest} at step {start_step} (epoch '
+    start_step = restored.step
+    history, best = restored.metadata['history'], restored.metadata['best']
+    log.note(f'  resuming from {restored.path} at step {start_step} (epoch '
              f'{start_step // steps_per_epoch} of {config.train.epochs} done)')
-  state = step_lib.replicate(step_lib.TrainState(
-      jnp.asarray(start_step, jnp.int32), params, opt_state, rng))
-  train_step = step_lib.make_train_step(
-      glue_task.make_loss_fn(model, task.is_regression), glue_task.count_fn, optimizer,
-      optim.schedule(opt_config))
-  predict_step = step_lib.make_predict_step(glue_task.make_predict_fn(model))
+    state = run.place(restored, shardings)
+  else:
+    state = step_lib.state_from_params(params, run.optimizer, rng, shardings)
+  predict_step = step_lib.make_predict_step(glue_task.make_predict_fn(model), mesh,
+                                            shardings.params)
   writer = writer_lib.MetricWriter(run_dir, total, stream=log, resume_step=start_step)
 
   def evaluate(step, state):
     nonlocal best
     epoch = step // steps_per_epoch
     results, loss, _, _ = glue_task.evaluate(task, data, predict_step, state.params,
-                                             eval_batch)
+                                             eval_batch, mesh)
     score = glue_task.selection_score(task, results)
     writer.write(step, glue_task.eval_record(epoch, results, loss, score), kind='eval')
     history.append({'epoch': epoch, 'step': step, 'dev_loss': loss, 'score': score,
                     'results': results})
     if best is None or score > best['score']:
-      path = best_manager.save(step, step_lib.unreplicate(state.params), trunk.model_config,
+      path = best_manager.save(step, mesh_lib.to_host(state.params), trunk.model_config,
                                task=task.name, labels=list(task.labels),
                                num_outputs=task.num_outputs, epoch=epoch,
                                dev_results=results, init=trunk.source,
@@ -152,7 +154,7 @@ def finetune(task: glue_data.Task, data: Dict[str, glue_inputs.EncodedSplit],
 
   def save(step, state, data_position):
     del data_position   # the step is the position (glue_inputs.train_batches)
-    host = step_lib.unreplicate(state)
+    host = mesh_lib.to_host(state)
     resume_manager.save(step, host.params, trunk.model_config, opt_state=host.opt_state,
                         rng=host.rng, history=history, best=best, settings=settings)
 
@@ -161,29 +163,24 @@ def finetune(task: glue_data.Task, data: Dict[str, glue_inputs.EncodedSplit],
             'examples_per_s': window.sums.get('count', 0.0) / max(
                 report['step_time_s'] * window.steps, 1e-9)}
 
-  batches = feed.Prefetcher(
-      glue_inputs.train_batches(train, batch_size, config.seed, start_step), 2,
-      prepare=lambda item: (step_lib.shard(item[0], layout['accum']), item[1]))
-  with hosts.StopAgreement(config.train.stop_timeout_s, log.note) as stop:
-    run = loop_lib.Loop(
-        train_step, total_steps=total, writer=writer, log_every=config.train.log_every,
-        stop=stop, extra_report=extra_report, eval_every=steps_per_epoch, eval_at_end=True,
-        evaluate=evaluate, checkpoint_every=config.train.checkpoint_every or steps_per_epoch,
-        save=save)
-    try:
-      result = run.run(state, batches, start_step)
-    except loop_lib.NonFiniteError as e:
-      raise GlueError(f'{e}; the last epoch\'s state is in {resume_manager.directory}') from None
-    finally:
-      stop.finished()
-      batches.close()
+  result = run.train(
+      glue_task.make_loss_fn(model, task.is_regression), glue_task.count_fn, state, shardings,
+      glue_inputs.train_batches(train, batch_size, config.seed, start_step),
+      accum_steps=layout['accum'], prefetch=2, start_step=start_step,
+      stop_timeout_s=config.train.stop_timeout_s, note=log.note,
+      on_non_finite=lambda e: GlueError(
+          f'{e}; the last epoch\'s state is in {resume_manager.directory}'),
+      total_steps=total, writer=writer, log_every=config.train.log_every,
+      extra_report=extra_report, eval_every=steps_per_epoch, eval_at_end=True,
+      evaluate=evaluate, checkpoint_every=config.train.checkpoint_every or steps_per_epoch,
+      save=save)
   if result.stopped:
     raise Stopped(f'stopped at step {result.step} of {total} in {run_dir}; rerun the same '
                   'command to resume')
 
   best_params, _, _ = checkpoint.load(os.path.join(run_dir, best['path']))
-  _, _, preds, golds = glue_task.evaluate(task, data, predict_step,
-                                          step_lib.replicate(best_params), eval_batch)
+  _, _, preds, golds = glue_task.evaluate(
+      task, data, predict_step, mesh_lib.place(best_params, shardings.params), eval_batch, mesh)
   for split in task.dev_splits:
     glue_io.write_dev_predictions(os.path.join(run_dir, f'{split}_predictions.tsv'), task,
                                   data[split].indices, preds[split], golds[split])
@@ -200,6 +197,14 @@ def finetune(task: glue_data.Task, data: Dict[str, glue_inputs.EncodedSplit],
       'init': trunk.source, 'devices': devices, 'run_time_s': time.time() - start_time,
   }
   return RunResult(run_dir, summary, best['score'], best_params)
+
+
+def make_mesh(config):
+  """This host's device mesh from ``config.mesh`` (a bad shape is an error naming it)."""
+  try:
+    return mesh_lib.make(config.mesh, jax.local_devices())
+  except ValueError as e:
+    raise GlueError(str(e)) from None
 
 
 def resolve_max_seq_len(config, model_config) -> int:
@@ -249,15 +254,17 @@ def grid(config, sweep: bool):
 
 
 def _predict_test(task, data, trunk, params, config, out_dir, log) -> List[str]:
+  mesh = make_mesh(config)
   model = transform.classifier(trunk.model_config, task.num_outputs,
-                               platform=step_lib.platform())
-  predict_step = step_lib.make_predict_step(glue_task.make_predict_fn(model))
-  replicated = step_lib.replicate(params)
-  eval_batch = glue_inputs.round_up(config.eval.batch_size, jax.local_device_count())
+                               platform=step_lib.platform(mesh.devices.flat[0]))
+  shardings = mesh_lib.state_shardings(mesh, params)
+  predict_step = step_lib.make_predict_step(glue_task.make_predict_fn(model), mesh, shardings)
+  placed = mesh_lib.place(params, shardings)
+  eval_batch = glue_inputs.round_up(config.eval.batch_size, mesh.devices.size)
   written = []
   for split in list(task.test_splits) + (['diagnostic'] if 'diagnostic' in data else []):
     enc = data[split]
-    outputs = glue_inputs.predict(predict_step, replicated, enc, eval_batch)
+    outputs = glue_inputs.predict(predict_step, placed, enc, eval_batch, mesh)
     written.append(glue_io.write_submission(out_dir, task, split, enc.indices,
                                             glue_task.predictions_from_outputs(task, outputs)))
     log.note(f'  wrote {written[-1]} ({len(enc)} test predictions)')

@@ -16,7 +16,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 import numpy as np
 
 from eval import glue_data
-from perceiver.training import step as step_lib
+from perceiver.training import mesh as mesh_lib
 
 
 @dataclasses.dataclass
@@ -153,12 +153,12 @@ def train_batches(split: EncodedSplit, batch_size: int, seed: int, start_step: i
       yield host_batch(split, order[start:start + batch_size], batch_size), step
 
 
-def predict(predict_step, params, split: EncodedSplit, batch_size: int) -> np.ndarray:
-  """Outputs [n, num_outputs] for every example of ``split`` (params replicated)."""
+def predict(predict_step, params, split: EncodedSplit, batch_size: int, mesh) -> np.ndarray:
+  """Outputs [n, num_outputs] for every example of ``split`` (params on ``mesh``)."""
   pending = []
   for start in range(0, len(split), batch_size):
     rows = np.arange(start, min(start + batch_size, len(split)))
     batch = host_batch(split, rows, batch_size)
     inputs = {k: batch[k] for k in ('input_ids', 'input_mask')}
-    pending.append((len(rows), predict_step(params, step_lib.shard(inputs))))
-  return np.concatenate([step_lib.gather_examples(out)[:n] for n, out in pending])
+    pending.append((len(rows), predict_step(params, mesh_lib.shard_batch(inputs, mesh))))
+  return np.concatenate([mesh_lib.to_host(out)[:n] for n, out in pending])

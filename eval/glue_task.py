@@ -75,12 +75,12 @@ def selection_score(task: glue_data.Task, results: Dict[str, Dict[str, float]]) 
   return float(np.mean([metrics_lib.main_score(key, results[key]) for key in keys]))
 
 
-def evaluate(task, data, predict_step, params, eval_batch):
+def evaluate(task, data, predict_step, params, eval_batch, mesh):
   """(results by result key, dev loss, predictions by split, labels by split)."""
   results, losses, preds, golds = {}, [], {}, {}
   for split in task.dev_splits:
     enc = data[split]
-    outputs = glue_inputs.predict(predict_step, params, enc, eval_batch)
+    outputs = glue_inputs.predict(predict_step, params, enc, eval_batch, mesh)
     preds[split] = predictions_from_outputs(task, outputs)
     golds[split] = enc.labels
     results[task.result_key(split)] = metrics_lib.task_metrics(

@@ -1,7 +1,8 @@
-"""One tagging run handed to the shared training loop, as ``eval.glue_finetune`` does it.
+"""One tagging run on the shared run driver, as ``eval.glue_finetune`` does it.
 
-``finetune`` builds the token classifier (``perceiver.transfer``), its optimizer and
-steps, and runs ``perceiver.training.loop.Loop`` over seeded epochs of windows
+``finetune`` builds the token classifier (``perceiver.transfer``) and runs it on
+``perceiver.training.driver.Run`` (the device mesh, optimizer, steps and loop) over seeded
+epochs of windows
 (``eval.tagging_inputs``), scoring dev after every epoch (``eval.tagging_task``),
 keeping the best epoch's checkpoint and saving a resume checkpoint per epoch. Only the
 set-up below is tagging's own; the loop, steps, checkpoints and logs are shared.
@@ -16,7 +17,6 @@ import time
 from typing import Any, Dict, List
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 
 from eval import glue_io
@@ -28,10 +28,9 @@ from perceiver import errors
 from perceiver import transfer
 from perceiver import transform
 from perceiver.training import checkpoints
-from perceiver.training import feed
+from perceiver.training import driver
 from perceiver.training import hosts
-from perceiver.training import loop as loop_lib
-from perceiver.training import optim
+from perceiver.training import mesh as mesh_lib
 from perceiver.training import step as step_lib
 from perceiver.training import writer as writer_lib
 
@@ -55,9 +54,9 @@ def _settings(config, labels) -> Dict[str, Any]:
   return {'config': json.loads(config.to_json()), 'labels': list(labels)}
 
 
-def evaluate_split(predict_step, params, enc, labels, metric, eval_batch):
+def evaluate_split(predict_step, params, enc, labels, metric, eval_batch, mesh):
   """(scores, mean loss, predicted tags per sentence) of one encoded split."""
-  logits = tagging_inputs.predict(predict_step, params, enc, eval_batch)
+  logits = tagging_inputs.predict(predict_step, params, enc, eval_batch, mesh)
   pred = tagging_task.predicted_tags(logits, enc, labels)
   result = tagging_task.scores(tagging_task.gold_tags(enc), pred, metric)
   return result, tagging_task.dev_loss(logits, enc), pred
@@ -80,14 +79,17 @@ def finetune(data: Dict[str, tagging_data.EncodedSplit], labels: List[str],
                                 'train.batch_size', 'train.grad_accum_steps')
   except ValueError as e:
     raise TaggingError(str(e)) from None
-  devices = jax.local_device_count()
-  eval_batch = tagging_data.round_up(config.eval.batch_size, devices)
   steps_per_epoch = tagging_inputs.steps_per_epoch(train, batch_size)
   total = config.train.epochs * steps_per_epoch
   opt_config = _optimizer_config(config, total)
-  platform = step_lib.platform()
-  optimizer = optim.make(opt_config, platform=platform)
-  model = transform.token_classifier(trunk.model_config, len(labels), platform=platform)
+  try:
+    run = driver.Run.create(config.mesh, opt_config, jax.local_devices())
+  except ValueError as e:
+    raise TaggingError(str(e)) from None
+  mesh = run.mesh
+  devices = mesh.devices.size
+  eval_batch = tagging_data.round_up(config.eval.batch_size, devices)
+  model = transform.token_classifier(trunk.model_config, len(labels), platform=run.platform)
   params = transfer.classifier_params(model, trunk, config.seed, train.length, log.note)
   log.note(f'  {len(train)} train windows ({train.num_words} words), batch {batch_size} '
            f'({devices} device(s) x {layout["accum"]} accumulation step(s)), '
@@ -95,38 +97,39 @@ def finetune(data: Dict[str, tagging_data.EncodedSplit], labels: List[str],
            f'learning rate {opt_config.learning_rate:g} ({opt_config.name}, warm-up '
            f'{opt_config.warmup_steps}, {opt_config.decay} decay to step '
            f'{opt_config.decay_steps})')
-  opt_state, rng = optimizer.init(params), jax.random.PRNGKey(config.seed + 1)
+  rng = jax.random.PRNGKey(config.seed + 1)
+  shapes = jax.eval_shape(step_lib.new_state_fn(lambda: params, run.optimizer, rng))
+  shardings = run.shardings(shapes)
   best_manager = checkpoints.CheckpointManager(os.path.join(run_dir, 'checkpoint'), keep=1)
   resume_manager = checkpoints.CheckpointManager(os.path.join(run_dir, 'resume'), keep=1)
   settings = _settings(config, labels)
   start_step, history, best = 0, [], None
-  restored = resume_manager.restore_latest(opt_state, rng, note=log.note) if resume else None
+  restored = run.restore(resume_manager, shapes, note=log.note) if resume else None
   if restored:
-    latest, (params, _, meta, opt_state, rng) = restored
-    if meta.get('settings') != settings:
-      raise TaggingError(f'{latest} was written by a run with other settings; pass '
+    if restored.metadata.get('settings') != settings:
+      raise TaggingError(f'{restored.path} was written by a run with other settings; pass '
                          '--noresume to start over, or use another --workdir')
-    start_step, history, best = meta['step'], meta['history'], meta['best']
-    log.note(f'  resuming from {latest} at step {start_step} (epoch '
+    start_step = restored.step
+    history, best = restored.metadata['history'], restored.metadata['best']
+    log.note(f'  resuming from {restored.path} at step {start_step} (epoch '
              f'{start_step // steps_per_epoch} of {config.train.epochs} done)')
-  state = step_lib.replicate(step_lib.TrainState(
-      jnp.asarray(start_step, jnp.int32), params, opt_state, rng))
-  train_step = step_lib.make_train_step(
-      tagging_task.make_loss_fn(model), tagging_task.count_fn, optimizer,
-      optim.schedule(opt_config))
-  predict_step = step_lib.make_predict_step(tagging_task.make_predict_fn(model))
+    state = run.place(restored, shardings)
+  else:
+    state = step_lib.state_from_params(params, run.optimizer, rng, shardings)
+  predict_step = step_lib.make_predict_step(tagging_task.make_predict_fn(model), mesh,
+                                            shardings.params)
   writer = writer_lib.MetricWriter(run_dir, total, stream=log, resume_step=start_step)
 
   def evaluate(step, state):
     nonlocal best
     epoch = step // steps_per_epoch
     result, loss, _ = evaluate_split(predict_step, state.params, data['dev'], labels,
-                                     metric, eval_batch)
+                                     metric, eval_batch, mesh)
     writer.write(step, tagging_task.eval_record(epoch, result, loss), kind='eval')
     history.append({'epoch': epoch, 'step': step, 'dev_loss': loss, 'score': result['main'],
                     'results': result})
     if best is None or result['main'] > best['score']:
-      path = best_manager.save(step, step_lib.unreplicate(state.params), trunk.model_config,
+      path = best_manager.save(step, mesh_lib.to_host(state.params), trunk.model_config,
                                token_labels=list(labels), epoch=epoch, metric=metric,
                                init=trunk.source, tagging_config=config.to_json())
       best = {'epoch': epoch, 'step': step, 'score': result['main'], 'results': result,
@@ -135,7 +138,7 @@ def finetune(data: Dict[str, tagging_data.EncodedSplit], labels: List[str],
 
   def save(step, state, data_position):
     del data_position   # the step is the position (tagging_inputs.train_batches)
-    host = step_lib.unreplicate(state)
+    host = mesh_lib.to_host(state)
     resume_manager.save(step, host.params, trunk.model_config, opt_state=host.opt_state,
                         rng=host.rng, history=history, best=best, settings=settings)
 
@@ -143,33 +146,27 @@ def finetune(data: Dict[str, tagging_data.EncodedSplit], labels: List[str],
     del report, window
     return {'epoch': -(-step // steps_per_epoch)}
 
-  batches = feed.Prefetcher(
-      tagging_inputs.train_batches(train, batch_size, config.seed, start_step), 2,
-      prepare=lambda item: (step_lib.shard(item[0], layout['accum']), item[1]))
-  with hosts.StopAgreement(config.train.stop_timeout_s, log.note) as stop:
-    run = loop_lib.Loop(
-        train_step, total_steps=total, writer=writer, log_every=config.train.log_every,
-        stop=stop, extra_report=extra_report, eval_every=steps_per_epoch, eval_at_end=True,
-        evaluate=evaluate, checkpoint_every=config.train.checkpoint_every or steps_per_epoch,
-        save=save)
-    try:
-      result = run.run(state, batches, start_step)
-    except loop_lib.NonFiniteError as e:
-      raise TaggingError(f'{e}; the last epoch\'s state is in '
-                         f'{resume_manager.directory}') from None
-    finally:
-      stop.finished()
-      batches.close()
+  result = run.train(
+      tagging_task.make_loss_fn(model), tagging_task.count_fn, state, shardings,
+      tagging_inputs.train_batches(train, batch_size, config.seed, start_step),
+      accum_steps=layout['accum'], prefetch=2, start_step=start_step,
+      stop_timeout_s=config.train.stop_timeout_s, note=log.note,
+      on_non_finite=lambda e: TaggingError(
+          f'{e}; the last epoch\'s state is in {resume_manager.directory}'),
+      total_steps=total, writer=writer, log_every=config.train.log_every,
+      extra_report=extra_report, eval_every=steps_per_epoch, eval_at_end=True,
+      evaluate=evaluate, checkpoint_every=config.train.checkpoint_every or steps_per_epoch,
+      save=save)
   if result.stopped:
     raise Stopped(f'stopped at step {result.step} of {total} in {run_dir}; rerun the same '
                   'command to resume')
 
   best_params, _, _ = checkpoint.load(os.path.join(run_dir, best['path']))
-  replicated = step_lib.replicate(best_params)
+  placed = mesh_lib.place(best_params, shardings.params)
   outputs = {}
   for name in [n for n in ('dev', 'test') if n in data]:
-    scored, loss, pred = evaluate_split(predict_step, replicated, data[name], labels, metric,
-                                        eval_batch)
+    scored, loss, pred = evaluate_split(predict_step, placed, data[name], labels, metric,
+                                        eval_batch, mesh)
     tagging_task.write_predictions(os.path.join(run_dir, f'{name}_predictions.txt'),
                                    data[name].sentences, pred)
     outputs[name] = dict(scored, loss=loss)

@@ -13,7 +13,7 @@ from typing import Dict, Iterator, Tuple
 import numpy as np
 
 from eval import tagging_data
-from perceiver.training import step as step_lib
+from perceiver.training import mesh as mesh_lib
 
 MODEL_INPUTS = ('input_ids', 'input_mask', 'positions', 'slot_mask')
 
@@ -56,13 +56,13 @@ def train_batches(split: tagging_data.EncodedSplit, batch_size: int, seed: int,
       yield host_batch(split, order[start:start + batch_size], batch_size), step
 
 
-def predict(predict_step, params, split: tagging_data.EncodedSplit, batch_size: int
+def predict(predict_step, params, split: tagging_data.EncodedSplit, batch_size: int, mesh
             ) -> np.ndarray:
-  """Logits [n, slots, num_labels] for every window of ``split`` (params replicated)."""
+  """Logits [n, slots, num_labels] for every window of ``split`` (params on ``mesh``)."""
   pending = []
   for start in range(0, len(split), batch_size):
     rows = np.arange(start, min(start + batch_size, len(split)))
     batch = host_batch(split, rows, batch_size)
     inputs = {k: batch[k] for k in MODEL_INPUTS}
-    pending.append((len(rows), predict_step(params, step_lib.shard(inputs))))
-  return np.concatenate([step_lib.gather_examples(out)[:n] for n, out in pending])
+    pending.append((len(rows), predict_step(params, mesh_lib.shard_batch(inputs, mesh))))
+  return np.concatenate([mesh_lib.to_host(out)[:n] for n, out in pending])

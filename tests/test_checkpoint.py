@@ -163,20 +163,30 @@ def test_kill_9_during_a_write_leaves_the_previous_checkpoint_loadable(tiny_para
   config, params = tiny_params
   path = tmp_path / 'ckpt.npz'
   checkpoint.save(path, params, config, step=1)
-  # A child process writes a large checkpoint (about 400 MB) to the same path; it is
-  # killed with SIGKILL as soon as its temporary file appears.
+  # A child process writes another checkpoint to the same path and, once its first array
+  # is in the temporary file, says so (a marker file) and blocks mid-write: it is killed
+  # there with SIGKILL. No timing: the parent waits on the marker.
+  marker = tmp_path / 'mid-write'
   script = textwrap.dedent(f'''
+      import pathlib, threading
       import numpy as np
       from perceiver import checkpoint, configs
-      big = {{'m': {{'w%d' % i: np.ones((2500, 10000), np.float32) for i in range(4)}}}}
+      real = checkpoint._write_npy
+      def write_then_block(*args):
+        real(*args)
+        pathlib.Path({str(marker)!r}).write_text('x')
+        threading.Event().wait()
+      checkpoint._write_npy = write_then_block
+      big = {{'m': {{'w%d' % i: np.ones((100, 100), np.float32) for i in range(4)}}}}
       checkpoint.save({str(path)!r}, big, configs.tiny(), step=2)
   ''')
   child = subprocess.Popen([sys.executable, '-c', script], cwd=ROOT)
-  deadline = time.time() + 120
-  while time.time() < deadline and not any(n.endswith('.tmp') for n in os.listdir(tmp_path)):
+  deadline = time.monotonic() + 120
+  while not marker.exists():
     assert child.poll() is None, 'the writer exited before it was killed'
+    assert time.monotonic() < deadline, 'the writer never reached the middle of its write'
     time.sleep(0.01)
-  time.sleep(0.2)
+  assert any(n.endswith('.tmp') for n in os.listdir(tmp_path))
   child.send_signal(signal.SIGKILL)
   child.wait()
   assert child.returncode == -signal.SIGKILL

@@ -28,6 +28,7 @@ from perceiver import checkpoint
 from perceiver import configs as model_configs
 from perceiver import transfer
 from perceiver import transform
+from perceiver.training import mesh as mesh_lib
 from perceiver.training import step as step_lib
 from tests import helpers
 from tests.helpers import glue_dir
@@ -123,8 +124,10 @@ def test_single_task_writes_consistent_outputs_and_a_loadable_best_checkpoint(tm
   model = transform.classifier(config, meta['num_outputs'])
   split = glue_data.load_split(data_dir, 'sst2', 'dev')
   enc = glue_inputs.encode_split(glue_data.TASKS['sst2'], split, 'dev', SEQ, 16)
-  predict_step = step_lib.make_predict_step(glue_task.make_predict_fn(model))
-  outputs = glue_inputs.predict(predict_step, step_lib.replicate(params), enc, 8)
+  mesh = mesh_lib.make()
+  shardings = mesh_lib.state_shardings(mesh, params)
+  predict_step = step_lib.make_predict_step(glue_task.make_predict_fn(model), mesh, shardings)
+  outputs = glue_inputs.predict(predict_step, mesh_lib.place(params, shardings), enc, 8, mesh)
   _, rows = read_tsv(task_dir / 'dev_predictions.tsv')
   assert [r[1] for r in rows] == [str(i) for i in outputs.argmax(-1)]
   # The submission file: the test file's indices, label strings.
@@ -473,39 +476,43 @@ def test_command_line_fine_tunes_from_a_project_mlm_checkpoint(tmp_path):
 
 _TWO_DEVICES = """
 import sys
-import time
 sys.path.insert(0, {root!r})
 import jax
 from eval import glue
 from tests.helpers import glue_tiny_config as tiny_config
 assert jax.local_device_count() == 2, jax.devices()
-glue.run('wnli', tiny_config(**{{'train.epochs': 2, 'dropout.encoder': 0.0,
-                                 'dropout.head': 0.0}}), {data!r}, {out!r})
+for data, fsdp in ((2, 1), (1, 2)):
+  glue.run('wnli', tiny_config(**{{'train.epochs': 2, 'mesh.data': data, 'mesh.fsdp': fsdp}}),
+           {data_dir!r}, {out!r} + f'/data{{data}}_fsdp{{fsdp}}')
 """
 
 
 @pytest.mark.slow
-def test_two_devices_give_the_one_device_run(tmp_path):
-  # Without dropout: its masks come from per-device keys (perceiver.training.step), so with dropout
-  # two layouts agree in distribution only. Batches of 8 (4 per device), 20 examples:
-  # the last batch of each epoch is half padding.
+def test_two_devices_data_parallel_or_fsdp_give_the_one_device_run(tmp_path):
+  """With dropout: its keys come from the step alone (perceiver.training.step), so every
+  layout draws the same masks. Batches of 8 (4 per device), 20 examples: the last batch
+  of each epoch is half padding."""
   data_dir = str(write_task(tmp_path / 'glue', 'wnli', num_train=20, num_dev=9))
-  config = tiny_config(**{'train.epochs': 2, 'dropout.encoder': 0.0, 'dropout.head': 0.0})
+  config = tiny_config(**{'train.epochs': 2})
+  assert config.dropout.encoder > 0 and config.dropout.head > 0
   glue.run('wnli', config, data_dir, str(tmp_path / 'one'))
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2')
-  script = _TWO_DEVICES.format(root=str(ROOT), data=data_dir, out=str(tmp_path / 'two'))
-  subprocess.run([sys.executable, '-c', script], cwd=ROOT, env=env, check=True,
-                 capture_output=True)
+  script = _TWO_DEVICES.format(root=str(ROOT), data_dir=data_dir, out=str(tmp_path / 'two'))
+  done = subprocess.run([sys.executable, '-c', script], cwd=ROOT, env=env, capture_output=True,
+                        text=True, check=False)
+  assert done.returncode == 0, done.stderr[-3000:]
   runs = {}
-  for name in ('one', 'two'):
+  for name in ('one', 'two/data2_fsdp1', 'two/data1_fsdp2'):
     task_dir = tmp_path / name / 'wnli'
     lines = (task_dir / 'metrics.jsonl').read_text().splitlines()
     runs[name] = ([json.loads(line) for line in lines],
                   (task_dir / 'dev_predictions.tsv').read_text())
-  (one, one_preds), (two, two_preds) = runs['one'], runs['two']
-  assert [r['step'] for r in one] == [r['step'] for r in two]
-  np.testing.assert_allclose([r['loss'] for r in two], [r['loss'] for r in one], rtol=1e-4)
-  assert two_preds == one_preds
+  one, one_preds = runs.pop('one')
+  for name, (other, other_preds) in runs.items():
+    assert [r['step'] for r in other] == [r['step'] for r in one], name
+    np.testing.assert_allclose([r['loss'] for r in other], [r['loss'] for r in one],
+                               rtol=1e-4, err_msg=name)
+    assert other_preds == one_preds, name
 
 
 # --------------------------------------------------------------------------------------

@@ -116,15 +116,18 @@ def test_logits_equal_an_independent_numpy_implementation(tiny):
     np.testing.assert_allclose(logits[b], expected, rtol=2e-4, atol=2e-4)
 
 
-def test_jit_vmap_and_pmap_give_the_eager_logits(tiny):
+def test_jit_vmap_and_a_jit_over_a_mesh_give_the_eager_logits(tiny):
   _, mlm, params, ids, mask = tiny
   eager = mlm.apply(params, None, ids, mask)
   jitted = jax.jit(mlm.apply)(params, None, ids, mask)
   mapped = jax.vmap(lambda i, m: mlm.apply(params, None, i[None], m[None])[0])(ids, mask)
-  pmapped = jax.pmap(lambda i, m: mlm.apply(params, None, i, m))(ids[None], mask[None])[0]
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ('data',))
+  rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
+  on_mesh = jax.jit(lambda i, m: mlm.apply(params, None, i, m), in_shardings=(rows, rows),
+                    out_shardings=rows)(ids, mask)
   np.testing.assert_allclose(jitted, eager, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(mapped, eager, rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(pmapped, eager, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(on_mesh, eager, rtol=1e-5, atol=1e-5)
 
 
 def test_appended_padding_leaves_real_positions_unchanged(tiny):

@@ -89,6 +89,42 @@ def test_two_devices_or_accumulation_give_the_one_device_losses(tmp_path, device
     np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
 
 
+_MESH_SCRIPT = textwrap.dedent('''
+    import pathlib, sys
+    sys.path.insert(0, {root!r})
+    import jax
+    from tests.helpers import mlm_tiny_config as tiny_config
+    from train import mlm
+    assert jax.device_count() == {devices}, jax.devices()
+    config = tiny_config(pathlib.Path({tmp!r}), steps={steps}, batch_size=8)
+    config.unlock()
+    config.mesh.data, config.mesh.fsdp = {data}, {fsdp}
+    mlm.train(config, {workdir!r})
+''')
+
+
+@pytest.mark.slow
+def test_a_checkpoint_resumes_on_any_mesh(tmp_path):
+  """3 steps FSDP over 8 devices, 3 more replicated on 4, 3 more on 1 (each resuming the
+  checkpoint the last wrote): the losses and parameters of 9 straight steps on one."""
+  straight = tmp_path / 'straight'
+  mlm.train(tiny_config(tmp_path, steps=9, batch_size=8), str(straight))
+  moved = tmp_path / 'moved'
+  for devices, steps, data, fsdp in ((8, 3, 1, -1), (4, 6, -1, 1)):
+    env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+    script = _MESH_SCRIPT.format(root=str(ROOT), devices=devices, tmp=str(tmp_path),
+                                 steps=steps, data=data, fsdp=fsdp, workdir=str(moved))
+    subprocess.run([sys.executable, '-c', script], cwd=ROOT, env=env, check=True)
+  mlm.train(tiny_config(tmp_path, steps=9, batch_size=8), str(moved))
+  records = _records(moved)
+  assert [r['step'] for r in records] == list(range(1, 10))
+  np.testing.assert_allclose([r['loss'] for r in records],
+                             [r['loss'] for r in _records(straight)], rtol=1e-5)
+  a, b = _params(straight / 'ckpt_000000009.npz'), _params(moved / 'ckpt_000000009.npz')
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.slow
 def test_sigterm_writes_a_checkpoint_and_exits_zero_then_resumes(tmp_path):
   workdir = tmp_path / 'run'

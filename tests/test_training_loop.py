@@ -18,7 +18,7 @@ import pytest
 from perceiver.training import feed
 from perceiver.training import hosts
 from perceiver.training import loop as loop_lib
-from perceiver.training import step as step_lib
+from perceiver.training import mesh as mesh_lib
 
 
 class _Writer:
@@ -35,8 +35,11 @@ class _Writer:
     self.notes.append(message)
 
 
+MESH = mesh_lib.make()
+
+
 def _counting_step():
-  """A pmapped 'train step': the state counts steps; the loss of step s is s (count 2),
+  """A jitted 'train step': the state counts steps; the loss of step s is s (count 2),
   with two correct; ``finite`` is 0 when the batch says so."""
 
   def step(state, batch):
@@ -44,16 +47,16 @@ def _counting_step():
     loss = state.astype(jnp.float32)
     metrics = {'loss': 2.0 * loss, 'count': jnp.float32(2.0), 'correct': jnp.float32(1.0),
                'grad_norm': loss, 'learning_rate': jnp.float32(0.5),
-               'finite': batch['finite'][0]}
+               'finite': jnp.min(batch['finite'])}
     return state, metrics
 
-  return jax.pmap(step, axis_name=step_lib.AXIS)
+  return jax.jit(step, donate_argnums=(0,))
 
 
 def _batches(n, bad_step=None):
   for i in range(1, n + 1):
-    finite = np.asarray([0.0 if i == bad_step else 1.0], np.float32)
-    yield step_lib.shard({'finite': finite}), {'batches': i}
+    finite = np.full([jax.device_count()], 0.0 if i == bad_step else 1.0, np.float32)
+    yield mesh_lib.shard_batch({'finite': finite}, MESH), {'batches': i}
 
 
 def _loop(writer, total, stop, **kwargs):
@@ -70,7 +73,8 @@ def _stop_with_batch(stop, n):
 
 
 def _state():
-  return step_lib.replicate(jnp.zeros((), jnp.int32))
+  return mesh_lib.place(np.zeros((), np.int32), jax.sharding.NamedSharding(
+      MESH, jax.sharding.PartitionSpec()))
 
 
 def test_windows_cadence_and_saves():
@@ -91,7 +95,7 @@ def test_windows_cadence_and_saves():
   assert train[2][1]['loss'] == pytest.approx(7.0)
   assert evaluated == [5]
   assert saved == [(4, {'batches': 4}), (7, {'batches': 7})]   # cadence and the end
-  assert int(step_lib.unreplicate(result.state)) == 7
+  assert int(mesh_lib.to_host(result.state)) == 7
 
 
 def test_a_non_finite_step_stops_the_run_before_it_is_saved():
@@ -129,7 +133,8 @@ def test_a_stop_evaluates_only_when_the_run_asks_for_it(eval_on_stop):
 
 
 def test_waiting_for_data_is_interruptible_and_reported():
-  """A source that never yields: the stop ends the wait, the completed steps are saved."""
+  """A source that never yields: the stop ends the wait, the completed steps are saved.
+  The stop is requested when the wait is reported (no timer racing the loop)."""
   writer, saved = _Writer(), []
   release = threading.Event()
 
@@ -137,9 +142,13 @@ def test_waiting_for_data_is_interruptible_and_reported():
     yield from _batches(2)
     release.wait()
 
+  def note(message):
+    writer.note(message)
+    if 'waiting for data for step 3' in message:
+      stop.request(signal.SIGINT)
+
   batches = feed.Prefetcher(stalls(), depth=1)
-  with hosts.StopAgreement(note=writer.note) as stop:
-    threading.Timer(1.5, lambda: stop.request(signal.SIGINT)).start()
+  with hosts.StopAgreement(note=note) as stop:
     real_next = stop.next_batch
     stop.next_batch = lambda b, s: real_next(b, s, poll_s=0.1, report_every_s=0.5)
     result = _loop(writer, 10, stop, save=lambda s, st, pos: saved.append(s)).run(
@@ -162,9 +171,11 @@ def test_prefetcher_prepares_in_order_and_reraises_errors_in_the_consumer():
   empty = feed.Prefetcher(iter(()), depth=1)
   with pytest.raises(StopIteration):
     next(empty)
-  slow = feed.Prefetcher((time.sleep(5) for _ in range(1)), depth=1)
+  blocked = threading.Event()
+  slow = feed.Prefetcher((blocked.wait() for _ in range(1)), depth=1)
   with pytest.raises(queue.Empty):
     slow.get(timeout=0.05)
+  blocked.set()
   slow.close()
 
 

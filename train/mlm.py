@@ -3,8 +3,8 @@ r"""Masked-language-model pretraining of Perceiver IO on bytes.
     python -m train.mlm --config=train/configs/mlm.py:smoke --workdir=checkpoints/smoke
 
 The same command runs on one CPU, one GPU, or every device of many hosts
-(``--config.distributed.enabled=true``); the step is jit-compiled once and pmapped over
-all devices. A run resumes from the newest checkpoint in ``--workdir`` by itself.
+(``--config.distributed.enabled=true``); the step is one ``jax.jit`` over a mesh of all
+devices (``config.mesh``: data parallel, FSDP, or both). A run resumes from the newest checkpoint in ``--workdir`` by itself.
 SIGTERM or Ctrl-C writes a checkpoint and exits 0; a non-finite loss stops the run with
 an error and leaves the last good checkpoint in place. The loop, steps, checkpoints and
 logs are ``perceiver.training``'s; this module holds what is MLM's own: the data, the
@@ -42,11 +42,11 @@ from perceiver import errors
 from perceiver import flops
 from perceiver import transform
 from perceiver.training import checkpoints
-from perceiver.training import feed
+from perceiver.training import driver
+from perceiver.training import host_memory
 from perceiver.training import hosts
-from perceiver.training import loop as loop_lib
 from perceiver.training import losses
-from perceiver.training import optim
+from perceiver.training import mesh as mesh_lib
 from perceiver.training import step as step_lib
 from perceiver.training import writer as writer_lib
 from train import data as data_lib
@@ -97,28 +97,15 @@ def check_config(config) -> None:
                             ('data.prefetch', d.prefetch, 1),
                             ('data.streams', d.streams, 1),
                             ('data.workers', d.workers, 0),
-                            ('optimizer.warmup_steps', o.warmup_steps, 0),
                             ('seed', config.seed, 0)):
     _check(_is_int(value) and value >= low, field, value, f'an integer >= {low}')
   finite = lambda v: isinstance(v, (int, float)) and math.isfinite(v)
-  _check(finite(o.learning_rate) and o.learning_rate > 0, 'optimizer.learning_rate',
-         o.learning_rate, 'a finite number > 0')
-  _check(finite(o.weight_decay) and o.weight_decay >= 0, 'optimizer.weight_decay',
-         o.weight_decay, 'a finite number >= 0')
-  for field in ('b1', 'b2'):
-    _check(finite(o[field]) and 0 <= o[field] < 1, f'optimizer.{field}', o[field], 'in [0, 1)')
-  _check(finite(o.eps) and o.eps > 0, 'optimizer.eps', o.eps, 'a finite number > 0')
-  _check(finite(o.clip_grad_norm), 'optimizer.clip_grad_norm', o.clip_grad_norm,
-         'a finite number (<= 0 disables clipping)')
-  _check(o.name in ('lamb', 'adamw'), 'optimizer.name', o.name, "'lamb' or 'adamw'")
-  _check(o.decay in ('cosine', 'linear', 'constant'), 'optimizer.decay', o.decay,
-         "'cosine', 'linear' or 'constant'")
-  _check(o.decay == 'constant' or (_is_int(o.decay_steps) and o.decay_steps > o.warmup_steps),
-         'optimizer.decay_steps', o.decay_steps,
+  try:
+    driver.check_optimizer_config(o)
+  except ValueError as e:
+    raise errors.ConfigError(str(e)) from None
+  _check(o.decay == 'constant' or o.decay_steps > 0, 'optimizer.decay_steps', o.decay_steps,
          f'an integer > optimizer.warmup_steps ({o.warmup_steps})')
-  _check(o.get('implementation', 'auto') in optim.IMPLEMENTATIONS,
-         'optimizer.implementation', o.get('implementation'),
-         ' or '.join(repr(i) for i in optim.IMPLEMENTATIONS))
   _check(finite(m.mask_prob) and 0 < m.mask_prob < 1, 'masking.mask_prob', m.mask_prob,
          'in (0, 1)')
   _check(d.separator in data_lib.SEPARATORS, 'data.separator', d.separator,
@@ -147,6 +134,8 @@ def check_config(config) -> None:
   _check(finite(t.peak_flops_per_device) and t.peak_flops_per_device >= 0,
          'train.peak_flops_per_device', t.peak_flops_per_device, 'a finite number >= 0')
   try:
+    mesh_lib.resolve_shape(config.mesh.data, config.mesh.fsdp,
+                           max(abs(config.mesh.data * config.mesh.fsdp), 1))
     model_configs.validate(config.model)
     if config.data.hosts:
       inputs.parse_hosts(config.data.hosts, config.distributed.enabled)
@@ -246,14 +235,14 @@ def _check_resume_run(meta, config, path, log):
              f'{", ".join(changed)}')
 
 
-def _evaluator(eval_step, held_out, baseline, log):
+def _evaluator(eval_step, held_out, baseline, log, mesh):
   """``evaluate(step, state)``: the held-out masked-byte loss and accuracy beside the
   context-free baseline."""
 
   def evaluate(step, state):
     sums = None
     for batch in held_out:
-      out = step_lib.unreplicate(eval_step(state.params, step_lib.shard(batch)))
+      out = jax.device_get(eval_step(state.params, mesh_lib.shard_batch(batch, mesh)))
       sums = out if sums is None else {k: sums[k] + out[k] for k in sums}
     count = max(sums['count'], 1)
     record = {'loss': sums['loss'] / count, 'accuracy': sums['correct'] / count,
@@ -281,54 +270,59 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, float]:
 
 def _train(config, workdir) -> Dict[str, float]:
   layout = batch_layout(config)
-  # Built for the platform this host's devices run (see perceiver.layers: 'auto' kernels).
-  platform = step_lib.platform()
-  model = transform.masked_lm(config.model, platform=platform)
-  optimizer = optim.make(config.optimizer, platform=platform)
-  lr_fn = optim.schedule(config.optimizer)
+  try:
+    run = driver.Run.create(config.mesh, config.optimizer)
+  except ValueError as e:
+    raise errors.ConfigError(str(e)) from None
+  mesh = run.mesh
+  # Built for the platform the mesh's devices run (see perceiver.layers: 'auto' kernels).
+  model = transform.masked_lm(config.model, platform=run.platform)
   manager = checkpoints.CheckpointManager(workdir, keep=config.train.keep_checkpoints)
 
   seq_len = config.model.max_seq_len
   init_ids = jnp.zeros((1, seq_len), jnp.int32)
-  params = model.init(jax.random.PRNGKey(config.seed), init_ids, jnp.ones_like(init_ids))
-  opt_state = optimizer.init(params)
+  make_state = step_lib.new_state_fn(
+      lambda: model.init(jax.random.PRNGKey(config.seed), init_ids, jnp.ones_like(init_ids)),
+      run.optimizer, jax.random.PRNGKey(config.seed + 1))
+  shapes = jax.eval_shape(make_state)
+  shardings = run.shardings(shapes)
   # Room for the checkpoints this run will add (each: parameters and optimizer state).
-  size = sum(x.nbytes for x in jax.tree.leaves((params, opt_state)))
+  size = sum(int(np.prod(x.shape)) * x.dtype.itemsize
+             for x in jax.tree.leaves((shapes.params, shapes.opt_state)))
   count = max(1, config.train.keep_checkpoints + 1 - len(manager.steps()))
   atomic.check_free_space(
       workdir, size * count, f'{count} more checkpoint(s) of {size / 2**20:,.1f} MiB '
       f'(train.keep_checkpoints={config.train.keep_checkpoints}, and one being written)',
       f'--workdir={workdir}')
-  rng = jax.random.PRNGKey(config.seed + 1)
   start_step, data_state = 0, None
-  restored = manager.restore_latest(
-      opt_state, rng, note=print,
-      check=lambda saved, path: _check_resume_config(saved, config.model, path))
+  restored = run.restore(manager, shapes, note=print,
+                         check=lambda saved, path: _check_resume_config(saved, config.model,
+                                                                        path))
   log = writer_lib.MetricWriter(workdir, config.train.steps,
-                                resume_step=restored[1][2]['step'] if restored else None)
+                                resume_step=restored.step if restored else None)
   if restored:
-    latest, (params, _, meta, opt_state, rng) = restored
-    _check_resume_run(meta, config, latest, log)
-    start_step = meta['step']
-    data_state = manager.load_data_state(start_step, meta)
-    log.note(f'resuming from {latest} at step {start_step}')
+    _check_resume_run(restored.metadata, config, restored.path, log)
+    start_step = restored.step
+    data_state = manager.load_data_state(start_step, restored.metadata)
+    log.note(f'resuming from {restored.path} at step {start_step} on '
+             f'{mesh_lib.describe(mesh)}')
   else:
-    count = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
+    count = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(shapes.params))
     log.note(f'new run in {workdir}: {count:,} parameters, {jax.device_count()} device(s) '
              f'on {jax.process_count()} host(s), per-device batch {layout["per_device"]} x '
              f'{layout["accum"]} accumulation step(s)')
+  for line in mesh_lib.rules_report(mesh, shapes.params):
+    log.note(line)
   if start_step >= config.train.steps:
     log.note(f'already at step {start_step} >= train.steps={config.train.steps}; nothing to do')
     return {}
 
-  state = step_lib.replicate(step_lib.TrainState(
-      jnp.asarray(start_step, jnp.int32), params, opt_state, rng))
+  state = run.place(restored, shardings) if restored else run.init(make_state)
   loss_fn = make_loss_fn(model, config.train.decode_masked_only,
                          config.train.unmasked_loss_weight)
-  train_step = step_lib.make_train_step(loss_fn, count_fn, optimizer, lr_fn)
   held_out = inputs.eval_batches(config, workdir, layout['per_device'] * layout['local_devices'])
-  evaluate = _evaluator(step_lib.make_eval_step(loss_fn, count_fn), held_out,
-                        inputs.unigram_baseline(held_out), log)
+  evaluate = _evaluator(step_lib.make_eval_step(loss_fn, count_fn, mesh, shardings.params),
+                        held_out, inputs.unigram_baseline(held_out), log, mesh)
 
   num_queries = None
   if config.train.decode_masked_only:
@@ -337,21 +331,15 @@ def _train(config, workdir) -> Dict[str, float]:
                                           num_queries)
   peak = config.train.peak_flops_per_device * jax.device_count()
 
-  waited = [0.0]   # the Prefetcher's waiting time at the last report
-
   def extra_report(step, report, window):
-    del step
+    del step, window
     extra = {'bytes_per_s': config.train.batch_size * seq_len / report['step_time_s']}
-    # The share of the window's time the loop spent waiting for input.
-    extra['input_wait'] = (batches.waited_s - waited[0]) / max(
-        report['step_time_s'] * window.steps, 1e-9)
-    waited[0] = batches.waited_s
     if peak > 0:
       extra['mfu'] = step_flops / report['step_time_s'] / peak
     return extra
 
   def save(step, state, data_position):
-    host_state = step_lib.unreplicate(state)
+    host_state = mesh_lib.to_host(state)   # gathered from every host's shards
     if not all(np.isfinite(x).all() for x in jax.tree.leaves(host_state.params)):
       raise TrainingError(f'non-finite parameters at step {step}: not saved; the last '
                           f'checkpoint ({manager.latest()}) is kept')
@@ -360,25 +348,18 @@ def _train(config, workdir) -> Dict[str, float]:
                         train_config=config.to_json(), process_count=jax.process_count())
     log.note(f'saved {path}')
 
-  batches = feed.Prefetcher(
-      inputs.train_batches(config, workdir, layout['host_batch'], data_state), config.data.prefetch,
-      prepare=lambda item: (step_lib.shard(item[0], layout['accum']), item[1]))
-  with hosts.StopAgreement(config.train.stop_timeout_s, log.note) as stop:
-    run = loop_lib.Loop(
-        train_step, total_steps=config.train.steps, writer=log,
-        log_every=config.train.log_every, stop=stop, extra_report=extra_report,
-        eval_every=config.train.eval_every if held_out else 0, evaluate=evaluate,
-        eval_on_stop=True,
-        checkpoint_every=config.train.checkpoint_every, save=save,
-        max_seconds=config.train.max_seconds)
-    try:
-      result = run.run(state, batches, start_step)
-    except loop_lib.NonFiniteError as e:
-      raise TrainingError(f'{e}: stopping without saving; the last good checkpoint is '
-                          f'{manager.latest() or "none (none was written)"}') from None
-    finally:
-      stop.finished()
-      batches.close()
+  result = run.train(
+      loss_fn, count_fn, state, shardings,
+      inputs.train_batches(config, workdir, layout['host_batch'], data_state),
+      accum_steps=layout['accum'], prefetch=config.data.prefetch, start_step=start_step,
+      stop_timeout_s=config.train.stop_timeout_s, note=log.note,
+      on_non_finite=lambda e: TrainingError(
+          f'{e}: stopping without saving; the last good checkpoint is '
+          f'{manager.latest() or "none (none was written)"}'),
+      total_steps=config.train.steps, writer=log, log_every=config.train.log_every,
+      extra_report=extra_report, eval_every=config.train.eval_every if held_out else 0,
+      evaluate=evaluate, eval_on_stop=True, checkpoint_every=config.train.checkpoint_every,
+      save=save, max_seconds=config.train.max_seconds)
   return result.last_report
 
 

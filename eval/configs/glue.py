@@ -63,6 +63,13 @@ def _base() -> ml_collections.ConfigDict:
   c.optimizer.eps = 1e-6
   c.optimizer.clip_grad_norm = 1.0     # chosen here; <= 0 disables
 
+  # The device mesh the steps are jitted over (perceiver.training.mesh; -1: every device
+  # the other axis leaves). Chosen here: data parallel over this host's devices; fsdp > 1
+  # splits the parameters and optimizer state over that many devices.
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1
+  c.mesh.fsdp = 1
+
   c.train = ml_collections.ConfigDict()
   c.train.epochs = 10                  # paper
   # Global batch = per-device batch x devices x grad_accum_steps. 32: one point of the

@@ -3,7 +3,8 @@ host agrees on.
 
 A stop (SIGTERM, e.g. a preemption, or Ctrl-C) may reach one host, or all of them at
 different times. Each host then keeps stepping: every step it contributes its stop flag
-to a one-scalar sum over all devices, dispatched right after the train step and read one
+to a sum over all devices (one jitted sum of a global array holding each device's flag),
+dispatched right after the train step and read one
 step later (like the step's metrics), so every host reads the same sum after the same
 step and all of them stop there, save the same checkpoint and return. On one host the
 flag is read directly, and a stop while waiting for data returns at once.
@@ -137,9 +138,12 @@ class StopAgreement:
     self._done = threading.Event()
     self._in_flight = None     # the last dispatched sum (multi-host)
     self._agreed = False
-    self._psum = None
+    self._sum = None
     if self.multi_host:
-      self._psum = jax.pmap(lambda x: jax.lax.psum(x, 'hosts'), axis_name='hosts')
+      mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ('hosts',))
+      self._flags = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('hosts'))
+      self._sum = jax.jit(jnp.sum, out_shardings=jax.sharding.NamedSharding(
+          mesh, jax.sharding.PartitionSpec()))
 
   # -- signals -------------------------------------------------------------------------
 
@@ -230,9 +234,11 @@ class StopAgreement:
     if not self.multi_host or self._agreed:
       return
     flag = np.full((jax.local_device_count(),), float(self.requested), np.float32)
-    previous, self._in_flight = self._in_flight, self._psum(jnp.asarray(flag))
+    flags = jax.make_array_from_process_local_data(self._flags, flag,
+                                                   (jax.device_count(),))
+    previous, self._in_flight = self._in_flight, self._sum(flags)
     if previous is not None:
-      self._agreed = float(np.asarray(previous)[0]) > 0
+      self._agreed = float(np.asarray(previous)) > 0
 
   def agreed(self) -> bool:
     """Whether to stop after the step just dispatched (the same answer on every host)."""

@@ -1,6 +1,6 @@
 """The training loop every task runs: pretraining, GLUE fine-tuning, and any later one.
 
-A task hands ``Loop`` a pmapped train step (``perceiver.training.step``), batches, and
+A task hands ``Loop`` a jitted train step (``perceiver.training.step``), batches, and
 callbacks for what is its own (how to evaluate, what a checkpoint holds, extra log
 fields); the loop owns the rest:
 
@@ -82,7 +82,7 @@ class Loop:
   """Runs ``train_step`` from ``start_step`` to ``total_steps`` (see the module docstring).
 
   Attributes:
-    train_step: ``(state, batch) -> (state, metrics)``, metrics per device: sums (``loss``,
+    train_step: ``(state, batch) -> (state, metrics)``, metrics global scalars: sums (``loss``,
       ``count``, optionally ``correct`` and others) and ``grad_norm``, ``learning_rate``,
       ``finite``.
     total_steps: the step to stop at.
@@ -171,7 +171,7 @@ class Loop:
 
   @staticmethod
   def _read(window: Window, step: int, metrics) -> None:
-    values = jax.device_get(jax.tree.map(lambda x: x[0], metrics))
+    values = jax.device_get(metrics)   # replicated scalars: every host reads them
     if not values['finite']:
       raise NonFiniteError(step)
     window.add({k: float(v) for k, v in values.items()})

@@ -1,4 +1,5 @@
-"""One train step and one eval step, ``pmap``ped over all devices; shared by MLM and GLUE.
+"""The train, eval and predict steps, each one ``jax.jit`` over the run's device mesh;
+shared by MLM and GLUE.
 
 A task supplies two pure functions:
 
@@ -7,24 +8,30 @@ A task supplies two pure functions:
   (e.g. correct predictions);
 - ``count_fn(batch) -> scalar``: how many terms that sum has (examples, masked bytes).
 
-The step divides by the global count (summed over micro-batches and devices) before
-differentiating, so the gradient is exactly that of the mean loss over the global batch,
-however it is split across devices and accumulation steps: one device and eight give the
-same update for the same global batch.
+Each step is written for the *global* batch, as if on one device: the step divides by the
+global count (summed over micro-batches) before differentiating, so the gradient is
+exactly that of the mean loss over the global batch. ``jax.jit`` partitions it over the
+mesh (``perceiver.training.mesh``): the batch split over every device, the state laid out
+by the mesh's rules; XLA inserts the reductions, so the step holds no hand-written
+collective, and one device and eight, replicated or FSDP, compute the same update to
+float rounding (tested).
 
-Batches handed to a pmapped step are [devices, accum_steps, per_device_batch, ...].
+Train batches are [accum_steps, global micro-batch, ...] global arrays
+(``mesh.shard_batch``); micro-batches are accumulated with ``lax.scan``. Dropout keys
+come from the step and the micro-batch index alone, so they do not depend on the mesh
+either (JAX's partitionable threefry).
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, NamedTuple
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
 import optax
 
-AXIS = 'devices'
+from perceiver.training import mesh as mesh_lib
 
 
 class TrainState(NamedTuple):
@@ -44,41 +51,23 @@ def platform(device=None) -> str:
   return 'rocm' if 'rocm' in version.lower() else 'cuda'
 
 
-def _psum(tree):
-  """Sum over all devices; the identity (and no copy through an all-reduce) on one."""
-  if jax.device_count() == 1:
-    return tree
-  return jax.lax.psum(tree, AXIS)
-
-
-def _device_rng(rng, step):
-  return jax.random.fold_in(jax.random.fold_in(rng, step), jax.lax.axis_index(AXIS))
-
-
-def make_train_step(loss_fn: Callable, count_fn: Callable,
-                    optimizer: optax.GradientTransformation,
-                    learning_rate_fn: Callable | None = None) -> Callable:
-  """Returns ``step(state, batch) -> (state, metrics)``, pmapped, donating ``state``.
+def train_step_fn(loss_fn: Callable, count_fn: Callable,
+                  optimizer: optax.GradientTransformation,
+                  learning_rate_fn: Optional[Callable] = None,
+                  param_shardings: Any = None) -> Callable:
+  """``step(state, batch) -> (state, metrics)`` on the global batch, not yet jitted (for
+  ``make_train_step``, or lowering it another way, e.g. ``jax.export``).
 
   ``metrics`` holds global sums (``loss``, the task's metric sums, ``count``) plus
   ``grad_norm``, ``learning_rate`` and ``finite`` (1 if loss and gradients are finite).
+  ``param_shardings``: the parameters' layout; the gradients are constrained to it (so
+  XLA reduce-scatters them under FSDP rather than keeping them whole).
   """
-  step = train_step_fn(loss_fn, count_fn, optimizer, learning_rate_fn)
-  return jax.pmap(step, axis_name=AXIS, donate_argnums=(0,))
-
-
-def train_step_fn(loss_fn: Callable, count_fn: Callable,
-                  optimizer: optax.GradientTransformation,
-                  learning_rate_fn: Callable | None = None) -> Callable:
-  """The per-device body of ``make_train_step`` (it needs the ``AXIS`` axis name), for
-  mapping or lowering it in other ways, e.g. ``jax.export`` for another platform."""
 
   def step(state: TrainState, batch):
     accum = jax.tree.leaves(batch)[0].shape[0]
-    micro_batches = [jax.tree.map(lambda x, i=i: x[i], batch) for i in range(accum)]
-    total = _psum(sum(count_fn(b) for b in micro_batches))
-    total = jnp.maximum(total, 1)
-    base_rng = _device_rng(state.rng, state.step)
+    total = jnp.maximum(jnp.sum(jax.vmap(count_fn)(batch)), 1)
+    base_rng = jax.random.fold_in(state.rng, state.step)
 
     def micro_grads(index, micro_batch):
       def scaled(params):
@@ -87,12 +76,14 @@ def train_step_fn(loss_fn: Callable, count_fn: Callable,
         return loss_sum / total, (loss_sum, metric_sums)
 
       grads, (loss_sum, metric_sums) = jax.grad(scaled, has_aux=True)(state.params)
+      if param_shardings is not None:
+        grads = jax.lax.with_sharding_constraint(grads, param_shardings)
       return grads, {'loss': loss_sum, **metric_sums}
 
     if accum == 1:
       # No accumulator: a loop of one would still zero-fill and add a gradient-sized
       # buffer (two extra passes over the parameters' size).
-      grads, sums = micro_grads(jnp.asarray(0), micro_batches[0])
+      grads, sums = micro_grads(jnp.asarray(0), jax.tree.map(lambda x: x[0], batch))
     else:
       def micro(carry, inputs):
         grads, sums = micro_grads(*inputs)
@@ -100,10 +91,8 @@ def train_step_fn(loss_fn: Callable, count_fn: Callable,
 
       zeros = jax.tree.map(jnp.zeros_like, state.params)
       sums0 = jax.tree.map(jnp.zeros_like, jax.eval_shape(
-          lambda: micro_grads(jnp.asarray(0), micro_batches[0])[1]))
+          lambda: micro_grads(jnp.asarray(0), jax.tree.map(lambda x: x[0], batch))[1]))
       (grads, sums), _ = jax.lax.scan(micro, (zeros, sums0), (jnp.arange(accum), batch))
-    grads = _psum(grads)
-    sums = _psum(sums)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     grad_norm = optax.tree.norm(grads)
@@ -117,71 +106,72 @@ def train_step_fn(loss_fn: Callable, count_fn: Callable,
   return step
 
 
-def make_eval_step(loss_fn: Callable, count_fn: Callable) -> Callable:
-  """Returns ``eval_step(params, batch) -> global metric sums`` (pmapped, no dropout).
+def make_train_step(loss_fn: Callable, count_fn: Callable,
+                    optimizer: optax.GradientTransformation,
+                    learning_rate_fn: Optional[Callable], mesh: jax.sharding.Mesh,
+                    state_shardings: TrainState) -> Callable:
+  """``step(state, batch) -> (state, metrics)``, jitted over ``mesh``, donating ``state``;
+  the state keeps ``state_shardings`` (``init_state``), metrics are replicated scalars."""
+  step = train_step_fn(loss_fn, count_fn, optimizer, learning_rate_fn,
+                       state_shardings.params)
+  replicated = NamedSharding(mesh, P())
+  return jax.jit(step, in_shardings=(state_shardings, mesh_lib.batch_sharding(mesh, True)),
+                 out_shardings=(state_shardings, replicated), donate_argnums=(0,))
 
-  ``batch`` is [devices, per_device_batch, ...].
-  """
+
+def state_shardings(mesh: jax.sharding.Mesh, state_shapes: TrainState) -> TrainState:
+  """The layout of a ``TrainState`` (arrays or shape structs) on ``mesh``."""
+  return mesh_lib.state_shardings(mesh, state_shapes)
+
+
+def new_state_fn(init_params: Callable, optimizer: optax.GradientTransformation,
+                 rng: jax.Array, step: int = 0) -> Callable[[], TrainState]:
+  """``make() -> TrainState``: fresh parameters (``init_params()``, e.g. ``lambda:
+  model.init(key, ids)``), their optimizer state, ``rng`` and ``step``. Traced, never run
+  on its own: ``jax.eval_shape(make)`` gives the state's shapes, ``init_state`` creates it."""
+
+  def make():
+    params = init_params()
+    return TrainState(jnp.asarray(step, jnp.int32), params, optimizer.init(params), rng)
+
+  return make
+
+
+def init_state(mesh: jax.sharding.Mesh, make: Callable[[], TrainState]):
+  """``(state, shardings)``: ``make()``'s state created directly in its layout on
+  ``mesh`` (a model too large for one device never exists whole anywhere)."""
+  shardings = state_shardings(mesh, jax.eval_shape(make))
+  return jax.jit(make, out_shardings=shardings)(), shardings
+
+
+def state_from_params(params, optimizer: optax.GradientTransformation, rng: jax.Array,
+                      shardings: TrainState) -> TrainState:
+  """A step-0 ``TrainState`` around given parameters (host arrays, e.g. a pretrained
+  trunk with a new head): placed by ``shardings``, the optimizer state created there."""
+  placed = mesh_lib.place(params, shardings.params)
+  make = lambda p: TrainState(jnp.zeros((), jnp.int32), p, optimizer.init(p), rng)
+  return jax.jit(make, out_shardings=shardings, donate_argnums=(0,))(placed)
+
+
+def make_eval_step(loss_fn: Callable, count_fn: Callable, mesh: jax.sharding.Mesh,
+                   param_shardings: Any) -> Callable:
+  """``eval_step(params, batch) -> global metric sums`` (replicated scalars; no
+  dropout). ``batch`` is [batch, ...], split over the mesh (``mesh.shard_batch``)."""
 
   def step(params, batch):
     loss_sum, metric_sums = loss_fn(params, None, batch, False)
-    sums = {'loss': loss_sum, **metric_sums, 'count': count_fn(batch).astype(jnp.float32)}
-    return jax.lax.psum(sums, AXIS)
+    return {'loss': loss_sum, **metric_sums, 'count': count_fn(batch).astype(jnp.float32)}
 
-  return jax.pmap(step, axis_name=AXIS)
+  return jax.jit(step, in_shardings=(param_shardings, mesh_lib.batch_sharding(mesh, False)),
+                 out_shardings=NamedSharding(mesh, P()))
 
 
-def make_predict_step(predict_fn: Callable) -> Callable:
-  """Returns ``predict_step(params, batch) -> per-example outputs``, pmapped, no dropout.
+def make_predict_step(predict_fn: Callable, mesh: jax.sharding.Mesh,
+                      param_shardings: Any) -> Callable:
+  """``predict_step(params, batch) -> per-example outputs`` (no dropout), split over the
+  mesh like the batch; ``mesh.to_host`` gathers them in the batch's row order.
 
-  ``predict_fn(params, batch)`` maps a per-device batch [per_device, ...] to outputs
-  [per_device, ...] (e.g. logits); nothing is summed across devices, so the caller gets
-  every example's output, [devices, per_device, ...]; ``gather_examples`` puts them back
-  in the order of the host batch handed to ``shard``.
+  ``predict_fn(params, batch)`` maps a batch [n, ...] to outputs [n, ...] (e.g. logits).
   """
-  return jax.pmap(predict_fn, axis_name=AXIS)
-
-
-def gather_examples(tree):
-  """Per-example outputs [devices, per_device, ...] -> host numpy [devices * per_device, ...].
-
-  The inverse of ``shard(batch)`` (without accumulation): row i of the result is the
-  output for row i of the host batch.
-  """
-  return jax.tree.map(
-      lambda x: np.asarray(jax.device_get(x)).reshape((-1,) + tuple(x.shape[2:])), tree)
-
-
-def _per_device(pieces):
-  """One array per local device -> a [devices, ...] array laid out as pmap expects."""
-  devices = jax.local_devices()
-  sharding = jax.sharding.NamedSharding(jax.sharding.Mesh(np.array(devices), (AXIS,)),
-                                        jax.sharding.PartitionSpec(AXIS))
-  arrays = [jax.device_put(np.asarray(p)[None], d) for p, d in zip(pieces, devices)]
-  return jax.make_array_from_single_device_arrays(
-      (len(devices),) + np.shape(pieces[0]), sharding, arrays)
-
-
-def replicate(tree):
-  """Copies a pytree to every local device (leading device axis)."""
-  n = jax.local_device_count()
-  return jax.tree.map(lambda x: _per_device([jax.device_get(x)] * n), tree)
-
-
-def unreplicate(tree):
-  """The first device's copy of a replicated pytree, as numpy arrays on the host."""
-  return jax.device_get(jax.tree.map(lambda x: x.addressable_shards[0].data[0], tree))
-
-
-def shard(batch: Dict[str, np.ndarray], accum_steps: int | None = None):
-  """[local_batch, ...] -> [devices, (accum_steps,) per_device, ...] on the devices."""
-  n = jax.local_device_count()
-
-  def split(x):
-    if x.shape[0] % (n * (accum_steps or 1)):
-      raise ValueError(f'local batch of {x.shape[0]} does not split over {n} devices x '
-                       f'{accum_steps or 1} accumulation steps')
-    shape = (n, accum_steps, -1) if accum_steps else (n, -1)
-    return _per_device(list(x.reshape(shape + x.shape[1:])))
-
-  return jax.tree.map(split, batch)
+  batch = mesh_lib.batch_sharding(mesh, False)
+  return jax.jit(predict_fn, in_shardings=(param_shardings, batch), out_shardings=batch)

@@ -1,0 +1,242 @@
+r"""The train step over a device mesh: ``bench.run --suite=scale``.
+
+Two parts, each in a fresh process started with simulated CPU devices
+(``--xla_force_host_platform_device_count``, which JAX reads at start-up):
+
+- ``time``: on 8 devices, the train step data-parallel (state replicated) and FSDP (state
+  split over all 8), timed interleaved in one process, with the per-device state bytes
+  of each (the placement's, and the compiled step's argument bytes);
+- ``memory``: nothing run: the step of the released model, Perceiver IO++ and a ~1B
+  parameter configuration lowered and compiled over meshes of fsdp 1, 8 and 64 devices at
+  per-device batch 1, and XLA's memory analysis of each program: per device, the state
+  (arguments), and the peak (arguments + outputs - donated aliases + temporaries). The
+  model is built as for a GPU (``platform='cuda'``: the original's formulation, optax's
+  LAMB) and compiled by XLA:CPU, so temporaries are the CPU compiler's estimate of that
+  program's buffers, not a GPU's.
+
+    python -m bench.run --suite=scale --out=scale.json
+    python -m bench.scale --part=memory --devices=64 --presets=language_mlm   # one part
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from typing import Dict, List
+
+from absl import app
+from absl import flags
+
+ONE_BILLION = dict(d_model=768, d_latents=2560, num_latents=256, num_self_attends=36,
+                   max_seq_len=2048, qk_channels=256, num_heads=8)
+PRESETS = ('language_mlm', 'language_mlm_plusplus', 'one_billion')
+FSDP = (1, 8, 64)
+
+
+def _model_config(preset: str):
+  from perceiver import configs  # pylint: disable=import-outside-toplevel
+  if preset == 'one_billion':
+    return configs.language(**ONE_BILLION)
+  return configs.get(preset)
+
+
+def _mesh(data: int, fsdp: int):
+  import jax  # pylint: disable=import-outside-toplevel
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  from perceiver.training import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
+  return mesh_lib.make(ml_collections.ConfigDict({'data': data, 'fsdp': fsdp}),
+                       jax.devices()[:data * fsdp])
+
+
+def time_part(preset: str, seq_len: int, warmup: int, repeats: int) -> Dict:
+  """Replicated against FSDP on all devices of this process, same model and batch."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from bench import ours  # pylint: disable=import-outside-toplevel
+  from bench import timing  # pylint: disable=import-outside-toplevel
+  from perceiver import configs  # pylint: disable=import-outside-toplevel
+  from perceiver.training import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
+  devices = jax.device_count()
+  config = configs.PRESETS[preset](max_seq_len=seq_len)   # small or tiny
+  params = ours.init_params(config, seq_len)
+  batch = ours.example_batch(devices, seq_len)
+  rows, runs = {}, {}
+  for name, (data, fsdp) in (('replicated', (devices, 1)), ('fsdp', (1, devices))):
+    mesh = _mesh(data, fsdp)
+    compiled = ours.train_step(config, params, batch, mesh=mesh)
+    runs[name] = compiled.run
+    shapes = jax.eval_shape(lambda p: p, params)
+    param_bytes = mesh_lib.per_device_bytes(shapes, mesh_lib.state_shardings(mesh, shapes))
+    rows[name] = {'mesh': mesh_lib.describe(mesh), 'per_device_param_bytes': param_bytes,
+                  'per_device_state_bytes_placed': 3 * param_bytes,
+                  'xla_memory': compiled.memory}
+  times = timing.interleaved(runs, warmup=warmup, repeats=repeats)
+  for name in rows:
+    rows[name]['step'] = timing.summary(times[name])
+  return {'preset': preset, 'seq_len': seq_len, 'devices': devices,
+          'params': sum(int(x.size) for x in jax.tree.leaves(params)), 'rows': rows,
+          'fsdp_over_replicated': (rows['fsdp']['step']['median_s'] /
+                                   rows['replicated']['step']['median_s'])}
+
+
+def memory_part(presets: List[str], fsdp_sizes: List[int]) -> List[Dict]:
+  """Compiled memory analysis of the step per preset and fsdp size (nothing runs)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from perceiver import transform  # pylint: disable=import-outside-toplevel
+  from perceiver.training import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
+  from perceiver.training import optim  # pylint: disable=import-outside-toplevel
+  from perceiver.training import step as step_lib  # pylint: disable=import-outside-toplevel
+  from train import mlm  # pylint: disable=import-outside-toplevel
+  from train.configs import mlm as mlm_configs  # pylint: disable=import-outside-toplevel
+  out = []
+  opt = mlm_configs.get_config('paper').optimizer
+  for preset in presets:
+    config = _model_config(preset)
+    seq = config.max_seq_len
+    model = transform.masked_lm(config, platform='cuda')
+    tx = optim.make(opt, platform='cuda')
+    make = step_lib.new_state_fn(
+        lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, seq), jnp.int32)), tx,
+        jax.random.PRNGKey(0))
+    shapes = jax.eval_shape(make)
+    params = sum(int(x.size) for x in jax.tree.leaves(shapes.params))
+    for fsdp in fsdp_sizes:
+      mesh = _mesh(1, fsdp)
+      shardings = step_lib.state_shardings(mesh, shapes)
+      step = step_lib.make_train_step(mlm.make_loss_fn(model, False), mlm.count_fn, tx,
+                                      optim.schedule(opt), mesh, shardings)
+      batch_sharding = mesh_lib.batch_sharding(mesh, True)
+      batch = {k: jax.ShapeDtypeStruct((1, fsdp, seq), dtype, sharding=batch_sharding)
+               for k, dtype in (('input_ids', jnp.int32), ('input_mask', jnp.int32),
+                                ('labels', jnp.int32), ('weights', jnp.float32))}
+      state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                           shapes, shardings)
+      analysis = step.lower(state, batch).compile().memory_analysis()
+      row = {'preset': preset, 'params': params, 'fsdp': fsdp, 'per_device_batch': 1,
+             'seq_len': seq,
+             'state_bytes_placed': mesh_lib.per_device_bytes(shapes, shardings)}
+      for field in ('argument', 'output', 'alias', 'temp'):
+        row[field] = int(getattr(analysis, f'{field}_size_in_bytes'))
+      row['peak'] = row['argument'] + row['output'] - row['alias'] + row['temp']
+      print(json.dumps(row), file=sys.stderr, flush=True)
+      out.append(row)
+  return out
+
+
+def placed_state(presets=PRESETS, fsdp_sizes=FSDP) -> List[Dict]:
+  """Per-device bytes of the state by the placement rules alone (``mesh.rule``; no
+  device, no compile): parameters, LAMB's two moments and the gradients, float32."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from perceiver import transform  # pylint: disable=import-outside-toplevel
+  from perceiver.training import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
+  rows = []
+  for preset in presets:
+    config = _model_config(preset)
+    model = transform.masked_lm(config, platform='cuda')
+    shapes = jax.eval_shape(lambda: model.init(
+        jax.random.PRNGKey(0), jnp.zeros((1, config.max_seq_len), jnp.int32)))
+    params = sum(int(x.size) for x in jax.tree.leaves(shapes))
+    for fsdp in fsdp_sizes:
+      shard = 0
+      for x in jax.tree.leaves(shapes):
+        spec = mesh_lib.rule(x.shape, fsdp)[1]
+        size = int(np.prod(x.shape))
+        shard += size // fsdp if 'fsdp' in tuple(spec) else size
+      rows.append({'preset': preset, 'params': params, 'fsdp': fsdp,
+                   'param_bytes': 4 * shard, 'state_and_grad_bytes': 4 * 4 * shard})
+  return rows
+
+
+def run_in_process(part: str, devices: int, **kwargs) -> object:
+  """Runs one part in a fresh process with ``devices`` simulated CPU devices."""
+  args = [sys.executable, '-m', 'bench.scale', f'--part={part}', f'--devices={devices}']
+  args += [f'--{k}={",".join(map(str, v)) if isinstance(v, (list, tuple)) else v}'
+           for k, v in kwargs.items()]
+  env = dict(os.environ, JAX_PLATFORMS='cpu',
+             XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  done = subprocess.run(args, cwd=root, env=env, stdout=subprocess.PIPE, text=True,
+                        check=True)
+  return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def measure(time_preset: str = 'small', time_seq_len: int = 128, warmup: int = 1,
+            repeats: int = 5, presets=PRESETS, fsdp_sizes=FSDP, compile_memory: bool = True
+            ) -> Dict:
+  """What ``bench.run --suite=scale`` records: the timed part, the state each device
+  holds by the placement rules, and (``compile_memory``) the compiled memory analysis,
+  which compiles the big models' steps 9 times (long on a small CPU)."""
+  result = {'time': run_in_process('time', 8, preset=time_preset, seq_len=time_seq_len,
+                                   warmup=warmup, repeats=repeats)}
+  result['placed'] = placed_state(presets, fsdp_sizes)
+  result['memory'] = run_in_process('memory', max(fsdp_sizes), presets=list(presets),
+                                    fsdp=list(fsdp_sizes)) if compile_memory else []
+  return result
+
+
+def _gb(n: int) -> str:
+  return f'{n / 2**30:.2f}'
+
+
+def render(result: Dict) -> str:
+  t = result['time']
+  lines = [f'Train step on {t["devices"]} simulated CPU devices, preset {t["preset"]} at '
+           f'{t["seq_len"]} bytes ({t["params"]:,} parameters), global batch {t["devices"]}:',
+           '| layout | median step s | spread | per-device parameter bytes | compiled '
+           'argument bytes |', '|---|---|---|---|---|']
+  for name, row in t['rows'].items():
+    lines.append(f'| {name} ({row["mesh"]}) | {row["step"]["median_s"]:.3f} | '
+                 f'{row["step"]["spread"]:.0%} | {row["per_device_param_bytes"]:,} | '
+                 f'{row["xla_memory"].get("argument", 0):,} |')
+  lines.append(f'FSDP / replicated step time: {t["fsdp_over_replicated"]:.2f}')
+  if result.get('placed'):
+    lines += ['', 'Per-device state by the placement rules (float32 parameters, 2 LAMB '
+              'moments and the gradients; GiB):',
+              '| model | parameters | fsdp | parameters | with LAMB state and gradients |',
+              '|---|---|---|---|---|']
+    for row in result['placed']:
+      lines.append(f'| {row["preset"]} | {row["params"] / 1e6:.0f}M | {row["fsdp"]} | '
+                   f'{_gb(row["param_bytes"])} | {_gb(row["state_and_grad_bytes"])} |')
+  if result.get('memory'):
+    lines += ['', 'Compiled per-device memory (GiB) of the train step, per-device batch 1, '
+              'from XLA memory analysis (nothing run):',
+              '| model | parameters | fsdp | state (arguments) | peak |', '|---|---|---|---|---|']
+    for row in result['memory']:
+      lines.append(f'| {row["preset"]} | {row["params"] / 1e6:.0f}M | {row["fsdp"]} | '
+                   f'{_gb(row["argument"])} | {_gb(row["peak"])} |')
+  return '\n'.join(lines)
+
+
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  del argv
+  import jax  # pylint: disable=import-outside-toplevel
+  if jax.device_count() != FLAGS.devices:
+    raise app.UsageError(f'--devices={FLAGS.devices} but JAX has {jax.device_count()}: start '
+                         'with XLA_FLAGS=--xla_force_host_platform_device_count=N '
+                         '(bench.run --suite=scale does)')
+  if FLAGS.part == 'time':
+    out = time_part(FLAGS.preset, FLAGS.seq_len, FLAGS.warmup, FLAGS.repeats)
+  else:
+    out = memory_part(FLAGS.presets, [int(f) for f in FLAGS.fsdp])
+  print(json.dumps(out))
+
+
+if __name__ == '__main__':
+  flags.DEFINE_enum('part', 'time', ['time', 'memory'], 'Which part to run.')
+  flags.DEFINE_integer('devices', 8, 'Simulated CPU devices this process was started with.')
+  flags.DEFINE_enum('preset', 'small', ['small', 'tiny'], 'time: model preset '
+                    '(perceiver.configs; one that takes max_seq_len).')
+  flags.DEFINE_integer('seq_len', 128, 'time: bytes per sequence.')
+  flags.DEFINE_integer('warmup', 1, 'time: untimed steps of each layout.')
+  flags.DEFINE_integer('repeats', 5, 'time: timed steps of each layout.')
+  flags.DEFINE_list('presets', list(PRESETS), 'memory: model presets (one_billion: a ~1B '
+                    'parameter configuration, ONE_BILLION).')
+  flags.DEFINE_list('fsdp', [str(f) for f in FSDP], 'memory: fsdp sizes.')
+  app.run(main)

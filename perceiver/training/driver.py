@@ -1,0 +1,151 @@
+"""One training run, whatever the task: what ``train.mlm`` and ``eval.glue`` share.
+
+A task brings its own parts: the model's loss (``loss_fn``, ``count_fn``: see
+``perceiver.training.step``), its host batches with their data positions, how it
+evaluates and what it saves (``Loop`` callbacks), and its error for a non-finite step.
+The driver owns the rest:
+
+    run = driver.Run.create(config.mesh, config.optimizer)   # mesh, platform, optimizer
+    restored = run.restore(manager, shapes, ...)            # a named result, or None
+    state = run.place(restored, shardings) or run.init(make_state)   # in its layout
+    result = run.train(loss_fn, count_fn, state, batches, ...)
+
+``Run.create`` resolves the platform once, from the mesh's devices: the optimizer (fused
+LAMB on a CPU) and the model a task builds with ``run.platform`` compute the same way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Dict, Iterator, Optional
+
+import jax
+import numpy as np
+
+from perceiver.training import feed
+from perceiver.training import hosts
+from perceiver.training import loop as loop_lib
+from perceiver.training import mesh as mesh_lib
+from perceiver.training import optim
+from perceiver.training import step as step_lib
+
+
+def check_optimizer_config(o) -> None:
+  """Refuses an ``optimizer`` block that cannot run, naming the field (ValueError); the
+  one check both commands apply. ``decay_steps`` may be 0 where the command fills it in
+  (GLUE: the run's length)."""
+
+  def need(ok, field, value, requirement):
+    if not ok:
+      raise ValueError(f'optimizer.{field} must be {requirement}, got {value!r}')
+
+  finite = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+  is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)
+  need(o.name in ('lamb', 'adamw'), 'name', o.name, "'lamb' or 'adamw'")
+  need(finite(o.learning_rate) and o.learning_rate > 0, 'learning_rate', o.learning_rate,
+       'a finite number > 0')
+  need(finite(o.weight_decay) and o.weight_decay >= 0, 'weight_decay', o.weight_decay,
+       'a finite number >= 0')
+  for field in ('b1', 'b2'):
+    need(finite(o[field]) and 0 <= o[field] < 1, field, o[field], 'in [0, 1)')
+  need(finite(o.eps) and o.eps > 0, 'eps', o.eps, 'a finite number > 0')
+  need(finite(o.clip_grad_norm), 'clip_grad_norm', o.clip_grad_norm,
+       'a finite number (<= 0 disables clipping)')
+  need(is_int(o.warmup_steps) and o.warmup_steps >= 0, 'warmup_steps', o.warmup_steps,
+       'an integer >= 0')
+  need(o.decay in ('cosine', 'linear', 'constant'), 'decay', o.decay,
+       "'cosine', 'linear' or 'constant'")
+  need(o.decay == 'constant' or (is_int(o.decay_steps) and (
+      o.decay_steps == 0 or o.decay_steps > o.warmup_steps)), 'decay_steps', o.decay_steps,
+       f'an integer > optimizer.warmup_steps ({o.warmup_steps})')
+  need(o.get('implementation', 'auto') in optim.IMPLEMENTATIONS, 'implementation',
+       o.get('implementation'), ' or '.join(repr(i) for i in optim.IMPLEMENTATIONS))
+
+
+@dataclasses.dataclass(frozen=True)
+class Restored:
+  """The checkpoint a run resumes from: host arrays and its metadata."""
+  path: str
+  step: int
+  params: Any
+  opt_state: Any
+  rng: Any
+  metadata: Dict[str, Any]
+
+
+@dataclasses.dataclass
+class Run:
+  """The mesh, the platform resolved from its devices, and the optimizer of one run."""
+  mesh: jax.sharding.Mesh
+  platform: str
+  optimizer: Any
+  learning_rate_fn: Callable
+
+  @classmethod
+  def create(cls, mesh_config, optimizer_config, devices=None) -> 'Run':
+    """ValueError naming the field when the mesh does not fit the devices."""
+    mesh = mesh_lib.make(mesh_config, devices)
+    platform = step_lib.platform(mesh.devices.flat[0])
+    return cls(mesh, platform, optim.make(optimizer_config, platform=platform),
+               optim.schedule(optimizer_config))
+
+  def shardings(self, shapes: step_lib.TrainState) -> step_lib.TrainState:
+    """The layout of a state of ``shapes`` on this run's mesh (``mesh.RULES``)."""
+    return step_lib.state_shardings(self.mesh, shapes)
+
+  def init(self, make_state: Callable[[], step_lib.TrainState]) -> step_lib.TrainState:
+    """A fresh state, created in its layout (``step.init_state``)."""
+    return step_lib.init_state(self.mesh, make_state)[0]
+
+  @staticmethod
+  def restore(manager, shapes: step_lib.TrainState, note: Callable[[str], None],
+              check: Optional[Callable] = None) -> Optional[Restored]:
+    """The newest checkpoint of ``manager`` that reads back (see
+    ``CheckpointManager.restore_latest``), or None."""
+    found = manager.restore_latest(shapes.opt_state, shapes.rng, note=note, check=check)
+    if not found:
+      return None
+    path, (params, _, metadata, opt_state, rng) = found
+    return Restored(path, int(metadata['step']), params, opt_state, rng, metadata)
+
+  def place(self, restored: Restored, shardings: step_lib.TrainState) -> step_lib.TrainState:
+    """A restored state laid out on this run's mesh (any mesh wrote it)."""
+    return mesh_lib.place(step_lib.TrainState(
+        np.asarray(restored.step, np.int32), restored.params, restored.opt_state,
+        restored.rng), shardings)
+
+  def train(self, loss_fn: Callable, count_fn: Callable, state: step_lib.TrainState,
+            shardings: step_lib.TrainState, batches: Iterator, *, accum_steps: int,
+            prefetch: int, start_step: int, stop_timeout_s: float,
+            note: Callable[[str], None], on_non_finite: Callable[[Exception], Exception],
+            **loop_kwargs) -> loop_lib.Result:
+    """Runs ``Loop`` (``loop_kwargs``: total_steps, writer, log_every, evaluate, save, ...)
+    over ``batches`` ((host batch, data position) pairs), each put on the mesh by a
+    prefetching thread, under a stop every host agrees on. A non-finite step raises
+    ``on_non_finite(error)`` (the task's error naming what it kept). Each report also
+    holds ``input_wait``: the share of its window the loop spent waiting for input."""
+    train_step = step_lib.make_train_step(loss_fn, count_fn, self.optimizer,
+                                          self.learning_rate_fn, self.mesh, shardings)
+    fed = feed.Prefetcher(batches, prefetch, prepare=lambda item: (
+        mesh_lib.shard_batch(item[0], self.mesh, accum_steps), item[1]))
+    task_report = loop_kwargs.pop('extra_report', None)
+    waited = [0.0]   # the Prefetcher's waiting time at the last report
+
+    def extra_report(step, report, window):
+      extra = dict(task_report(step, report, window)) if task_report else {}
+      # The share of the window's time the loop spent waiting for input.
+      extra['input_wait'] = (fed.waited_s - waited[0]) / max(
+          report['step_time_s'] * window.steps, 1e-9)
+      waited[0] = fed.waited_s
+      return extra
+
+    with hosts.StopAgreement(stop_timeout_s, note) as stop:
+      run = loop_lib.Loop(train_step, stop=stop, extra_report=extra_report, **loop_kwargs)
+      try:
+        return run.run(state, fed, start_step)
+      except loop_lib.NonFiniteError as e:
+        raise on_non_finite(e) from None
+      finally:
+        stop.finished()
+        fed.close()
