@@ -100,6 +100,7 @@ _MLM_CASES = [
 
 @pytest.mark.parametrize('overrides,message', _MLM_CASES,
                          ids=[','.join(c[0]) for c in _MLM_CASES])
+@pytest.mark.slow
 def test_train_mlm_refuses_bad_config_values_before_anything_runs(finished_run, overrides,
                                                                   message):
   tmp, workdir = finished_run
@@ -114,6 +115,7 @@ def test_train_mlm_refuses_bad_config_values_before_anything_runs(finished_run, 
   assert _snapshot(workdir) == before
 
 
+@pytest.mark.slow
 def test_train_mlm_names_bad_data_paths_and_rows(tmp_path):
   config = tiny_config(tmp_path, steps=2)
   config.unlock()
@@ -146,6 +148,7 @@ def test_train_mlm_names_bad_data_paths_and_rows(tmp_path):
     assert status == 1 and message in _one_error_line(stderr), stderr
 
 
+@pytest.mark.slow
 def test_train_mlm_names_an_unwritable_workdir_and_a_busy_one(finished_run, tmp_path):
   tmp, workdir = finished_run
   blocker = tmp_path / 'file'
@@ -161,6 +164,7 @@ def test_train_mlm_names_an_unwritable_workdir_and_a_busy_one(finished_run, tmp_
   assert _snapshot(workdir) == before
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_changed_batch_size_unless_allowed(finished_run, tmp_path):
   tmp, workdir = finished_run
   run = tmp_path / 'run'
@@ -217,6 +221,7 @@ def _tiny_params(config):
                                                          jnp.zeros((1, 8), jnp.int32)))
 
 
+@pytest.mark.slow
 def test_checkpoint_loaders_check_declared_sizes_and_refuse_nan(tmp_path):
   config = configs.tiny()
   params = _tiny_params(config)
@@ -295,6 +300,7 @@ def test_fill_mask_refuses_bad_spans_and_texts(tiny_checkpoint, text, spans, mes
   assert status == 1 and message in _one_error_line(stderr)
 
 
+@pytest.mark.slow
 def test_fill_mask_checks_the_text_before_the_checkpoint_and_names_bad_checkpoints(
     tiny_checkpoint):
   path, tmp = tiny_checkpoint
@@ -724,6 +730,7 @@ def test_a_checkpoint_without_a_config_is_named_by_every_command(tiny_checkpoint
     assert status == 1 and message in _one_error_line(stderr), stderr
 
 
+@pytest.mark.slow
 def test_a_resume_whose_only_checkpoint_is_corrupt_says_it_starts_over(finished_run, tmp_path,
                                                                         capsys):
   tmp, workdir = finished_run

@@ -235,6 +235,7 @@ def test_fill_mask_fills_the_marked_span(tiny_params, tmp_path):
   assert bad.returncode != 0 and '--span=' in bad.stderr and 'END <= 3' in bad.stderr
 
 
+@pytest.mark.slow
 def test_verify_released_inputs_and_mismatch_report():
   # The published example: the model card's sentence, bytes 51:60 (" missing.") masked.
   ids, mask = verify_released.published_inputs()

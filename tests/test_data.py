@@ -158,6 +158,7 @@ def test_hosts_read_disjoint_shares(tmp_path):
   assert halves[1][:2] == [b'shard 0 doc 1', b'shard 0 doc 3']
 
 
+@pytest.mark.slow
 def test_builtin_corpus_is_real_text(tmp_path):
   paths = corpus.write_stdlib_corpus(str(tmp_path))
   docs = list(data.read_documents(paths['train']))

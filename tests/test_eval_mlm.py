@@ -65,6 +65,7 @@ def _numpy_scores(params, config, batches):
   return loss / count, correct / count, counts
 
 
+@pytest.mark.slow
 def test_scores_match_a_numpy_forward_pass(tmp_path):
   ckpt, params, config = _checkpoint(tmp_path)
   data = _corpus(tmp_path)

@@ -237,6 +237,7 @@ def _check_trunk_copied(init, mlm_params):
   assert any(m.startswith('basic_decoder') for m in init.unused)
 
 
+@pytest.mark.slow
 def test_init_from_a_project_mlm_checkpoint_copies_the_trunk_exactly(tmp_path, capsys):
   config = model_configs.tiny(max_seq_len=SEQ)
   mlm_params = _tiny_mlm_params(config)

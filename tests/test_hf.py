@@ -133,6 +133,7 @@ def hf_dirs(hf_libs, tmp_path_factory):
 # --------------------------------------------------------------------------------------
 # Import: transformers -> Haiku.
 
+@pytest.mark.slow
 def test_import_matches_transformers_logits(hf_libs, hf_dirs):
   torch, _ = hf_libs
   model, directory = hf_dirs['gelu_new']
@@ -193,6 +194,7 @@ def test_released_model_tensor_names_and_shapes_match_transformers(hf_libs):
 # --------------------------------------------------------------------------------------
 # Export: Haiku -> transformers.
 
+@pytest.mark.slow
 def test_export_loads_in_transformers_with_equal_logits(hf_libs, tmp_path):
   torch, transformers = hf_libs
   config = _tiny_exportable()
@@ -497,6 +499,7 @@ def _convert(*args):
                         capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_convert_command_from_hf_and_back(hf_libs, hf_dirs, tmp_path):
   torch, transformers = hf_libs
   model, directory = hf_dirs['gelu']
@@ -517,6 +520,7 @@ def test_convert_command_from_hf_and_back(hf_libs, hf_dirs, tmp_path):
   assert _relative(ours, _theirs(torch, model, ids, mask), mask) > 2e-5
 
 
+@pytest.mark.slow
 def test_convert_command_from_deepmind_pickle(tmp_path):
   config = _tiny_exportable(num_blocks=1)
   params = _init(config, seed=5)

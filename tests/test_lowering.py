@@ -49,6 +49,7 @@ def test_reference_kernels_lower_to_the_clean_program_on_the_cpu_too():
   assert counts['conditionals'] == 0 and counts['optimization_barriers'] == 0, counts
 
 
+@pytest.mark.slow
 def test_a_model_built_without_a_platform_is_the_clean_program_everywhere():
   """A model built where the platform is not known (the library's default: e.g. built on
   a CPU host and exported for a GPU) is the original's computation: no conditional, no

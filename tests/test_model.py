@@ -116,6 +116,7 @@ def test_logits_equal_an_independent_numpy_implementation(tiny):
     np.testing.assert_allclose(logits[b], expected, rtol=2e-4, atol=2e-4)
 
 
+@pytest.mark.slow
 def test_jit_vmap_and_a_jit_over_a_mesh_give_the_eager_logits(tiny):
   _, mlm, params, ids, mask = tiny
   eager = mlm.apply(params, None, ids, mask)
@@ -130,6 +131,7 @@ def test_jit_vmap_and_a_jit_over_a_mesh_give_the_eager_logits(tiny):
   np.testing.assert_allclose(on_mesh, eager, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_appended_padding_leaves_real_positions_unchanged(tiny):
   config, mlm, params, ids, _ = tiny
   n = 20
@@ -195,6 +197,7 @@ def test_dropout_applies_only_when_training(tiny):
   assert not np.allclose(train_a, train_b, atol=1e-3)
 
 
+@pytest.mark.slow
 def test_initialisers_follow_the_original():
   params = transform.masked_lm(configs.small()).init(
       jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))
@@ -228,6 +231,7 @@ def test_bfloat16_compute_keeps_float32_params_and_tracks_float32(tiny):
   assert 0 < rel < 2e-2, rel
 
 
+@pytest.mark.slow
 def test_inference_params_give_identical_bfloat16_logits(tiny):
   config = configs.tiny()
   config.compute_dtype = 'bfloat16'

@@ -177,6 +177,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
 
 
+@pytest.mark.slow
 def test_decoding_only_masked_positions_gives_the_same_loss(tmp_path):
   config = tiny_config(tmp_path)
   from perceiver import transform
@@ -211,6 +212,7 @@ def test_config_typos_and_bad_batch_sizes_are_named(tmp_path):
     mlm.train(missing, str(tmp_path / 'm'))
 
 
+@pytest.mark.slow
 def test_resuming_with_another_model_config_is_refused(tmp_path):
   mlm.train(tiny_config(tmp_path, steps=3), str(tmp_path / 'run'))
   other = tiny_config(tmp_path, steps=6)

@@ -206,5 +206,7 @@ def test_a_second_signal_interrupts_and_the_watchdog_bounds_a_stuck_stop(tmp_pat
   stuck = subprocess.run([sys.executable, '-c', script, '1', 'once'], cwd=root,
                          capture_output=True, text=True, timeout=60)
   assert stuck.returncode == hosts.WATCHDOG_EXIT_STATUS
+  # The watchdog is 1 s; the bound leaves 29 s for the interpreter's start-up and imports
+  # (about 8 s on a loaded 2-core machine); without the watchdog the script sleeps 60 s.
   assert time.monotonic() - start < 30
   assert 'did not reach a step all hosts agree on within 1 s' in stuck.stderr

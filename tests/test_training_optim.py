@@ -48,6 +48,7 @@ def test_fused_lamb_matches_optax(clip, scale):
     np.testing.assert_allclose(a, b, rtol=2e-6, atol=1e-12)
 
 
+@pytest.mark.slow
 def test_fused_lamb_state_loads_into_the_reference_and_back():
   config = _config()
   params, grads = _params_and_grads(1.0)
@@ -89,6 +90,7 @@ def test_auto_is_the_fused_lamb_for_the_cpu_and_optax_elsewhere():
     assert program(optim.make(config, platform=platform)) == expected, platform
 
 
+@pytest.mark.slow
 def test_implementation_is_checked():
   with pytest.raises(ValueError, match='implementation'):
     optim.make(_config(implementation='nope'))

@@ -76,6 +76,7 @@ def _loss_and_grads(kernels, params, ids, mask, compute_dtype='float32'):
   return jax.jit(jax.value_and_grad(loss))(params)
 
 
+@pytest.mark.slow
 def test_the_model_under_each_kernels_setting_gives_the_same_loss_and_gradients(tiny_case):
   params, ids, mask = tiny_case
   ref_loss, ref_grads = _loss_and_grads('reference', params, ids, mask)
@@ -92,6 +93,7 @@ def test_the_model_under_each_kernels_setting_gives_the_same_loss_and_gradients(
           kernels, jax.tree_util.keystr(path), error)
 
 
+@pytest.mark.slow
 def test_bfloat16_gradients_are_as_close_to_float32_under_each_kernels_setting(tiny_case):
   """In bfloat16 the kernels round differently (xla_cpu keeps dx in float32); each is
   held to the float32 reference: as close as the reference formula's own bfloat16."""
