@@ -100,6 +100,7 @@ def finetune(data: Dict[str, tagging_data.EncodedSplit], labels: List[str],
   rng = jax.random.PRNGKey(config.seed + 1)
   shapes = jax.eval_shape(step_lib.new_state_fn(lambda: params, run.optimizer, rng))
   shardings = run.shardings(shapes)
+  driver.check_checkpoint_room(run_dir, shapes, f'--workdir ({run_dir})')
   best_manager = checkpoints.CheckpointManager(os.path.join(run_dir, 'checkpoint'), keep=1)
   resume_manager = checkpoints.CheckpointManager(os.path.join(run_dir, 'resume'), keep=1)
   settings = _settings(config, labels)

@@ -384,6 +384,27 @@ def test_eval_glue_names_a_workdir_it_cannot_create(tmp_path):
   assert blocker.read_text() == 'x'
 
 
+
+@pytest.mark.slow
+def test_eval_glue_and_tagging_refuse_to_start_without_room_for_their_checkpoints(
+    tmp_path, monkeypatch):
+  import shutil  # pylint: disable=import-outside-toplevel
+  from eval import tagging  # pylint: disable=import-outside-toplevel
+  from tests import helpers  # pylint: disable=import-outside-toplevel
+  real = shutil.disk_usage
+  monkeypatch.setattr(shutil, 'disk_usage',
+                      lambda p: real(p)._replace(free=100 * 1024))   # 100 KiB free
+  data_dir = write_task(tmp_path / 'glue', 'wnli')
+  tag_dir = helpers.write_tagging_context_task(tmp_path / 'conll', 4, num_dev=3)
+  for command, out in (
+      (lambda out: glue.run('wnli', glue_tiny_config(), str(data_dir), out), 'glue'),
+      (lambda out: tagging.run(helpers.tagging_tiny_config(), tag_dir, out), 'tagging')):
+    status, stderr = _run(lambda: command(str(tmp_path / out)))
+    line = _one_error_line(stderr)
+    assert status == 1 and line.startswith('error: --workdir (') and (
+        'the best and resume checkpoints' in line and 'has 0.1 MiB free' in line), line
+    assert not list((tmp_path / out).rglob('ckpt_*')), out
+
 # --------------------------------------------------------------------------------------
 # Flags and config files: one error line naming the flag, before anything runs.
 

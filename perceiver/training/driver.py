@@ -23,6 +23,7 @@ from typing import Any, Callable, Dict, Iterator, Optional
 import jax
 import numpy as np
 
+from perceiver import atomic
 from perceiver.training import feed
 from perceiver.training import hosts
 from perceiver.training import loop as loop_lib
@@ -61,6 +62,21 @@ def check_optimizer_config(o) -> None:
        f'an integer > optimizer.warmup_steps ({o.warmup_steps})')
   need(o.get('implementation', 'auto') in optim.IMPLEMENTATIONS, 'implementation',
        o.get('implementation'), ' or '.join(repr(i) for i in optim.IMPLEMENTATIONS))
+
+
+def check_checkpoint_room(directory: str, shapes: step_lib.TrainState, field: str) -> None:
+  """Refuses to start a fine-tuning run whose checkpoints cannot fit where they go.
+
+  Such a run keeps two: the best epoch's (parameters) and the resume one (parameters and
+  optimizer state), each written beside the one it replaces before that is removed, so
+  twice their size is needed (``perceiver.atomic.check_free_space``; checked only where
+  the filesystem reports its free space).
+  """
+  size = lambda tree: sum(int(np.prod(x.shape)) * x.dtype.itemsize
+                          for x in jax.tree.leaves(tree))
+  need = 2 * (2 * size(shapes.params) + size(shapes.opt_state))
+  atomic.check_free_space(directory, need, 'the best and resume checkpoints (each written '
+                          'beside the one it replaces)', field)
 
 
 @dataclasses.dataclass(frozen=True)
