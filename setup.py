@@ -26,6 +26,9 @@ setup(
         # read and written through the safetensors package's numpy API, no torch needed;
         # perceiver.export writes, and perceiver_load reads, an export's parameters so.
         'safetensors>=0.4',
+        # jax.export's serialization (perceiver.export writes, perceiver_load reads a
+        # serialized program); jax does not install it itself.
+        'flatbuffers>=23.0',
         # python -m train.plot: learning curves as a PNG.
         'matplotlib>=3.7',
         # eval.tagging's entity-level precision, recall and F1 (conlleval's reading).

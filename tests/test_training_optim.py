@@ -29,7 +29,10 @@ def _params_and_grads(scale):
   return params, jax.tree.unflatten(treedef, grads)
 
 
-@pytest.mark.parametrize('clip,scale', [(1.0, 1.0), (1.0, 1e-3), (0.0, 1.0)])
+# The first case in the default run; the other two (each compiles both optimizers) slow.
+@pytest.mark.parametrize('clip,scale', [pytest.param(1.0, 1.0, marks=pytest.mark.slow),
+                                        (1.0, 1e-3),
+                                        pytest.param(0.0, 1.0, marks=pytest.mark.slow)])
 def test_fused_lamb_matches_optax(clip, scale):
   """Clipping on (triggered or not) and off; weight decay on matrices only."""
   config = _config(clip_grad_norm=clip, implementation='fused')
