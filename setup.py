@@ -37,7 +37,7 @@ setup(
         'pyarrow>=14',
     ],
     extras_require={
-        'dev': ['pytest>=7'],
+        'dev': ['pytest>=7', 'pytest-xdist>=3'],
         # PyTorch interop, kept out of the core so that a JAX install does not pull in a
         # second framework: transformers' PerceiverForMaskedLM, for pytorch_model.bin
         # checkpoints (loaded in torch's weights-only mode) and for the tests and

@@ -36,6 +36,19 @@ RELEASED_ARCHITECTURE = dict(
 )
 
 
+def params_like(transformed, *inputs, seed=0, scale=0.02):
+  """Parameters of ``transformed``'s tree (names, shapes, dtypes from ``jax.eval_shape``
+  of its ``init``), filled with numpy normals of std ``scale``: the tree without
+  compiling or running the model's initialisers, for tests that need a checkpoint's
+  structure and distinct values, not the initialisers' distributions (``tests/test_model.py``
+  tests those)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  shapes = jax.eval_shape(transformed.init, jax.random.PRNGKey(0), *inputs)
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda s: (scale * rng.standard_normal(s.shape)).astype(s.dtype),
+                      shapes)
+
+
 def assert_released_architecture(model_config):
   """``model_config`` (a ConfigDict) has the released model's architecture; fields this
   project adds (dropout, compute dtype, kernels, the classifier head) are not compared."""

@@ -28,9 +28,7 @@ from perceiver import fill_mask
 from perceiver import loading
 from perceiver import transform
 from perceiver.training import checkpoints
-from tests.helpers import glue_tiny_config
-from tests.helpers import mlm_tiny_config as tiny_config
-from tests.helpers import write_glue_task as write_task
+from tests import helpers
 from train import mlm
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -64,7 +62,7 @@ def finished_run(tmp_path_factory):
   """A workdir holding a short finished pretraining run."""
   tmp = tmp_path_factory.mktemp('mlm')
   workdir = tmp / 'run'
-  mlm.train(tiny_config(tmp, steps=2, checkpoint_every=2), str(workdir))
+  mlm.train(helpers.mlm_tiny_config(tmp, steps=2, checkpoint_every=2), str(workdir))
   return tmp, workdir
 
 
@@ -105,7 +103,7 @@ def test_train_mlm_refuses_bad_config_values_before_anything_runs(finished_run, 
                                                                   message):
   tmp, workdir = finished_run
   before = _snapshot(workdir)
-  config = tiny_config(tmp, steps=4)
+  config = helpers.mlm_tiny_config(tmp, steps=4)
   config.unlock()
   for key, value in overrides.items():
     section, _, field = key.rpartition('.')
@@ -117,7 +115,7 @@ def test_train_mlm_refuses_bad_config_values_before_anything_runs(finished_run, 
 
 @pytest.mark.slow
 def test_train_mlm_names_bad_data_paths_and_rows(tmp_path):
-  config = tiny_config(tmp_path, steps=2)
+  config = helpers.mlm_tiny_config(tmp_path, steps=2)
   config.unlock()
   cases = []
   config.data.sources.gen.paths = str(tmp_path)          # a directory
@@ -153,12 +151,13 @@ def test_train_mlm_names_an_unwritable_workdir_and_a_busy_one(finished_run, tmp_
   tmp, workdir = finished_run
   blocker = tmp_path / 'file'
   blocker.write_text('x')
-  status, stderr = _run(lambda: mlm.train(tiny_config(tmp, steps=4), str(blocker / 'w')))
+  config = helpers.mlm_tiny_config(tmp, steps=4)
+  status, stderr = _run(lambda: mlm.train(config, str(blocker / 'w')))
   line = _one_error_line(stderr)
   assert status == 1 and f'--workdir={blocker / "w"}: cannot create' in line, line
   before = _snapshot(workdir)
   with checkpoints.WorkdirLock(str(workdir)):   # another run holds it
-    status, stderr = _run(lambda: mlm.train(tiny_config(tmp, steps=4), str(workdir)))
+    status, stderr = _run(lambda: mlm.train(helpers.mlm_tiny_config(tmp, steps=4), str(workdir)))
   assert status == 1 and f'{workdir} is in use by pid {os.getpid()}' in _one_error_line(
       stderr)
   assert _snapshot(workdir) == before
@@ -172,17 +171,18 @@ def test_resume_refuses_a_changed_batch_size_unless_allowed(finished_run, tmp_pa
   for name in os.listdir(workdir):
     if name.startswith('ckpt_'):
       (run / name).write_bytes((workdir / name).read_bytes())
-  status, stderr = _run(lambda: mlm.train(tiny_config(tmp, steps=4, batch_size=8), str(run)))
+  config = helpers.mlm_tiny_config(tmp, steps=4, batch_size=8)
+  status, stderr = _run(lambda: mlm.train(config, str(run)))
   assert status == 1
   assert 'written with other settings: train.batch_size' in _one_error_line(stderr)
   assert 'train.allow_changes' in stderr
-  mlm.train(tiny_config(tmp, steps=3, batch_size=8, allow_changes=True), str(run))
+  mlm.train(helpers.mlm_tiny_config(tmp, steps=3, batch_size=8, allow_changes=True), str(run))
   assert (run / 'ckpt_000000003.npz').is_file()
 
 
 @pytest.mark.slow
 def test_a_corrupt_newest_checkpoint_falls_back_to_the_one_before(tmp_path, capsys):
-  config = tiny_config(tmp_path, steps=4, checkpoint_every=2)
+  config = helpers.mlm_tiny_config(tmp_path, steps=4, checkpoint_every=2)
   workdir = tmp_path / 'run'
   mlm.train(config, str(workdir))
   straight = checkpoint.load(workdir / 'ckpt_000000004.npz')[0]
@@ -217,8 +217,7 @@ def test_a_corrupt_newest_checkpoint_falls_back_to_the_one_before(tmp_path, caps
 # Checkpoint files.
 
 def _tiny_params(config):
-  return jax.device_get(transform.masked_lm(config).init(jax.random.PRNGKey(0),
-                                                         jnp.zeros((1, 8), jnp.int32)))
+  return helpers.params_like(transform.masked_lm(config), jnp.zeros((1, 8), jnp.int32))
 
 
 @pytest.mark.slow
@@ -353,8 +352,8 @@ def test_fill_mask_command_line_takes_invalid_utf8(tiny_checkpoint):
     ({'dropout.head': 1.0}, 'dropout.head must be in [0, 1), got 1.0'),
 ])
 def test_eval_glue_refuses_bad_config_values(tmp_path, overrides, message):
-  data_dir = write_task(tmp_path / 'glue', 'wnli')
-  status, stderr = _run(lambda: glue.run('wnli', glue_tiny_config(**overrides),
+  data_dir = helpers.write_glue_task(tmp_path / 'glue', 'wnli')
+  status, stderr = _run(lambda: glue.run('wnli', helpers.glue_tiny_config(**overrides),
                                          str(data_dir), str(tmp_path / 'out')))
   assert status == 1 and message in _one_error_line(stderr)
   assert not (tmp_path / 'out').exists()
@@ -362,22 +361,22 @@ def test_eval_glue_refuses_bad_config_values(tmp_path, overrides, message):
 
 def test_eval_glue_all_checks_every_task_before_training_any(tmp_path):
   data_dir = tmp_path / 'glue'
-  write_task(data_dir, 'rte')
-  write_task(data_dir, 'wnli')
+  helpers.write_glue_task(data_dir, 'rte')
+  helpers.write_glue_task(data_dir, 'wnli')
   dev = data_dir / 'WNLI' / 'dev.tsv'
   lines = dev.read_text().splitlines()
   dev.write_text('\n'.join(lines[:3] + ['7\tonly two']) + '\n')
-  status, stderr = _run(lambda: glue.run('all', glue_tiny_config(), str(data_dir),
+  status, stderr = _run(lambda: glue.run('all', helpers.glue_tiny_config(), str(data_dir),
                                          str(tmp_path / 'out')))
   assert status == 1 and r'WNLI/dev.tsv:4: 2 columns, expected 4' in _one_error_line(stderr)
   assert not (tmp_path / 'out' / 'rte' / 'dev_metrics.json').exists()   # nothing trained
 
 
 def test_eval_glue_names_a_workdir_it_cannot_create(tmp_path):
-  data_dir = write_task(tmp_path / 'glue', 'wnli')
+  data_dir = helpers.write_glue_task(tmp_path / 'glue', 'wnli')
   blocker = tmp_path / 'file'
   blocker.write_text('x')
-  status, stderr = _run(lambda: glue.run('wnli', glue_tiny_config(), str(data_dir),
+  status, stderr = _run(lambda: glue.run('wnli', helpers.glue_tiny_config(), str(data_dir),
                                          str(blocker / 'out')))
   line = _one_error_line(stderr)
   assert status == 1 and f'--workdir={blocker / "out"}: cannot create' in line, line
@@ -390,14 +389,13 @@ def test_eval_glue_and_tagging_refuse_to_start_without_room_for_their_checkpoint
     tmp_path, monkeypatch):
   import shutil  # pylint: disable=import-outside-toplevel
   from eval import tagging  # pylint: disable=import-outside-toplevel
-  from tests import helpers  # pylint: disable=import-outside-toplevel
   real = shutil.disk_usage
   monkeypatch.setattr(shutil, 'disk_usage',
                       lambda p: real(p)._replace(free=100 * 1024))   # 100 KiB free
-  data_dir = write_task(tmp_path / 'glue', 'wnli')
+  data_dir = helpers.write_glue_task(tmp_path / 'glue', 'wnli')
   tag_dir = helpers.write_tagging_context_task(tmp_path / 'conll', 4, num_dev=3)
   for command, out in (
-      (lambda out: glue.run('wnli', glue_tiny_config(), str(data_dir), out), 'glue'),
+      (lambda out: glue.run('wnli', helpers.glue_tiny_config(), str(data_dir), out), 'glue'),
       (lambda out: tagging.run(helpers.tagging_tiny_config(), tag_dir, out), 'tagging')):
     status, stderr = _run(lambda: command(str(tmp_path / out)))
     line = _one_error_line(stderr)
@@ -760,7 +758,7 @@ def test_a_resume_whose_only_checkpoint_is_corrupt_says_it_starts_over(finished_
   newest = sorted(workdir.glob('ckpt_*.npz'))[-1]
   (run / newest.name).write_bytes(newest.read_bytes()[:1000])   # truncated
   capsys.readouterr()
-  mlm.train(tiny_config(tmp, steps=1), str(run))
+  mlm.train(helpers.mlm_tiny_config(tmp, steps=1), str(run))
   out = capsys.readouterr().out
   assert (f'{run / newest.name} does not read back' in out and
           'no other checkpoint is left: starting a new run from step 0' in out), out
@@ -810,7 +808,6 @@ def test_train_plot_names_the_line_of_a_bad_metrics_file(tmp_path, content, mess
 
 
 def test_train_plot_checks_out_before_drawing(tmp_path):
-  pytest.importorskip('matplotlib', reason='the plot extra (matplotlib) is not installed')
   from train import plot  # pylint: disable=import-outside-toplevel
   (tmp_path / 'metrics.jsonl').write_text(_GOOD_RECORD + '\n')
   blocker = tmp_path / 'file'
@@ -826,7 +823,7 @@ def test_train_mlm_refuses_to_start_without_room_for_its_checkpoints(tmp_path, m
   monkeypatch.setattr(shutil, 'disk_usage',
                       lambda p: real(p)._replace(free=100 * 1024))   # 100 KiB free
   workdir = tmp_path / 'run'
-  status, stderr = _run(lambda: mlm.train(tiny_config(tmp_path, steps=2), str(workdir)))
+  status, stderr = _run(lambda: mlm.train(helpers.mlm_tiny_config(tmp_path, steps=2), str(workdir)))
   line = _one_error_line(stderr)
   assert status == 1 and line.startswith(f'error: --workdir={workdir}: ') and (
       'more checkpoint(s) of' in line and 'has 0.1 MiB free' in line), line

@@ -20,6 +20,7 @@ from perceiver import configs
 from perceiver import fill_mask
 from perceiver import transform
 from perceiver import verify_released
+from tests import helpers
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -27,9 +28,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 @pytest.fixture(scope='module')
 def tiny_params():
   config = configs.tiny()
-  params = transform.masked_lm(config).init(jax.random.PRNGKey(0),
-                                            jnp.zeros((1, 8), jnp.int32))
-  return config, jax.tree.map(np.asarray, params)
+  return config, helpers.params_like(transform.masked_lm(config),
+                                     jnp.zeros((1, 8), jnp.int32))
 
 
 def _write_deepmind_pickle(path, params, protocol=pickle.HIGHEST_PROTOCOL):

@@ -10,7 +10,7 @@ from perceiver import tokenizer as tok_lib
 from train import corpus
 from train import data
 from train import masking
-from tests.helpers import shared_path
+from tests import helpers
 
 TOK = tok_lib.BytesTokenizer()
 
@@ -37,13 +37,13 @@ def test_readers_for_c4_jsonl_and_text(tmp_path):
 
 
 def test_real_c4_and_wikipedia_files_read_in_full():
-  c4 = shared_path('data', 'text', 'c4', 'c4-train.00000-of-01024.first1000.json.gz')
+  c4 = helpers.shared_path('data', 'text', 'c4', 'c4-train.00000-of-01024.first1000.json.gz')
   docs = list(data.read_documents(str(c4)))
   assert len(docs) == 1000
-  head = shared_path('data', 'text', 'c4', 'c4-train.00000-of-01024.head5.json')
+  head = helpers.shared_path('data', 'text', 'c4', 'c4-train.00000-of-01024.head5.json')
   expected = [json.loads(line)['text'].encode() for line in head.read_text().splitlines()]
   assert docs[:5] == expected
-  wiki = shared_path('data', 'text', 'wikipedia', 'valid.jsonl')
+  wiki = helpers.shared_path('data', 'text', 'wikipedia', 'valid.jsonl')
   assert len(list(data.read_documents(str(wiki)))) == 500
 
 

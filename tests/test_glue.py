@@ -12,7 +12,6 @@ import sys
 import time
 
 import jax
-from jax.experimental.compilation_cache import compilation_cache
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -31,36 +30,11 @@ from perceiver import transform
 from perceiver.training import mesh as mesh_lib
 from perceiver.training import step as step_lib
 from tests import helpers
-from tests.helpers import glue_dir
-from tests.helpers import released_param_shapes
 
 ROOT = helpers.ROOT
 SEQ = helpers.GLUE_SEQ
 
-_CACHE_OPTIONS = ('jax_compilation_cache_dir', 'jax_persistent_cache_min_compile_time_secs')
-
-
-@pytest.fixture(autouse=True, scope='module')
-def compilation_cache_dir(tmp_path_factory):
-  """JAX's persistent compilation cache, for this module only.
-
-  Most runs here fine-tune the same tiny model on batches of one shape: with the cache,
-  its train and predict steps compile once for the module instead of once per run
-  (about 10 s each on a 2-core CPU). What is computed does not change.
-  """
-  saved = {name: getattr(jax.config, name) for name in _CACHE_OPTIONS}
-  path = str(tmp_path_factory.mktemp('jax_cache'))
-  compilation_cache.reset_cache()
-  jax.config.update('jax_compilation_cache_dir', path)
-  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.2)
-  yield path
-  for name, value in saved.items():
-    jax.config.update(name, value)
-  compilation_cache.reset_cache()
-
-
 write_task = helpers.write_glue_task
-tiny_config = helpers.glue_tiny_config
 
 
 def read_tsv(path):
@@ -109,7 +83,7 @@ def check_task_outputs(task_name, data_dir, task_dir, has_log=True):
 
 def test_single_task_writes_consistent_outputs_and_a_loadable_best_checkpoint(tmp_path):
   data_dir = write_task(tmp_path / 'glue', 'sst2')
-  out = glue.run('sst2', tiny_config(), str(data_dir), str(tmp_path / 'out'),
+  out = glue.run('sst2', helpers.glue_tiny_config(), str(data_dir), str(tmp_path / 'out'),
                  do_predict=True)
   task_dir = tmp_path / 'out' / 'sst2'
   summary = check_task_outputs('sst2', data_dir, task_dir)
@@ -141,7 +115,8 @@ def test_single_task_writes_consistent_outputs_and_a_loadable_best_checkpoint(tm
 @pytest.mark.slow
 def test_stsb_is_a_regression_with_three_decimal_predictions(tmp_path):
   data_dir = write_task(tmp_path / 'glue', 'stsb')
-  glue.run('stsb', tiny_config(), str(data_dir), str(tmp_path / 'out'), do_predict=True)
+  glue.run('stsb', helpers.glue_tiny_config(), str(data_dir), str(tmp_path / 'out'),
+           do_predict=True)
   summary = check_task_outputs('stsb', data_dir, tmp_path / 'out' / 'stsb')
   assert set(summary['results']['stsb']) == {'pearson', 'spearman'}
   _, rows = read_tsv(tmp_path / 'out' / 'stsb' / 'dev_predictions.tsv')
@@ -159,7 +134,7 @@ def test_all_runs_the_present_tasks_and_tables_the_rest_as_missing(tmp_path, cap
   data_dir = tmp_path / 'glue'
   write_task(data_dir, 'mnli')
   write_task(data_dir, 'wnli')
-  out = glue.run('all', tiny_config(**{'train.epochs': 1}), str(data_dir),
+  out = glue.run('all', helpers.glue_tiny_config(**{'train.epochs': 1}), str(data_dir),
                  str(tmp_path / 'out'), do_predict=True)
   assert out['tasks_run'] == ['mnli', 'wnli']
   assert out['missing_tasks'] == ['cola', 'sst2', 'mrpc', 'stsb', 'qqp', 'qnli', 'rte']
@@ -186,8 +161,8 @@ def test_all_runs_the_present_tasks_and_tables_the_rest_as_missing(tmp_path, cap
 @pytest.mark.slow
 def test_sweep_runs_each_grid_point_and_keeps_the_best(tmp_path):
   data_dir = write_task(tmp_path / 'glue', 'rte')
-  glue.run('rte', tiny_config(**{'train.epochs': 1}), str(data_dir), str(tmp_path / 'out'),
-           sweep=True)
+  glue.run('rte', helpers.glue_tiny_config(**{'train.epochs': 1}), str(data_dir),
+           str(tmp_path / 'out'), sweep=True)
   task_dir = tmp_path / 'out' / 'rte'
   summary = check_task_outputs('rte', data_dir, task_dir)
   points = json.loads((task_dir / 'sweep.json').read_text())['points']
@@ -207,14 +182,9 @@ def test_sweep_runs_each_grid_point_and_keeps_the_best(tmp_path):
 # Initialisation from checkpoints.
 
 def _tiny_mlm_params(config):
-  ids = jnp.zeros((1, 8), jnp.int32)
-  init = jax.jit(transform.masked_lm(config).init)
-  params = jax.device_get(init(jax.random.PRNGKey(7), ids))
   # Distinct values, so a copy is told apart from a fresh initialisation.
-  leaves, treedef = jax.tree.flatten(params)
-  rng = np.random.default_rng(3)
-  return jax.tree.unflatten(treedef, [rng.normal(size=x.shape).astype(np.float32)
-                                      for x in leaves])
+  return helpers.params_like(transform.masked_lm(config), jnp.zeros((1, 8), jnp.int32),
+                             seed=3, scale=1.0)
 
 
 def _load_trunk(config, path):
@@ -242,13 +212,14 @@ def test_init_from_a_project_mlm_checkpoint_copies_the_trunk_exactly(tmp_path, c
   config = model_configs.tiny(max_seq_len=SEQ)
   mlm_params = _tiny_mlm_params(config)
   path = checkpoint.save(tmp_path / 'mlm.npz', mlm_params, config, step=5)
-  init = _load_trunk(tiny_config(), str(path))
+  init = _load_trunk(helpers.glue_tiny_config(), str(path))
   assert init.model_config.encoder.dropout_prob == 0.1
   assert init.model_config.classifier.head_dropout_prob == 0.1
   _check_trunk_copied(init, mlm_params)
   assert 'model config from it' in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_init_from_a_deepmind_format_pickle_copies_the_trunk_exactly(tmp_path, monkeypatch):
   config = model_configs.tiny(max_seq_len=SEQ)
   # The released pickle is the language_mlm() model; a tiny one stands in for it here.
@@ -257,7 +228,7 @@ def test_init_from_a_deepmind_format_pickle_copies_the_trunk_exactly(tmp_path, m
   path = tmp_path / 'tiny.pickle'
   with open(path, 'wb') as f:
     pickle.dump({m: dict(v) for m, v in mlm_params.items()}, f)
-  init = _load_trunk(tiny_config(), str(path))
+  init = _load_trunk(helpers.glue_tiny_config(), str(path))
   _check_trunk_copied(init, mlm_params)
 
 
@@ -275,7 +246,7 @@ def test_paper_preset_has_table_13s_settings():
 
 
 def test_the_released_checkpoints_parameters_fill_the_paper_presets_trunk():
-  released = released_param_shapes()   # the released pickle's names and shapes
+  released = helpers.released_param_shapes()   # the released pickle's names and shapes
   model_config = glue_configs.get_config('paper').model   # = configs.language_mlm()
   trunk = {f'{m}/{n}': shape for m, leaves in transfer.trunk_shapes(model_config).items()
            for n, shape in leaves.items()}
@@ -287,25 +258,25 @@ def test_the_released_checkpoints_parameters_fill_the_paper_presets_trunk():
 def test_bad_init_checkpoints_are_named(tmp_path):
   config = model_configs.tiny(max_seq_len=SEQ)
   with pytest.raises(checkpoint.CheckpointError, match='nothing.npz: no such checkpoint'):
-    _load_trunk(tiny_config(), str(tmp_path / 'nothing.npz'))
+    _load_trunk(helpers.glue_tiny_config(), str(tmp_path / 'nothing.npz'))
   params = _tiny_mlm_params(config)
   del params['perceiver_encoder/~/self_attention_1/mlp/linear']
   path = checkpoint.save(tmp_path / 'broken.npz', params, config)
   with pytest.raises(checkpoint.CheckpointError, match=(
       r'broken.npz \(the classifier trunk\) does not match the model: missing 2: '
       r'perceiver_encoder/~/self_attention_1/mlp/linear/b')):
-    _load_trunk(tiny_config(), str(path))
+    _load_trunk(helpers.glue_tiny_config(), str(path))
   params = _tiny_mlm_params(config)
   params['embed'] = {'embeddings': np.zeros((262, 16), np.float32)}
   path = checkpoint.save(tmp_path / 'misshaped.npz', params, config)
   with pytest.raises(checkpoint.CheckpointError, match=(
       r'misshaped.npz: entry params/embed/embeddings.npy has shape \[262, 16\], the model '
       r'needs \[262, 32\]')):
-    _load_trunk(tiny_config(), str(path))
+    _load_trunk(helpers.glue_tiny_config(), str(path))
   garbage = tmp_path / 'garbage.bin'
   garbage.write_bytes(b'not a checkpoint')
   with pytest.raises(checkpoint.CheckpointError, match='garbage.bin'):
-    _load_trunk(tiny_config(), str(garbage))
+    _load_trunk(helpers.glue_tiny_config(), str(garbage))
 
 
 # --------------------------------------------------------------------------------------
@@ -375,7 +346,7 @@ def test_epochs_visit_every_example_once_in_a_seeded_order():
 
 def test_bad_input_is_an_error_naming_the_file_line_task_or_field(tmp_path):
   data_dir = write_task(tmp_path / 'glue', 'rte')
-  config = tiny_config()
+  config = helpers.glue_tiny_config()
   out = str(tmp_path / 'out')
   with pytest.raises(glue.GlueError, match="unknown task 'sst-2'; known tasks: cola, sst2, "
                      'mrpc, stsb, qqp, mnli, qnli, rte, wnli, or all'):
@@ -393,10 +364,10 @@ def test_bad_input_is_an_error_naming_the_file_line_task_or_field(tmp_path):
     glue.run('all', config, str(tmp_path), out)
   with pytest.raises(glue.GlueError, match=r'train.batch_size=3 must be a positive '
                      r'multiple of devices \(1\) x train.grad_accum_steps \(2\)'):
-    glue.run('rte', tiny_config(**{'train.batch_size': 3, 'train.grad_accum_steps': 2}),
-             str(data_dir), out)
+    config = helpers.glue_tiny_config(**{'train.batch_size': 3, 'train.grad_accum_steps': 2})
+    glue.run('rte', config, str(data_dir), out)
   with pytest.raises(glue.GlueError, match=r'data.max_seq_len=100 must be in \[2, 64\]'):
-    glue.run('rte', tiny_config(**{'data.max_seq_len': 100}), str(data_dir), out)
+    glue.run('rte', helpers.glue_tiny_config(**{'data.max_seq_len': 100}), str(data_dir), out)
   dev = data_dir / 'RTE' / 'dev.tsv'
   lines = dev.read_text().splitlines()
   dev.write_text('\n'.join(lines[:3] + ['7\tonly two']) + '\n')
@@ -423,12 +394,12 @@ def test_a_finished_task_is_kept_refused_or_retrained_and_cleaning_spares_other_
   summary = {'task': 'wnli', 'results': {'wnli': {'accuracy': 0.25}}, 'wall_time_s': 1.0}
   (task_dir / 'dev_metrics.json').write_text(json.dumps(summary))
   # By default a finished task is skipped and its results reported.
-  out = glue.run('wnli', tiny_config(), str(data_dir), str(tmp_path / 'out'))
+  out = glue.run('wnli', helpers.glue_tiny_config(), str(data_dir), str(tmp_path / 'out'))
   assert out['results'] == {'wnli': {'accuracy': 0.25}}
   assert all((task_dir / name).exists() for name in ours)
   # --noresume refuses it, before touching anything.
   with pytest.raises(glue.GlueError, match='wnli already holds a finished run.*--overwrite'):
-    glue.run('wnli', tiny_config(), str(data_dir), str(tmp_path / 'out'), resume=False)
+    glue.run('wnli', helpers.glue_tiny_config(), str(data_dir), str(tmp_path / 'out'), resume=False)
   assert all((task_dir / name).exists() for name in ours)
   glue_finetune.clean_task_dir(str(task_dir))
   assert not any((task_dir / name).exists() for name in ours)
@@ -480,10 +451,12 @@ import sys
 sys.path.insert(0, {root!r})
 import jax
 from eval import glue
-from tests.helpers import glue_tiny_config as tiny_config
+from tests import helpers
 assert jax.local_device_count() == 2, jax.devices()
 for data, fsdp in ((2, 1), (1, 2)):
-  glue.run('wnli', tiny_config(**{{'train.epochs': 2, 'mesh.data': data, 'mesh.fsdp': fsdp}}),
+  config = helpers.glue_tiny_config(**{{'train.epochs': 2, 'mesh.data': data,
+                                       'mesh.fsdp': fsdp}})
+  glue.run('wnli', config,
            {data_dir!r}, {out!r} + f'/data{{data}}_fsdp{{fsdp}}')
 """
 
@@ -494,7 +467,7 @@ def test_two_devices_data_parallel_or_fsdp_give_the_one_device_run(tmp_path):
   layout draws the same masks. Batches of 8 (4 per device), 20 examples: the last batch
   of each epoch is half padding."""
   data_dir = str(write_task(tmp_path / 'glue', 'wnli', num_train=20, num_dev=9))
-  config = tiny_config(**{'train.epochs': 2})
+  config = helpers.glue_tiny_config(**{'train.epochs': 2})
   assert config.dropout.encoder > 0 and config.dropout.head > 0
   glue.run('wnli', config, data_dir, str(tmp_path / 'one'))
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2')
@@ -521,8 +494,8 @@ def test_two_devices_data_parallel_or_fsdp_give_the_one_device_run(tmp_path):
 
 @pytest.mark.slow
 def test_end_to_end_on_the_real_rte_files(tmp_path):
-  data_dir = glue_dir()
-  config = tiny_config(**{'data.max_seq_len': SEQ, 'train.batch_size': 16,
+  data_dir = helpers.glue_dir()
+  config = helpers.glue_tiny_config(**{'data.max_seq_len': SEQ, 'train.batch_size': 16,
                           'train.log_every': 100, 'eval.batch_size': 64})
   out = glue.run('rte', config, str(data_dir), str(tmp_path / 'out'))
   summary = check_task_outputs('rte', data_dir, tmp_path / 'out' / 'rte')
@@ -537,8 +510,8 @@ import sys
 import time
 sys.path.insert(0, {root!r})
 from eval import glue
-from tests.helpers import glue_tiny_config as tiny_config
-glue.run('wnli', tiny_config(**{{'train.epochs': 3, 'train.batch_size': 4,
+from tests import helpers
+glue.run('wnli', helpers.glue_tiny_config(**{{'train.epochs': 3, 'train.batch_size': 4,
                                  'eval.batch_size': 4}}), {data!r}, {out!r})
 """
 

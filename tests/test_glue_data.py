@@ -8,7 +8,7 @@ import pytest
 
 from eval import glue_data
 from perceiver import tokenizer as tok_lib
-from tests.helpers import glue_dir
+from tests import helpers
 
 TOK = tok_lib.BytesTokenizer()
 
@@ -340,7 +340,7 @@ def test_every_split_knows_its_official_row_count():
 
 @pytest.mark.parametrize('name', ['cola', 'sst2', 'mrpc', 'rte', 'stsb', 'wnli'])
 def test_real_glue_files_have_the_official_row_counts(name):
-  root = glue_dir()
+  root = helpers.glue_dir()
   task = glue_data.TASKS[name]
   for split, count in REAL_COUNTS[name].items():
     result = glue_data.load_split(root, name, split)
@@ -357,7 +357,7 @@ def test_real_glue_files_have_the_official_row_counts(name):
 
 
 def test_real_files_quirks():
-  root = glue_dir()
+  root = helpers.glue_dir()
   # MRPC train starts with a BOM; its header still matches and the first row is intact.
   assert (root / 'MRPC' / 'train.tsv').read_bytes()[:3] == b'\xef\xbb\xbf'
   first = glue_data.load_split(root, 'mrpc', 'train').examples[0]

@@ -29,7 +29,7 @@ from perceiver import hf
 from perceiver import hf_io
 from perceiver import loading
 from perceiver import transform
-from tests.helpers import released_param_shapes
+from tests import helpers
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 _SKIP = "the Hugging Face interop tests need the optional extra: pip install '.[hf]'"
@@ -186,7 +186,7 @@ def test_released_model_tensor_names_and_shapes_match_transformers(hf_libs):
   assert theirs == hf.expected_hf_shapes(config)
   assert len(theirs) == 457
   assert any('hidden_act="gelu"' in n for n in notes)
-  reference = set(released_param_shapes())
+  reference = set(helpers.released_param_shapes())
   ours = checkpoint.expected_shapes(transform.masked_lm(config), config)
   assert {f'{m}/{n}' for m, d in ours.items() for n in d} == reference
 
@@ -220,6 +220,7 @@ def test_export_loads_in_transformers_with_equal_logits(hf_libs, tmp_path):
 # --------------------------------------------------------------------------------------
 # Measured differences of transformers' port (printed for the record; run with -s).
 
+@pytest.mark.slow
 def test_measured_differences_gelu_eps_and_padded_rows(hf_libs, hf_dirs):
   torch, transformers = hf_libs
   ids, mask = _inputs()
@@ -347,7 +348,7 @@ def test_config_round_trips_through_hf_config():
 
 def test_tensor_map_is_one_to_one_over_the_released_tree():
   pairs = hf.tensor_pairs(configs.language_mlm())
-  reference = set(released_param_shapes())
+  reference = set(helpers.released_param_shapes())
   assert len(pairs) == len(reference) == 457
   assert {f'{p.module}/{p.name}' for p in pairs} == reference
   assert len({p.hf for p in pairs}) == 457

@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 
 from perceiver import configs as model_configs
-from tests.helpers import mlm_tiny_config as tiny_config
-from tests.helpers import records as _records
+from tests import helpers
 from train import mlm
 from train.configs import mlm as mlm_configs
 
@@ -32,7 +31,7 @@ def _cycles(path, seed, count):
 
 @pytest.mark.slow
 def test_held_out_accuracy_ends_above_the_context_free_baseline(tmp_path):
-  config = tiny_config(tmp_path)
+  config = helpers.mlm_tiny_config(tmp_path)
   config.unlock()
   config.data.sources = {'abc': {'paths': _cycles(tmp_path / 'train.jsonl', 0, 300),
                                  'weight': 1.0, 'text_field': 'text'}}
@@ -50,7 +49,7 @@ def test_held_out_accuracy_ends_above_the_context_free_baseline(tmp_path):
                            eval_batches=4))
   config.lock()
   mlm.train(config, str(tmp_path / 'run'))
-  held_out = _records(tmp_path / 'run', 'eval')
+  held_out = helpers.records(tmp_path / 'run', 'eval')
   first, last = held_out[0], held_out[-1]
   assert last['baseline_accuracy'] < 0.1            # about 1/26: no byte dominates
   assert last['accuracy'] > 3 * last['baseline_accuracy'], held_out

@@ -9,8 +9,7 @@ import types
 
 import pytest
 
-from tests.helpers import ROOT
-from tests.helpers import mlm_tiny_config as tiny_config
+from tests import helpers
 from train import mlm
 from train import plot
 from perceiver.training import writer as writer_lib
@@ -28,7 +27,7 @@ def _png_size(path):
 @pytest.mark.slow
 def test_plot_writes_a_png_of_a_short_run(tmp_path):
   run = tmp_path / 'run'
-  mlm.train(tiny_config(tmp_path, steps=4, log_every=1, eval_every=2), str(run))
+  mlm.train(helpers.mlm_tiny_config(tmp_path, steps=4, log_every=1, eval_every=2), str(run))
   records = [json.loads(l) for l in (run / 'metrics.jsonl').read_text().splitlines()]
   assert [r['step'] for r in records if r['kind'] == 'eval'] == [2, 4]
   assert all(r['elapsed_s'] > 0 for r in records)
@@ -37,11 +36,11 @@ def test_plot_writes_a_png_of_a_short_run(tmp_path):
       evals[-1]['accuracy'] - evals[-1]['baseline_accuracy'])
   out = tmp_path / 'curves.png'
   done = subprocess.run([sys.executable, '-m', 'train.plot', f'--workdir={run}', str(run),
-                         f'--out={out}'], cwd=ROOT, capture_output=True, text=True)
+                         f'--out={out}'], cwd=helpers.ROOT, capture_output=True, text=True)
   assert done.returncode == 0, done.stderr
   assert _png_size(out) == (1200, 800)
   bad = subprocess.run([sys.executable, '-m', 'train.plot', f'--workdir={tmp_path}/none'],
-                       cwd=ROOT, capture_output=True, text=True)
+                       cwd=helpers.ROOT, capture_output=True, text=True)
   assert bad.returncode == 1
   assert 'error: --workdir' in bad.stderr and 'no metrics.jsonl' in bad.stderr
 

@@ -166,7 +166,6 @@ def test_presets_the_paper_model_and_the_mlm_cpu_model():
 
 TRIGGERS = helpers.TAGGING_TRIGGERS
 write_context_task = helpers.write_tagging_context_task
-tiny_config = helpers.tagging_tiny_config
 
 
 def _read_conll(path):
@@ -187,7 +186,7 @@ def test_a_run_writes_predictions_that_reproduce_its_scores_and_a_loadable_check
   (tmp_path / 'data' / 'test.txt').write_text(
       (tmp_path / 'data' / 'valid.txt').read_text())
   out = tmp_path / 'out'
-  summary = tagging.run(tiny_config(), data_dir, str(out))
+  summary = tagging.run(helpers.tagging_tiny_config(), data_dir, str(out))
   assert json.loads((out / 'dev_metrics.json').read_text()) == summary
   rows = _read_conll(out / 'dev_predictions.txt')
   assert len(rows) == 30 and all(len(r) == 3 for s in rows for r in s)
@@ -208,10 +207,10 @@ def test_a_run_writes_predictions_that_reproduce_its_scores_and_a_loadable_check
                     to='hf')
   assert not (tmp_path / 'hf').exists()
   # A rerun reports the finished run; --noresume refuses it.
-  again = tagging.run(tiny_config(), data_dir, str(out))
+  again = tagging.run(helpers.tagging_tiny_config(), data_dir, str(out))
   assert again == summary
   with pytest.raises(tagging.TaggingError, match='already holds a finished run'):
-    tagging.run(tiny_config(), data_dir, str(out), resume=False)
+    tagging.run(helpers.tagging_tiny_config(), data_dir, str(out), resume=False)
 
 
 def write_conllu_task(root, num_train, num_dev):
@@ -238,7 +237,7 @@ def write_conllu_task(root, num_train, num_dev):
 def test_conllu_upos_is_scored_by_word_accuracy_from_the_written_predictions(tmp_path):
   data_dir = write_conllu_task(tmp_path / 'ud', 40, 20)
   out = tmp_path / 'out'
-  summary = tagging.run(tiny_config(**{'data.format': 'conllu', 'train.epochs': 1}),
+  summary = tagging.run(helpers.tagging_tiny_config(**{'data.format': 'conllu', 'train.epochs': 1}),
                         data_dir, str(out))
   assert summary['metric'] == 'accuracy' and 'f1' not in summary['results']
   assert summary['labels'] == ['NOUN', 'PROPN', 'VERB', 'X']
@@ -265,16 +264,16 @@ def test_bad_inputs_are_one_error_line_naming_the_file_line_field_or_checkpoint(
   out = str(tmp_path / 'out')
 
   def run(config=None, init=None, data=data_dir):
-    return _error(lambda: tagging.run(config or tiny_config(), data, out, init))
+    return _error(lambda: tagging.run(config or helpers.tagging_tiny_config(), data, out, init))
 
   assert "eval.metric='f1': expected one of auto, entity, accuracy" in run(
-      tiny_config(**{'eval.metric': 'f1'}))
+      helpers.tagging_tiny_config(**{'eval.metric': 'f1'}))
   assert "data.format='iob': expected one of conll2003, conllu" in run(
-      tiny_config(**{'data.format': 'iob'}))
+      helpers.tagging_tiny_config(**{'data.format': 'iob'}))
   assert 'data.window_overlap=64 must be smaller than the window (64 bytes)' in run(
-      tiny_config(**{'data.window_overlap': 64}))
+      helpers.tagging_tiny_config(**{'data.window_overlap': 64}))
   assert 'train.epochs must be an integer >= 1, got 0' in run(
-      tiny_config(**{'train.epochs': 0}))
+      helpers.tagging_tiny_config(**{'train.epochs': 0}))
   assert f'{tmp_path}/nope.npz: no such checkpoint' in run(init=str(tmp_path / 'nope.npz'))
   # A checkpoint without a masked-LM decoder (here: the encoder alone).
   config = model_configs.tiny(max_seq_len=64)
@@ -344,8 +343,9 @@ _RUN = """
 import sys
 sys.path.insert(0, {root!r})
 from eval import tagging
-from tests.helpers import tagging_tiny_config as tiny_config
-tagging.run(tiny_config(**{{'train.epochs': 3, 'train.batch_size': 4}}), {data!r}, {out!r})
+from tests import helpers
+tagging.run(helpers.tagging_tiny_config(**{{'train.epochs': 3, 'train.batch_size': 4}}),
+            {data!r}, {out!r})
 """
 
 

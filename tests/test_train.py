@@ -22,7 +22,6 @@ from train.configs import mlm as mlm_configs
 from tests import helpers
 
 ROOT = helpers.ROOT
-tiny_config = helpers.mlm_tiny_config
 
 
 def _params(path):
@@ -36,16 +35,16 @@ _records = helpers.records
 def test_resume_after_k_steps_is_bit_identical_to_a_straight_run(tmp_path):
   straight = tmp_path / 'straight'
   split = tmp_path / 'split'
-  mlm.train(tiny_config(tmp_path, steps=6), str(straight))
-  mlm.train(tiny_config(tmp_path, steps=3), str(split))
+  mlm.train(helpers.mlm_tiny_config(tmp_path, steps=6), str(straight))
+  mlm.train(helpers.mlm_tiny_config(tmp_path, steps=3), str(split))
   assert [r['step'] for r in _records(split)] == [1, 2, 3]
-  mlm.train(tiny_config(tmp_path, steps=6), str(split))   # resumes at step 3
+  mlm.train(helpers.mlm_tiny_config(tmp_path, steps=6), str(split))   # resumes at step 3
   a, b = _params(straight / 'ckpt_000000006.npz'), _params(split / 'ckpt_000000006.npz')
   assert jax.tree.all(jax.tree.map(np.array_equal, a, b))
   losses_straight = [r['loss'] for r in _records(straight)]
   losses_split = [r['loss'] for r in _records(split)]
   assert losses_split == losses_straight
-  opt_template = optim.make(tiny_config(tmp_path).optimizer).init(a)
+  opt_template = optim.make(helpers.mlm_tiny_config(tmp_path).optimizer).init(a)
   oa = checkpoint.load_tree(straight / 'ckpt_000000006.npz', 'opt_state', opt_template)
   ob = checkpoint.load_tree(split / 'ckpt_000000006.npz', 'opt_state', opt_template)
   assert jax.tree.all(jax.tree.map(np.array_equal, oa, ob))
@@ -53,7 +52,7 @@ def test_resume_after_k_steps_is_bit_identical_to_a_straight_run(tmp_path):
 
 @pytest.mark.slow
 def test_training_lowers_the_masked_byte_loss(tmp_path):
-  config = tiny_config(tmp_path, steps=60, log_every=20, checkpoint_every=60)
+  config = helpers.mlm_tiny_config(tmp_path, steps=60, log_every=20, checkpoint_every=60)
   mlm.train(config, str(tmp_path / 'run'))
   losses = [r['loss'] for r in _records(tmp_path / 'run')]
   assert losses[-1] < 0.6 * losses[0], losses
@@ -63,11 +62,12 @@ _TWO_DEVICE_SCRIPT = textwrap.dedent('''
     import json, pathlib, sys
     sys.path.insert(0, {root!r})
     import jax
-    from tests.helpers import mlm_tiny_config as tiny_config
+    from tests import helpers
     from train import mlm
     assert jax.local_device_count() == {devices}, jax.devices()
     tmp = pathlib.Path({tmp!r})
-    mlm.train(tiny_config(tmp, steps=3, grad_accum_steps={accum}), str(tmp / 'run{devices}{accum}'))
+    mlm.train(helpers.mlm_tiny_config(tmp, steps=3, grad_accum_steps={accum}),
+              str(tmp / 'run{devices}{accum}'))
 ''')
 
 
@@ -75,7 +75,7 @@ _TWO_DEVICE_SCRIPT = textwrap.dedent('''
 @pytest.mark.parametrize('devices,accum', [(2, 1), (1, 2)])
 def test_two_devices_or_accumulation_give_the_one_device_losses(tmp_path, devices, accum):
   reference = tmp_path / 'one'
-  mlm.train(tiny_config(tmp_path, steps=3), str(reference))
+  mlm.train(helpers.mlm_tiny_config(tmp_path, steps=3), str(reference))
   env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
   script = _TWO_DEVICE_SCRIPT.format(root=str(ROOT), devices=devices,
                                      tmp=str(tmp_path), accum=accum)
@@ -93,10 +93,10 @@ _MESH_SCRIPT = textwrap.dedent('''
     import pathlib, sys
     sys.path.insert(0, {root!r})
     import jax
-    from tests.helpers import mlm_tiny_config as tiny_config
+    from tests import helpers
     from train import mlm
     assert jax.device_count() == {devices}, jax.devices()
-    config = tiny_config(pathlib.Path({tmp!r}), steps={steps}, batch_size=8)
+    config = helpers.mlm_tiny_config(pathlib.Path({tmp!r}), steps={steps}, batch_size=8)
     config.unlock()
     config.mesh.data, config.mesh.fsdp = {data}, {fsdp}
     mlm.train(config, {workdir!r})
@@ -108,14 +108,14 @@ def test_a_checkpoint_resumes_on_any_mesh(tmp_path):
   """3 steps FSDP over 8 devices, 3 more replicated on 4, 3 more on 1 (each resuming the
   checkpoint the last wrote): the losses and parameters of 9 straight steps on one."""
   straight = tmp_path / 'straight'
-  mlm.train(tiny_config(tmp_path, steps=9, batch_size=8), str(straight))
+  mlm.train(helpers.mlm_tiny_config(tmp_path, steps=9, batch_size=8), str(straight))
   moved = tmp_path / 'moved'
   for devices, steps, data, fsdp in ((8, 3, 1, -1), (4, 6, -1, 1)):
     env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
     script = _MESH_SCRIPT.format(root=str(ROOT), devices=devices, tmp=str(tmp_path),
                                  steps=steps, data=data, fsdp=fsdp, workdir=str(moved))
     subprocess.run([sys.executable, '-c', script], cwd=ROOT, env=env, check=True)
-  mlm.train(tiny_config(tmp_path, steps=9, batch_size=8), str(moved))
+  mlm.train(helpers.mlm_tiny_config(tmp_path, steps=9, batch_size=8), str(moved))
   records = _records(moved)
   assert [r['step'] for r in records] == list(range(1, 10))
   np.testing.assert_allclose([r['loss'] for r in records],
@@ -169,7 +169,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
   monkeypatch.setattr(optim, 'make', poisoned)
   workdir = tmp_path / 'run'
   with pytest.raises(mlm.TrainingError, match='non-finite') as info:
-    mlm.train(tiny_config(tmp_path, steps=8, checkpoint_every=1), str(workdir))
+    mlm.train(helpers.mlm_tiny_config(tmp_path, steps=8, checkpoint_every=1), str(workdir))
   assert 'ckpt_000000003.npz' in str(info.value)
   steps = sorted(p.name for p in workdir.glob('ckpt_*.npz'))
   assert steps[-1] == 'ckpt_000000003.npz'
@@ -179,7 +179,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
 
 @pytest.mark.slow
 def test_decoding_only_masked_positions_gives_the_same_loss(tmp_path):
-  config = tiny_config(tmp_path)
+  config = helpers.mlm_tiny_config(tmp_path)
   from perceiver import transform
   model = transform.masked_lm(config.model)
   ids = np.random.default_rng(0).integers(6, 262, (3, 64)).astype(np.int32)
@@ -205,8 +205,9 @@ def test_config_typos_and_bad_batch_sizes_are_named(tmp_path):
   assert bad.returncode != 0 and "unknown preset 'nope'" in bad.stderr
   with pytest.raises(errors.ConfigError, match=r'train.batch_size=5 must be a positive '
                      r'multiple of devices \(1\) x train.grad_accum_steps \(2\)'):
-    mlm.train(tiny_config(tmp_path, batch_size=5, grad_accum_steps=2), str(tmp_path / 'r'))
-  missing = tiny_config(tmp_path)
+    config = helpers.mlm_tiny_config(tmp_path, batch_size=5, grad_accum_steps=2)
+    mlm.train(config, str(tmp_path / 'r'))
+  missing = helpers.mlm_tiny_config(tmp_path)
   missing.data.sources.gen.paths = str(tmp_path / 'nothing-*.jsonl')
   with pytest.raises(mlm.data_lib.DataError, match=r'data.sources.gen.paths: no file'):
     mlm.train(missing, str(tmp_path / 'm'))
@@ -214,8 +215,8 @@ def test_config_typos_and_bad_batch_sizes_are_named(tmp_path):
 
 @pytest.mark.slow
 def test_resuming_with_another_model_config_is_refused(tmp_path):
-  mlm.train(tiny_config(tmp_path, steps=3), str(tmp_path / 'run'))
-  other = tiny_config(tmp_path, steps=6)
+  mlm.train(helpers.mlm_tiny_config(tmp_path, steps=3), str(tmp_path / 'run'))
+  other = helpers.mlm_tiny_config(tmp_path, steps=6)
   other.model.encoder.num_self_attends_per_block = 3
   with pytest.raises(mlm.TrainingError, match='encoder'):
     mlm.train(other, str(tmp_path / 'run'))

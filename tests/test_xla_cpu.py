@@ -44,7 +44,7 @@ def tiny_case():
   mask = np.ones_like(ids)
   mask[1, 40:] = 0
   ids[mask == 0] = 0
-  params = transform.masked_lm(config).init(jax.random.PRNGKey(3), ids, mask)
+  params = jax.jit(transform.masked_lm(config).init)(jax.random.PRNGKey(3), ids, mask)
   # Non-trivial layer-norm and bias parameters, so their gradients are tested too.
   params = jax.tree.map(lambda p: p + 0.1 * jnp.asarray(rng.standard_normal(p.shape),
                                                         p.dtype), params)
