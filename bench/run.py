@@ -14,7 +14,8 @@ Suites:
   (``bench.accelerator``); no peer;
 - ``scale``: the step over a device mesh on simulated CPU devices: data-parallel against
   FSDP on 8 (time, per-device state bytes), and the compiled per-device memory of the
-  released model, IO++ and a ~1B configuration at fsdp 1, 8 and 64 (``bench.scale``).
+  released model, IO++ and a ~1B configuration at fsdp 1, 8 and 64, compiled at 2, 4 and
+  6 latent self-attention layers and extended to each model's depth (``bench.scale``).
 
 Ours and the peer (``PerceiverForMaskedLM`` with the same config and weights) are timed
 alternately, round by round, after warm-up; medians are reported, with each side's
@@ -61,8 +62,8 @@ flags.DEFINE_enum('lamb', 'auto', ['auto', 'fused', 'optax'],
 flags.DEFINE_string('preset', None, 'Model preset (default: language_mlm; smoke: a tiny '
                     'model).')
 flags.DEFINE_bool('scale_compile', True, 'scale suite: also compile the released model, '
-                  'IO++ and ~1B steps over 1, 8 and 64 simulated devices for XLA\'s memory '
-                  'analysis (minutes each on a small CPU).')
+                  'IO++ and ~1B steps (at 2, 4 and 6 layers) over 1, 8 and 64 simulated '
+                  'devices for XLA\'s memory analysis (about a minute each on a small CPU).')
 flags.DEFINE_float('peak_flops', 0.0, 'accelerator suite: the per-device peak FLOP/s for '
                    'MFU, instead of the table of known devices.')
 

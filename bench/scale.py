@@ -12,10 +12,17 @@ Two parts, each in a fresh process started with simulated CPU devices
   (arguments), and the peak (arguments + outputs - donated aliases + temporaries). The
   model is built as for a GPU (``platform='cuda'``: the original's formulation, optax's
   LAMB) and compiled by XLA:CPU, so temporaries are the CPU compiler's estimate of that
-  program's buffers, not a GPU's.
+  program's buffers, not a GPU's. With ``--depths=a,b[,c]`` each configuration is
+  compiled with that many latent self-attention layers instead of its own 26 or 36 (a
+  full-depth step takes XLA:CPU many minutes to compile on a small machine), and each
+  figure is extended to the full depth along the line through the first two depths: every
+  layer adds the same parameters, optimizer state and activations, so the figures are
+  linear in the depth; a third depth measures how far from linear they are
+  (``depth_fit_error``, reported).
 
     python -m bench.run --suite=scale --out=scale.json
     python -m bench.scale --part=memory --devices=64 --presets=language_mlm   # one part
+    python -m bench.scale --part=memory --devices=64 --depths=2,4,6          # by depth
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ import json
 import os
 import subprocess
 import sys
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 from absl import app
 from absl import flags
@@ -33,6 +40,8 @@ ONE_BILLION = dict(d_model=768, d_latents=2560, num_latents=256, num_self_attend
                    max_seq_len=2048, qk_channels=256, num_heads=8)
 PRESETS = ('language_mlm', 'language_mlm_plusplus', 'one_billion')
 FSDP = (1, 8, 64)
+# The depths the suite compiles at, extended to each model's own (the module docstring).
+DEPTHS = (2, 4, 6)
 
 
 def _model_config(preset: str):
@@ -80,8 +89,11 @@ def time_part(preset: str, seq_len: int, warmup: int, repeats: int) -> Dict:
                                    rows['replicated']['step']['median_s'])}
 
 
-def memory_part(presets: List[str], fsdp_sizes: List[int]) -> List[Dict]:
-  """Compiled memory analysis of the step per preset and fsdp size (nothing runs)."""
+_FIELDS = ('argument', 'output', 'alias', 'temp')
+
+
+def _compiled_memory(config, opt, fsdp: int) -> Dict:
+  """XLA's memory analysis of the train step of ``config`` over fsdp ``fsdp``, per device."""
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   from perceiver import transform  # pylint: disable=import-outside-toplevel
@@ -89,37 +101,98 @@ def memory_part(presets: List[str], fsdp_sizes: List[int]) -> List[Dict]:
   from perceiver.training import optim  # pylint: disable=import-outside-toplevel
   from perceiver.training import step as step_lib  # pylint: disable=import-outside-toplevel
   from train import mlm  # pylint: disable=import-outside-toplevel
+  seq = config.max_seq_len
+  model = transform.masked_lm(config, platform='cuda')
+  tx = optim.make(opt, platform='cuda')
+  make = step_lib.new_state_fn(
+      lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, seq), jnp.int32)), tx,
+      jax.random.PRNGKey(0))
+  shapes = jax.eval_shape(make)
+  mesh = _mesh(1, fsdp)
+  shardings = step_lib.state_shardings(mesh, shapes)
+  step = step_lib.make_train_step(mlm.make_loss_fn(model, False), mlm.count_fn, tx,
+                                  optim.schedule(opt), mesh, shardings)
+  batch_sharding = mesh_lib.batch_sharding(mesh, True)
+  batch = {k: jax.ShapeDtypeStruct((1, fsdp, seq), dtype, sharding=batch_sharding)
+           for k, dtype in (('input_ids', jnp.int32), ('input_mask', jnp.int32),
+                            ('labels', jnp.int32), ('weights', jnp.float32))}
+  state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                       shapes, shardings)
+  analysis = step.lower(state, batch).compile().memory_analysis()
+  row = {'params': sum(int(x.size) for x in jax.tree.leaves(shapes.params)),
+         'state_bytes_placed': mesh_lib.per_device_bytes(shapes, shardings)}
+  for field in _FIELDS:
+    row[field] = int(getattr(analysis, f'{field}_size_in_bytes'))
+  return row
+
+
+def _placed_bytes(config, opt, fsdp: int) -> int:
+  """Per-device bytes of parameters and optimizer state by the placement rules alone."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from perceiver import transform  # pylint: disable=import-outside-toplevel
+  from perceiver.training import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
+  from perceiver.training import optim  # pylint: disable=import-outside-toplevel
+  from perceiver.training import step as step_lib  # pylint: disable=import-outside-toplevel
+  model = transform.masked_lm(config, platform='cuda')
+  make = step_lib.new_state_fn(
+      lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32)),
+      optim.make(opt, platform='cuda'), jax.random.PRNGKey(0))
+  shapes = jax.eval_shape(make)
+  return mesh_lib.per_device_bytes(shapes, step_lib.state_shardings(_mesh(1, fsdp), shapes))
+
+
+def _peak(row: Dict) -> int:
+  return row['argument'] + row['output'] - row['alias'] + row['temp']
+
+
+def extend_to_depth(rows: Dict[int, Dict], depth: int) -> Dict:
+  """The figures at ``depth`` on the line through the two smallest measured depths of
+  ``rows`` ({depth: figures}); with a third depth, ``depth_fit_error``: the largest
+  relative distance of its peak from that line."""
+  (d0, r0), (d1, r1) = sorted(rows.items())[:2]
+  line = lambda key, d: r0[key] + (r1[key] - r0[key]) * (d - d0) / (d1 - d0)
+  out = {key: int(round(line(key, depth)))
+         for key in ('params', 'state_bytes_placed') + _FIELDS}
+  out['peak'] = _peak(out)
+  out['measured_depths'] = sorted(rows)
+  if len(rows) > 2:
+    errors = []
+    for d, r in sorted(rows.items())[2:]:
+      fitted = _peak({key: line(key, d) for key in _FIELDS})
+      errors.append(abs(fitted - _peak(r)) / _peak(r))
+    out['depth_fit_error'] = max(errors)
+  return out
+
+
+def memory_part(presets: List[str], fsdp_sizes: List[int],
+                depths: Optional[List[int]] = None) -> List[Dict]:
+  """Compiled memory analysis of the step per preset and fsdp size (nothing runs), at the
+  presets' own depth or extended from ``depths`` (see the module docstring)."""
   from train.configs import mlm as mlm_configs  # pylint: disable=import-outside-toplevel
   out = []
   opt = mlm_configs.get_config('paper').optimizer
   for preset in presets:
     config = _model_config(preset)
-    seq = config.max_seq_len
-    model = transform.masked_lm(config, platform='cuda')
-    tx = optim.make(opt, platform='cuda')
-    make = step_lib.new_state_fn(
-        lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, seq), jnp.int32)), tx,
-        jax.random.PRNGKey(0))
-    shapes = jax.eval_shape(make)
-    params = sum(int(x.size) for x in jax.tree.leaves(shapes.params))
+    full_depth = config.encoder.num_self_attends_per_block
     for fsdp in fsdp_sizes:
-      mesh = _mesh(1, fsdp)
-      shardings = step_lib.state_shardings(mesh, shapes)
-      step = step_lib.make_train_step(mlm.make_loss_fn(model, False), mlm.count_fn, tx,
-                                      optim.schedule(opt), mesh, shardings)
-      batch_sharding = mesh_lib.batch_sharding(mesh, True)
-      batch = {k: jax.ShapeDtypeStruct((1, fsdp, seq), dtype, sharding=batch_sharding)
-               for k, dtype in (('input_ids', jnp.int32), ('input_mask', jnp.int32),
-                                ('labels', jnp.int32), ('weights', jnp.float32))}
-      state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                           shapes, shardings)
-      analysis = step.lower(state, batch).compile().memory_analysis()
-      row = {'preset': preset, 'params': params, 'fsdp': fsdp, 'per_device_batch': 1,
-             'seq_len': seq,
-             'state_bytes_placed': mesh_lib.per_device_bytes(shapes, shardings)}
-      for field in ('argument', 'output', 'alias', 'temp'):
-        row[field] = int(getattr(analysis, f'{field}_size_in_bytes'))
-      row['peak'] = row['argument'] + row['output'] - row['alias'] + row['temp']
+      head = {'preset': preset, 'fsdp': fsdp, 'per_device_batch': 1,
+              'seq_len': config.max_seq_len, 'depth': full_depth}
+      if not depths:
+        row = dict(head, **_compiled_memory(config, opt, fsdp))
+        row['peak'] = _peak(row)
+      else:
+        measured = {}
+        for depth in depths:
+          shallow = config.copy_and_resolve_references()
+          shallow.encoder.num_self_attends_per_block = depth
+          measured[depth] = _compiled_memory(shallow, opt, fsdp)
+          print(json.dumps(dict(head, depth=depth, **measured[depth])), file=sys.stderr,
+                flush=True)
+        row = dict(head, **extend_to_depth(measured, full_depth))
+        # What the placement rules give at the full depth, exactly (no compile): the
+        # extension must meet it.
+        row['state_bytes_placed_exact'] = _placed_bytes(config, opt, fsdp)
       print(json.dumps(row), file=sys.stderr, flush=True)
       out.append(row)
   return out
@@ -165,16 +238,17 @@ def run_in_process(part: str, devices: int, **kwargs) -> object:
 
 
 def measure(time_preset: str = 'small', time_seq_len: int = 128, warmup: int = 1,
-            repeats: int = 5, presets=PRESETS, fsdp_sizes=FSDP, compile_memory: bool = True
-            ) -> Dict:
+            repeats: int = 5, presets=PRESETS, fsdp_sizes=FSDP, compile_memory: bool = True,
+            depths=DEPTHS) -> Dict:
   """What ``bench.run --suite=scale`` records: the timed part, the state each device
   holds by the placement rules, and (``compile_memory``) the compiled memory analysis,
   which compiles the big models' steps 9 times (long on a small CPU)."""
   result = {'time': run_in_process('time', 8, preset=time_preset, seq_len=time_seq_len,
                                    warmup=warmup, repeats=repeats)}
   result['placed'] = placed_state(presets, fsdp_sizes)
+  extra = {'depths': list(depths)} if depths else {}
   result['memory'] = run_in_process('memory', max(fsdp_sizes), presets=list(presets),
-                                    fsdp=list(fsdp_sizes)) if compile_memory else []
+                                    fsdp=list(fsdp_sizes), **extra) if compile_memory else []
   return result
 
 
@@ -204,10 +278,14 @@ def render(result: Dict) -> str:
   if result.get('memory'):
     lines += ['', 'Compiled per-device memory (GiB) of the train step, per-device batch 1, '
               'from XLA memory analysis (nothing run):',
-              '| model | parameters | fsdp | state (arguments) | peak |', '|---|---|---|---|---|']
+              '| model | parameters | fsdp | state (arguments) | peak | compiled at depths | '
+              'depth fit error |', '|---|---|---|---|---|---|---|']
     for row in result['memory']:
+      depths = ','.join(map(str, row.get('measured_depths', [row.get('depth')])))
+      fit = row.get('depth_fit_error')
       lines.append(f'| {row["preset"]} | {row["params"] / 1e6:.0f}M | {row["fsdp"]} | '
-                   f'{_gb(row["argument"])} | {_gb(row["peak"])} |')
+                   f'{_gb(row["argument"])} | {_gb(row["peak"])} | {depths} | '
+                   f'{"" if fit is None else f"{fit:.2%}"} |')
   return '\n'.join(lines)
 
 
@@ -224,7 +302,8 @@ def main(argv):
   if FLAGS.part == 'time':
     out = time_part(FLAGS.preset, FLAGS.seq_len, FLAGS.warmup, FLAGS.repeats)
   else:
-    out = memory_part(FLAGS.presets, [int(f) for f in FLAGS.fsdp])
+    out = memory_part(FLAGS.presets, [int(f) for f in FLAGS.fsdp],
+                      [int(d) for d in FLAGS.depths] if FLAGS.depths else None)
   print(json.dumps(out))
 
 
@@ -239,4 +318,7 @@ if __name__ == '__main__':
   flags.DEFINE_list('presets', list(PRESETS), 'memory: model presets (one_billion: a ~1B '
                     'parameter configuration, ONE_BILLION).')
   flags.DEFINE_list('fsdp', [str(f) for f in FSDP], 'memory: fsdp sizes.')
+  flags.DEFINE_list('depths', None, 'memory: compile at these numbers of latent '
+                    'self-attention layers (2 or more, ascending) and extend to the full '
+                    'depth (see the module docstring); default: the full depth.')
   app.run(main)

@@ -149,3 +149,32 @@ def test_targets_on_hand_made_results():
       'train step mixed bf16 b1: speedup vs transformers': None,
       'forward+backward float32 b1: fraction of matmul peak': False,
   }
+
+
+def test_scale_extends_compiled_figures_along_the_depth_line():
+  from bench import scale  # pylint: disable=import-outside-toplevel
+  # Figures linear in the depth: 100 + 10 d arguments, 50 + 7 d temporaries, ...
+  row = lambda d, bump=0: {'params': 1000 + 300 * d, 'state_bytes_placed': 90 + 9 * d,
+                           'argument': 100 + 10 * d, 'output': 100 + 10 * d,
+                           'alias': 90 + 9 * d, 'temp': 50 + 7 * d + bump}
+  out = scale.extend_to_depth({4: row(4), 2: row(2)}, 26)
+  assert out['params'] == 1000 + 300 * 26 and out['temp'] == 50 + 7 * 26
+  assert out['peak'] == (100 + 260) + (100 + 260) - (90 + 234) + (50 + 182)
+  assert out['measured_depths'] == [2, 4] and 'depth_fit_error' not in out
+  # A third depth 12 bytes above the line: its peak (160 + 160 - 144 + 92 + 12 = 280) is
+  # 12/280 away from the fitted one.
+  out = scale.extend_to_depth({2: row(2), 4: row(4), 6: row(6, bump=12)}, 26)
+  assert out['temp'] == 50 + 7 * 26
+  assert math.isclose(out['depth_fit_error'], 12 / 280)
+
+
+def test_scale_placed_state_of_the_released_model():
+  """201,108,230 parameters (the released checkpoint's count); replicated, each device
+  holds them with LAMB's two moments and the gradients, 16 bytes each; fsdp 8 splits
+  every matrix, so a device holds a little over an eighth."""
+  from bench import scale  # pylint: disable=import-outside-toplevel
+  one, eight = scale.placed_state(['language_mlm'], [1, 8])
+  assert one['params'] == eight['params'] == 201_108_230
+  assert one['param_bytes'] == 4 * 201_108_230
+  assert one['state_and_grad_bytes'] == 16 * 201_108_230
+  assert one['param_bytes'] / 8 < eight['param_bytes'] < one['param_bytes'] / 7.9
