@@ -15,9 +15,10 @@ Two parts, each in a fresh process started with simulated CPU devices
   program's buffers, not a GPU's. With ``--depths=a,b[,c]`` each configuration is
   compiled with that many latent self-attention layers instead of its own 26 or 36 (a
   full-depth step takes XLA:CPU many minutes to compile on a small machine), and each
-  figure is extended to the full depth along the line through the first two depths: every
-  layer adds the same parameters, optimizer state and activations, so the figures are
-  linear in the depth; a third depth measures how far from linear they are
+  figure is extended to the full depth along the line through the two largest depths:
+  every layer adds the same parameters, optimizer state and activations, so the figures
+  are close to linear in the depth (the parameters and state exactly; the compiler's
+  temporaries less so); a third, smaller depth measures how far from that line they are
   (``depth_fit_error``, reported).
 
     python -m bench.run --suite=scale --out=scale.json
@@ -147,10 +148,11 @@ def _peak(row: Dict) -> int:
 
 
 def extend_to_depth(rows: Dict[int, Dict], depth: int) -> Dict:
-  """The figures at ``depth`` on the line through the two smallest measured depths of
-  ``rows`` ({depth: figures}); with a third depth, ``depth_fit_error``: the largest
-  relative distance of its peak from that line."""
-  (d0, r0), (d1, r1) = sorted(rows.items())[:2]
+  """The figures at ``depth`` on the line through the two largest measured depths of
+  ``rows`` ({depth: figures}: the nearest to ``depth``); with more depths,
+  ``depth_fit_error``: the largest relative distance of their peaks from that line."""
+  ordered = sorted(rows.items())
+  (d0, r0), (d1, r1) = ordered[-2:]
   line = lambda key, d: r0[key] + (r1[key] - r0[key]) * (d - d0) / (d1 - d0)
   out = {key: int(round(line(key, depth)))
          for key in ('params', 'state_bytes_placed') + _FIELDS}
@@ -158,7 +160,7 @@ def extend_to_depth(rows: Dict[int, Dict], depth: int) -> Dict:
   out['measured_depths'] = sorted(rows)
   if len(rows) > 2:
     errors = []
-    for d, r in sorted(rows.items())[2:]:
+    for d, r in ordered[:-2]:
       fitted = _peak({key: line(key, d) for key in _FIELDS})
       errors.append(abs(fitted - _peak(r)) / _peak(r))
     out['depth_fit_error'] = max(errors)

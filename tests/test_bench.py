@@ -161,11 +161,11 @@ def test_scale_extends_compiled_figures_along_the_depth_line():
   assert out['params'] == 1000 + 300 * 26 and out['temp'] == 50 + 7 * 26
   assert out['peak'] == (100 + 260) + (100 + 260) - (90 + 234) + (50 + 182)
   assert out['measured_depths'] == [2, 4] and 'depth_fit_error' not in out
-  # A third depth 12 bytes above the line: its peak (160 + 160 - 144 + 92 + 12 = 280) is
-  # 12/280 away from the fitted one.
-  out = scale.extend_to_depth({2: row(2), 4: row(4), 6: row(6, bump=12)}, 26)
-  assert out['temp'] == 50 + 7 * 26
-  assert math.isclose(out['depth_fit_error'], 12 / 280)
+  # A third, smaller depth 12 bytes above the line: its peak (110 + 110 - 99 + 57 + 12 =
+  # 190) is 12/190 away from the fitted one; the line itself is the larger two's.
+  out = scale.extend_to_depth({1: row(1, bump=12), 2: row(2), 4: row(4)}, 26)
+  assert out['temp'] == 50 + 7 * 26 and out['measured_depths'] == [1, 2, 4]
+  assert math.isclose(out['depth_fit_error'], 12 / 190)
 
 
 def test_scale_placed_state_of_the_released_model():
