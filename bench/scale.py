@@ -84,6 +84,7 @@ def memory_part(presets: List[str], fsdp_sizes: List[int]) -> List[Dict]:
   """Compiled memory analysis of the step per preset and fsdp size (nothing runs)."""
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from perceiver import layers  # pylint: disable=import-outside-toplevel
   from perceiver import transform  # pylint: disable=import-outside-toplevel
   from perceiver.training import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
   from perceiver.training import optim  # pylint: disable=import-outside-toplevel
@@ -95,7 +96,7 @@ def memory_part(presets: List[str], fsdp_sizes: List[int]) -> List[Dict]:
   for preset in presets:
     config = _model_config(preset)
     seq = config.max_seq_len
-    model = transform.masked_lm(config, platform='cuda')
+    model = transform.masked_lm(config, compute=layers.Compute.resolve(config, 'cuda'))
     tx = optim.make(opt, platform='cuda')
     make = step_lib.new_state_fn(
         lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, seq), jnp.int32)), tx,
@@ -131,12 +132,13 @@ def placed_state(presets=PRESETS, fsdp_sizes=FSDP) -> List[Dict]:
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
+  from perceiver import layers  # pylint: disable=import-outside-toplevel
   from perceiver import transform  # pylint: disable=import-outside-toplevel
   from perceiver.training import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
   rows = []
   for preset in presets:
     config = _model_config(preset)
-    model = transform.masked_lm(config, platform='cuda')
+    model = transform.masked_lm(config, compute=layers.Compute.resolve(config, 'cuda'))
     shapes = jax.eval_shape(lambda: model.init(
         jax.random.PRNGKey(0), jnp.zeros((1, config.max_seq_len), jnp.int32)))
     params = sum(int(x.size) for x in jax.tree.leaves(shapes))

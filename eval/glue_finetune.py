@@ -97,13 +97,13 @@ def finetune(task: glue_data.Task, data: Dict[str, glue_inputs.EncodedSplit],
   total = config.train.epochs * steps_per_epoch
   opt_config = _optimizer_config(config, learning_rate, total)
   try:
-    run = driver.Run.create(config.mesh, opt_config, jax.local_devices())
+    run = driver.Run.create(config.mesh, opt_config, trunk.model_config, jax.local_devices())
   except ValueError as e:
     raise GlueError(str(e)) from None
   mesh = run.mesh
   devices = mesh.devices.size
   eval_batch = glue_inputs.round_up(config.eval.batch_size, devices)
-  model = transform.classifier(trunk.model_config, task.num_outputs, platform=run.platform)
+  model = run.build(transform.classifier, task.num_outputs)
   params = transfer.classifier_params(model, trunk, config.seed, train.length, log.note)
   log.note(f'  {len(train)} train examples, batch {batch_size} ({devices} device(s) x '
            f'{layout["accum"]} accumulation step(s)), {steps_per_epoch} steps/epoch x '
@@ -257,7 +257,7 @@ def grid(config, sweep: bool):
 def _predict_test(task, data, trunk, params, config, out_dir, log) -> List[str]:
   mesh = make_mesh(config)
   model = transform.classifier(trunk.model_config, task.num_outputs,
-                               platform=step_lib.platform(mesh.devices.flat[0]))
+                               compute=driver.compute_for(trunk.model_config, mesh.devices))
   shardings = mesh_lib.state_shardings(mesh, params)
   predict_step = step_lib.make_predict_step(glue_task.make_predict_fn(model), mesh, shardings)
   placed = mesh_lib.place(params, shardings)

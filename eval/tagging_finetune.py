@@ -83,13 +83,13 @@ def finetune(data: Dict[str, tagging_data.EncodedSplit], labels: List[str],
   total = config.train.epochs * steps_per_epoch
   opt_config = _optimizer_config(config, total)
   try:
-    run = driver.Run.create(config.mesh, opt_config, jax.local_devices())
+    run = driver.Run.create(config.mesh, opt_config, trunk.model_config, jax.local_devices())
   except ValueError as e:
     raise TaggingError(str(e)) from None
   mesh = run.mesh
   devices = mesh.devices.size
   eval_batch = tagging_data.round_up(config.eval.batch_size, devices)
-  model = transform.token_classifier(trunk.model_config, len(labels), platform=run.platform)
+  model = run.build(transform.token_classifier, len(labels))
   params = transfer.classifier_params(model, trunk, config.seed, train.length, log.note)
   log.note(f'  {len(train)} train windows ({train.num_words} words), batch {batch_size} '
            f'({devices} device(s) x {layout["accum"]} accumulation step(s)), '
