@@ -74,6 +74,7 @@ from perceiver import cli
 from perceiver import transfer
 from perceiver.training import checkpoints
 from perceiver.training import driver
+from perceiver.training import epochs
 from perceiver.training import writer as writer_lib
 
 _CONFIG_FILE = os.path.join(os.path.dirname(__file__), 'configs', 'glue.py')
@@ -138,17 +139,6 @@ def _task_names(task: str, data_dir: str):
   return [task], []
 
 
-def _read_finished(task_dir: str) -> Optional[Dict[str, Any]]:
-  path = os.path.join(task_dir, FINISHED)
-  if not os.path.exists(path):
-    return None
-  try:
-    with open(path, encoding='utf-8') as f:
-      return json.load(f)
-  except (OSError, ValueError) as e:
-    raise GlueError(f'{path}: unreadable ({e}); pass --overwrite to retrain the task') from None
-
-
 def run(task: str, config, data_dir: str, workdir: str, init_checkpoint: Optional[str] = None,
         *, do_predict: bool = False, sweep: bool = False, overwrite: bool = False,
         resume: bool = True, log: Optional[writer_lib.RunLog] = None) -> Dict[str, Any]:
@@ -173,10 +163,8 @@ def run(task: str, config, data_dir: str, workdir: str, init_checkpoint: Optiona
   to_train = []
   for name in names:
     task_dir = os.path.join(workdir, name)
-    finished = None if overwrite else _read_finished(task_dir)
-    if finished is not None and not resume:
-      raise GlueError(f'{task_dir} already holds a finished run ({FINISHED}); pass '
-                      '--overwrite to replace it, or --resume to keep it')
+    finished = epochs.finished_summary(task_dir, resume=resume, overwrite=overwrite,
+                                       error=GlueError)
     if finished is not None:
       summaries[name] = finished
     else:

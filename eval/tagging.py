@@ -61,11 +61,12 @@ from perceiver import checkpoint
 from perceiver import cli
 from perceiver import transfer
 from perceiver.training import checkpoints
+from perceiver.training import epochs
 from perceiver.training import host_memory
 from perceiver.training import writer as writer_lib
 
 _CONFIG_FILE = os.path.join(os.path.dirname(__file__), 'configs', 'tagging.py')
-FINISHED = 'dev_metrics.json'
+FINISHED = epochs.FINISHED
 
 TaggingError = tagging_finetune.TaggingError
 Stopped = tagging_finetune.Stopped
@@ -121,29 +122,7 @@ _OUTPUTS = (FINISHED, 'metrics.jsonl', 'log.txt', 'dev_predictions.txt',
 
 def clean(workdir: str) -> None:
   """Removes what an earlier run of this command left in ``workdir``; nothing else."""
-  for name in _OUTPUTS:
-    path = os.path.join(workdir, name)
-    if os.path.isfile(path):
-      os.remove(path)
-  for sub in ('checkpoint', 'resume'):
-    folder = os.path.join(workdir, sub)
-    if os.path.isdir(folder):
-      for name in os.listdir(folder):
-        if name.startswith('ckpt_'):
-          os.remove(os.path.join(folder, name))
-      if not os.listdir(folder):
-        os.rmdir(folder)
-
-
-def _read_finished(workdir: str) -> Optional[Dict[str, Any]]:
-  path = os.path.join(workdir, FINISHED)
-  if not os.path.exists(path):
-    return None
-  try:
-    with open(path, encoding='utf-8') as f:
-      return json.load(f)
-  except (OSError, ValueError) as e:
-    raise TaggingError(f'{path}: unreadable ({e}); pass --overwrite to retrain') from None
+  epochs.remove_outputs(workdir, lambda name: name in _OUTPUTS)
 
 
 def _subset(split: tagging_data.Split, cap: int, seed: int, log) -> tagging_data.Split:
@@ -177,10 +156,8 @@ def run(config, data_dir: str, workdir: str, init_checkpoint: Optional[str] = No
     raise TaggingError(f'eval.tagging runs on one host (with all of its devices); this is '
                        f'host {jax.process_index()} of {jax.process_count()}')
   check_config(config)
-  finished = None if overwrite else _read_finished(workdir)
-  if finished is not None and not resume:
-    raise TaggingError(f'{workdir} already holds a finished run ({FINISHED}); pass '
-                       '--overwrite to replace it, or --resume to keep it')
+  finished = epochs.finished_summary(workdir, resume=resume, overwrite=overwrite,
+                                     error=TaggingError)
   if finished is not None:
     log.note(f'{os.path.join(workdir, FINISHED)}: finished earlier (main score '
              f'{finished["main_score"]:.4f}); --overwrite retrains it')

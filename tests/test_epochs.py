@@ -1,0 +1,63 @@
+"""What the fine-tuning commands share (perceiver.training.epochs): seeded epochs and their
+exact resume, a finished run's summary, and cleaning up a run's outputs. The run itself
+(``epochs.train``) is tested through both commands (tests/test_glue.py,
+tests/test_tagging.py)."""
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+
+from perceiver.training import epochs
+
+
+class _Error(Exception):
+  pass
+
+
+def _rows(start_step, steps):
+  walk = epochs.seeded_epochs(5, 2, seed=7, start_step=start_step,
+                              make_batch=lambda rows: {'rows': rows})
+  return [(batch['rows'].tolist(), step) for batch, step in itertools.islice(walk, steps)]
+
+
+def test_seeded_epochs_visit_every_example_once_and_resume_exactly():
+  run = _rows(0, 6)      # 5 examples in batches of 2: 3 steps an epoch (the last short)
+  assert [step for _, step in run] == [1, 2, 3, 4, 5, 6]
+  for epoch in (run[:3], run[3:]):
+    assert [len(rows) for rows, _ in epoch] == [2, 2, 1]
+    assert sorted(sum((rows for rows, _ in epoch), [])) == [0, 1, 2, 3, 4]
+  # Each epoch's order is seeded by [seed, epoch]: numpy's own permutation of it.
+  for epoch, steps in ((1, run[:3]), (2, run[3:])):
+    order = np.random.default_rng([7, epoch]).permutation(5).tolist()
+    assert sum((rows for rows, _ in steps), []) == order
+  # From step 4 (mid-way into the second epoch's batches too) the same batches follow.
+  assert _rows(4, 2) == run[4:]
+
+
+def test_a_finished_summary_is_reported_refused_or_left_for_retraining(tmp_path):
+  kwargs = dict(resume=True, overwrite=False, error=_Error)
+  assert epochs.finished_summary(str(tmp_path), **kwargs) is None
+  (tmp_path / epochs.FINISHED).write_text(json.dumps({'main_score': 0.5}))
+  assert epochs.finished_summary(str(tmp_path), **kwargs) == {'main_score': 0.5}
+  assert epochs.finished_summary(str(tmp_path), resume=False, overwrite=True,
+                                 error=_Error) is None
+  with pytest.raises(_Error, match='already holds a finished run.*--overwrite'):
+    epochs.finished_summary(str(tmp_path), resume=False, overwrite=False, error=_Error)
+  (tmp_path / epochs.FINISHED).write_text('{"main_score"')
+  with pytest.raises(_Error, match=r'dev_metrics.json: unreadable .*--overwrite'):
+    epochs.finished_summary(str(tmp_path), **kwargs)
+
+
+def test_remove_outputs_spares_what_the_run_did_not_write(tmp_path):
+  ours = ['metrics.jsonl', 'checkpoint/ckpt_000000004.npz', 'resume/ckpt_000000002.npz']
+  theirs = ['notes.txt', 'checkpoint/README', 'point/metrics.jsonl']
+  for name in ours + theirs:
+    (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / name).write_text('x')
+  epochs.remove_outputs(str(tmp_path), lambda name: name == 'metrics.jsonl')
+  assert not any((tmp_path / name).exists() for name in ours)
+  assert all((tmp_path / name).exists() for name in theirs)
+  assert not (tmp_path / 'resume').exists() and (tmp_path / 'checkpoint').is_dir()
+  epochs.remove_outputs(str(tmp_path / 'missing'), lambda name: True)   # nothing to do
