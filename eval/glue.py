@@ -73,7 +73,6 @@ from eval import metrics as metrics_lib
 from perceiver import cli
 from perceiver import transfer
 from perceiver.training import checkpoints
-from perceiver.training import driver
 from perceiver.training import epochs
 from perceiver.training import writer as writer_lib
 
@@ -101,23 +100,11 @@ def _check_task_arg(task: str):
 
 def check_config(config) -> None:
   """Refuses settings that cannot run, naming the field, before anything is read."""
-  for field, value, low in (('train.epochs', config.train.epochs, 1),
-                            ('train.log_every', config.train.log_every, 1),
-                            ('train.grad_accum_steps', config.train.grad_accum_steps, 1),
-                            ('train.checkpoint_every', config.train.checkpoint_every, 0),
-                            ('eval.batch_size', config.eval.batch_size, 1),
-                            ('data.length_multiple', config.data.length_multiple, 1),
-                            ('data.max_train_examples', config.data.max_train_examples, 0),
-                            ('data.encode_chunk', config.data.encode_chunk, 1)):
-    if not isinstance(value, int) or value < low:
-      raise GlueError(f'{field} must be an integer >= {low}, got {value!r}')
-  try:
-    driver.check_optimizer_config(config.optimizer)
-  except ValueError as e:
-    raise GlueError(str(e)) from None
-  for field in ('encoder', 'head'):
-    if not 0 <= config.dropout[field] < 1:
-      raise GlueError(f'dropout.{field} must be in [0, 1), got {config.dropout[field]!r}')
+  epochs.check_config(config, (('train.epochs', 1), ('train.log_every', 1),
+                               ('train.grad_accum_steps', 1), ('train.checkpoint_every', 0),
+                               ('eval.batch_size', 1), ('data.length_multiple', 1),
+                               ('data.max_train_examples', 0), ('data.encode_chunk', 1)),
+                      GlueError)
   for batch_size, lr, field in glue_finetune.grid(config, sweep=True) + glue_finetune.grid(config, sweep=False):
     if batch_size < 1:
       raise GlueError(f'{field} must hold batch sizes >= 1, got {batch_size}')

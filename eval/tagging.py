@@ -41,7 +41,6 @@ Outputs in ``--workdir``:
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 import time
@@ -74,34 +73,18 @@ Stopped = tagging_finetune.Stopped
 
 def check_config(config) -> None:
   """Refuses settings that cannot run, naming the field, before anything is read."""
-  for field, value, low in (('train.epochs', config.train.epochs, 1),
-                            ('train.batch_size', config.train.batch_size, 1),
-                            ('train.log_every', config.train.log_every, 1),
-                            ('train.grad_accum_steps', config.train.grad_accum_steps, 1),
-                            ('train.checkpoint_every', config.train.checkpoint_every, 0),
-                            ('eval.batch_size', config.eval.batch_size, 1),
-                            ('data.max_seq_len', config.data.max_seq_len, 0),
-                            ('data.window_overlap', config.data.window_overlap, 0),
-                            ('data.length_multiple', config.data.length_multiple, 1),
-                            ('data.max_train_sentences', config.data.max_train_sentences, 0)):
-    if not isinstance(value, int) or isinstance(value, bool) or value < low:
-      raise TaggingError(f'{field} must be an integer >= {low}, got {value!r}')
+  epochs.check_config(config, (('train.epochs', 1), ('train.batch_size', 1),
+                               ('train.log_every', 1), ('train.grad_accum_steps', 1),
+                               ('train.checkpoint_every', 0), ('eval.batch_size', 1),
+                               ('data.max_seq_len', 0), ('data.window_overlap', 0),
+                               ('data.length_multiple', 1), ('data.max_train_sentences', 0)),
+                      TaggingError)
   if config.data.format not in tagging_data.FORMATS:
     raise TaggingError(f'data.format={config.data.format!r}: expected one of '
                        f'{", ".join(tagging_data.FORMATS)}')
   if config.eval.metric not in tagging_task.METRICS:
     raise TaggingError(f'eval.metric={config.eval.metric!r}: expected one of '
                        f'{", ".join(tagging_task.METRICS)}')
-  for field in ('learning_rate', 'weight_decay', 'eps'):
-    value = config.optimizer[field]
-    if not value >= 0 or not math.isfinite(value):
-      raise TaggingError(f'optimizer.{field} must be a finite number >= 0, got {value!r}')
-  if not config.optimizer.learning_rate > 0:
-    raise TaggingError(f'optimizer.learning_rate must be > 0, got '
-                       f'{config.optimizer.learning_rate!r}')
-  for field in ('encoder', 'head'):
-    if not 0 <= config.dropout[field] < 1:
-      raise TaggingError(f'dropout.{field} must be in [0, 1), got {config.dropout[field]!r}')
 
 
 def resolve_window(config, model_config) -> int:

@@ -9,6 +9,7 @@ import json
 import numpy as np
 import pytest
 
+from eval.configs import tagging as tagging_configs
 from perceiver.training import epochs
 
 
@@ -61,3 +62,21 @@ def test_remove_outputs_spares_what_the_run_did_not_write(tmp_path):
   assert all((tmp_path / name).exists() for name in theirs)
   assert not (tmp_path / 'resume').exists() and (tmp_path / 'checkpoint').is_dir()
   epochs.remove_outputs(str(tmp_path / 'missing'), lambda name: True)   # nothing to do
+
+
+@pytest.mark.parametrize('field,value,message', [
+    ('train.epochs', 0, 'train.epochs must be an integer >= 1, got 0'),
+    ('train.epochs', True, 'train.epochs must be an integer >= 1, got True'),
+    ('optimizer.b2', 1.0, r'optimizer.b2 must be in \[0, 1\), got 1.0'),
+    ('optimizer.learning_rate', float('nan'), 'optimizer.learning_rate must be a finite'),
+    ('dropout.head', 1.0, r'dropout.head must be in \[0, 1\), got 1.0'),
+])
+def test_check_config_names_the_field(field, value, message):
+  """Both commands' shared settings, on tagging's config (GLUE's is tested through
+  eval.glue in tests/test_bad_inputs.py)."""
+  config = tagging_configs.get_config('smoke')
+  epochs.check_config(config, (('train.epochs', 1),), _Error)   # as it comes: runs
+  section, name = field.split('.')
+  config[section][name] = value
+  with pytest.raises(_Error, match=message):
+    epochs.check_config(config, (('train.epochs', 1),), _Error)

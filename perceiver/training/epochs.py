@@ -8,8 +8,8 @@ and at the end score the best epoch again to write its predictions. ``train`` do
 that; a task brings its model's loss and predictions, its batches, how it scores an epoch
 (``Scored``) and what it writes from the best epoch. The pieces the two share beside it:
 ``seeded_epochs`` and ``predict`` (the task's batches differ only in their fields),
-``finished_summary`` and ``remove_outputs`` (a finished run is reported, refused or
-retrained the same way).
+``check_config`` (the settings both configs hold), ``finished_summary`` and
+``remove_outputs`` (a finished run is reported, refused or retrained the same way).
 """
 
 from __future__ import annotations
@@ -77,7 +77,29 @@ def predict(predict_step: Callable, params: Any, num_examples: int, batch_size: 
 
 
 # --------------------------------------------------------------------------------------
-# A finished run, and cleaning up after one.
+# Settings, a finished run, and cleaning up after one.
+
+def check_config(config, integers: Sequence[Tuple[str, int]],
+                 error: Callable[[str], Exception]) -> None:
+  """Refuses what every fine-tuning config holds and cannot run with, naming the field
+  (``error(message)``): each of ``integers`` (a dotted field and its least value) must be
+  an integer (not a bool) at least that; the ``optimizer`` block must run
+  (``driver.check_optimizer_config``, the one check every command applies); the encoder's
+  and the head's dropout must be in [0, 1)."""
+  for field, low in integers:
+    value = config
+    for part in field.split('.'):
+      value = value[part]
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+      raise error(f'{field} must be an integer >= {low}, got {value!r}')
+  try:
+    driver.check_optimizer_config(config.optimizer)
+  except ValueError as e:
+    raise error(str(e)) from None
+  for field in ('encoder', 'head'):
+    if not 0 <= config.dropout[field] < 1:
+      raise error(f'dropout.{field} must be in [0, 1), got {config.dropout[field]!r}')
+
 
 def finished_summary(directory: str, *, resume: bool, overwrite: bool,
                      error: Callable[[str], Exception]) -> Optional[Dict[str, Any]]:
