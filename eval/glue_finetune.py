@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import shutil
 import time
 from typing import Any, Dict, List, Optional
 
 import jax
-import ml_collections
 
 from eval import glue_data
 from eval import glue_inputs
@@ -30,7 +28,6 @@ from perceiver import transfer
 from perceiver import transform
 from perceiver.training import driver
 from perceiver.training import epochs
-from perceiver.training import hosts
 from perceiver.training import mesh as mesh_lib
 from perceiver.training import step as step_lib
 from perceiver.training import writer as writer_lib
@@ -59,13 +56,6 @@ class RunResult:
   params: Any
 
 
-def _optimizer_config(config, learning_rate: float, total_steps: int):
-  opt = ml_collections.ConfigDict(config.optimizer.to_dict())
-  opt.learning_rate = float(learning_rate)
-  opt.decay_steps = opt.decay_steps or total_steps
-  return opt
-
-
 def _run_settings(config, batch_size, learning_rate) -> Dict[str, Any]:
   """What a resumed run must share with the run it continues."""
   return {'config': json.loads(config.to_json()), 'batch_size': int(batch_size),
@@ -87,28 +77,13 @@ def finetune(task: glue_data.Task, data: Dict[str, glue_inputs.EncodedSplit],
   """
   start_time = time.time()
   train = data['train']
-  try:
-    layout = hosts.batch_layout(batch_size, config.train.grad_accum_steps, batch_field,
-                                'train.grad_accum_steps')
-  except ValueError as e:
-    raise GlueError(str(e)) from None
-  steps_per_epoch = math.ceil(len(train) / batch_size)
-  total = config.train.epochs * steps_per_epoch
-  opt_config = _optimizer_config(config, learning_rate, total)
-  try:
-    run = driver.Run.create(config.mesh, opt_config, trunk.model_config, jax.local_devices())
-  except ValueError as e:
-    raise GlueError(str(e)) from None
-  mesh = run.mesh
-  devices = mesh.devices.size
+  plan = epochs.plan(config, trunk.model_config, len(train), batch_size=batch_size,
+                     learning_rate=learning_rate, error=GlueError, batch_field=batch_field)
+  run, mesh, devices = plan.run, plan.run.mesh, plan.run.mesh.devices.size
   eval_batch = glue_inputs.round_up(config.eval.batch_size, devices)
   model = run.build(transform.classifier, task.num_outputs)
   params = transfer.classifier_params(model, trunk, config.seed, train.length, log.note)
-  log.note(f'  {len(train)} train examples, batch {batch_size} ({devices} device(s) x '
-           f'{layout["accum"]} accumulation step(s)), {steps_per_epoch} steps/epoch x '
-           f'{config.train.epochs} epochs = {total} steps; learning rate {learning_rate:g} '
-           f'({opt_config.name}, warm-up {opt_config.warmup_steps}, {opt_config.decay} decay '
-           f'to step {opt_config.decay_steps})')
+  log.note(f'  {len(train)} train examples, {plan.describe()}')
 
   def score(epoch, predict_step, params):
     results, loss, _, _ = glue_task.evaluate(task, data, predict_step, params, eval_batch,
@@ -132,10 +107,9 @@ def finetune(task: glue_data.Task, data: Dict[str, glue_inputs.EncodedSplit],
         report['step_time_s'] * window.steps, 1e-9)}
 
   outcome = epochs.train(
-      run, params=params, seed=config.seed, run_dir=run_dir, log=log,
+      plan, params=params, seed=config.seed, run_dir=run_dir, log=log,
       settings=_run_settings(config, batch_size, learning_rate), resume=resume,
-      error=GlueError, epochs=config.train.epochs, steps_per_epoch=steps_per_epoch,
-      accum_steps=layout['accum'], train_config=config.train,
+      error=GlueError, train_config=config.train,
       loss_fn=glue_task.make_loss_fn(model, task.is_regression), count_fn=glue_task.count_fn,
       predict_fn=glue_task.make_predict_fn(model),
       batches=lambda start: glue_inputs.train_batches(train, batch_size, config.seed, start),
@@ -145,7 +119,7 @@ def finetune(task: glue_data.Task, data: Dict[str, glue_inputs.EncodedSplit],
       'task': task.name, 'results': best['results'], 'main_score': best['score'],
       'best_epoch': best['epoch'], 'best_step': best['step'], 'checkpoint': best['path'],
       'epochs': outcome.history, 'batch_size': batch_size,
-      'learning_rate': float(learning_rate), 'total_steps': total,
+      'learning_rate': float(learning_rate), 'total_steps': plan.total_steps,
       'num_examples': {name: len(enc) for name, enc in data.items()},
       'num_truncated': {name: enc.num_truncated for name, enc in data.items()},
       'padded_length': {name: enc.length for name, enc in data.items()},

@@ -15,8 +15,6 @@ import os
 import time
 from typing import Any, Dict, List
 
-import jax
-import ml_collections
 
 from eval import glue_io
 from eval import tagging_data
@@ -25,9 +23,7 @@ from eval import tagging_task
 from perceiver import errors
 from perceiver import transfer
 from perceiver import transform
-from perceiver.training import driver
 from perceiver.training import epochs
-from perceiver.training import hosts
 from perceiver.training import writer as writer_lib
 
 
@@ -36,12 +32,6 @@ class TaggingError(errors.UserError, RuntimeError):
 
 
 Stopped = epochs.Stopped
-
-
-def _optimizer_config(config, total_steps: int):
-  opt = ml_collections.ConfigDict(config.optimizer.to_dict())
-  opt.decay_steps = opt.decay_steps or total_steps
-  return opt
 
 
 def _settings(config, labels) -> Dict[str, Any]:
@@ -69,29 +59,13 @@ def finetune(data: Dict[str, tagging_data.EncodedSplit], labels: List[str],
   """
   start_time = time.time()
   train, batch_size = data['train'], config.train.batch_size
-  try:
-    layout = hosts.batch_layout(batch_size, config.train.grad_accum_steps,
-                                'train.batch_size', 'train.grad_accum_steps')
-  except ValueError as e:
-    raise TaggingError(str(e)) from None
-  steps_per_epoch = tagging_inputs.steps_per_epoch(train, batch_size)
-  total = config.train.epochs * steps_per_epoch
-  opt_config = _optimizer_config(config, total)
-  try:
-    run = driver.Run.create(config.mesh, opt_config, trunk.model_config, jax.local_devices())
-  except ValueError as e:
-    raise TaggingError(str(e)) from None
-  mesh = run.mesh
-  devices = mesh.devices.size
+  plan = epochs.plan(config, trunk.model_config, len(train), batch_size=batch_size,
+                     learning_rate=config.optimizer.learning_rate, error=TaggingError)
+  run, mesh, devices = plan.run, plan.run.mesh, plan.run.mesh.devices.size
   eval_batch = tagging_data.round_up(config.eval.batch_size, devices)
   model = run.build(transform.token_classifier, len(labels))
   params = transfer.classifier_params(model, trunk, config.seed, train.length, log.note)
-  log.note(f'  {len(train)} train windows ({train.num_words} words), batch {batch_size} '
-           f'({devices} device(s) x {layout["accum"]} accumulation step(s)), '
-           f'{steps_per_epoch} steps/epoch x {config.train.epochs} epochs = {total} steps; '
-           f'learning rate {opt_config.learning_rate:g} ({opt_config.name}, warm-up '
-           f'{opt_config.warmup_steps}, {opt_config.decay} decay to step '
-           f'{opt_config.decay_steps})')
+  log.note(f'  {len(train)} train windows ({train.num_words} words), {plan.describe()}')
 
   def score(epoch, predict_step, params):
     result, loss, _ = evaluate_split(predict_step, params, data['dev'], labels, metric,
@@ -115,10 +89,9 @@ def finetune(data: Dict[str, tagging_data.EncodedSplit], labels: List[str],
     return outputs
 
   outcome = epochs.train(
-      run, params=params, seed=config.seed, run_dir=run_dir, log=log,
+      plan, params=params, seed=config.seed, run_dir=run_dir, log=log,
       settings=_settings(config, labels), resume=resume, error=TaggingError,
-      epochs=config.train.epochs, steps_per_epoch=steps_per_epoch,
-      accum_steps=layout['accum'], train_config=config.train,
+      train_config=config.train,
       loss_fn=tagging_task.make_loss_fn(model), count_fn=tagging_task.count_fn,
       predict_fn=tagging_task.make_predict_fn(model),
       batches=lambda start: tagging_inputs.train_batches(train, batch_size, config.seed,
@@ -129,8 +102,8 @@ def finetune(data: Dict[str, tagging_data.EncodedSplit], labels: List[str],
       'results': outputs['dev'], 'test_results': outputs.get('test'), 'metric': metric,
       'main_score': best['score'], 'best_epoch': best['epoch'], 'best_step': best['step'],
       'checkpoint': best['path'], 'epochs': outcome.history, 'labels': list(labels),
-      'batch_size': batch_size, 'learning_rate': float(opt_config.learning_rate),
-      'total_steps': total,
+      'batch_size': batch_size, 'learning_rate': float(plan.optimizer.learning_rate),
+      'total_steps': plan.total_steps,
       'num_sentences': {n: len(enc.sentences) for n, enc in data.items()},
       'num_words': {n: enc.num_words for n, enc in data.items()},
       'num_windows': {n: len(enc) for n, enc in data.items()},

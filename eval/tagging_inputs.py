@@ -7,7 +7,6 @@ is the step count alone, so a resumed run sees exactly the batches it would have
 
 from __future__ import annotations
 
-import math
 from typing import Dict, Iterator, Tuple
 
 import numpy as np
@@ -37,10 +36,6 @@ def host_batch(split: tagging_data.EncodedSplit, rows: np.ndarray, size: int
   batch['labels'][:n] = split.labels[rows]
   batch['weights'][:n] = split.weights[rows]
   return batch
-
-
-def steps_per_epoch(split: tagging_data.EncodedSplit, batch_size: int) -> int:
-  return math.ceil(len(split) / batch_size)
 
 
 def train_batches(split: tagging_data.EncodedSplit, batch_size: int, seed: int,

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from eval.configs import tagging as tagging_configs
+from perceiver import configs as perceiver_configs
 from perceiver.training import epochs
 
 
@@ -80,3 +81,23 @@ def test_check_config_names_the_field(field, value, message):
   config[section][name] = value
   with pytest.raises(_Error, match=message):
     epochs.check_config(config, (('train.epochs', 1),), _Error)
+
+
+def test_plan_sets_the_run_length_the_decay_and_the_compute():
+  """10 examples in batches of 4: 3 steps an epoch; the smoke preset's 10 epochs are 30
+  steps, which the learning rate decays to (its ``decay_steps`` is 0); the model computes
+  as this CPU does best (the driver's compute)."""
+  config = tagging_configs.get_config('smoke')
+  assert config.optimizer.decay_steps == 0 and config.train.epochs == 10
+  plan = epochs.plan(config, perceiver_configs.tiny(), 10, batch_size=4, learning_rate=0.5,
+                     error=_Error)
+  assert (plan.steps_per_epoch, plan.total_steps, plan.accum_steps) == (3, 30, 1)
+  assert plan.optimizer.decay_steps == 30 and plan.optimizer.learning_rate == 0.5
+  assert config.optimizer.decay_steps == 0                       # the config is untouched
+  assert plan.run.compute.kernels == 'xla_cpu'
+  assert plan.describe().startswith('batch 4 (1 device(s) x 1 accumulation step(s)), '
+                                    '3 steps/epoch x 10 epochs = 30 steps; learning rate 0.5')
+  config.train.grad_accum_steps = 3
+  with pytest.raises(_Error, match='sweep.batch_sizes=4 must be a positive multiple'):
+    epochs.plan(config, perceiver_configs.tiny(), 10, batch_size=4, learning_rate=0.5,
+                error=_Error, batch_field='sweep.batch_sizes')

@@ -7,9 +7,10 @@ checkpoint (parameters, optimizer state, the history so far) that a rerun contin
 and at the end score the best epoch again to write its predictions. ``train`` does all of
 that; a task brings its model's loss and predictions, its batches, how it scores an epoch
 (``Scored``) and what it writes from the best epoch. The pieces the two share beside it:
-``seeded_epochs`` and ``predict`` (the task's batches differ only in their fields),
-``check_config`` (the settings both configs hold), ``finished_summary`` and
-``remove_outputs`` (a finished run is reported, refused or retrained the same way).
+``plan`` (the run's driver, batch layout and length), ``seeded_epochs`` and ``predict``
+(the task's batches differ only in their fields), ``check_config`` (the settings both
+configs hold), ``finished_summary`` and ``remove_outputs`` (a finished run is reported,
+refused or retrained the same way).
 """
 
 from __future__ import annotations
@@ -21,11 +22,13 @@ import shutil
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import jax
+import ml_collections
 import numpy as np
 
 from perceiver import checkpoint
 from perceiver.training import checkpoints
 from perceiver.training import driver
+from perceiver.training import hosts
 from perceiver.training import mesh as mesh_lib
 from perceiver.training import step as step_lib
 from perceiver.training import writer as writer_lib
@@ -149,6 +152,56 @@ def remove_outputs(directory: str, is_output: Callable[[str], bool]) -> None:
 # The run.
 
 @dataclasses.dataclass(frozen=True)
+class Plan:
+  """A fine-tuning run's shape: its driver (mesh, compute, optimizer), the batch
+  layout, and its length."""
+  run: driver.Run
+  batch_size: int
+  accum_steps: int
+  epochs: int
+  steps_per_epoch: int
+  optimizer: ml_collections.ConfigDict   # as it runs: learning rate and decay_steps set
+
+  @property
+  def total_steps(self) -> int:
+    return self.epochs * self.steps_per_epoch
+
+  def describe(self) -> str:
+    """One log line's worth: the batch layout, the length and the learning rate."""
+    o = self.optimizer
+    return (f'batch {self.batch_size} ({self.run.mesh.devices.size} device(s) x '
+            f'{self.accum_steps} accumulation step(s)), {self.steps_per_epoch} steps/epoch '
+            f'x {self.epochs} epochs = {self.total_steps} steps; learning rate '
+            f'{o.learning_rate:g} ({o.name}, warm-up {o.warmup_steps}, {o.decay} decay to '
+            f'step {o.decay_steps})')
+
+
+def plan(config, model_config, num_examples: int, *, batch_size: int, learning_rate: float,
+         error: Callable[[str], Exception], batch_field: str = 'train.batch_size') -> Plan:
+  """The run of ``config`` (a fine-tuning config: ``train``, ``optimizer``, ``mesh``) for
+  ``num_examples`` training examples at ``batch_size`` and ``learning_rate``, on this
+  host's devices, the model of ``model_config`` computing as they do best
+  (``driver.Run.create``). The learning rate decays to the run's last step unless
+  ``optimizer.decay_steps`` says otherwise. A batch or mesh that does not fit is
+  ``error(message)`` naming the field (``batch_field`` for the batch size)."""
+  try:
+    layout = hosts.batch_layout(batch_size, config.train.grad_accum_steps, batch_field,
+                                'train.grad_accum_steps')
+  except ValueError as e:
+    raise error(str(e)) from None
+  steps_per_epoch = -(-num_examples // batch_size)
+  optimizer = ml_collections.ConfigDict(config.optimizer.to_dict())
+  optimizer.learning_rate = float(learning_rate)
+  optimizer.decay_steps = optimizer.decay_steps or config.train.epochs * steps_per_epoch
+  try:
+    run = driver.Run.create(config.mesh, optimizer, model_config, jax.local_devices())
+  except ValueError as e:
+    raise error(str(e)) from None
+  return Plan(run, batch_size, layout['accum'], config.train.epochs, steps_per_epoch,
+              optimizer)
+
+
+@dataclasses.dataclass(frozen=True)
 class Scored:
   """One epoch's dev scores, as a task computes them."""
   score: float                 # the selection score: the best epoch has the highest
@@ -169,15 +222,14 @@ class Outcome:
   rescored: Any
 
 
-def train(run: driver.Run, *, params: Any, seed: int, run_dir: str,
+def train(plan: Plan, *, params: Any, seed: int, run_dir: str,
           log: writer_lib.RunLog, settings: Dict[str, Any], resume: bool,
-          error: Callable[[str], Exception], epochs: int, steps_per_epoch: int,
-          accum_steps: int, train_config, loss_fn: Callable, count_fn: Callable,
+          error: Callable[[str], Exception], train_config, loss_fn: Callable, count_fn: Callable,
           predict_fn: Callable, batches: Callable[[int], Iterator],
           score: Callable[[int, Callable, Any], Scored],
           rescore_best: Callable[[Callable, Any], Any],
           extra_report: Optional[Callable] = None) -> Outcome:
-  """Trains ``params`` for ``epochs`` epochs on ``run``, scoring dev after each.
+  """Trains ``params`` as ``plan`` says, scoring dev after each epoch.
 
   Writes under ``run_dir``: the best epoch's checkpoint (``checkpoint/``), a resume
   checkpoint after every epoch and every ``train_config.checkpoint_every`` steps
@@ -197,7 +249,7 @@ def train(run: driver.Run, *, params: Any, seed: int, run_dir: str,
   Raises:
     Stopped: a signal stopped the run (its state is saved).
   """
-  total = epochs * steps_per_epoch
+  run, steps_per_epoch, total = plan.run, plan.steps_per_epoch, plan.total_steps
   rng = jax.random.PRNGKey(seed + 1)
   shapes = jax.eval_shape(step_lib.new_state_fn(lambda: params, run.optimizer, rng))
   shardings = run.shardings(shapes)
@@ -213,7 +265,7 @@ def train(run: driver.Run, *, params: Any, seed: int, run_dir: str,
     start_step = restored.step
     history, best = restored.metadata['history'], restored.metadata['best']
     log.note(f'  resuming from {restored.path} at step {start_step} (epoch '
-             f'{start_step // steps_per_epoch} of {epochs} done)')
+             f'{start_step // steps_per_epoch} of {plan.epochs} done)')
     state = run.place(restored, shardings)
   else:
     state = step_lib.state_from_params(params, run.optimizer, rng, shardings)
@@ -245,7 +297,7 @@ def train(run: driver.Run, *, params: Any, seed: int, run_dir: str,
             **(extra_report(step, report, window) if extra_report else {})}
 
   result = run.train(
-      loss_fn, count_fn, state, shardings, batches(start_step), accum_steps=accum_steps,
+      loss_fn, count_fn, state, shardings, batches(start_step), accum_steps=plan.accum_steps,
       prefetch=2, start_step=start_step, stop_timeout_s=train_config.stop_timeout_s,
       note=log.note,
       on_non_finite=lambda e: error(
