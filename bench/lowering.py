@@ -21,6 +21,7 @@ from jax import export
 import jax.numpy as jnp
 
 from perceiver import configs
+from perceiver import layers
 from perceiver import transform
 from train import mlm
 from perceiver.training import optim
@@ -54,7 +55,8 @@ def train_step_text(model_config, platform: str, batch_size: int = 1,
   """
   seq_len = model_config.max_seq_len
   mesh = mesh or mesh_lib.make(devices=jax.devices()[:1])
-  model = transform.masked_lm(model_config, platform=platform if resolve else None)
+  model = transform.masked_lm(
+      model_config, compute=layers.Compute.resolve(model_config, platform if resolve else None))
   optimizer_config = optimizer_config or mlm_configs.get_config('paper').optimizer
   tx = optim.make(optimizer_config, platform=platform if resolve else None)
   make = step_lib.new_state_fn(

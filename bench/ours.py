@@ -22,6 +22,7 @@ from perceiver import flops
 from perceiver import transform
 from train import masking
 from train import mlm
+from perceiver.training import driver
 from perceiver.training import optim
 from perceiver.training import mesh as mesh_lib
 from perceiver.training import step as step_lib
@@ -84,7 +85,7 @@ def example_batch(batch: int, seq_len: int, seed: int = 0) -> Dict[str, np.ndarr
 
 def init_params(config, seq_len: int):
   """Float32 parameters (the same tree at every precision)."""
-  model = transform.masked_lm(config, platform=step_lib.platform())
+  model = transform.masked_lm(config, compute=driver.compute_for(config, jax.local_devices()))
   return model.init(jax.random.PRNGKey(0), jnp.zeros((1, seq_len), jnp.int32))
 
 
@@ -110,7 +111,7 @@ def forward(config, params, batch) -> Compiled:
   In bfloat16 the dense weights are cast once beforehand (``transform.inference_params``:
   the same values the model's per-call casts produce, so the logits are identical).
   """
-  model = transform.masked_lm(config, platform=step_lib.platform())
+  model = transform.masked_lm(config, compute=driver.compute_for(config, jax.local_devices()))
   params = transform.inference_params(params, config)
   fn = jax.jit(lambda p, ids, mask: model.apply(p, None, ids, mask))
   ids, mask = jnp.asarray(batch['input_ids']), jnp.asarray(batch['input_mask'])
@@ -120,7 +121,7 @@ def forward(config, params, batch) -> Compiled:
 
 
 def _loss(config):
-  model = transform.masked_lm(config, platform=step_lib.platform())
+  model = transform.masked_lm(config, compute=driver.compute_for(config, jax.local_devices()))
   loss_fn = mlm.make_loss_fn(model, decode_masked_only=False)
 
   def mean_loss(params, batch):
@@ -149,7 +150,7 @@ def train_step(config, params, batch, optimizer=None, mesh=None) -> Compiled:
   optimizer = optimizer or optimizer_config()
   mesh = mesh or mesh_lib.make()
   platform = step_lib.platform(mesh.devices.flat[0])
-  model = transform.masked_lm(config, platform=platform)
+  model = transform.masked_lm(config, compute=driver.compute_for(config, mesh.devices))
   tx = optim.make(optimizer, platform=platform)
   make = step_lib.new_state_fn(lambda: params, tx, jax.random.PRNGKey(1))
   shardings = step_lib.state_shardings(mesh, jax.eval_shape(make))

@@ -10,10 +10,10 @@ Two parts, each in a fresh process started with simulated CPU devices
   parameter configuration lowered and compiled over meshes of fsdp 1, 8 and 64 devices at
   per-device batch 1, and XLA's memory analysis of each program: per device, the state
   (arguments), and the peak (arguments + outputs - donated aliases + temporaries). The
-  model is built as for a GPU (``platform='cuda'``: the original's formulation, optax's
-  LAMB) and compiled by XLA:CPU, so temporaries are the CPU compiler's estimate of that
-  program's buffers, not a GPU's. With ``--depths=a,b[,c]`` each configuration is
-  compiled with that many latent self-attention layers instead of its own 26 or 36 (a
+  model is built as for a GPU (``Compute.resolve(config, 'cuda')``: the original's
+  formulation, optax's LAMB) and compiled by XLA:CPU, so temporaries are the CPU
+  compiler's estimate of that program's buffers, not a GPU's. With ``--depths=a,b[,c]`` each configuration is
+  compiled with that many latent self-attention layers instead of its own 26, 40 or 36 (a
   full-depth step takes XLA:CPU many minutes to compile on a small machine), and each
   figure is extended to the full depth along the line through the two largest depths:
   every layer adds the same parameters, optimizer state and activations, so the figures
@@ -97,13 +97,14 @@ def _compiled_memory(config, opt, fsdp: int) -> Dict:
   """XLA's memory analysis of the train step of ``config`` over fsdp ``fsdp``, per device."""
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from perceiver import layers  # pylint: disable=import-outside-toplevel
   from perceiver import transform  # pylint: disable=import-outside-toplevel
   from perceiver.training import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
   from perceiver.training import optim  # pylint: disable=import-outside-toplevel
   from perceiver.training import step as step_lib  # pylint: disable=import-outside-toplevel
   from train import mlm  # pylint: disable=import-outside-toplevel
   seq = config.max_seq_len
-  model = transform.masked_lm(config, platform='cuda')
+  model = transform.masked_lm(config, compute=layers.Compute.resolve(config, 'cuda'))
   tx = optim.make(opt, platform='cuda')
   make = step_lib.new_state_fn(
       lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, seq), jnp.int32)), tx,
@@ -131,11 +132,12 @@ def _placed_bytes(config, opt, fsdp: int) -> int:
   """Per-device bytes of parameters and optimizer state by the placement rules alone."""
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from perceiver import layers  # pylint: disable=import-outside-toplevel
   from perceiver import transform  # pylint: disable=import-outside-toplevel
   from perceiver.training import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
   from perceiver.training import optim  # pylint: disable=import-outside-toplevel
   from perceiver.training import step as step_lib  # pylint: disable=import-outside-toplevel
-  model = transform.masked_lm(config, platform='cuda')
+  model = transform.masked_lm(config, compute=layers.Compute.resolve(config, 'cuda'))
   make = step_lib.new_state_fn(
       lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32)),
       optim.make(opt, platform='cuda'), jax.random.PRNGKey(0))
@@ -206,12 +208,13 @@ def placed_state(presets=PRESETS, fsdp_sizes=FSDP) -> List[Dict]:
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
+  from perceiver import layers  # pylint: disable=import-outside-toplevel
   from perceiver import transform  # pylint: disable=import-outside-toplevel
   from perceiver.training import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
   rows = []
   for preset in presets:
     config = _model_config(preset)
-    model = transform.masked_lm(config, platform='cuda')
+    model = transform.masked_lm(config, compute=layers.Compute.resolve(config, 'cuda'))
     shapes = jax.eval_shape(lambda: model.init(
         jax.random.PRNGKey(0), jnp.zeros((1, config.max_seq_len), jnp.int32)))
     params = sum(int(x.size) for x in jax.tree.leaves(shapes))

@@ -73,7 +73,7 @@ from eval import metrics as metrics_lib
 from perceiver import cli
 from perceiver import transfer
 from perceiver.training import checkpoints
-from perceiver.training import driver
+from perceiver.training import epochs
 from perceiver.training import writer as writer_lib
 
 _CONFIG_FILE = os.path.join(os.path.dirname(__file__), 'configs', 'glue.py')
@@ -100,23 +100,11 @@ def _check_task_arg(task: str):
 
 def check_config(config) -> None:
   """Refuses settings that cannot run, naming the field, before anything is read."""
-  for field, value, low in (('train.epochs', config.train.epochs, 1),
-                            ('train.log_every', config.train.log_every, 1),
-                            ('train.grad_accum_steps', config.train.grad_accum_steps, 1),
-                            ('train.checkpoint_every', config.train.checkpoint_every, 0),
-                            ('eval.batch_size', config.eval.batch_size, 1),
-                            ('data.length_multiple', config.data.length_multiple, 1),
-                            ('data.max_train_examples', config.data.max_train_examples, 0),
-                            ('data.encode_chunk', config.data.encode_chunk, 1)):
-    if not isinstance(value, int) or value < low:
-      raise GlueError(f'{field} must be an integer >= {low}, got {value!r}')
-  try:
-    driver.check_optimizer_config(config.optimizer)
-  except ValueError as e:
-    raise GlueError(str(e)) from None
-  for field in ('encoder', 'head'):
-    if not 0 <= config.dropout[field] < 1:
-      raise GlueError(f'dropout.{field} must be in [0, 1), got {config.dropout[field]!r}')
+  epochs.check_config(config, (('train.epochs', 1), ('train.log_every', 1),
+                               ('train.grad_accum_steps', 1), ('train.checkpoint_every', 0),
+                               ('eval.batch_size', 1), ('data.length_multiple', 1),
+                               ('data.max_train_examples', 0), ('data.encode_chunk', 1)),
+                      GlueError)
   for batch_size, lr, field in glue_finetune.grid(config, sweep=True) + glue_finetune.grid(config, sweep=False):
     if batch_size < 1:
       raise GlueError(f'{field} must hold batch sizes >= 1, got {batch_size}')
@@ -136,17 +124,6 @@ def _task_names(task: str, data_dir: str):
     raise GlueError(f'{task}: folder {folder} not found (the GLUE download script puts '
                     f'{task} in {glue_data.TASKS[task].directory}/ under --data_dir)')
   return [task], []
-
-
-def _read_finished(task_dir: str) -> Optional[Dict[str, Any]]:
-  path = os.path.join(task_dir, FINISHED)
-  if not os.path.exists(path):
-    return None
-  try:
-    with open(path, encoding='utf-8') as f:
-      return json.load(f)
-  except (OSError, ValueError) as e:
-    raise GlueError(f'{path}: unreadable ({e}); pass --overwrite to retrain the task') from None
 
 
 def run(task: str, config, data_dir: str, workdir: str, init_checkpoint: Optional[str] = None,
@@ -173,10 +150,8 @@ def run(task: str, config, data_dir: str, workdir: str, init_checkpoint: Optiona
   to_train = []
   for name in names:
     task_dir = os.path.join(workdir, name)
-    finished = None if overwrite else _read_finished(task_dir)
-    if finished is not None and not resume:
-      raise GlueError(f'{task_dir} already holds a finished run ({FINISHED}); pass '
-                      '--overwrite to replace it, or --resume to keep it')
+    finished = epochs.finished_summary(task_dir, resume=resume, overwrite=overwrite,
+                                       error=GlueError)
     if finished is not None:
       summaries[name] = finished
     else:

@@ -1,24 +1,22 @@
 """One GLUE task fine-tuned: each run (grid point) handed to the shared training loop.
 
-``finetune`` builds the classifier (``perceiver.transfer``), its optimizer and steps,
-and runs ``perceiver.training.loop.Loop`` over seeded epochs (``eval.glue_inputs``),
-scoring the dev split(s) after every epoch (``eval.glue_task``), keeping the best epoch's
-checkpoint and saving a resume checkpoint per epoch. ``run_task`` runs one task: one
-point, or a sweep of them, then the test predictions.
+``finetune`` builds the classifier (``perceiver.transfer``) on the run driver and hands
+it to ``perceiver.training.epochs.train`` (shared with tagging) with GLUE's parts: seeded
+epochs of examples (``eval.glue_inputs``), the dev split(s) scored after every epoch
+(``eval.glue_task``), and the best epoch's dev predictions written at the end.
+``run_task`` runs one task: one point, or a sweep of them, then the test predictions.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import shutil
 import time
 from typing import Any, Dict, List, Optional
 
 import jax
-import ml_collections
 
 from eval import glue_data
 from eval import glue_inputs
@@ -28,23 +26,21 @@ from perceiver import checkpoint
 from perceiver import errors
 from perceiver import transfer
 from perceiver import transform
-from perceiver.training import checkpoints
 from perceiver.training import driver
-from perceiver.training import hosts
+from perceiver.training import epochs
 from perceiver.training import mesh as mesh_lib
 from perceiver.training import step as step_lib
 from perceiver.training import writer as writer_lib
 
 SUBMISSION_DIR = 'submission'
-FINISHED = 'dev_metrics.json'
+FINISHED = epochs.FINISHED
 
 
 class GlueError(errors.UserError, RuntimeError):
   """The run cannot start or go on (bad settings, existing outputs, non-finite loss)."""
 
 
-class Stopped(Exception):
-  """A signal stopped a fine-tuning run after saving it; rerunning resumes it."""
+Stopped = epochs.Stopped
 
 
 # --------------------------------------------------------------------------------------
@@ -58,13 +54,6 @@ class RunResult:
   summary: Dict[str, Any]
   score: float
   params: Any
-
-
-def _optimizer_config(config, learning_rate: float, total_steps: int):
-  opt = ml_collections.ConfigDict(config.optimizer.to_dict())
-  opt.learning_rate = float(learning_rate)
-  opt.decay_steps = opt.decay_steps or total_steps
-  return opt
 
 
 def _run_settings(config, batch_size, learning_rate) -> Dict[str, Any]:
@@ -88,116 +77,56 @@ def finetune(task: glue_data.Task, data: Dict[str, glue_inputs.EncodedSplit],
   """
   start_time = time.time()
   train = data['train']
-  try:
-    layout = hosts.batch_layout(batch_size, config.train.grad_accum_steps, batch_field,
-                                'train.grad_accum_steps')
-  except ValueError as e:
-    raise GlueError(str(e)) from None
-  steps_per_epoch = math.ceil(len(train) / batch_size)
-  total = config.train.epochs * steps_per_epoch
-  opt_config = _optimizer_config(config, learning_rate, total)
-  try:
-    run = driver.Run.create(config.mesh, opt_config, jax.local_devices())
-  except ValueError as e:
-    raise GlueError(str(e)) from None
-  mesh = run.mesh
-  devices = mesh.devices.size
+  plan = epochs.plan(config, trunk.model_config, len(train), batch_size=batch_size,
+                     learning_rate=learning_rate, error=GlueError, batch_field=batch_field)
+  run, mesh, devices = plan.run, plan.run.mesh, plan.run.mesh.devices.size
   eval_batch = glue_inputs.round_up(config.eval.batch_size, devices)
-  model = transform.classifier(trunk.model_config, task.num_outputs, platform=run.platform)
+  model = run.build(transform.classifier, task.num_outputs)
   params = transfer.classifier_params(model, trunk, config.seed, train.length, log.note)
-  log.note(f'  {len(train)} train examples, batch {batch_size} ({devices} device(s) x '
-           f'{layout["accum"]} accumulation step(s)), {steps_per_epoch} steps/epoch x '
-           f'{config.train.epochs} epochs = {total} steps; learning rate {learning_rate:g} '
-           f'({opt_config.name}, warm-up {opt_config.warmup_steps}, {opt_config.decay} decay '
-           f'to step {opt_config.decay_steps})')
-  rng = jax.random.PRNGKey(config.seed + 1)
-  shapes = jax.eval_shape(step_lib.new_state_fn(lambda: params, run.optimizer, rng))
-  shardings = run.shardings(shapes)
-  driver.check_checkpoint_room(run_dir, shapes, f'--workdir ({run_dir})')
-  best_manager = checkpoints.CheckpointManager(os.path.join(run_dir, 'checkpoint'), keep=1)
-  resume_manager = checkpoints.CheckpointManager(os.path.join(run_dir, 'resume'), keep=1)
-  settings = _run_settings(config, batch_size, learning_rate)
-  start_step, history, best = 0, [], None
-  restored = run.restore(resume_manager, shapes, note=log.note) if resume else None
-  if restored:
-    if restored.metadata.get('settings') != settings:
-      raise GlueError(f'{restored.path} was written by a run with other settings; pass '
-                      '--noresume to start this task over, or use another --workdir')
-    start_step = restored.step
-    history, best = restored.metadata['history'], restored.metadata['best']
-    log.note(f'  resuming from {restored.path} at step {start_step} (epoch '
-             f'{start_step // steps_per_epoch} of {config.train.epochs} done)')
-    state = run.place(restored, shardings)
-  else:
-    state = step_lib.state_from_params(params, run.optimizer, rng, shardings)
-  predict_step = step_lib.make_predict_step(glue_task.make_predict_fn(model), mesh,
-                                            shardings.params)
-  writer = writer_lib.MetricWriter(run_dir, total, stream=log, resume_step=start_step)
+  log.note(f'  {len(train)} train examples, {plan.describe()}')
 
-  def evaluate(step, state):
-    nonlocal best
-    epoch = step // steps_per_epoch
-    results, loss, _, _ = glue_task.evaluate(task, data, predict_step, state.params,
-                                             eval_batch, mesh)
-    score = glue_task.selection_score(task, results)
-    writer.write(step, glue_task.eval_record(epoch, results, loss, score), kind='eval')
-    history.append({'epoch': epoch, 'step': step, 'dev_loss': loss, 'score': score,
-                    'results': results})
-    if best is None or score > best['score']:
-      path = best_manager.save(step, mesh_lib.to_host(state.params), trunk.model_config,
-                               task=task.name, labels=list(task.labels),
-                               num_outputs=task.num_outputs, epoch=epoch,
-                               dev_results=results, init=trunk.source,
-                               glue_config=config.to_json())
-      best = {'epoch': epoch, 'step': step, 'score': score, 'results': results,
-              'path': os.path.relpath(path, run_dir)}
-      writer.note(f'  epoch {epoch}: new best dev score {score:.4f}; saved {path}')
+  def score(epoch, predict_step, params):
+    results, loss, _, _ = glue_task.evaluate(task, data, predict_step, params, eval_batch,
+                                             mesh)
+    selection = glue_task.selection_score(task, results)
+    return epochs.Scored(selection, results, loss,
+                         glue_task.eval_record(epoch, results, loss, selection),
+                         metadata=dict(task=task.name, labels=list(task.labels),
+                                       num_outputs=task.num_outputs, dev_results=results,
+                                       init=trunk.source, glue_config=config.to_json()))
 
-  def save(step, state, data_position):
-    del data_position   # the step is the position (glue_inputs.train_batches)
-    host = mesh_lib.to_host(state)
-    resume_manager.save(step, host.params, trunk.model_config, opt_state=host.opt_state,
-                        rng=host.rng, history=history, best=best, settings=settings)
+  def write_predictions(predict_step, params):
+    _, _, preds, golds = glue_task.evaluate(task, data, predict_step, params, eval_batch, mesh)
+    for split in task.dev_splits:
+      glue_io.write_dev_predictions(os.path.join(run_dir, f'{split}_predictions.tsv'), task,
+                                    data[split].indices, preds[split], golds[split])
 
   def extra_report(step, report, window):
-    return {'epoch': -(-step // steps_per_epoch),
-            'examples_per_s': window.sums.get('count', 0.0) / max(
-                report['step_time_s'] * window.steps, 1e-9)}
+    del step
+    return {'examples_per_s': window.sums.get('count', 0.0) / max(
+        report['step_time_s'] * window.steps, 1e-9)}
 
-  result = run.train(
-      glue_task.make_loss_fn(model, task.is_regression), glue_task.count_fn, state, shardings,
-      glue_inputs.train_batches(train, batch_size, config.seed, start_step),
-      accum_steps=layout['accum'], prefetch=2, start_step=start_step,
-      stop_timeout_s=config.train.stop_timeout_s, note=log.note,
-      on_non_finite=lambda e: GlueError(
-          f'{e}; the last epoch\'s state is in {resume_manager.directory}'),
-      total_steps=total, writer=writer, log_every=config.train.log_every,
-      extra_report=extra_report, eval_every=steps_per_epoch, eval_at_end=True,
-      evaluate=evaluate, checkpoint_every=config.train.checkpoint_every or steps_per_epoch,
-      save=save)
-  if result.stopped:
-    raise Stopped(f'stopped at step {result.step} of {total} in {run_dir}; rerun the same '
-                  'command to resume')
-
-  best_params, _, _ = checkpoint.load(os.path.join(run_dir, best['path']))
-  _, _, preds, golds = glue_task.evaluate(
-      task, data, predict_step, mesh_lib.place(best_params, shardings.params), eval_batch, mesh)
-  for split in task.dev_splits:
-    glue_io.write_dev_predictions(os.path.join(run_dir, f'{split}_predictions.tsv'), task,
-                                  data[split].indices, preds[split], golds[split])
-  shutil.rmtree(resume_manager.directory, ignore_errors=True)
+  outcome = epochs.train(
+      plan, params=params, seed=config.seed, run_dir=run_dir, log=log,
+      settings=_run_settings(config, batch_size, learning_rate), resume=resume,
+      error=GlueError, train_config=config.train,
+      loss_fn=glue_task.make_loss_fn(model, task.is_regression), count_fn=glue_task.count_fn,
+      predict_fn=glue_task.make_predict_fn(model),
+      batches=lambda start: glue_inputs.train_batches(train, batch_size, config.seed, start),
+      score=score, rescore_best=write_predictions, extra_report=extra_report)
+  best = outcome.best
   summary = {
       'task': task.name, 'results': best['results'], 'main_score': best['score'],
       'best_epoch': best['epoch'], 'best_step': best['step'], 'checkpoint': best['path'],
-      'epochs': history, 'batch_size': batch_size, 'learning_rate': float(learning_rate),
-      'total_steps': total,
+      'epochs': outcome.history, 'batch_size': batch_size,
+      'learning_rate': float(learning_rate), 'total_steps': plan.total_steps,
       'num_examples': {name: len(enc) for name, enc in data.items()},
       'num_truncated': {name: enc.num_truncated for name, enc in data.items()},
       'padded_length': {name: enc.length for name, enc in data.items()},
       'max_seq_len': resolve_max_seq_len(config, trunk.model_config),
       'init': trunk.source, 'devices': devices, 'run_time_s': time.time() - start_time,
   }
-  return RunResult(run_dir, summary, best['score'], best_params)
+  return RunResult(run_dir, summary, best['score'], outcome.params)
 
 
 def make_mesh(config):
@@ -224,20 +153,15 @@ _OUTPUT_FILES = (FINISHED, 'metrics.jsonl', 'sweep.json', 'log.txt')
 
 def clean_task_dir(task_dir: str) -> None:
   """Removes what an earlier (finished or interrupted) run of this command left in
-  ``task_dir``: its outputs, checkpoints and resume state; nothing else."""
+  ``task_dir`` and in its grid points' folders: outputs, checkpoints and resume state;
+  nothing else."""
   if not os.path.isdir(task_dir):
     return
-  for root, dirs, files in os.walk(task_dir, topdown=False):
-    for name in files:
-      base = os.path.basename(root)
-      ours = (name in _OUTPUT_FILES or name.endswith('_predictions.tsv') or
-              (base in ('checkpoint', 'resume') and name.startswith('ckpt_')))
-      if ours:
-        os.remove(os.path.join(root, name))
-    for name in dirs:
-      path = os.path.join(root, name)
-      if name in ('checkpoint', 'resume') and not os.listdir(path):
-        os.rmdir(path)
+  is_output = lambda name: name in _OUTPUT_FILES or name.endswith('_predictions.tsv')
+  for name in os.listdir(task_dir):
+    if name not in ('checkpoint', 'resume') and os.path.isdir(os.path.join(task_dir, name)):
+      epochs.remove_outputs(os.path.join(task_dir, name), is_output)
+  epochs.remove_outputs(task_dir, is_output)
 
 
 def _point_name(batch_size: int, learning_rate: float) -> str:
@@ -257,7 +181,7 @@ def grid(config, sweep: bool):
 def _predict_test(task, data, trunk, params, config, out_dir, log) -> List[str]:
   mesh = make_mesh(config)
   model = transform.classifier(trunk.model_config, task.num_outputs,
-                               platform=step_lib.platform(mesh.devices.flat[0]))
+                               compute=driver.compute_for(trunk.model_config, mesh.devices))
   shardings = mesh_lib.state_shardings(mesh, params)
   predict_step = step_lib.make_predict_step(glue_task.make_predict_fn(model), mesh, shardings)
   placed = mesh_lib.place(params, shardings)

@@ -9,14 +9,13 @@ once. Training batches walk seeded epochs; prediction batches walk the split in 
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 from typing import Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
 from eval import glue_data
-from perceiver.training import mesh as mesh_lib
+from perceiver.training import epochs
 
 
 @dataclasses.dataclass
@@ -137,28 +136,15 @@ def host_batch(split: EncodedSplit, rows: np.ndarray, size: int) -> Dict[str, np
 
 def train_batches(split: EncodedSplit, batch_size: int, seed: int, start_step: int = 0
                   ) -> Iterator[Tuple[Dict[str, np.ndarray], int]]:
-  """Endless epochs from step ``start_step`` on: (batch, steps done after it) pairs.
-
-  Each epoch visits every example once in a seeded random order (``[seed, epoch]``, epochs
-  counted from 1); its last batch is filled up with zero-weight rows. The position is
-  the step count alone, so a resumed run sees exactly the batches it would have seen.
-  """
-  steps_per_epoch = math.ceil(len(split) / batch_size)
-  step = start_step
-  while True:
-    epoch, index = divmod(step, steps_per_epoch)
-    order = np.random.default_rng([seed, epoch + 1]).permutation(len(split))
-    for start in range(index * batch_size, len(order), batch_size):
-      step += 1
-      yield host_batch(split, order[start:start + batch_size], batch_size), step
+  """Endless epochs from step ``start_step`` on: (batch, steps done after it) pairs
+  (``perceiver.training.epochs.seeded_epochs``: each epoch visits every example once in
+  a seeded order); an epoch's last batch is filled up with zero-weight rows."""
+  return epochs.seeded_epochs(len(split), batch_size, seed, start_step,
+                              lambda rows: host_batch(split, rows, batch_size))
 
 
 def predict(predict_step, params, split: EncodedSplit, batch_size: int, mesh) -> np.ndarray:
   """Outputs [n, num_outputs] for every example of ``split`` (params on ``mesh``)."""
-  pending = []
-  for start in range(0, len(split), batch_size):
-    rows = np.arange(start, min(start + batch_size, len(split)))
-    batch = host_batch(split, rows, batch_size)
-    inputs = {k: batch[k] for k in ('input_ids', 'input_mask')}
-    pending.append((len(rows), predict_step(params, mesh_lib.shard_batch(inputs, mesh))))
-  return np.concatenate([mesh_lib.to_host(out)[:n] for n, out in pending])
+  return epochs.predict(predict_step, params, len(split), batch_size, mesh,
+                        lambda rows: host_batch(split, rows, batch_size),
+                        ('input_ids', 'input_mask'))

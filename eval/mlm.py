@@ -56,7 +56,7 @@ from perceiver import loading
 from perceiver import tokenizer as tokenizer_lib
 from perceiver import transform
 from perceiver.training import losses
-from perceiver.training import step as step_lib
+from perceiver.training import driver
 from train import data as data_lib
 from train import masking
 
@@ -176,8 +176,9 @@ def context_free_baseline(counts: np.ndarray) -> Dict[str, float]:
 
 
 def make_score_fn(config):
-  """A jitted (params, batch) -> sums of masked-byte loss, correct predictions, count."""
-  model = transform.masked_lm(config, platform=step_lib.platform())
+  """A jitted (params, batch) -> sums of masked-byte loss, correct predictions, count,
+  computing as this host's devices do best (``driver.compute_for``)."""
+  model = transform.masked_lm(config, compute=driver.compute_for(config, jax.local_devices()))
 
   @jax.jit
   def score(params, input_ids, input_mask, labels, weights):

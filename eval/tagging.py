@@ -41,7 +41,6 @@ Outputs in ``--workdir``:
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 import time
@@ -61,11 +60,12 @@ from perceiver import checkpoint
 from perceiver import cli
 from perceiver import transfer
 from perceiver.training import checkpoints
+from perceiver.training import epochs
 from perceiver.training import host_memory
 from perceiver.training import writer as writer_lib
 
 _CONFIG_FILE = os.path.join(os.path.dirname(__file__), 'configs', 'tagging.py')
-FINISHED = 'dev_metrics.json'
+FINISHED = epochs.FINISHED
 
 TaggingError = tagging_finetune.TaggingError
 Stopped = tagging_finetune.Stopped
@@ -73,34 +73,18 @@ Stopped = tagging_finetune.Stopped
 
 def check_config(config) -> None:
   """Refuses settings that cannot run, naming the field, before anything is read."""
-  for field, value, low in (('train.epochs', config.train.epochs, 1),
-                            ('train.batch_size', config.train.batch_size, 1),
-                            ('train.log_every', config.train.log_every, 1),
-                            ('train.grad_accum_steps', config.train.grad_accum_steps, 1),
-                            ('train.checkpoint_every', config.train.checkpoint_every, 0),
-                            ('eval.batch_size', config.eval.batch_size, 1),
-                            ('data.max_seq_len', config.data.max_seq_len, 0),
-                            ('data.window_overlap', config.data.window_overlap, 0),
-                            ('data.length_multiple', config.data.length_multiple, 1),
-                            ('data.max_train_sentences', config.data.max_train_sentences, 0)):
-    if not isinstance(value, int) or isinstance(value, bool) or value < low:
-      raise TaggingError(f'{field} must be an integer >= {low}, got {value!r}')
+  epochs.check_config(config, (('train.epochs', 1), ('train.batch_size', 1),
+                               ('train.log_every', 1), ('train.grad_accum_steps', 1),
+                               ('train.checkpoint_every', 0), ('eval.batch_size', 1),
+                               ('data.max_seq_len', 0), ('data.window_overlap', 0),
+                               ('data.length_multiple', 1), ('data.max_train_sentences', 0)),
+                      TaggingError)
   if config.data.format not in tagging_data.FORMATS:
     raise TaggingError(f'data.format={config.data.format!r}: expected one of '
                        f'{", ".join(tagging_data.FORMATS)}')
   if config.eval.metric not in tagging_task.METRICS:
     raise TaggingError(f'eval.metric={config.eval.metric!r}: expected one of '
                        f'{", ".join(tagging_task.METRICS)}')
-  for field in ('learning_rate', 'weight_decay', 'eps'):
-    value = config.optimizer[field]
-    if not value >= 0 or not math.isfinite(value):
-      raise TaggingError(f'optimizer.{field} must be a finite number >= 0, got {value!r}')
-  if not config.optimizer.learning_rate > 0:
-    raise TaggingError(f'optimizer.learning_rate must be > 0, got '
-                       f'{config.optimizer.learning_rate!r}')
-  for field in ('encoder', 'head'):
-    if not 0 <= config.dropout[field] < 1:
-      raise TaggingError(f'dropout.{field} must be in [0, 1), got {config.dropout[field]!r}')
 
 
 def resolve_window(config, model_config) -> int:
@@ -121,29 +105,7 @@ _OUTPUTS = (FINISHED, 'metrics.jsonl', 'log.txt', 'dev_predictions.txt',
 
 def clean(workdir: str) -> None:
   """Removes what an earlier run of this command left in ``workdir``; nothing else."""
-  for name in _OUTPUTS:
-    path = os.path.join(workdir, name)
-    if os.path.isfile(path):
-      os.remove(path)
-  for sub in ('checkpoint', 'resume'):
-    folder = os.path.join(workdir, sub)
-    if os.path.isdir(folder):
-      for name in os.listdir(folder):
-        if name.startswith('ckpt_'):
-          os.remove(os.path.join(folder, name))
-      if not os.listdir(folder):
-        os.rmdir(folder)
-
-
-def _read_finished(workdir: str) -> Optional[Dict[str, Any]]:
-  path = os.path.join(workdir, FINISHED)
-  if not os.path.exists(path):
-    return None
-  try:
-    with open(path, encoding='utf-8') as f:
-      return json.load(f)
-  except (OSError, ValueError) as e:
-    raise TaggingError(f'{path}: unreadable ({e}); pass --overwrite to retrain') from None
+  epochs.remove_outputs(workdir, lambda name: name in _OUTPUTS)
 
 
 def _subset(split: tagging_data.Split, cap: int, seed: int, log) -> tagging_data.Split:
@@ -177,10 +139,8 @@ def run(config, data_dir: str, workdir: str, init_checkpoint: Optional[str] = No
     raise TaggingError(f'eval.tagging runs on one host (with all of its devices); this is '
                        f'host {jax.process_index()} of {jax.process_count()}')
   check_config(config)
-  finished = None if overwrite else _read_finished(workdir)
-  if finished is not None and not resume:
-    raise TaggingError(f'{workdir} already holds a finished run ({FINISHED}); pass '
-                       '--overwrite to replace it, or --resume to keep it')
+  finished = epochs.finished_summary(workdir, resume=resume, overwrite=overwrite,
+                                     error=TaggingError)
   if finished is not None:
     log.note(f'{os.path.join(workdir, FINISHED)}: finished earlier (main score '
              f'{finished["main_score"]:.4f}); --overwrite retrains it')

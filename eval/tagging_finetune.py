@@ -1,37 +1,29 @@
 """One tagging run on the shared run driver, as ``eval.glue_finetune`` does it.
 
-``finetune`` builds the token classifier (``perceiver.transfer``) and runs it on
-``perceiver.training.driver.Run`` (the device mesh, optimizer, steps and loop) over seeded
-epochs of windows
-(``eval.tagging_inputs``), scoring dev after every epoch (``eval.tagging_task``),
-keeping the best epoch's checkpoint and saving a resume checkpoint per epoch. Only the
-set-up below is tagging's own; the loop, steps, checkpoints and logs are shared.
+``finetune`` builds the token classifier (``perceiver.transfer``) on
+``perceiver.training.driver.Run`` and hands it to ``perceiver.training.epochs.train``
+(shared with GLUE: the epochs, the best and resume checkpoints, resuming, the loop) with
+tagging's parts: seeded epochs of windows (``eval.tagging_inputs``), dev scored after
+every epoch (``eval.tagging_task``), and the best epoch's predictions and entity tables
+written at the end.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from typing import Any, Dict, List
 
-import jax
-import ml_collections
 
 from eval import glue_io
 from eval import tagging_data
 from eval import tagging_inputs
 from eval import tagging_task
-from perceiver import checkpoint
 from perceiver import errors
 from perceiver import transfer
 from perceiver import transform
-from perceiver.training import checkpoints
-from perceiver.training import driver
-from perceiver.training import hosts
-from perceiver.training import mesh as mesh_lib
-from perceiver.training import step as step_lib
+from perceiver.training import epochs
 from perceiver.training import writer as writer_lib
 
 
@@ -39,14 +31,7 @@ class TaggingError(errors.UserError, RuntimeError):
   """The run cannot start or go on (bad settings, existing outputs, non-finite loss)."""
 
 
-class Stopped(Exception):
-  """A signal stopped the run after saving it; rerunning resumes it."""
-
-
-def _optimizer_config(config, total_steps: int):
-  opt = ml_collections.ConfigDict(config.optimizer.to_dict())
-  opt.decay_steps = opt.decay_steps or total_steps
-  return opt
+Stopped = epochs.Stopped
 
 
 def _settings(config, labels) -> Dict[str, Any]:
@@ -74,113 +59,51 @@ def finetune(data: Dict[str, tagging_data.EncodedSplit], labels: List[str],
   """
   start_time = time.time()
   train, batch_size = data['train'], config.train.batch_size
-  try:
-    layout = hosts.batch_layout(batch_size, config.train.grad_accum_steps,
-                                'train.batch_size', 'train.grad_accum_steps')
-  except ValueError as e:
-    raise TaggingError(str(e)) from None
-  steps_per_epoch = tagging_inputs.steps_per_epoch(train, batch_size)
-  total = config.train.epochs * steps_per_epoch
-  opt_config = _optimizer_config(config, total)
-  try:
-    run = driver.Run.create(config.mesh, opt_config, jax.local_devices())
-  except ValueError as e:
-    raise TaggingError(str(e)) from None
-  mesh = run.mesh
-  devices = mesh.devices.size
+  plan = epochs.plan(config, trunk.model_config, len(train), batch_size=batch_size,
+                     learning_rate=config.optimizer.learning_rate, error=TaggingError)
+  run, mesh, devices = plan.run, plan.run.mesh, plan.run.mesh.devices.size
   eval_batch = tagging_data.round_up(config.eval.batch_size, devices)
-  model = transform.token_classifier(trunk.model_config, len(labels), platform=run.platform)
+  model = run.build(transform.token_classifier, len(labels))
   params = transfer.classifier_params(model, trunk, config.seed, train.length, log.note)
-  log.note(f'  {len(train)} train windows ({train.num_words} words), batch {batch_size} '
-           f'({devices} device(s) x {layout["accum"]} accumulation step(s)), '
-           f'{steps_per_epoch} steps/epoch x {config.train.epochs} epochs = {total} steps; '
-           f'learning rate {opt_config.learning_rate:g} ({opt_config.name}, warm-up '
-           f'{opt_config.warmup_steps}, {opt_config.decay} decay to step '
-           f'{opt_config.decay_steps})')
-  rng = jax.random.PRNGKey(config.seed + 1)
-  shapes = jax.eval_shape(step_lib.new_state_fn(lambda: params, run.optimizer, rng))
-  shardings = run.shardings(shapes)
-  driver.check_checkpoint_room(run_dir, shapes, f'--workdir ({run_dir})')
-  best_manager = checkpoints.CheckpointManager(os.path.join(run_dir, 'checkpoint'), keep=1)
-  resume_manager = checkpoints.CheckpointManager(os.path.join(run_dir, 'resume'), keep=1)
-  settings = _settings(config, labels)
-  start_step, history, best = 0, [], None
-  restored = run.restore(resume_manager, shapes, note=log.note) if resume else None
-  if restored:
-    if restored.metadata.get('settings') != settings:
-      raise TaggingError(f'{restored.path} was written by a run with other settings; pass '
-                         '--noresume to start over, or use another --workdir')
-    start_step = restored.step
-    history, best = restored.metadata['history'], restored.metadata['best']
-    log.note(f'  resuming from {restored.path} at step {start_step} (epoch '
-             f'{start_step // steps_per_epoch} of {config.train.epochs} done)')
-    state = run.place(restored, shardings)
-  else:
-    state = step_lib.state_from_params(params, run.optimizer, rng, shardings)
-  predict_step = step_lib.make_predict_step(tagging_task.make_predict_fn(model), mesh,
-                                            shardings.params)
-  writer = writer_lib.MetricWriter(run_dir, total, stream=log, resume_step=start_step)
+  log.note(f'  {len(train)} train windows ({train.num_words} words), {plan.describe()}')
 
-  def evaluate(step, state):
-    nonlocal best
-    epoch = step // steps_per_epoch
-    result, loss, _ = evaluate_split(predict_step, state.params, data['dev'], labels,
-                                     metric, eval_batch, mesh)
-    writer.write(step, tagging_task.eval_record(epoch, result, loss), kind='eval')
-    history.append({'epoch': epoch, 'step': step, 'dev_loss': loss, 'score': result['main'],
-                    'results': result})
-    if best is None or result['main'] > best['score']:
-      path = best_manager.save(step, mesh_lib.to_host(state.params), trunk.model_config,
-                               token_labels=list(labels), epoch=epoch, metric=metric,
-                               init=trunk.source, tagging_config=config.to_json())
-      best = {'epoch': epoch, 'step': step, 'score': result['main'], 'results': result,
-              'path': os.path.relpath(path, run_dir)}
-      writer.note(f'  epoch {epoch}: new best dev score {result["main"]:.4f}; saved {path}')
+  def score(epoch, predict_step, params):
+    result, loss, _ = evaluate_split(predict_step, params, data['dev'], labels, metric,
+                                     eval_batch, mesh)
+    return epochs.Scored(result['main'], result, loss,
+                         tagging_task.eval_record(epoch, result, loss),
+                         metadata=dict(token_labels=list(labels), metric=metric,
+                                       init=trunk.source, tagging_config=config.to_json()))
 
-  def save(step, state, data_position):
-    del data_position   # the step is the position (tagging_inputs.train_batches)
-    host = mesh_lib.to_host(state)
-    resume_manager.save(step, host.params, trunk.model_config, opt_state=host.opt_state,
-                        rng=host.rng, history=history, best=best, settings=settings)
+  def write_predictions(predict_step, params):
+    outputs = {}
+    for name in [n for n in ('dev', 'test') if n in data]:
+      scored, loss, pred = evaluate_split(predict_step, params, data[name], labels, metric,
+                                          eval_batch, mesh)
+      tagging_task.write_predictions(os.path.join(run_dir, f'{name}_predictions.txt'),
+                                     data[name].sentences, pred)
+      outputs[name] = dict(scored, loss=loss)
+      if 'per_type' in scored:
+        glue_io.write_text_atomic(os.path.join(run_dir, f'{name}_entity_table.txt'),
+                                  tagging_task.type_table(scored) + '\n')
+    return outputs
 
-  def extra_report(step, report, window):
-    del report, window
-    return {'epoch': -(-step // steps_per_epoch)}
-
-  result = run.train(
-      tagging_task.make_loss_fn(model), tagging_task.count_fn, state, shardings,
-      tagging_inputs.train_batches(train, batch_size, config.seed, start_step),
-      accum_steps=layout['accum'], prefetch=2, start_step=start_step,
-      stop_timeout_s=config.train.stop_timeout_s, note=log.note,
-      on_non_finite=lambda e: TaggingError(
-          f'{e}; the last epoch\'s state is in {resume_manager.directory}'),
-      total_steps=total, writer=writer, log_every=config.train.log_every,
-      extra_report=extra_report, eval_every=steps_per_epoch, eval_at_end=True,
-      evaluate=evaluate, checkpoint_every=config.train.checkpoint_every or steps_per_epoch,
-      save=save)
-  if result.stopped:
-    raise Stopped(f'stopped at step {result.step} of {total} in {run_dir}; rerun the same '
-                  'command to resume')
-
-  best_params, _, _ = checkpoint.load(os.path.join(run_dir, best['path']))
-  placed = mesh_lib.place(best_params, shardings.params)
-  outputs = {}
-  for name in [n for n in ('dev', 'test') if n in data]:
-    scored, loss, pred = evaluate_split(predict_step, placed, data[name], labels, metric,
-                                        eval_batch, mesh)
-    tagging_task.write_predictions(os.path.join(run_dir, f'{name}_predictions.txt'),
-                                   data[name].sentences, pred)
-    outputs[name] = dict(scored, loss=loss)
-    if 'per_type' in scored:
-      glue_io.write_text_atomic(os.path.join(run_dir, f'{name}_entity_table.txt'),
-                              tagging_task.type_table(scored) + '\n')
-  shutil.rmtree(resume_manager.directory, ignore_errors=True)
+  outcome = epochs.train(
+      plan, params=params, seed=config.seed, run_dir=run_dir, log=log,
+      settings=_settings(config, labels), resume=resume, error=TaggingError,
+      train_config=config.train,
+      loss_fn=tagging_task.make_loss_fn(model), count_fn=tagging_task.count_fn,
+      predict_fn=tagging_task.make_predict_fn(model),
+      batches=lambda start: tagging_inputs.train_batches(train, batch_size, config.seed,
+                                                         start),
+      score=score, rescore_best=write_predictions)
+  best, outputs = outcome.best, outcome.rescored
   return {
       'results': outputs['dev'], 'test_results': outputs.get('test'), 'metric': metric,
       'main_score': best['score'], 'best_epoch': best['epoch'], 'best_step': best['step'],
-      'checkpoint': best['path'], 'epochs': history, 'labels': list(labels),
-      'batch_size': batch_size, 'learning_rate': float(opt_config.learning_rate),
-      'total_steps': total,
+      'checkpoint': best['path'], 'epochs': outcome.history, 'labels': list(labels),
+      'batch_size': batch_size, 'learning_rate': float(plan.optimizer.learning_rate),
+      'total_steps': plan.total_steps,
       'num_sentences': {n: len(enc.sentences) for n, enc in data.items()},
       'num_words': {n: enc.num_words for n, enc in data.items()},
       'num_windows': {n: len(enc) for n, enc in data.items()},

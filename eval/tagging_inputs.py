@@ -7,13 +7,12 @@ is the step count alone, so a resumed run sees exactly the batches it would have
 
 from __future__ import annotations
 
-import math
 from typing import Dict, Iterator, Tuple
 
 import numpy as np
 
 from eval import tagging_data
-from perceiver.training import mesh as mesh_lib
+from perceiver.training import epochs
 
 MODEL_INPUTS = ('input_ids', 'input_mask', 'positions', 'slot_mask')
 
@@ -39,30 +38,16 @@ def host_batch(split: tagging_data.EncodedSplit, rows: np.ndarray, size: int
   return batch
 
 
-def steps_per_epoch(split: tagging_data.EncodedSplit, batch_size: int) -> int:
-  return math.ceil(len(split) / batch_size)
-
-
 def train_batches(split: tagging_data.EncodedSplit, batch_size: int, seed: int,
                   start_step: int = 0) -> Iterator[Tuple[Dict[str, np.ndarray], int]]:
-  """Endless seeded epochs from step ``start_step`` on: (batch, steps done after it)."""
-  per_epoch = steps_per_epoch(split, batch_size)
-  step = start_step
-  while True:
-    epoch, index = divmod(step, per_epoch)
-    order = np.random.default_rng([seed, epoch + 1]).permutation(len(split))
-    for start in range(index * batch_size, len(order), batch_size):
-      step += 1
-      yield host_batch(split, order[start:start + batch_size], batch_size), step
+  """Endless seeded epochs from step ``start_step`` on: (batch, steps done after it)
+  (``perceiver.training.epochs.seeded_epochs``)."""
+  return epochs.seeded_epochs(len(split), batch_size, seed, start_step,
+                              lambda rows: host_batch(split, rows, batch_size))
 
 
 def predict(predict_step, params, split: tagging_data.EncodedSplit, batch_size: int, mesh
             ) -> np.ndarray:
   """Logits [n, slots, num_labels] for every window of ``split`` (params on ``mesh``)."""
-  pending = []
-  for start in range(0, len(split), batch_size):
-    rows = np.arange(start, min(start + batch_size, len(split)))
-    batch = host_batch(split, rows, batch_size)
-    inputs = {k: batch[k] for k in MODEL_INPUTS}
-    pending.append((len(rows), predict_step(params, mesh_lib.shard_batch(inputs, mesh))))
-  return np.concatenate([mesh_lib.to_host(out)[:n] for n, out in pending])
+  return epochs.predict(predict_step, params, len(split), batch_size, mesh,
+                        lambda rows: host_batch(split, rows, batch_size), MODEL_INPUTS)

@@ -2,8 +2,10 @@
 
 Constructor keyword arguments are the original's (``PerceiverEncoder``, ``BasicDecoder``,
 ``ClassificationDecoder``), so a config written for DeepMind's code builds the same model
-here, with the same parameter names. Two keywords are this project's own and change no
-parameter: ``compute_dtype`` and ``kernels`` (see ``perceiver.layers``).
+here, with the same parameter names. One keyword is this project's own and changes no
+parameter: ``compute``, a ``perceiver.layers.Compute`` (the matmul dtype and the kernels,
+resolved for a platform). Without it a module computes as the original, in float32 with
+the reference formulas (``layers.REFERENCE``).
 """
 
 from __future__ import annotations
@@ -52,22 +54,21 @@ class TextPreprocessor(hk.Module):
 class EmbeddingDecoder(hk.Module):
   """Logits from the (tied) input embedding: ``x @ E^T + bias``."""
 
-  def __init__(self, compute_dtype=jnp.float32, kernels='auto', name='embedding_decoder'):
+  def __init__(self, compute=layers.REFERENCE, name='embedding_decoder'):
     super().__init__(name=name)
-    self.compute_dtype = compute_dtype
-    self.kernels = kernels
+    self.compute = compute
 
   def __call__(self, x, *, embedding_matrix, is_training=False):
     """[B, N, D] outputs, [V, D] embedding table -> [B, N, V] logits."""
     del is_training
     vocab_size = embedding_matrix.shape[0]
     table = embedding_matrix
-    low = layers.low_precision_dtype(self.compute_dtype)
+    low = self.compute.low_precision
     if low is not None:
       x, table = x.astype(low), table.astype(low)
     logits = jnp.einsum('bnd,vd->bnv', x, table, preferred_element_type=jnp.float32)
     bias = hk.get_parameter('bias', [vocab_size], jnp.float32, init=jnp.zeros)
-    return layers.select(self.kernels, jnp.add, xla_cpu.add_bias)(logits, bias)
+    return self.compute.select(jnp.add, xla_cpu.add_bias)(logits, bias)
 
 
 class PerceiverEncoder(hk.Module):
@@ -83,7 +84,7 @@ class PerceiverEncoder(hk.Module):
                cross_attend_widening_factor=1, self_attend_widening_factor=1,
                dropout_prob=0.0, z_pos_enc_init_scale=0.02,
                cross_attention_shape_for_attn='kv', use_query_residual=True,
-               compute_dtype=jnp.float32, kernels='auto', z_pos_enc_init='truncated_normal',
+               compute=layers.REFERENCE, z_pos_enc_init='truncated_normal',
                name='perceiver_encoder'):
     super().__init__(name=name)
     for heads_name, heads in (('num_self_attend_heads', num_self_attend_heads),
@@ -92,7 +93,7 @@ class PerceiverEncoder(hk.Module):
         raise ValueError(f'num_z_channels ({num_z_channels}) must be divisible by '
                          f'{heads_name} ({heads}).')
     self.num_blocks = num_blocks
-    self.kernels = kernels
+    self.compute = compute
     self.z_pos_enc = position_encoding.TrainablePositionEncoding(
         index_dim=z_index_dim, num_channels=num_z_channels, init_scale=z_pos_enc_init_scale,
         init=z_pos_enc_init)
@@ -101,13 +102,12 @@ class PerceiverEncoder(hk.Module):
         widening_factor=cross_attend_widening_factor,
         shape_for_attn=cross_attention_shape_for_attn, qk_channels=qk_channels,
         v_channels=v_channels, use_query_residual=use_query_residual,
-        compute_dtype=compute_dtype, kernels=kernels)
+        compute=compute)
     self.self_attends = [
         layers.SelfAttention(
             num_heads=num_self_attend_heads, dropout_prob=dropout_prob,
             qk_channels=qk_channels, v_channels=v_channels,
-            widening_factor=self_attend_widening_factor, compute_dtype=compute_dtype,
-            kernels=kernels)
+            widening_factor=self_attend_widening_factor, compute=compute)
         for _ in range(num_self_attends_per_block)]
 
   def latents(self, batch_size):
@@ -123,7 +123,7 @@ class PerceiverEncoder(hk.Module):
     z = self.cross_attend(z, inputs, is_training=is_training, attention_mask=attention_mask)
     for _ in range(self.num_blocks):
       for self_attend in self.self_attends:
-        z = self_attend(layers.residual_boundary(z, self.kernels), is_training=is_training)
+        z = self_attend(layers.residual_boundary(z, self.compute), is_training=is_training)
     return z
 
 
@@ -139,8 +139,8 @@ class BasicDecoder(hk.Module):
                output_index_dims=None, subsampled_index_dims=None, num_z_channels=1024,
                qk_channels=None, v_channels=None, use_query_residual=False,
                output_w_init=None, concat_preprocessed_input=False, num_heads=1,
-               name='basic_decoder', final_project=True, compute_dtype=jnp.float32,
-               kernels='auto', **position_encoding_kwargs):
+               name='basic_decoder', final_project=True, compute=layers.REFERENCE,
+               **position_encoding_kwargs):
     super().__init__(name=name)
     del subsampled_index_dims, num_z_channels  # Unused, as in the original.
     self.output_pos_enc = None
@@ -155,8 +155,7 @@ class BasicDecoder(hk.Module):
     self.final_project = final_project
     self.num_heads = num_heads
     self.concat_preprocessed_input = concat_preprocessed_input
-    self.compute_dtype = compute_dtype
-    self.kernels = kernels
+    self.compute = compute
 
   def decoder_query(self, batch_size, positions=None, inputs_without_pos=None):
     """Output-position queries.
@@ -193,12 +192,11 @@ class BasicDecoder(hk.Module):
     output = layers.CrossAttention(
         dropout_prob=0.0, num_heads=self.num_heads, widening_factor=1, shape_for_attn='kv',
         qk_channels=self.qk_channels, v_channels=self.v_channels,
-        use_query_residual=self.use_query_residual, compute_dtype=self.compute_dtype,
-        kernels=self.kernels)(query, z, is_training=is_training, attention_mask=attention_mask)
+        use_query_residual=self.use_query_residual, compute=self.compute)(
+            query, z, is_training=is_training, attention_mask=attention_mask)
     if self.final_project:
       output = layers.Linear(self.output_num_channels, w_init=self.output_w_init,
-                             compute_dtype=self.compute_dtype, kernels=self.kernels,
-                             name='output')(output)
+                             compute=self.compute, name='output')(output)
     return output
 
 
@@ -228,19 +226,17 @@ class ClassificationHead(hk.Module):
   """
 
   def __init__(self, num_outputs, hidden_size=768, dropout_prob=0.0,
-               compute_dtype=jnp.float32, kernels='auto', name='classification_head'):
+               compute=layers.REFERENCE, name='classification_head'):
     super().__init__(name=name)
     self.num_outputs = num_outputs
     self.hidden_size = hidden_size
     self.dropout_prob = dropout_prob
-    self.compute_dtype = compute_dtype
-    self.kernels = kernels
+    self.compute = compute
 
   def __call__(self, x, *, is_training, embedding_matrix=None):
     """[B, C] -> [B, num_outputs], or per position: [B, L, C] -> [B, L, num_outputs]."""
     del embedding_matrix
-    dense = lambda size: layers.Linear(size, compute_dtype=self.compute_dtype,
-                                       kernels=self.kernels)
+    dense = lambda size: layers.Linear(size, compute=self.compute)
     x = layers.dropout(x, self.dropout_prob, is_training)
     x = jnp.tanh(dense(self.hidden_size)(x))
     x = layers.dropout(x, self.dropout_prob, is_training)

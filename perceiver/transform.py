@@ -9,10 +9,14 @@ Each function builds ``model.Perceiver`` from a config and wraps it in ``hk.tran
 ``is_training`` is a Python bool (mark it static under ``jax.jit``); ``rng`` may be None
 unless ``is_training`` with dropout. Inputs may be shorter than ``max_seq_len``: positions
 beyond the input are simply unused, which gives the same logits as padding to
-``max_seq_len`` with ``input_mask`` zero there. ``platform`` ('cpu', 'cuda', 'rocm',
-'tpu') is what the functions will be compiled for, where the caller knows it: with
-``config.kernels='auto'`` a CPU program gets XLA:CPU's kernels, any other (or an unknown
-platform, the default) the original's formulas (see ``perceiver.layers``).
+``max_seq_len`` with ``input_mask`` zero there.
+
+How the model computes (never what) is one ``perceiver.layers.Compute``, ``compute=``:
+the training and evaluation commands pass the one their run driver resolved from the
+mesh's devices (``perceiver.training.driver``), so a CPU run gets XLA:CPU's kernels under
+``config.kernels='auto'``. Without ``compute`` the platform is not known and the model
+computes with the original's formulas, in ``config.compute_dtype``, on every platform
+(``Compute.resolve(config)``); ``Compute.resolve(config, 'cpu')`` builds the CPU program.
 ``inference_params`` prepares parameters for repeated bfloat16 inference.
 """
 
@@ -33,10 +37,19 @@ TOKEN_DECODER = 'token_classification_decoder'
 TOKEN_HEAD = 'token_classification_head'
 
 
-def _compute(config, platform):
-  """The modules' keyword arguments that choose how they compute (not what)."""
-  return dict(compute_dtype=jnp.dtype(config.compute_dtype),
-              kernels=layers.resolve_kernels(config.kernels, platform))
+def _compute(config, compute: Optional[layers.Compute]) -> layers.Compute:
+  """``compute``, checked against ``config`` (it must be what the config resolves to on
+  some platform), or the config's own without a platform (the reference formulas)."""
+  if compute is None:
+    return layers.Compute.resolve(config)
+  if not isinstance(compute, layers.Compute):
+    raise TypeError(f'compute must be a perceiver.layers.Compute, got {compute!r}')
+  if (compute.dtype != jnp.dtype(config.compute_dtype)
+      or config.get('kernels', 'auto') not in ('auto', compute.kernels)):
+    raise ValueError(f'compute {compute} was not resolved from this config '
+                     f'(compute_dtype={config.compute_dtype!r}, '
+                     f'kernels={config.get("kernels", "auto")!r})')
+  return compute
 
 
 def _input_mask(input_ids, input_mask):
@@ -50,7 +63,7 @@ def _input_mask(input_ids, input_mask):
   return input_mask
 
 
-def _trunk(config, platform):
+def _trunk(config, compute: layers.Compute):
   """The byte preprocessor and the encoder: what every task shares."""
   # input_position_init[_scale]: this project's options (the input table's initialisation
   # only; a config without them gets the original's truncated normal at 0.02).
@@ -58,11 +71,11 @@ def _trunk(config, platform):
       config.vocab_size, config.d_model, config.max_seq_len,
       position_init_scale=config.get('input_position_init_scale', 0.02),
       position_init=config.get('input_position_init', 'truncated_normal'))
-  encoder = model.PerceiverEncoder(**config.encoder.to_dict(), **_compute(config, platform))
+  encoder = model.PerceiverEncoder(**config.encoder.to_dict(), compute=compute)
   return preprocessor, encoder
 
 
-def masked_lm(config, platform: Optional[str] = None) -> hk.Transformed:
+def masked_lm(config, compute: Optional[layers.Compute] = None) -> hk.Transformed:
   """The byte-level masked language model: ids [B, T] -> logits [B, T, vocab].
 
   ``apply(params, rng, input_ids, input_mask=None, is_training=False,
@@ -73,6 +86,7 @@ def masked_lm(config, platform: Optional[str] = None) -> hk.Transformed:
   Padded queries are masked in the decoder as in the original.
   """
   configs.validate(config)
+  compute = _compute(config, compute)
 
   def forward(input_ids, input_mask=None, is_training=False, query_positions=None,
               query_mask=None):
@@ -81,12 +95,12 @@ def masked_lm(config, platform: Optional[str] = None) -> hk.Transformed:
       query_mask = input_mask if query_mask is None else query_mask
     elif query_mask is None:
       query_mask = jnp.take_along_axis(input_mask, query_positions, axis=1)
-    preprocessor, encoder = _trunk(config, platform)
+    preprocessor, encoder = _trunk(config, compute)
     perceiver = model.Perceiver(
         encoder=encoder,
-        decoder=model.BasicDecoder(**config.decoder.to_dict(), **_compute(config, platform)),
+        decoder=model.BasicDecoder(**config.decoder.to_dict(), compute=compute),
         input_preprocessor=preprocessor,
-        output_postprocessor=model.EmbeddingDecoder(**_compute(config, platform)))
+        output_postprocessor=model.EmbeddingDecoder(compute=compute))
     if query_positions is None:
       query_positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
     return perceiver(input_ids, is_training=is_training, input_mask=input_mask,
@@ -95,7 +109,8 @@ def masked_lm(config, platform: Optional[str] = None) -> hk.Transformed:
   return hk.transform(forward)
 
 
-def classifier(config, num_classes: int, platform: Optional[str] = None) -> hk.Transformed:
+def classifier(config, num_classes: int, compute: Optional[layers.Compute] = None
+               ) -> hk.Transformed:
   """Sequence classification/regression: ids [B, T] -> [B, num_classes].
 
   The embeddings and encoder have the masked LM's names, so an MLM checkpoint's
@@ -103,27 +118,28 @@ def classifier(config, num_classes: int, platform: Optional[str] = None) -> hk.T
   ``classification_head`` are new.
   """
   configs.validate(config)
+  compute = _compute(config, compute)
   if num_classes < 1:
     raise ValueError(f'num_classes must be >= 1, got {num_classes}')
   cls = config.classifier
 
   def forward(input_ids, input_mask=None, is_training=False):
     input_mask = _input_mask(input_ids, input_mask)
-    preprocessor, encoder = _trunk(config, platform)
+    preprocessor, encoder = _trunk(config, compute)
     perceiver = model.Perceiver(
         encoder=encoder,
-        decoder=model.ClassificationDecoder(num_classes, **_compute(config, platform),
+        decoder=model.ClassificationDecoder(num_classes, compute=compute,
                                             **cls.decoder.to_dict()),
         input_preprocessor=preprocessor,
         output_postprocessor=model.ClassificationHead(
             num_classes, hidden_size=cls.head_hidden_size,
-            dropout_prob=cls.head_dropout_prob, **_compute(config, platform)))
+            dropout_prob=cls.head_dropout_prob, compute=compute))
     return perceiver(input_ids, is_training=is_training, input_mask=input_mask)
 
   return hk.transform(forward)
 
 
-def token_classifier(config, num_labels: int, platform: Optional[str] = None
+def token_classifier(config, num_labels: int, compute: Optional[layers.Compute] = None
                      ) -> hk.Transformed:
   """Token (byte) classification, e.g. NER or POS tags: ids [B, T] -> [B, T, num_labels].
 
@@ -140,6 +156,7 @@ def token_classifier(config, num_labels: int, platform: Optional[str] = None
   decoder gives there, since each query attends to the latents alone.
   """
   configs.validate(config)
+  compute = _compute(config, compute)
   if num_labels < 1:
     raise ValueError(f'num_labels must be >= 1, got {num_labels}')
   cls = config.classifier
@@ -152,28 +169,29 @@ def token_classifier(config, num_labels: int, platform: Optional[str] = None
       query_mask = input_mask if query_mask is None else query_mask
     elif query_mask is None:
       query_mask = jnp.take_along_axis(input_mask, query_positions, axis=1)
-    preprocessor, encoder_module = _trunk(config, platform)
+    preprocessor, encoder_module = _trunk(config, compute)
     perceiver = model.Perceiver(
         encoder=encoder_module,
-        decoder=model.BasicDecoder(**config.decoder.to_dict(), **_compute(config, platform),
+        decoder=model.BasicDecoder(**config.decoder.to_dict(), compute=compute,
                                    name=TOKEN_DECODER),
         input_preprocessor=preprocessor,
         output_postprocessor=model.ClassificationHead(
             num_labels, hidden_size=cls.head_hidden_size, dropout_prob=cls.head_dropout_prob,
-            **_compute(config, platform), name=TOKEN_HEAD))
+            compute=compute, name=TOKEN_HEAD))
     return perceiver(input_ids, is_training=is_training, input_mask=input_mask,
                      query_positions=query_positions, query_mask=query_mask)
 
   return hk.transform(forward)
 
 
-def encoder(config, platform: Optional[str] = None) -> hk.Transformed:
+def encoder(config, compute: Optional[layers.Compute] = None) -> hk.Transformed:
   """Feature extraction: ids [B, T] -> final latents [B, z_index_dim, num_z_channels]."""
   configs.validate(config)
+  compute = _compute(config, compute)
 
   def forward(input_ids, input_mask=None, is_training=False):
     input_mask = _input_mask(input_ids, input_mask)
-    preprocessor, encoder_module = _trunk(config, platform)
+    preprocessor, encoder_module = _trunk(config, compute)
     perceiver = model.Perceiver(encoder=encoder_module, input_preprocessor=preprocessor)
     return perceiver(input_ids, is_training=is_training, input_mask=input_mask)
 

@@ -14,6 +14,7 @@ import numpy as np
 
 from bench import lowering
 from perceiver import configs
+from perceiver import layers
 from perceiver import transform
 from perceiver.training import mesh as mesh_lib
 from perceiver.training import optim
@@ -44,7 +45,7 @@ def mesh(data, fsdp):
 def build(model_config, the_mesh, implementation):
   opt = mlm_configs.get_config('smoke').optimizer
   opt.implementation = implementation
-  model = transform.masked_lm(model_config, platform='cpu')
+  model = transform.masked_lm(model_config, compute=layers.Compute.resolve(model_config, 'cpu'))
   tx = optim.make(opt, platform='cpu')
   make = step_lib.new_state_fn(
       lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, SEQ), jnp.int32)), tx,

@@ -25,6 +25,7 @@ from perceiver import configs
 from perceiver import errors
 from perceiver import export
 from perceiver import hf
+from perceiver import layers
 from perceiver import onnx_route
 from perceiver import transform
 
@@ -270,7 +271,8 @@ def _reference(config):
 def test_conditionals_tell_the_xla_cpu_kernels_from_platform_switches(mlm):
   """The check above can fail: the masked LM built for the CPU (XLA:CPU kernels, whose
   attention writes transposes through a run-time conditional) shows 4 of them."""
-  model = transform.masked_lm(mlm['config'], platform='cpu')
+  model = transform.masked_lm(mlm['config'],
+                              compute=layers.Compute.resolve(mlm['config'], 'cpu'))
   text = export.export_program(model, export.flatten(mlm['params']), 64).mlir_module()
   switches, run_time = export.conditionals(text)
   assert run_time == 4 and switches + run_time == lowering.count_ops(text)['conditionals']

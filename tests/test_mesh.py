@@ -10,12 +10,18 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from perceiver import configs
+from perceiver import layers
+from perceiver import transform
+from perceiver.training import driver
 from perceiver.training import mesh as mesh_lib
+from train.configs import mlm as mlm_configs
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -53,6 +59,35 @@ def test_rules_report_counts_and_names_what_does_not_divide():
   assert lines[0].startswith('placement on mesh data 1 x fsdp 1')
   assert any('matrix' in line and '1 arrays, 24 values' in line for line in lines)
   assert any('vector or scalar' in line and '1 arrays, 6 values' in line for line in lines)
+
+
+def test_the_driver_resolves_how_the_model_computes_from_the_mesh_devices():
+  """``Run.create`` resolves the compute once, from the mesh's devices, and the apps build
+  their models through ``run.build``: on a CPU mesh 'auto' is XLA:CPU's kernels, in the
+  config's dtype; a config that names its kernels keeps them."""
+  one = ml_collections.ConfigDict({'data': 1, 'fsdp': 1})
+  optimizer = mlm_configs.get_config('smoke').optimizer
+  config = configs.tiny(16)
+  run = driver.Run.create(one, optimizer, config, jax.devices()[:1])
+  assert run.platform == 'cpu' and run.compute == layers.Compute(jnp.float32, 'xla_cpu')
+  assert driver.compute_for(config, run.mesh.devices) == run.compute
+  built = []
+  run.build(lambda *args, compute: built.append((args, compute)), 3)
+  assert built == [((config, 3), run.compute)]
+  # The model it builds computes with those kernels: its program holds their custom
+  # backward passes (custom_vjp), which the reference formulas have none of.
+  ids = jnp.ones((1, 16), jnp.int32)
+
+  def program(model):
+    params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), ids))
+    return str(jax.make_jaxpr(model.apply)(params, None, ids))
+
+  assert 'custom_vjp' in program(run.build(transform.masked_lm))
+  assert 'custom_vjp' not in program(transform.masked_lm(config))
+  config.kernels, config.compute_dtype = 'reference', 'bfloat16'
+  run = driver.Run.create(one, optimizer, config, jax.devices()[:1])
+  assert run.compute == layers.Compute(jnp.bfloat16, 'reference')
+  assert 'custom_vjp' not in program(run.build(transform.masked_lm))
 
 
 def test_accumulation_layout_keeps_each_devices_rows_contiguous():

@@ -5,11 +5,13 @@ operands, [rows, C] reductions, a fusion boundary); each test here holds one of 
 functions, or the whole model under ``kernels='xla_cpu'``, to the reference formula
 differentiated by JAX (``kernels='reference'``), which is the original's computation.
 
-``'auto'`` is compared as a CPU program resolves it (built with ``platform='cpu'``, i.e.
-the XLA:CPU kernels); that an accelerator's ``'auto'`` is the reference program is checked
-on the lowered program in ``tests/test_lowering.py``.
+``'auto'`` is compared as a CPU program resolves it (built with
+``Compute.resolve(config, 'cpu')``, i.e. the XLA:CPU kernels); that an accelerator's
+``'auto'`` is the reference program is checked on the lowered program in
+``tests/test_lowering.py``.
 """
 
+import dataclasses
 import math
 
 import haiku as hk
@@ -19,6 +21,7 @@ import numpy as np
 import optax
 import pytest
 
+from bench import lowering
 from perceiver import configs
 from perceiver import layers
 from perceiver import transform
@@ -56,7 +59,8 @@ _SETTINGS = ('xla_cpu', 'auto')
 
 
 def _cpu_model(kernels, compute_dtype='float32'):
-  return transform.masked_lm(_tiny(kernels, compute_dtype), platform='cpu')
+  config = _tiny(kernels, compute_dtype)
+  return transform.masked_lm(config, compute=layers.Compute.resolve(config, 'cpu'))
 
 
 def test_auto_on_a_cpu_is_the_xla_cpu_kernels_and_elsewhere_the_reference():
@@ -64,6 +68,68 @@ def test_auto_on_a_cpu_is_the_xla_cpu_kernels_and_elsewhere_the_reference():
   for platform in ('cuda', 'rocm', 'tpu', None):
     assert layers.resolve_kernels('auto', platform) == 'reference'
   assert layers.resolve_kernels('reference', 'cpu') == 'reference'
+
+
+def test_compute_resolves_a_config_per_platform():
+  """One value per model: the config's dtype, and its kernels with 'auto' resolved."""
+  resolve = layers.Compute.resolve
+  assert resolve(_tiny('auto'), 'cpu') == layers.Compute(jnp.float32, 'xla_cpu')
+  for platform in ('cuda', 'rocm', 'tpu', None):
+    assert resolve(_tiny('auto'), platform) == layers.Compute(jnp.float32, 'reference')
+  assert resolve(_tiny('auto')) == layers.REFERENCE == layers.Compute()
+  assert resolve(_tiny('reference'), 'cpu').kernels == 'reference'
+  assert resolve(_tiny('xla_cpu'), 'tpu').kernels == 'xla_cpu'    # asked for: as asked
+  bf16 = resolve(_tiny('auto', 'bfloat16'), 'cpu')
+  assert bf16.dtype == jnp.bfloat16 and bf16.low_precision == jnp.bfloat16
+  assert layers.REFERENCE.low_precision is None
+  assert bf16 == layers.Compute('bfloat16', 'xla_cpu')              # dtype normalised
+  with pytest.raises(ValueError, match='resolved for a platform'):
+    layers.Compute(jnp.float32, 'auto')
+  with pytest.raises(ValueError, match='compute dtype must be one of float32, bfloat16'):
+    layers.Compute(jnp.float16)
+  with pytest.raises(dataclasses.FrozenInstanceError):
+    layers.REFERENCE.kernels = 'xla_cpu'
+
+
+def test_transform_refuses_a_compute_resolved_from_another_config():
+  """A model computes as its config says: a Compute of another dtype, or of kernels the
+  config does not allow, is refused rather than silently used."""
+  with pytest.raises(ValueError, match='not resolved from this config'):
+    transform.masked_lm(_tiny('auto'), compute=layers.Compute('bfloat16', 'xla_cpu'))
+  with pytest.raises(ValueError, match='not resolved from this config'):
+    transform.classifier(_tiny('reference'), 2, compute=layers.Compute(kernels='xla_cpu'))
+  with pytest.raises(TypeError, match='must be a perceiver.layers.Compute'):
+    transform.encoder(_tiny('auto'), compute='cpu')
+
+
+def _module_counts(module, compute, shape=(1, 8, 6)):
+  """Conditionals and barriers in the CPU program of ``module``'s gradient (parameters
+  and input), built with ``compute``."""
+  net = hk.transform(lambda x: module(compute)(x))
+  x = jnp.ones(shape, jnp.float32)
+  params = net.init(jax.random.PRNGKey(0), x)
+  grad = jax.jit(jax.grad(lambda p, x: jnp.sum(net.apply(p, None, x) ** 2), argnums=(0, 1)))
+  counts = lowering.count_ops(jax.export.export(grad, platforms=['cpu'])(params, x)
+                              .mlir_module())
+  return {k: counts[k] for k in ('conditionals', 'optimization_barriers')}
+
+
+def test_a_module_given_a_compute_computes_with_its_kernels():
+  """The XLA:CPU dense layer's backward pass holds one barrier and one written-out
+  transpose (a conditional); the reference formula neither. A block passes its compute
+  on to every dense layer inside it (4 in the attention, 2 in the MLP) and to its norms."""
+  linear = lambda compute: layers.Linear(5, compute=compute)
+  assert _module_counts(linear, layers.Compute(kernels='xla_cpu')) == {
+      'conditionals': 1, 'optimization_barriers': 1}
+  assert _module_counts(linear, layers.REFERENCE) == {
+      'conditionals': 0, 'optimization_barriers': 0}
+  block = lambda compute: (lambda x: layers.SelfAttention(num_heads=2, compute=compute)(
+      x, is_training=False))
+  counts = _module_counts(block, layers.Compute(kernels='xla_cpu'))
+  # 6 dense layers: 6 barriers; their transposes and the attention's 4: 10 conditionals.
+  assert counts == {'conditionals': 6 + 4, 'optimization_barriers': 6}, counts
+  assert _module_counts(block, layers.REFERENCE) == {
+      'conditionals': 0, 'optimization_barriers': 0}
 
 
 def _loss_and_grads(kernels, params, ids, mask, compute_dtype='float32'):
@@ -162,7 +228,7 @@ def test_layer_norm_is_haikus_values_names_and_gradients(shape, kernels):
   def net(module):
     return hk.transform(lambda x: module()(x) * 1.5)
 
-  ours = net(lambda: layers.LayerNorm(kernels=kernels))
+  ours = net(lambda: layers.LayerNorm(compute=layers.Compute(kernels=kernels)))
   theirs = net(lambda: hk.LayerNorm(axis=-1, create_scale=True, create_offset=True))
   params = ours.init(None, x)
   assert jax.tree.map(jnp.shape, params) == jax.tree.map(
@@ -220,7 +286,7 @@ def test_attend_values_and_gradients_match_the_formula(dtype, kernels):
   mask = jnp.asarray(mask)
   g = jnp.asarray(rng.standard_normal((2, 6, 15)), jnp.float32)
   ours = lambda q, k, v: hk.transform(lambda: layers.attend(
-      q, k, v, attention_mask=mask, compute_dtype=dtype, kernels=kernels)).apply({}, None)
+      q, k, v, attention_mask=mask, compute=layers.Compute(dtype, kernels))).apply({}, None)
   loss = lambda f: lambda q, k, v: jnp.sum(f(q, k, v) * g)
   exact = jax.grad(loss(lambda *a: _textbook_attend(*a, mask, jnp.float32)),
                    argnums=(0, 1, 2))(q, k, v)

@@ -271,12 +271,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, float]:
 def _train(config, workdir) -> Dict[str, float]:
   layout = batch_layout(config)
   try:
-    run = driver.Run.create(config.mesh, config.optimizer)
+    run = driver.Run.create(config.mesh, config.optimizer, config.model)
   except ValueError as e:
     raise errors.ConfigError(str(e)) from None
   mesh = run.mesh
-  # Built for the platform the mesh's devices run (see perceiver.layers: 'auto' kernels).
-  model = transform.masked_lm(config.model, platform=run.platform)
+  # Computes as the mesh's devices do best (run.compute: see perceiver.layers).
+  model = run.build(transform.masked_lm)
   manager = checkpoints.CheckpointManager(workdir, keep=config.train.keep_checkpoints)
 
   seq_len = config.model.max_seq_len

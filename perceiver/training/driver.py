@@ -5,13 +5,17 @@ A task brings its own parts: the model's loss (``loss_fn``, ``count_fn``: see
 evaluates and what it saves (``Loop`` callbacks), and its error for a non-finite step.
 The driver owns the rest:
 
-    run = driver.Run.create(config.mesh, config.optimizer)   # mesh, platform, optimizer
+    run = driver.Run.create(config.mesh, config.optimizer, config.model)
+    model = run.build(transform.masked_lm)                  # computing as the mesh's devices do
     restored = run.restore(manager, shapes, ...)            # a named result, or None
     state = run.place(restored, shardings) or run.init(make_state)   # in its layout
     result = run.train(loss_fn, count_fn, state, batches, ...)
 
-``Run.create`` resolves the platform once, from the mesh's devices: the optimizer (fused
-LAMB on a CPU) and the model a task builds with ``run.platform`` compute the same way.
+``Run.create`` resolves the platform once, from the mesh's devices, and with it how the
+model computes (``run.compute``, a ``perceiver.layers.Compute``: XLA:CPU's kernels on a
+CPU under ``kernels='auto'``) and which optimizer update runs (fused LAMB on a CPU). A
+task builds its model through ``run.build``, which passes ``run.compute``, so no task can
+build the slower program by forgetting the platform.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import jax
 import numpy as np
 
 from perceiver import atomic
+from perceiver import layers
 from perceiver.training import feed
 from perceiver.training import hosts
 from perceiver.training import loop as loop_lib
@@ -90,21 +95,38 @@ class Restored:
   metadata: Dict[str, Any]
 
 
-@dataclasses.dataclass
+def compute_for(model_config, devices) -> layers.Compute:
+  """How a model of ``model_config`` computes on ``devices`` (any of them: a mesh's
+  devices share one platform): its config's dtype and kernels, 'auto' resolved for their
+  platform. For the commands that run a model without a ``Run`` (scoring, prediction)."""
+  first = next(iter(np.asarray(devices, dtype=object).flat))
+  return layers.Compute.resolve(model_config, step_lib.platform(first))
+
+
+@dataclasses.dataclass(frozen=True)
 class Run:
-  """The mesh, the platform resolved from its devices, and the optimizer of one run."""
+  """The mesh, the platform resolved from its devices, how the model computes there,
+  and the optimizer of one run."""
   mesh: jax.sharding.Mesh
   platform: str
+  model_config: Any
+  compute: layers.Compute
   optimizer: Any
   learning_rate_fn: Callable
 
   @classmethod
-  def create(cls, mesh_config, optimizer_config, devices=None) -> 'Run':
+  def create(cls, mesh_config, optimizer_config, model_config, devices=None) -> 'Run':
     """ValueError naming the field when the mesh does not fit the devices."""
     mesh = mesh_lib.make(mesh_config, devices)
     platform = step_lib.platform(mesh.devices.flat[0])
-    return cls(mesh, platform, optim.make(optimizer_config, platform=platform),
+    return cls(mesh, platform, model_config, layers.Compute.resolve(model_config, platform),
+               optim.make(optimizer_config, platform=platform),
                optim.schedule(optimizer_config))
+
+  def build(self, make: Callable, *args) -> Any:
+    """``make(model_config, *args, compute=self.compute)``: a ``perceiver.transform``
+    model (``masked_lm``, ``classifier``, ...) of this run's config, built for its devices."""
+    return make(self.model_config, *args, compute=self.compute)
 
   def shardings(self, shapes: step_lib.TrainState) -> step_lib.TrainState:
     """The layout of a state of ``shapes`` on this run's mesh (``mesh.RULES``)."""
