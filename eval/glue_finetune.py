@@ -24,11 +24,11 @@ from eval import glue_data
 from eval import glue_inputs
 from eval import glue_io
 from eval import glue_task
-from perceiver import checkpoint
+from perceiver import params_file
 from perceiver import errors
 from perceiver import transfer
 from perceiver import transform
-from perceiver.training import checkpoints
+from perceiver.training import run_checkpoints
 from perceiver.training import driver
 from perceiver.training import hosts
 from perceiver.training import mesh as mesh_lib
@@ -114,8 +114,8 @@ def finetune(task: glue_data.Task, data: Dict[str, glue_inputs.EncodedSplit],
   shapes = jax.eval_shape(step_lib.new_state_fn(lambda: params, run.optimizer, rng))
   shardings = run.shardings(shapes)
   driver.check_checkpoint_room(run_dir, shapes, f'--workdir ({run_dir})')
-  best_manager = checkpoints.CheckpointManager(os.path.join(run_dir, 'checkpoint'), keep=1)
-  resume_manager = checkpoints.CheckpointManager(os.path.join(run_dir, 'resume'), keep=1)
+  best_manager = run_checkpoints.CheckpointManager(os.path.join(run_dir, 'checkpoint'), keep=1)
+  resume_manager = run_checkpoints.CheckpointManager(os.path.join(run_dir, 'resume'), keep=1)
   settings = _run_settings(config, batch_size, learning_rate)
   start_step, history, best = 0, [], None
   restored = run.restore(resume_manager, shapes, note=log.note) if resume else None
@@ -179,7 +179,7 @@ def finetune(task: glue_data.Task, data: Dict[str, glue_inputs.EncodedSplit],
     raise Stopped(f'stopped at step {result.step} of {total} in {run_dir}; rerun the same '
                   'command to resume')
 
-  best_params, _, _ = checkpoint.load(os.path.join(run_dir, best['path']))
+  best_params, _, _ = params_file.load(os.path.join(run_dir, best['path']))
   _, _, preds, golds = glue_task.evaluate(
       task, data, predict_step, mesh_lib.place(best_params, shardings.params), eval_batch, mesh)
   for split in task.dev_splits:
@@ -292,7 +292,7 @@ def _point(task, data, trunk, config, run_dir, log, batch_size, lr, field, resum
   if resume and os.path.exists(finished):
     with open(finished, encoding='utf-8') as f:
       summary = json.load(f)
-    params, _, _ = checkpoint.load(os.path.join(run_dir, summary['checkpoint']))
+    params, _, _ = params_file.load(os.path.join(run_dir, summary['checkpoint']))
     log.note(f'  {run_dir}: finished earlier (main score {summary["main_score"]:.4f})')
     return RunResult(run_dir, summary, summary['main_score'], params)
   if not resume:

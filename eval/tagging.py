@@ -57,10 +57,10 @@ from eval import glue_io
 from eval import tagging_data
 from eval import tagging_finetune
 from eval import tagging_task
-from perceiver import checkpoint
+from perceiver import params_file
 from perceiver import cli
 from perceiver import transfer
-from perceiver.training import checkpoints
+from perceiver.training import run_checkpoints
 from perceiver.training import host_memory
 from perceiver.training import writer as writer_lib
 
@@ -161,9 +161,9 @@ def _load_trunk(init_checkpoint, config, log) -> transfer.Trunk:
                                encoder_dropout=config.dropout.encoder,
                                head_dropout=config.dropout.head, note=log.note,
                                mlm_decoder=bool(init_checkpoint and config.init.mlm_decoder))
-  except checkpoint.CheckpointError as e:
+  except params_file.CheckpointError as e:
     if transfer.MLM_DECODER in str(e) and config.init.mlm_decoder:
-      raise checkpoint.CheckpointError(f'{e}; pass --config.init.mlm_decoder=false to start '
+      raise params_file.CheckpointError(f'{e}; pass --config.init.mlm_decoder=false to start '
                                        'the token decoder from scratch') from None
     raise
 
@@ -195,7 +195,7 @@ def run(config, data_dir: str, workdir: str, init_checkpoint: Optional[str] = No
   except ValueError as e:
     raise TaggingError(str(e)) from None
   start = time.time()
-  with checkpoints.WorkdirLock(workdir):
+  with run_checkpoints.WorkdirLock(workdir):
     if overwrite or not resume:
       clean(workdir)
     with log.to_file(os.path.join(workdir, 'log.txt')):

@@ -23,11 +23,11 @@ from eval import glue_io
 from eval import tagging_data
 from eval import tagging_inputs
 from eval import tagging_task
-from perceiver import checkpoint
+from perceiver import params_file
 from perceiver import errors
 from perceiver import transfer
 from perceiver import transform
-from perceiver.training import checkpoints
+from perceiver.training import run_checkpoints
 from perceiver.training import driver
 from perceiver.training import hosts
 from perceiver.training import mesh as mesh_lib
@@ -101,8 +101,8 @@ def finetune(data: Dict[str, tagging_data.EncodedSplit], labels: List[str],
   shapes = jax.eval_shape(step_lib.new_state_fn(lambda: params, run.optimizer, rng))
   shardings = run.shardings(shapes)
   driver.check_checkpoint_room(run_dir, shapes, f'--workdir ({run_dir})')
-  best_manager = checkpoints.CheckpointManager(os.path.join(run_dir, 'checkpoint'), keep=1)
-  resume_manager = checkpoints.CheckpointManager(os.path.join(run_dir, 'resume'), keep=1)
+  best_manager = run_checkpoints.CheckpointManager(os.path.join(run_dir, 'checkpoint'), keep=1)
+  resume_manager = run_checkpoints.CheckpointManager(os.path.join(run_dir, 'resume'), keep=1)
   settings = _settings(config, labels)
   start_step, history, best = 0, [], None
   restored = run.restore(resume_manager, shapes, note=log.note) if resume else None
@@ -162,7 +162,7 @@ def finetune(data: Dict[str, tagging_data.EncodedSplit], labels: List[str],
     raise Stopped(f'stopped at step {result.step} of {total} in {run_dir}; rerun the same '
                   'command to resume')
 
-  best_params, _, _ = checkpoint.load(os.path.join(run_dir, best['path']))
+  best_params, _, _ = params_file.load(os.path.join(run_dir, best['path']))
   placed = mesh_lib.place(best_params, shardings.params)
   outputs = {}
   for name in [n for n in ('dev', 'test') if n in data]:

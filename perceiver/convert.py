@@ -34,7 +34,7 @@ from absl import flags
 import ml_collections
 import numpy as np
 
-from perceiver import checkpoint
+from perceiver import params_file
 from perceiver import cli
 from perceiver import configs
 from perceiver import errors
@@ -107,7 +107,7 @@ def check_source_kind(source: str, src: str) -> None:
   message = f'--src={src}: {formats.describe(src, kind)}, not {_EXPECTED[source]}'
   if kind in _FROM_FOR_KIND:
     message += f': use --from={_FROM_FOR_KIND[kind]}'
-  raise checkpoint.CheckpointError(message)
+  raise params_file.CheckpointError(message)
 
 
 def _read(source, src, config_flag, to):
@@ -115,22 +115,22 @@ def _read(source, src, config_flag, to):
   check_source_kind(source, src)
   if source == 'hf':
     converted = hf_io.read_hf_checkpoint(src)
-    checkpoint.check_finite(converted.params, src)
+    params_file.check_finite(converted.params, src)
     return converted.params, converted.config, converted.notes, converted.num_tensors
   if source == 'deepmind':
     config = load_config(config_flag)
     if to == 'hf':
       hf.hf_config_from(config)   # Refuses, naming the field, before reading the pickle.
-    params = checkpoint.load_deepmind_pickle(src, config)
-    checkpoint.check_finite(params, src)
+    params = params_file.load_deepmind_pickle(src, config)
+    params_file.check_finite(params, src)
   else:
     if config_flag:
       raise errors.ConfigError('--config applies to --from=deepmind only (a project '
                                'checkpoint carries its config)')
-    params, config, _ = checkpoint.load(src)
+    params, config, _ = params_file.load(src)
     hf.refuse_token_classifier(params, src)
-    checkpoint.check_params(
-        params, checkpoint.expected_shapes(transform.masked_lm(config), config), source=src)
+    params_file.check_params(
+        params, params_file.expected_shapes(transform.masked_lm(config), config), source=src)
   return params, config, [], sum(len(leaves) for leaves in params.values())
 
 
@@ -179,7 +179,7 @@ def convert(source: str, src: str, dst: str, to: str = 'project',
   if to == 'hf':
     notes = notes + hf_io.export_hf(params, model_config, dst, overwrite=overwrite)
   else:
-    checkpoint.save(dst, params, model_config, converted_from=source,
+    params_file.save(dst, params, model_config, converted_from=source,
                     source_path=os.path.abspath(src))
   num_parameters = sum(math.prod(np.shape(v)) for leaves in params.values()
                        for v in leaves.values())

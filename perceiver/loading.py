@@ -1,7 +1,7 @@
 """Parameters from any checkpoint this project reads, told apart by content
 (``perceiver.formats``) before any loader runs:
 
-- this project's checkpoint (``perceiver.checkpoint``: a zip of arrays and metadata), with
+- this project's checkpoint (``perceiver.params_file``: a zip of arrays and metadata), with
   the model config stored in it;
 - DeepMind's released pickle (read by the restricted unpickler), with ``config`` or, by
   default, the released model's config;
@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import os
 
-from perceiver import checkpoint
+from perceiver import params_file
 from perceiver import configs
 from perceiver import formats
 from perceiver import hf_io
 
-CheckpointError = checkpoint.CheckpointError
+CheckpointError = params_file.CheckpointError
 
 
 def load_any(path, config=None):
@@ -41,10 +41,10 @@ def load_any(path, config=None):
   # Before the zip test: a PyTorch .bin is a zip file too.
   if hf_io.is_hf_checkpoint(path):
     params, hf_config = hf_io.load_hf_checkpoint(path)
-    checkpoint.check_finite(params, path)
+    params_file.check_finite(params, path)
     return params, hf_config, {'source': 'huggingface', 'path': path}
   if kind == 'project':
-    return checkpoint.load(path)
+    return params_file.load(path)
   if kind in ('torch', 'safetensors'):
     raise CheckpointError(f'{path}: {formats.describe(path, kind)} without '
                           f'{hf_io.CONFIG_FILE} beside it: give the Hugging Face directory '
@@ -53,6 +53,6 @@ def load_any(path, config=None):
     raise CheckpointError(f'{path}: {formats.describe(path, kind)}; expected this project\'s '
                           "checkpoint, DeepMind's pickle or a Hugging Face directory")
   config = config or configs.language_mlm()
-  params = checkpoint.load_deepmind_pickle(path, config)
-  checkpoint.check_finite(params, path)
+  params = params_file.load_deepmind_pickle(path, config)
+  params_file.check_finite(params, path)
   return params, config, {'source': 'deepmind', 'path': path}

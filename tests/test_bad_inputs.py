@@ -20,14 +20,14 @@ import numpy as np
 import pytest
 
 from eval import glue
-from perceiver import checkpoint
+from perceiver import params_file
 from perceiver import cli
 from perceiver import configs
 from perceiver import convert
 from perceiver import fill_mask
 from perceiver import loading
 from perceiver import transform
-from perceiver.training import checkpoints
+from perceiver.training import run_checkpoints
 from tests.helpers import glue_tiny_config
 from tests.helpers import mlm_tiny_config as tiny_config
 from tests.helpers import write_glue_task as write_task
@@ -157,7 +157,7 @@ def test_train_mlm_names_an_unwritable_workdir_and_a_busy_one(finished_run, tmp_
   line = _one_error_line(stderr)
   assert status == 1 and f'--workdir={blocker / "w"}: cannot create' in line, line
   before = _snapshot(workdir)
-  with checkpoints.WorkdirLock(str(workdir)):   # another run holds it
+  with run_checkpoints.WorkdirLock(str(workdir)):   # another run holds it
     status, stderr = _run(lambda: mlm.train(tiny_config(tmp, steps=4), str(workdir)))
   assert status == 1 and f'{workdir} is in use by pid {os.getpid()}' in _one_error_line(
       stderr)
@@ -185,7 +185,7 @@ def test_a_corrupt_newest_checkpoint_falls_back_to_the_one_before(tmp_path, caps
   config = tiny_config(tmp_path, steps=4, checkpoint_every=2)
   workdir = tmp_path / 'run'
   mlm.train(config, str(workdir))
-  straight = checkpoint.load(workdir / 'ckpt_000000004.npz')[0]
+  straight = params_file.load(workdir / 'ckpt_000000004.npz')[0]
   for damage in ('flip', 'truncate', 'empty'):
     newest = workdir / 'ckpt_000000004.npz'
     raw = bytearray(newest.read_bytes())
@@ -204,7 +204,7 @@ def test_a_corrupt_newest_checkpoint_falls_back_to_the_one_before(tmp_path, caps
     aside = pathlib.Path(str(newest) + '.corrupt')
     assert aside.read_bytes() == bytes(raw)   # kept, renamed, not deleted
     aside.unlink()
-    again = checkpoint.load(newest)[0]
+    again = params_file.load(newest)[0]
     for module in straight:
       for name in straight[module]:
         np.testing.assert_array_equal(again[module][name], straight[module][name])
@@ -225,10 +225,10 @@ def _tiny_params(config):
 def test_checkpoint_loaders_check_declared_sizes_and_refuse_nan(tmp_path):
   config = configs.tiny()
   params = _tiny_params(config)
-  good = checkpoint.save(tmp_path / 'good.npz', params, config)
+  good = params_file.save(tmp_path / 'good.npz', params, config)
   raw = pathlib.Path(good).read_bytes()
   (tmp_path / 'cut.npz').write_bytes(raw[:len(raw) // 2])
-  with pytest.raises(checkpoint.CheckpointError, match=r'cut\.npz: not a perceiver-io'):
+  with pytest.raises(params_file.CheckpointError, match=r'cut\.npz: not a perceiver-io'):
     loading.load_any(tmp_path / 'cut.npz')
   # An .npy header claiming 10^12 elements (the entry's size is unchanged).
   header = np.lib.format.header_data_from_array_1_0(np.zeros((262, 32), np.float32))
@@ -241,9 +241,9 @@ def test_checkpoint_loaders_check_declared_sizes_and_refuse_nan(tmp_path):
         np.lib.format.write_array_header_1_0(buffer, huge)
         data = buffer.getvalue() + data[len(buffer.getvalue()):]
       out.writestr(item, data)
-  with pytest.raises(checkpoint.CheckpointError,
+  with pytest.raises(params_file.CheckpointError,
                      match=r'params/embed/embeddings\.npy declares \[1000000000000\]'):
-    checkpoint.load(tmp_path / 'huge.npz')
+    params_file.load(tmp_path / 'huge.npz')
   # A compressed entry inflating far past what the model's shape allows.
   with zipfile.ZipFile(tmp_path / 'bomb.npz', 'w') as out, zipfile.ZipFile(good) as src:
     for item in src.infolist():
@@ -253,16 +253,16 @@ def test_checkpoint_loaders_check_declared_sizes_and_refuse_nan(tmp_path):
         np.lib.format.write_array(buffer, np.zeros((262, 4096), np.float32))
         data = buffer.getvalue()
       out.writestr(item.filename, data, compress_type=zipfile.ZIP_DEFLATED)
-  with pytest.raises(checkpoint.CheckpointError,
+  with pytest.raises(params_file.CheckpointError,
                      match=r'embeddings\.npy has shape \[262, 4096\], the model needs '
                            r'\[262, 32\]'):
-    checkpoint.load(tmp_path / 'bomb.npz')
+    params_file.load(tmp_path / 'bomb.npz')
   nan = jax.tree.map(np.array, params)
   nan['perceiver_encoder/~/cross_attention/mlp/linear']['w'][0, 0] = np.nan
-  checkpoint.save(tmp_path / 'nan.npz', nan, config)
+  params_file.save(tmp_path / 'nan.npz', nan, config)
   message = (r'non-finite values \(NaN or infinity\) in 1 parameter\(s\): '
              r'perceiver_encoder/~/cross_attention/mlp/linear/w')
-  with pytest.raises(checkpoint.CheckpointError, match=message):
+  with pytest.raises(params_file.CheckpointError, match=message):
     loading.load_any(tmp_path / 'nan.npz')
   with open(tmp_path / 'nan.pickle', 'wb') as f:
     pickle.dump({m: dict(v) for m, v in nan.items()}, f)
@@ -281,7 +281,7 @@ def test_checkpoint_loaders_check_declared_sizes_and_refuse_nan(tmp_path):
 def tiny_checkpoint(tmp_path_factory):
   tmp = tmp_path_factory.mktemp('fill')
   config = configs.tiny()
-  return str(checkpoint.save(tmp / 'tiny.npz', _tiny_params(config), config)), tmp
+  return str(params_file.save(tmp / 'tiny.npz', _tiny_params(config), config)), tmp
 
 
 @pytest.mark.parametrize('text,spans,message', [
@@ -312,7 +312,7 @@ def test_fill_mask_checks_the_text_before_the_checkpoint_and_names_bad_checkpoin
   config = configs.tiny()
   classifier = jax.device_get(transform.classifier(config, 2).init(
       jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32)))
-  clf = str(checkpoint.save(tmp / 'clf.npz', classifier, config, num_outputs=2))
+  clf = str(params_file.save(tmp / 'clf.npz', classifier, config, num_outputs=2))
   status, stderr = _run(lambda: fill_mask._command(clf, 'a [[b]]', []))
   line = _one_error_line(stderr)
   assert status == 1 and 'clf.npz (the masked language model) does not match' in line
@@ -699,7 +699,7 @@ _ANY_CHECKPOINT = ("expected this project's checkpoint, DeepMind's pickle or a H
 def test_load_any_names_what_a_file_is(tiny_checkpoint, tmp_path, name, message):
   path, _ = tiny_checkpoint
   files = _kinds_of_files(tmp_path, path)
-  with pytest.raises(checkpoint.CheckpointError) as raised:
+  with pytest.raises(params_file.CheckpointError) as raised:
     loading.load_any(files[name])
   assert message in str(raised.value)
   assert 'pickle' not in str(raised.value).split(';')[0]   # not "not a safe ... pickle"

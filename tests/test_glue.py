@@ -24,7 +24,7 @@ from eval import glue_inputs
 from eval import glue_task
 from eval import metrics
 from eval.configs import glue as glue_configs
-from perceiver import checkpoint
+from perceiver import params_file
 from perceiver import configs as model_configs
 from perceiver import transfer
 from perceiver import transform
@@ -117,7 +117,7 @@ def test_single_task_writes_consistent_outputs_and_a_loadable_best_checkpoint(tm
   assert summary['num_examples'] == {'train': 24, 'dev': 10, 'test': 6}
   assert summary['total_steps'] == 2 * 3 and summary['init'] == 'scratch'
   # The best epoch's checkpoint reproduces the written dev predictions.
-  params, config, meta = checkpoint.load(task_dir / summary['checkpoint'])
+  params, config, meta = params_file.load(task_dir / summary['checkpoint'])
   assert (meta['task'], meta['epoch'], meta['step']) == ('sst2', summary['best_epoch'],
                                                          summary['best_step'])
   assert meta['num_outputs'] == 2 and meta['labels'] == ['0', '1']
@@ -149,7 +149,7 @@ def test_stsb_is_a_regression_with_three_decimal_predictions(tmp_path):
   _, rows = read_tsv(tmp_path / 'out' / 'submission' / 'STS-B.tsv')
   assert [r[0] for r in rows] == [str(1000 + i) for i in range(6)]
   assert all(np.isfinite(float(r[1])) for r in rows)
-  params, config, meta = checkpoint.load(tmp_path / 'out' / 'stsb' / summary['checkpoint'])
+  params, config, meta = params_file.load(tmp_path / 'out' / 'stsb' / summary['checkpoint'])
   assert meta['num_outputs'] == 1 and meta['labels'] == []
   assert params['classification_head/linear_1']['w'].shape[-1] == 1
 
@@ -241,7 +241,7 @@ def _check_trunk_copied(init, mlm_params):
 def test_init_from_a_project_mlm_checkpoint_copies_the_trunk_exactly(tmp_path, capsys):
   config = model_configs.tiny(max_seq_len=SEQ)
   mlm_params = _tiny_mlm_params(config)
-  path = checkpoint.save(tmp_path / 'mlm.npz', mlm_params, config, step=5)
+  path = params_file.save(tmp_path / 'mlm.npz', mlm_params, config, step=5)
   init = _load_trunk(tiny_config(), str(path))
   assert init.model_config.encoder.dropout_prob == 0.1
   assert init.model_config.classifier.head_dropout_prob == 0.1
@@ -286,25 +286,25 @@ def test_the_released_checkpoints_parameters_fill_the_paper_presets_trunk():
 
 def test_bad_init_checkpoints_are_named(tmp_path):
   config = model_configs.tiny(max_seq_len=SEQ)
-  with pytest.raises(checkpoint.CheckpointError, match='nothing.npz: no such checkpoint'):
+  with pytest.raises(params_file.CheckpointError, match='nothing.npz: no such checkpoint'):
     _load_trunk(tiny_config(), str(tmp_path / 'nothing.npz'))
   params = _tiny_mlm_params(config)
   del params['perceiver_encoder/~/self_attention_1/mlp/linear']
-  path = checkpoint.save(tmp_path / 'broken.npz', params, config)
-  with pytest.raises(checkpoint.CheckpointError, match=(
+  path = params_file.save(tmp_path / 'broken.npz', params, config)
+  with pytest.raises(params_file.CheckpointError, match=(
       r'broken.npz \(the classifier trunk\) does not match the model: missing 2: '
       r'perceiver_encoder/~/self_attention_1/mlp/linear/b')):
     _load_trunk(tiny_config(), str(path))
   params = _tiny_mlm_params(config)
   params['embed'] = {'embeddings': np.zeros((262, 16), np.float32)}
-  path = checkpoint.save(tmp_path / 'misshaped.npz', params, config)
-  with pytest.raises(checkpoint.CheckpointError, match=(
+  path = params_file.save(tmp_path / 'misshaped.npz', params, config)
+  with pytest.raises(params_file.CheckpointError, match=(
       r'misshaped.npz: entry params/embed/embeddings.npy has shape \[262, 16\], the model '
       r'needs \[262, 32\]')):
     _load_trunk(tiny_config(), str(path))
   garbage = tmp_path / 'garbage.bin'
   garbage.write_bytes(b'not a checkpoint')
-  with pytest.raises(checkpoint.CheckpointError, match='garbage.bin'):
+  with pytest.raises(params_file.CheckpointError, match='garbage.bin'):
     _load_trunk(tiny_config(), str(garbage))
 
 
@@ -459,7 +459,7 @@ def test_command_line_errors_are_one_line_without_a_traceback(tmp_path):
 @pytest.mark.slow
 def test_command_line_fine_tunes_from_a_project_mlm_checkpoint(tmp_path):
   config = model_configs.tiny(max_seq_len=SEQ)
-  path = checkpoint.save(tmp_path / 'mlm.npz', _tiny_mlm_params(config), config)
+  path = params_file.save(tmp_path / 'mlm.npz', _tiny_mlm_params(config), config)
   data_dir = write_task(tmp_path / 'glue', 'wnli')
   run = _cli('--task=wnli', f'--data_dir={data_dir}', f'--workdir={tmp_path}/out',
              f'--init_checkpoint={path}', '--config=eval/configs/glue.py:smoke',

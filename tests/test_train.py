@@ -13,7 +13,7 @@ import numpy as np
 import optax
 import pytest
 
-from perceiver import checkpoint
+from perceiver import params_file
 from perceiver import errors
 from train import masking
 from train import mlm
@@ -26,7 +26,7 @@ tiny_config = helpers.mlm_tiny_config
 
 
 def _params(path):
-  return checkpoint.load(path)[0]
+  return params_file.load(path)[0]
 
 
 _records = helpers.records
@@ -46,8 +46,8 @@ def test_resume_after_k_steps_is_bit_identical_to_a_straight_run(tmp_path):
   losses_split = [r['loss'] for r in _records(split)]
   assert losses_split == losses_straight
   opt_template = optim.make(tiny_config(tmp_path).optimizer).init(a)
-  oa = checkpoint.load_tree(straight / 'ckpt_000000006.npz', 'opt_state', opt_template)
-  ob = checkpoint.load_tree(split / 'ckpt_000000006.npz', 'opt_state', opt_template)
+  oa = params_file.load_tree(straight / 'ckpt_000000006.npz', 'opt_state', opt_template)
+  ob = params_file.load_tree(split / 'ckpt_000000006.npz', 'opt_state', opt_template)
   assert jax.tree.all(jax.tree.map(np.array_equal, oa, ob))
 
 

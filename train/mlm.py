@@ -41,7 +41,7 @@ from perceiver import configs as model_configs
 from perceiver import errors
 from perceiver import flops
 from perceiver import transform
-from perceiver.training import checkpoints
+from perceiver.training import run_checkpoints
 from perceiver.training import driver
 from perceiver.training import host_memory
 from perceiver.training import hosts
@@ -264,7 +264,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, float]:
   """
   check_config(config)
   hosts.initialize_distributed(config.distributed)
-  with checkpoints.WorkdirLock(workdir):
+  with run_checkpoints.WorkdirLock(workdir):
     return _train(config, workdir)
 
 
@@ -277,7 +277,7 @@ def _train(config, workdir) -> Dict[str, float]:
   mesh = run.mesh
   # Built for the platform the mesh's devices run (see perceiver.layers: 'auto' kernels).
   model = transform.masked_lm(config.model, platform=run.platform)
-  manager = checkpoints.CheckpointManager(workdir, keep=config.train.keep_checkpoints)
+  manager = run_checkpoints.CheckpointManager(workdir, keep=config.train.keep_checkpoints)
 
   seq_len = config.model.max_seq_len
   init_ids = jnp.zeros((1, seq_len), jnp.int32)

@@ -1,6 +1,6 @@
 """Periodic training checkpoints in a run directory: save, keep the last N, resume.
 
-Each checkpoint is one ``perceiver.checkpoint`` file, ``ckpt_<step>.npz``, holding the
+Each checkpoint is one ``perceiver.params_file`` file, ``ckpt_<step>.npz``, holding the
 parameters and model config, the optimizer state and RNG key as extra trees, and JSON
 metadata (step, data position, anything else the run passes). Files are written
 atomically, so the newest complete file is always a consistent resume point; leftovers
@@ -22,7 +22,7 @@ import jax
 from jax.experimental import multihost_utils
 
 from perceiver import atomic
-from perceiver import checkpoint
+from perceiver import params_file
 
 _NAME = re.compile(r'^ckpt_(\d+)\.npz$')
 
@@ -46,7 +46,7 @@ class WorkdirLock:
       os.makedirs(workdir, exist_ok=True)
       self._file = open(self.path, 'a+', encoding='utf-8')  # pylint: disable=consider-using-with
     except OSError as e:
-      raise checkpoint.CheckpointError(
+      raise params_file.CheckpointError(
           f'--workdir={workdir}: cannot create or write there: {e.strerror or e} '
           f'({e.filename or self.path})') from None
     try:
@@ -56,7 +56,7 @@ class WorkdirLock:
       holder = self._file.read().strip() or 'another process'
       self._file.close()
       self._file = None
-      raise checkpoint.CheckpointError(
+      raise params_file.CheckpointError(
           f'{workdir} is in use by {holder} (lock {self.path}); wait '
           'for it to end or use another --workdir') from None
     self._file.seek(0)
@@ -120,7 +120,7 @@ class CheckpointManager:
         trees['opt_state'] = opt_state
       if rng is not None:
         trees['rng'] = rng
-      checkpoint.save(path, params, config, trees=trees, step=int(step), data=data_state,
+      params_file.save(path, params, config, trees=trees, step=int(step), data=data_state,
                       **metadata)
       for old in self.steps()[:-self.keep]:
         os.unlink(self.path(old))
@@ -156,11 +156,11 @@ class CheckpointManager:
       path = self.path(steps[index])
       try:
         if check is not None:
-          check(checkpoint.load_config(path), path)
+          check(params_file.load_config(path), path)
         return path, self.restore(path, opt_state_template, rng_template)
-      except checkpoint.CheckpointMismatch:
+      except params_file.CheckpointMismatch:
         raise
-      except checkpoint.CheckpointError as e:
+      except params_file.CheckpointError as e:
         aside = path + '.corrupt'
         if jax.process_index() == 0 and os.path.exists(path):
           os.replace(path, aside)
@@ -171,10 +171,10 @@ class CheckpointManager:
 
   def restore(self, path: str, opt_state_template=None, rng_template=None):
     """Returns (params, config, metadata, opt_state | None, rng | None) from ``path``."""
-    params, config, metadata = checkpoint.load(path)
+    params, config, metadata = params_file.load(path)
     opt_state = rng = None
     if opt_state_template is not None:
-      opt_state = checkpoint.load_tree(path, 'opt_state', opt_state_template)
+      opt_state = params_file.load_tree(path, 'opt_state', opt_state_template)
     if rng_template is not None:
-      rng = checkpoint.load_tree(path, 'rng', rng_template)
+      rng = params_file.load_tree(path, 'rng', rng_template)
     return params, config, metadata, opt_state, rng
