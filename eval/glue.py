@@ -34,8 +34,9 @@ all points):
 - ``dev_predictions.tsv`` (MNLI: ``dev_matched_predictions.tsv`` and
   ``dev_mismatched_predictions.tsv``): ``index<TAB>prediction<TAB>label``; the metrics
   are computed from the predictions exactly as written, so the file reproduces them;
-- ``checkpoint/ckpt_<step>.npz``: the best dev epoch's parameters, loadable by
-  ``perceiver.params_file.load``; its metadata holds the task, labels and ``num_outputs``;
+- ``checkpoint/ckpt_<step>/``: the best dev epoch's parameters (a run checkpoint,
+  ``perceiver.training.run_checkpoints``), readable by ``perceiver.loading.load_any``
+  (``perceiver.export`` exports it); its metadata holds the task, labels and ``num_outputs``;
 - ``resume/``: the last epoch's training state while the task runs (removed at its end);
 - ``metrics.jsonl`` (train and eval records) and ``log.txt`` (this task's log lines).
 

@@ -24,7 +24,7 @@ from eval import glue_data
 from eval import glue_inputs
 from eval import glue_io
 from eval import glue_task
-from perceiver import params_file
+from perceiver import loading
 from perceiver import errors
 from perceiver import transfer
 from perceiver import transform
@@ -144,7 +144,7 @@ def finetune(task: glue_data.Task, data: Dict[str, glue_inputs.EncodedSplit],
     history.append({'epoch': epoch, 'step': step, 'dev_loss': loss, 'score': score,
                     'results': results})
     if best is None or score > best['score']:
-      path = best_manager.save(step, mesh_lib.to_host(state.params), trunk.model_config,
+      path = best_manager.save(step, state.params, trunk.model_config,
                                task=task.name, labels=list(task.labels),
                                num_outputs=task.num_outputs, epoch=epoch,
                                dev_results=results, init=trunk.source,
@@ -155,9 +155,8 @@ def finetune(task: glue_data.Task, data: Dict[str, glue_inputs.EncodedSplit],
 
   def save(step, state, data_position):
     del data_position   # the step is the position (glue_inputs.train_batches)
-    host = mesh_lib.to_host(state)
-    resume_manager.save(step, host.params, trunk.model_config, opt_state=host.opt_state,
-                        rng=host.rng, history=history, best=best, settings=settings)
+    resume_manager.save(step, state.params, trunk.model_config, opt_state=state.opt_state,
+                        rng=state.rng, history=history, best=best, settings=settings)
 
   def extra_report(step, report, window):
     return {'epoch': -(-step // steps_per_epoch),
@@ -174,14 +173,14 @@ def finetune(task: glue_data.Task, data: Dict[str, glue_inputs.EncodedSplit],
       total_steps=total, writer=writer, log_every=config.train.log_every,
       extra_report=extra_report, eval_every=steps_per_epoch, eval_at_end=True,
       evaluate=evaluate, checkpoint_every=config.train.checkpoint_every or steps_per_epoch,
-      save=save)
+      save=save, checkpoints=[best_manager, resume_manager])
   if result.stopped:
     raise Stopped(f'stopped at step {result.step} of {total} in {run_dir}; rerun the same '
                   'command to resume')
 
-  best_params, _, _ = params_file.load(os.path.join(run_dir, best['path']))
-  _, _, preds, golds = glue_task.evaluate(
-      task, data, predict_step, mesh_lib.place(best_params, shardings.params), eval_batch, mesh)
+  placed = best_manager.restore(os.path.join(run_dir, best['path']),
+                                shapes._replace(opt_state=None), shardings).params
+  _, _, preds, golds = glue_task.evaluate(task, data, predict_step, placed, eval_batch, mesh)
   for split in task.dev_splits:
     glue_io.write_dev_predictions(os.path.join(run_dir, f'{split}_predictions.tsv'), task,
                                   data[split].indices, preds[split], golds[split])
@@ -197,7 +196,7 @@ def finetune(task: glue_data.Task, data: Dict[str, glue_inputs.EncodedSplit],
       'max_seq_len': resolve_max_seq_len(config, trunk.model_config),
       'init': trunk.source, 'devices': devices, 'run_time_s': time.time() - start_time,
   }
-  return RunResult(run_dir, summary, best['score'], best_params)
+  return RunResult(run_dir, summary, best['score'], mesh_lib.to_host(placed))
 
 
 def make_mesh(config):
@@ -236,7 +235,9 @@ def clean_task_dir(task_dir: str) -> None:
         os.remove(os.path.join(root, name))
     for name in dirs:
       path = os.path.join(root, name)
-      if name in ('checkpoint', 'resume') and not os.listdir(path):
+      if os.path.basename(root) in ('checkpoint', 'resume') and name.startswith('ckpt_'):
+        shutil.rmtree(path)   # a checkpoint directory (run_checkpoints), whole or not
+      elif name in ('checkpoint', 'resume') and not os.listdir(path):
         os.rmdir(path)
 
 
@@ -292,7 +293,7 @@ def _point(task, data, trunk, config, run_dir, log, batch_size, lr, field, resum
   if resume and os.path.exists(finished):
     with open(finished, encoding='utf-8') as f:
       summary = json.load(f)
-    params, _, _ = params_file.load(os.path.join(run_dir, summary['checkpoint']))
+    params, _, _ = loading.load_any(os.path.join(run_dir, summary['checkpoint']))
     log.note(f'  {run_dir}: finished earlier (main score {summary["main_score"]:.4f})')
     return RunResult(run_dir, summary, summary['main_score'], params)
   if not resume:

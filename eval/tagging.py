@@ -33,7 +33,8 @@ Outputs in ``--workdir``:
   from exactly these tags;
 - ``dev_entity_table.txt`` (and ``test_entity_table.txt``): precision, recall, F1 and
   support per entity type;
-- ``checkpoint/ckpt_<step>.npz``: the best dev epoch's parameters, its metadata holding
+- ``checkpoint/ckpt_<step>/``: the best dev epoch's parameters (a run checkpoint,
+  read by ``perceiver.loading.load_any``), its metadata holding
   the tags (``token_labels``); ``resume/`` while the run goes on;
 - ``metrics.jsonl`` and ``log.txt``.
 """

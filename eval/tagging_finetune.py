@@ -23,7 +23,6 @@ from eval import glue_io
 from eval import tagging_data
 from eval import tagging_inputs
 from eval import tagging_task
-from perceiver import params_file
 from perceiver import errors
 from perceiver import transfer
 from perceiver import transform
@@ -130,7 +129,7 @@ def finetune(data: Dict[str, tagging_data.EncodedSplit], labels: List[str],
     history.append({'epoch': epoch, 'step': step, 'dev_loss': loss, 'score': result['main'],
                     'results': result})
     if best is None or result['main'] > best['score']:
-      path = best_manager.save(step, mesh_lib.to_host(state.params), trunk.model_config,
+      path = best_manager.save(step, state.params, trunk.model_config,
                                token_labels=list(labels), epoch=epoch, metric=metric,
                                init=trunk.source, tagging_config=config.to_json())
       best = {'epoch': epoch, 'step': step, 'score': result['main'], 'results': result,
@@ -139,9 +138,8 @@ def finetune(data: Dict[str, tagging_data.EncodedSplit], labels: List[str],
 
   def save(step, state, data_position):
     del data_position   # the step is the position (tagging_inputs.train_batches)
-    host = mesh_lib.to_host(state)
-    resume_manager.save(step, host.params, trunk.model_config, opt_state=host.opt_state,
-                        rng=host.rng, history=history, best=best, settings=settings)
+    resume_manager.save(step, state.params, trunk.model_config, opt_state=state.opt_state,
+                        rng=state.rng, history=history, best=best, settings=settings)
 
   def extra_report(step, report, window):
     del report, window
@@ -157,13 +155,13 @@ def finetune(data: Dict[str, tagging_data.EncodedSplit], labels: List[str],
       total_steps=total, writer=writer, log_every=config.train.log_every,
       extra_report=extra_report, eval_every=steps_per_epoch, eval_at_end=True,
       evaluate=evaluate, checkpoint_every=config.train.checkpoint_every or steps_per_epoch,
-      save=save)
+      save=save, checkpoints=[best_manager, resume_manager])
   if result.stopped:
     raise Stopped(f'stopped at step {result.step} of {total} in {run_dir}; rerun the same '
                   'command to resume')
 
-  best_params, _, _ = params_file.load(os.path.join(run_dir, best['path']))
-  placed = mesh_lib.place(best_params, shardings.params)
+  placed = best_manager.restore(os.path.join(run_dir, best['path']),
+                                shapes._replace(opt_state=None), shardings).params
   outputs = {}
   for name in [n for n in ('dev', 'test') if n in data]:
     scored, loss, pred = evaluate_split(predict_step, placed, data[name], labels, metric,

@@ -8,10 +8,11 @@ r"""Converts masked-LM checkpoints between DeepMind's pickle, this project and H
 ``--from``: ``hf`` (a transformers ``PerceiverForMaskedLM`` directory, or its
 ``model.safetensors``/``pytorch_model.bin`` with ``config.json`` beside it), ``deepmind``
 (the released pickle, read through the safe unpickler; ``--config`` names its model), or
-``project`` (this project's checkpoint). ``--to``: ``project`` (default; one file) or
-``hf`` (a directory with config.json + model.safetensors). An existing ``--dst`` is
-refused unless ``--overwrite``. A summary and any notes on how transformers' computation
-differs are printed.
+``project`` (this project's parameter file, a run checkpoint directory or a run's
+directory). ``--to``: ``project`` (default; one file) or ``hf`` (a directory with
+config.json + model.safetensors). An existing ``--dst`` is refused unless
+``--overwrite``. A summary and any notes on how transformers' computation differs are
+printed.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from perceiver import errors
 from perceiver import formats
 from perceiver import hf
 from perceiver import hf_io
+from perceiver import loading
 from perceiver import transform
 
 SOURCES = ('hf', 'deepmind', 'project')
@@ -91,8 +93,10 @@ def load_config(value: Optional[str]) -> ml_collections.ConfigDict:
 
 # What each --from reads, and which --from reads each other kind (perceiver.formats).
 _EXPECTED = {'hf': 'a Hugging Face directory (or its weights file with config.json beside it)',
-             'deepmind': "DeepMind's parameter pickle", 'project': "this project's checkpoint"}
-_FROM_FOR_KIND = {'project': 'project', 'pickle': 'deepmind', 'hf_directory': 'hf',
+             'deepmind': "DeepMind's parameter pickle",
+             'project': "this project's checkpoint (a parameter file or a run checkpoint)"}
+_FROM_FOR_KIND = {'project': 'project', 'run_checkpoint': 'project',
+                  'run_directory': 'project', 'pickle': 'deepmind', 'hf_directory': 'hf',
                   'safetensors': 'hf', 'torch': 'hf'}
 
 
@@ -101,7 +105,8 @@ def check_source_kind(source: str, src: str) -> None:
   and the ``--from`` that reads it, before any loader runs."""
   kind = formats.sniff(src)
   accepted = {'hf': ('hf_directory', 'safetensors', 'torch', 'pickle'),
-              'deepmind': ('pickle',), 'project': ('project',)}[source]
+              'deepmind': ('pickle',),
+              'project': ('project', 'run_checkpoint', 'run_directory')}[source]
   if kind in accepted:
     return
   message = f'--src={src}: {formats.describe(src, kind)}, not {_EXPECTED[source]}'
@@ -127,7 +132,7 @@ def _read(source, src, config_flag, to):
     if config_flag:
       raise errors.ConfigError('--config applies to --from=deepmind only (a project '
                                'checkpoint carries its config)')
-    params, config, _ = params_file.load(src)
+    params, config, _ = loading.load_any(src)
     hf.refuse_token_classifier(params, src)
     params_file.check_params(
         params, params_file.expected_shapes(transform.masked_lm(config), config), source=src)

@@ -177,7 +177,7 @@ def test_resume_refuses_a_changed_batch_size_unless_allowed(finished_run, tmp_pa
   assert 'written with other settings: train.batch_size' in _one_error_line(stderr)
   assert 'train.allow_changes' in stderr
   mlm.train(tiny_config(tmp, steps=3, batch_size=8, allow_changes=True), str(run))
-  assert (run / 'ckpt_000000003.npz').is_file()
+  assert (run / 'ckpt_000000003').is_file()
 
 
 @pytest.mark.slow
@@ -185,9 +185,9 @@ def test_a_corrupt_newest_checkpoint_falls_back_to_the_one_before(tmp_path, caps
   config = tiny_config(tmp_path, steps=4, checkpoint_every=2)
   workdir = tmp_path / 'run'
   mlm.train(config, str(workdir))
-  straight = params_file.load(workdir / 'ckpt_000000004.npz')[0]
+  straight = params_file.load(workdir / 'ckpt_000000004')[0]
   for damage in ('flip', 'truncate', 'empty'):
-    newest = workdir / 'ckpt_000000004.npz'
+    newest = workdir / 'ckpt_000000004'
     raw = bytearray(newest.read_bytes())
     if damage == 'flip':
       raw[len(raw) // 2] ^= 0x10
@@ -200,7 +200,7 @@ def test_a_corrupt_newest_checkpoint_falls_back_to_the_one_before(tmp_path, caps
     mlm.train(config, str(workdir))   # resumes from step 2, redoes steps 3-4
     out = capsys.readouterr().out
     assert f'{newest} does not read back' in out and 'moved aside to' in out, damage
-    assert 'resuming from' in out and 'ckpt_000000002.npz at step 2' in out
+    assert 'resuming from' in out and 'ckpt_000000002 at step 2' in out
     aside = pathlib.Path(str(newest) + '.corrupt')
     assert aside.read_bytes() == bytes(raw)   # kept, renamed, not deleted
     aside.unlink()
@@ -757,7 +757,7 @@ def test_a_resume_whose_only_checkpoint_is_corrupt_says_it_starts_over(finished_
   tmp, workdir = finished_run
   run = tmp_path / 'run'
   run.mkdir()
-  newest = sorted(workdir.glob('ckpt_*.npz'))[-1]
+  newest = sorted(workdir.glob('ckpt_*[0-9]'))[-1]
   (run / newest.name).write_bytes(newest.read_bytes()[:1000])   # truncated
   capsys.readouterr()
   mlm.train(tiny_config(tmp, steps=1), str(run))
@@ -765,7 +765,7 @@ def test_a_resume_whose_only_checkpoint_is_corrupt_says_it_starts_over(finished_
   assert (f'{run / newest.name} does not read back' in out and
           'no other checkpoint is left: starting a new run from step 0' in out), out
   assert 'the checkpoint before it' not in out
-  assert 'new run in' in out and (run / 'ckpt_000000001.npz').is_file()
+  assert 'new run in' in out and (run / 'ckpt_000000001').is_file()
 
 
 # --------------------------------------------------------------------------------------

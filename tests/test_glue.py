@@ -414,8 +414,8 @@ def test_a_finished_task_is_kept_refused_or_retrained_and_cleaning_spares_other_
   task_dir = tmp_path / 'out' / 'wnli'
   (task_dir / 'checkpoint').mkdir(parents=True)
   ours = ['dev_metrics.json', 'metrics.jsonl', 'log.txt', 'dev_predictions.tsv',
-          'checkpoint/ckpt_000000007.npz', 'resume/ckpt_000000003.npz',
-          'bs8_lr0.001/sweep.json', 'bs8_lr0.001/checkpoint/ckpt_000000003.npz']
+          'checkpoint/ckpt_000000007/meta/metadata', 'resume/ckpt_000000003/params/x',
+          'bs8_lr0.001/sweep.json', 'bs8_lr0.001/checkpoint/ckpt_000000003/meta/metadata']
   theirs = ['notes.txt', 'checkpoint/README', 'bs8_lr0.001/mine.npz']
   for name in ours + theirs:
     (task_dir / name).parent.mkdir(parents=True, exist_ok=True)
@@ -560,7 +560,7 @@ def test_a_fine_tune_killed_mid_way_resumes_to_the_uninterrupted_dev_metrics(tmp
   killed = start(tmp_path / 'killed')
   resume_dir = tmp_path / 'killed' / 'wnli' / 'resume'
   deadline = time.monotonic() + 600
-  while not list(resume_dir.glob('ckpt_*.npz')) and time.monotonic() < deadline:
+  while not list(resume_dir.glob('ckpt_*[0-9]')) and time.monotonic() < deadline:
     assert killed.poll() is None, killed.stdout.read()[-3000:]
     time.sleep(0.02)
   killed.send_signal(signal.SIGKILL)

@@ -157,8 +157,8 @@ def test_two_hosts_of_four_devices_give_the_one_host_eight_device_run(tmp_path):
   steps_one, losses_one = zip(*_losses(one))
   assert steps_two == steps_one == (1, 2, 3, 4, 5, 6)
   np.testing.assert_allclose(losses_two, losses_one, rtol=1e-6)
-  params_two, _, meta_two = params_file.load(two / 'ckpt_000000006.npz')
-  params_one, _, meta_one = params_file.load(one / 'ckpt_000000006.npz')
+  params_two, _, meta_two = params_file.load(two / 'ckpt_000000006')
+  params_one, _, meta_one = params_file.load(one / 'ckpt_000000006')
   for module in params_one:
     for name in params_one[module]:
       np.testing.assert_allclose(params_two[module][name], params_one[module][name],

@@ -369,7 +369,7 @@ def test_a_run_killed_mid_way_resumes_to_the_uninterrupted_dev_metrics(tmp_path)
   killed = start(tmp_path / 'killed')
   resume_dir = tmp_path / 'killed' / 'resume'
   deadline = time.monotonic() + 600
-  while not list(resume_dir.glob('ckpt_*.npz')) and time.monotonic() < deadline:
+  while not list(resume_dir.glob('ckpt_*[0-9]')) and time.monotonic() < deadline:
     assert killed.poll() is None, killed.stdout.read()[-3000:]
     time.sleep(0.02)
   killed.send_signal(signal.SIGKILL)
