@@ -8,6 +8,7 @@ import json
 import os
 import pathlib
 import pickle
+import shutil
 import signal
 import subprocess
 import sys
@@ -171,40 +172,49 @@ def test_resume_refuses_a_changed_batch_size_unless_allowed(finished_run, tmp_pa
   os.makedirs(run)
   for name in os.listdir(workdir):
     if name.startswith('ckpt_'):
-      (run / name).write_bytes((workdir / name).read_bytes())
+      shutil.copytree(workdir / name, run / name)
   status, stderr = _run(lambda: mlm.train(tiny_config(tmp, steps=4, batch_size=8), str(run)))
   assert status == 1
   assert 'written with other settings: train.batch_size' in _one_error_line(stderr)
   assert 'train.allow_changes' in stderr
   mlm.train(tiny_config(tmp, steps=3, batch_size=8, allow_changes=True), str(run))
-  assert (run / 'ckpt_000000003').is_file()
+  assert run_checkpoints.is_run_checkpoint(run / 'ckpt_000000003')
+
+
+def _largest_file(directory):
+  return max((p for p in directory.rglob('*') if p.is_file()), key=lambda p: p.stat().st_size)
 
 
 @pytest.mark.slow
 def test_a_corrupt_newest_checkpoint_falls_back_to_the_one_before(tmp_path, capsys):
+  """A bit flipped in the newest checkpoint's largest array file (caught by the saved
+  fingerprints), that file truncated, its metadata emptied: each time the run moves it
+  aside, resumes from the one before, and redoes the steps to the same parameters."""
   config = tiny_config(tmp_path, steps=4, checkpoint_every=2)
   workdir = tmp_path / 'run'
   mlm.train(config, str(workdir))
-  straight = params_file.load(workdir / 'ckpt_000000004')[0]
+  newest = workdir / 'ckpt_000000004'
+  straight = loading.load_any(newest)[0]
   for damage in ('flip', 'truncate', 'empty'):
-    newest = workdir / 'ckpt_000000004'
-    raw = bytearray(newest.read_bytes())
+    victim = (newest / 'meta' / 'metadata' if damage == 'empty' else
+              _largest_file(newest / 'params'))
+    raw = bytearray(victim.read_bytes())
     if damage == 'flip':
       raw[len(raw) // 2] ^= 0x10
     elif damage == 'truncate':
       raw = raw[:len(raw) // 3]
     else:
       raw = bytearray()
-    newest.write_bytes(bytes(raw))
+    victim.write_bytes(bytes(raw))
     capsys.readouterr()
     mlm.train(config, str(workdir))   # resumes from step 2, redoes steps 3-4
     out = capsys.readouterr().out
-    assert f'{newest} does not read back' in out and 'moved aside to' in out, damage
+    assert f'{newest} does not read back' in out and 'moved aside to' in out, (damage, out)
     assert 'resuming from' in out and 'ckpt_000000002 at step 2' in out
     aside = pathlib.Path(str(newest) + '.corrupt')
-    assert aside.read_bytes() == bytes(raw)   # kept, renamed, not deleted
-    aside.unlink()
-    again = params_file.load(newest)[0]
+    assert (aside / victim.relative_to(newest)).read_bytes() == bytes(raw)   # kept, renamed
+    shutil.rmtree(aside)
+    again = loading.load_any(newest)[0]
     for module in straight:
       for name in straight[module]:
         np.testing.assert_array_equal(again[module][name], straight[module][name])
@@ -681,6 +691,8 @@ def _kinds_of_files(directory, tiny_npz):
   files['pickle_as_npz'] = directory / 'params.npz'
   with open(files['pickle_as_npz'], 'wb') as f:
     pickle.dump({'embed': {'embeddings': np.zeros((2, 2), np.float32)}}, f, protocol=4)
+  files['directory'] = directory / 'outputs'
+  (files['directory'] / 'ckpt_12.npz').mkdir(parents=True)   # not ckpt_<step>/ either
   return files
 
 
@@ -695,6 +707,9 @@ _ANY_CHECKPOINT = ("expected this project's checkpoint, DeepMind's pickle or a H
               f'metadata.json); {_ANY_CHECKPOINT}'),
     ('zip', f'notes.npz: a zip archive that is not a checkpoint; {_ANY_CHECKPOINT}'),
     ('safetensors', 'weights.safetensors: a safetensors file without config.json beside it'),
+    ('directory', 'outputs: a directory that is no checkpoint (no config.json: not a '
+                  'Hugging Face checkpoint; no meta/metadata: not a run checkpoint; no '
+                  'ckpt_<step>/ in it: not a run directory)'),
 ])
 def test_load_any_names_what_a_file_is(tiny_checkpoint, tmp_path, name, message):
   path, _ = tiny_checkpoint
@@ -710,8 +725,8 @@ def test_load_any_names_what_a_file_is(tiny_checkpoint, tmp_path, name, message)
                                       ".npy arrays and metadata.json), not DeepMind's "
                                       'parameter pickle: use --from=project'),
     ('deepmind', 'random', "random.npz: not a checkpoint format this project reads"),
-    ('project', 'pickle_as_npz', "params.npz: a Python pickle, not this project's checkpoint: "
-                                 'use --from=deepmind'),
+    ('project', 'pickle_as_npz', "params.npz: a Python pickle, not this project's checkpoint (a "
+                                 'parameter file or a run checkpoint): use --from=deepmind'),
     ('project', 'empty', "empty.npz: an empty file (0 bytes), not this project's checkpoint"),
     ('hf', 'project_as_pickle', 'not a Hugging Face directory (or its weights file with '
                                 'config.json beside it): use --from=project'),
@@ -758,14 +773,16 @@ def test_a_resume_whose_only_checkpoint_is_corrupt_says_it_starts_over(finished_
   run = tmp_path / 'run'
   run.mkdir()
   newest = sorted(workdir.glob('ckpt_*[0-9]'))[-1]
-  (run / newest.name).write_bytes(newest.read_bytes()[:1000])   # truncated
+  shutil.copytree(newest, run / newest.name)
+  victim = _largest_file(run / newest.name / 'params')
+  victim.write_bytes(victim.read_bytes()[:1000])   # truncated
   capsys.readouterr()
   mlm.train(tiny_config(tmp, steps=1), str(run))
   out = capsys.readouterr().out
   assert (f'{run / newest.name} does not read back' in out and
           'no other checkpoint is left: starting a new run from step 0' in out), out
   assert 'the checkpoint before it' not in out
-  assert 'new run in' in out and (run / 'ckpt_000000001').is_file()
+  assert 'new run in' in out and run_checkpoints.is_run_checkpoint(run / 'ckpt_000000001')
 
 
 # --------------------------------------------------------------------------------------
