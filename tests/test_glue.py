@@ -24,6 +24,7 @@ from eval import glue_inputs
 from eval import glue_task
 from eval import metrics
 from eval.configs import glue as glue_configs
+from perceiver import loading
 from perceiver import params_file
 from perceiver import configs as model_configs
 from perceiver import transfer
@@ -117,7 +118,7 @@ def test_single_task_writes_consistent_outputs_and_a_loadable_best_checkpoint(tm
   assert summary['num_examples'] == {'train': 24, 'dev': 10, 'test': 6}
   assert summary['total_steps'] == 2 * 3 and summary['init'] == 'scratch'
   # The best epoch's checkpoint reproduces the written dev predictions.
-  params, config, meta = params_file.load(task_dir / summary['checkpoint'])
+  params, config, meta = loading.load_any(task_dir / summary['checkpoint'])
   assert (meta['task'], meta['epoch'], meta['step']) == ('sst2', summary['best_epoch'],
                                                          summary['best_step'])
   assert meta['num_outputs'] == 2 and meta['labels'] == ['0', '1']
@@ -149,7 +150,7 @@ def test_stsb_is_a_regression_with_three_decimal_predictions(tmp_path):
   _, rows = read_tsv(tmp_path / 'out' / 'submission' / 'STS-B.tsv')
   assert [r[0] for r in rows] == [str(1000 + i) for i in range(6)]
   assert all(np.isfinite(float(r[1])) for r in rows)
-  params, config, meta = params_file.load(tmp_path / 'out' / 'stsb' / summary['checkpoint'])
+  params, config, meta = loading.load_any(tmp_path / 'out' / 'stsb' / summary['checkpoint'])
   assert meta['num_outputs'] == 1 and meta['labels'] == []
   assert params['classification_head/linear_1']['w'].shape[-1] == 1
 

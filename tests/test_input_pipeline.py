@@ -233,7 +233,7 @@ def test_kill_9_mid_run_with_workers_then_resume_equals_a_straight_run(tmp_path)
   import subprocess  # pylint: disable=import-outside-toplevel
   import sys  # pylint: disable=import-outside-toplevel
   import jax  # pylint: disable=import-outside-toplevel
-  from perceiver import params_file  # pylint: disable=import-outside-toplevel
+  from perceiver import loading  # pylint: disable=import-outside-toplevel
   root = pathlib.Path(__file__).resolve().parents[1]
   corpus = tmp_path / 'corpus.jsonl'
   corpus.write_text(''.join(json.dumps({'text': t}) + '\n' for t in _texts(300, 'doc')))
@@ -268,8 +268,8 @@ def test_kill_9_mid_run_with_workers_then_resume_equals_a_straight_run(tmp_path)
     done = subprocess.run(command(workdir, end, workers_count), cwd=root,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
-  a = params_file.load(killed / f'ckpt_{end:09d}')[0]
-  b = params_file.load(tmp_path / 'straight' / f'ckpt_{end:09d}')[0]
+  a = loading.load_any(killed / f'ckpt_{end:09d}')[0]
+  b = loading.load_any(tmp_path / 'straight' / f'ckpt_{end:09d}')[0]
   assert jax.tree.all(jax.tree.map(np.array_equal, a, b))
 
 

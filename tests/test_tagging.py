@@ -21,6 +21,7 @@ import pytest
 from eval import tagging
 from eval import tagging_task
 from eval.configs import tagging as tagging_configs
+from perceiver import loading
 from perceiver import params_file
 from perceiver import cli
 from perceiver import configs as model_configs
@@ -198,7 +199,7 @@ def test_a_run_writes_predictions_that_reproduce_its_scores_and_a_loadable_check
   assert summary['test_results']['f1'] == recomputed['f1']   # the same sentences
   assert (out / 'dev_entity_table.txt').read_text().splitlines()[0].split()[0] == 'type'
   assert summary['main_score'] == max(e['score'] for e in summary['epochs'])
-  params, config, meta = params_file.load(out / summary['checkpoint'])
+  params, config, meta = loading.load_any(out / summary['checkpoint'])
   assert meta['token_labels'] == summary['labels'] == ['O', 'B-LOC', 'B-ORG', 'B-PER']
   assert any(m.startswith(transform.TOKEN_HEAD) for m in params) and config.max_seq_len == 64
   assert not (out / 'resume').exists()

@@ -35,6 +35,7 @@ from __future__ import annotations
 import dataclasses
 import fcntl
 import json
+import logging
 import os
 import re
 import shutil
@@ -58,10 +59,21 @@ _TMP = '.orbax-checkpoint-tmp'
 META_FILE = os.path.join('meta', 'metadata')   # the JSON item, as orbax names its file
 
 
+class _OrbaxInfo(logging.Filter):
+  """Drops orbax's INFO records (some 30 lines a save) from absl's log; its warnings and
+  errors pass."""
+
+  def filter(self, record):
+    return record.levelno >= logging.WARNING or f'{os.sep}orbax{os.sep}' not in record.pathname
+
+
 def _ocp():
   """orbax.checkpoint, imported when a checkpoint is first written or read (it takes
   seconds, and commands that read no run checkpoint do not need it)."""
   import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+  absl_logger = logging.getLogger('absl')
+  if not any(isinstance(f, _OrbaxInfo) for f in absl_logger.filters):
+    absl_logger.addFilter(_OrbaxInfo())
   return ocp
 
 
@@ -368,8 +380,13 @@ class CheckpointManager:
       NonFiniteParams: the parameters hold NaN or infinity (nothing is written).
     """
     self.wait()
-    rest = None if opt_state is None else {'opt_state': opt_state, 'rng': rng,
-                                            'step': jnp.asarray(step, jnp.int32)}
+    rest = None
+    if opt_state is not None:
+      # The step as a global array laid out as the (replicated) RNG key: on several hosts
+      # orbax writes global arrays only.
+      step_array = jax.make_array_from_callback(
+          (), rng.sharding, lambda index: np.asarray(step, np.int32))
+      rest = {'opt_state': opt_state, 'rng': rng, 'step': step_array}
     finite, prints = _summary(params, rest)
     if not bool(finite):
       raise NonFiniteParams(f'non-finite parameters at step {step}: not saved')
