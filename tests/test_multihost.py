@@ -1,8 +1,8 @@
 """train.mlm across two processes on this machine (jax.distributed on 127.0.0.1, gloo
 collectives): two processes of 4 CPU devices, the parameters FSDP-sharded over all 8,
 against one process of 8 devices; a stop on one host or both that every host agrees on,
-a dead peer, and resumes refused across host counts. Every process runs under a timeout;
-every test here starts processes, so all are marked slow."""
+a dead peer, and a checkpoint resumed on another number of hosts. Every process runs
+under a timeout; every test here starts processes, so all are marked slow."""
 
 import json
 import os
