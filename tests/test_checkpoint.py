@@ -254,3 +254,60 @@ def test_verify_released_inputs_and_mismatch_report():
   assert verify_released.check(params, configs.tiny(max_seq_len=64)) == [
       'the checkpoint is not a byte model reading 2048 positions (vocab_size 262, '
       'max_seq_len 64)']
+
+
+# --------------------------------------------------------------------------------------
+# A run's checkpoints (perceiver.training.run_checkpoints, orbax), in process on one device.
+
+@pytest.mark.slow   # orbax: seconds to import, about a second a save or restore
+def test_run_checkpoint_round_trip_keeps_the_last_n_and_refuses_what_does_not_fit(
+    tiny_params, tmp_path):
+  """Two async saves with keep=1: the newer restores bit-identical into the run's layout
+  and reads back as host arrays through loading.load_any (a checkpoint directory, or the
+  run's directory); non-finite parameters are not saved; another model's shapes are a
+  CheckpointMismatch naming the checkpoint."""
+  from perceiver import loading  # pylint: disable=import-outside-toplevel
+  from perceiver.training import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
+  from perceiver.training import run_checkpoints  # pylint: disable=import-outside-toplevel
+  from perceiver.training import step as step_lib  # pylint: disable=import-outside-toplevel
+  config, params = tiny_params
+  optimizer = optax.adam(1e-3)
+  make = step_lib.new_state_fn(lambda: jax.tree.map(jnp.asarray, params), optimizer,
+                               jax.random.PRNGKey(7))
+  state, shardings = step_lib.init_state(mesh_lib.make(devices=jax.devices()[:1]), make)
+  state = state._replace(opt_state=jax.tree.map(   # moments unlike the parameters
+      lambda x: x + 0.5 if jnp.issubdtype(x.dtype, jnp.floating) else x + 3, state.opt_state))
+  run = tmp_path / 'run'
+  with run_checkpoints.CheckpointManager(str(run), keep=1) as manager:
+    for step in (1, 2):
+      manager.save(step, state.params, config, opt_state=state.opt_state, rng=state.rng,
+                   data_state={'doc': step}, note='hi')
+  assert manager.steps() == [2] and sorted(os.listdir(run)) == ['ckpt_000000002']
+  shapes = jax.eval_shape(make)
+  restored = manager.restore_latest(shapes, shardings)
+  assert (restored.step, restored.metadata['note'], restored.data) == (2, 'hi', [{'doc': 2}])
+  assert restored.data_position(print) == {'doc': 2}
+  same = lambda a, b: jax.tree.all(jax.tree.map(
+      lambda x, y: np.array_equal(np.asarray(x), np.asarray(y)), a, b))
+  assert same(restored.params, state.params) and same(restored.opt_state, state.opt_state)
+  assert same(restored.rng, state.rng)
+  for where in (run, run / 'ckpt_000000002'):
+    host, loaded_config, metadata = loading.load_any(where)
+    assert same(host, params) and loaded_config.to_dict() == config.to_dict()
+    assert metadata['step'] == 2
+  bad = jax.tree.map(lambda x: x.at[(0,) * x.ndim].set(jnp.nan), state.params)
+  with pytest.raises(run_checkpoints.NonFiniteParams, match='non-finite parameters at step 3'):
+    manager.save(3, bad, config)
+  assert manager.steps() == [2] and sorted(os.listdir(run)) == ['ckpt_000000002']
+  wider = shapes._replace(params=jax.tree.map(   # another model: every matrix wider
+      lambda x: jax.ShapeDtypeStruct(x.shape[:-1] + (x.shape[-1] * 2,), x.dtype)
+      if x.ndim > 1 else x, shapes.params))
+  with pytest.raises(params_file.CheckpointMismatch,
+                     match=r'ckpt_000000002: its params do not fit this run'):
+    manager.restore_latest(wider, shardings)
+  float_counts = shapes._replace(opt_state=jax.tree.map(   # orbax would cast silently
+      lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32), shapes.opt_state))
+  with pytest.raises(params_file.CheckpointMismatch,
+                     match=r"count is \[\] int32, this run needs \[\] float32"):
+    manager.restore_latest(float_counts, shardings)
+  assert manager.steps() == [2]   # not moved aside: it is not damaged

@@ -230,16 +230,19 @@ def config_of(meta) -> ml_collections.ConfigDict:
 
 
 def _check_fits(path, meta, item, target) -> None:
-  """CheckpointMismatch naming the arrays whose path or shape differ from ``target``'s."""
+  """CheckpointMismatch naming the arrays whose path, shape or dtype differ from
+  ``target``'s (orbax would cast a dtype silently)."""
   saved = meta['arrays'].get(item)
   if saved is None:
     raise CheckpointMismatch(f'{path}: holds no {item!r} arrays (has: '
                              f'{", ".join(meta["arrays"]) or "none"})')
-  want = {key: list(np.shape(x)) for key, x in _leaf_table(target).items()}
-  have = {key: value[0] for key, value in saved.items()}
+  want = {key: [list(np.shape(x)), str(np.dtype(x.dtype))]
+          for key, x in _leaf_table(target).items()}
+  have = {key: value[:2] for key, value in saved.items()}
   problems = [f'missing {k}' for k in sorted(set(want) - set(have))][:5]
   problems += [f'unexpected {k}' for k in sorted(set(have) - set(want))][:5]
-  problems += [f'{k} is {have[k]}, this run needs {want[k]}'
+  problems += [f'{k} is {" ".join(map(str, have[k]))}, this run needs '
+               f'{" ".join(map(str, want[k]))}'
                for k in sorted(set(want) & set(have)) if have[k] != want[k]][:5]
   if problems:
     raise CheckpointMismatch(f'{path}: its {item} do not fit this run (another model or '
