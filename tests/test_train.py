@@ -58,6 +58,61 @@ def test_resume_after_k_steps_is_bit_identical_to_a_straight_run(tmp_path):
   assert fa == fb
 
 
+_HELD_SAVE = textwrap.dedent("""
+    import asyncio, sys
+    sys.path.insert(0, {root!r})
+    from orbax.checkpoint._src.path import async_path
+    from tests import helpers
+    from train import mlm
+
+    renamed = async_path.rename
+
+    async def held(src, dst):
+      # The commit of step 4's checkpoint (orbax renames its temporary directory when
+      # every array is written): say so, and never get there. SIGKILL comes here.
+      if str(dst).endswith('ckpt_000000004'):
+        open({marker!r}, 'w').close()
+        await asyncio.sleep(3600)
+      return await renamed(src, dst)
+
+    async_path.rename = held
+    mlm.train(helpers.mlm_tiny_config({tmp!r}, steps=6, checkpoint_every=2), {workdir!r})
+""")
+
+
+@pytest.mark.slow
+def test_kill_9_during_an_async_save_then_resume_is_bit_identical(tmp_path, capsys):
+  """SIGKILL while step 4's checkpoint is being written in the background (its arrays on
+  disk, its commit not done; the steps after it running): the next run removes the
+  leftover, resumes from step 2, and ends with the checkpoint of an uninterrupted run."""
+  straight, killed = tmp_path / 'straight', tmp_path / 'killed'
+  mlm.train(tiny_config(tmp_path, steps=6, checkpoint_every=2), str(straight))
+  marker = tmp_path / 'held'
+  child = subprocess.Popen(
+      [sys.executable, '-c', _HELD_SAVE.format(root=str(ROOT), marker=str(marker),
+                                              tmp=str(tmp_path), workdir=str(killed))],
+      cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  deadline = time.monotonic() + 300
+  while not marker.exists() and time.monotonic() < deadline:
+    assert child.poll() is None, child.stderr.read()[-3000:]
+    time.sleep(0.05)
+  assert marker.exists(), 'the save of step 4 was never held'
+  child.send_signal(signal.SIGKILL)
+  child.wait()
+  assert child.returncode == -signal.SIGKILL
+  left = sorted(p.name for p in killed.glob('ckpt_*'))
+  assert left[0] == 'ckpt_000000002' and len(left) == 2 and left[1].startswith(
+      'ckpt_000000004.orbax-checkpoint-tmp'), left
+  capsys.readouterr()
+  mlm.train(tiny_config(tmp_path, steps=6, checkpoint_every=2), str(killed))
+  assert f'resuming from {killed}/ckpt_000000002 at step 2' in capsys.readouterr().out
+  assert sorted(p.name for p in killed.glob('ckpt_*')) == [
+      'ckpt_000000002', 'ckpt_000000004', 'ckpt_000000006']   # the leftover is gone
+  assert _fingerprints(straight / 'ckpt_000000006') == _fingerprints(killed / 'ckpt_000000006')
+  a, b = _params(straight / 'ckpt_000000006'), _params(killed / 'ckpt_000000006')
+  assert jax.tree.all(jax.tree.map(np.array_equal, a, b))
+
+
 @pytest.mark.slow
 def test_training_lowers_the_masked_byte_loss(tmp_path):
   config = tiny_config(tmp_path, steps=60, log_every=20, checkpoint_every=60)
