@@ -2,7 +2,7 @@ r"""Exports a checkpoint as a program that runs without this code: ``jax.export`
 
     python -m perceiver.export --checkpoint=checkpoints/language_perceiver_io_bytes.pickle \
         --task=masked_lm --out=exported/
-    python -m perceiver.export --checkpoint=runs/glue/rte/checkpoint/ckpt_780.npz \
+    python -m perceiver.export --checkpoint=runs/glue/rte/checkpoint/ckpt_000000780 \
         --task=classifier --out=exported-rte/ --dtype=bfloat16
 
 The directory written (read by ``perceiver_load.load``, which needs only ``jax`` and
