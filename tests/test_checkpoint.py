@@ -295,6 +295,13 @@ def test_run_checkpoint_round_trip_keeps_the_last_n_and_refuses_what_does_not_fi
     host, loaded_config, metadata = loading.load_any(where)
     assert same(host, params) and loaded_config.to_dict() == config.to_dict()
     assert metadata['step'] == 2
+  # The commands that take a checkpoint read the run's directory directly.
+  from perceiver import convert  # pylint: disable=import-outside-toplevel
+  from perceiver import export  # pylint: disable=import-outside-toplevel
+  convert.convert('project', str(run), str(tmp_path / 'p.npz'))
+  assert same(params_file.load(tmp_path / 'p.npz')[0], params)
+  manifest = export.export(str(run), str(tmp_path / 'exported'))
+  assert manifest['task'] == 'masked_lm', manifest
   bad = jax.tree.map(lambda x: x.at[(0,) * x.ndim].set(jnp.nan), state.params)
   with pytest.raises(run_checkpoints.NonFiniteParams, match='non-finite parameters at step 3'):
     manager.save(3, bad, config)

@@ -31,6 +31,7 @@ from perceiver import transfer
 from perceiver import transform
 from perceiver.training import mesh as mesh_lib
 from perceiver.training import step as step_lib
+from perceiver.training import run_checkpoints
 from tests import helpers
 from tests.helpers import glue_dir
 from tests.helpers import released_param_shapes
@@ -200,7 +201,7 @@ def test_sweep_runs_each_grid_point_and_keeps_the_best(tmp_path):
     assert point['total_steps'] == 24 // p['batch_size']
   assert (task_dir / 'dev_predictions.tsv').read_text() == (
       task_dir / best['dir'] / 'dev_predictions.tsv').read_text()
-  assert (task_dir / summary['checkpoint']).is_file()
+  assert run_checkpoints.is_run_checkpoint(task_dir / summary['checkpoint'])
   assert summary['checkpoint'].startswith(best['dir'] + os.sep)
 
 
