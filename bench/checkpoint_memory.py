@@ -167,8 +167,8 @@ def main(argv):
       print(done.stderr[-3000:], file=sys.stderr)
       return 1
     rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
-  print(f'| path | state | resident before | save peak | (peak - before) / state | '
-        f'blocking s | complete s | hung |')
+  print('| path | state | resident before | save peak | (peak - before) / state | '
+        'blocking s | complete s | hung |')
   print('|---|---|---|---|---|---|---|---|')
   for r in rows:
     print(f'| {r["path"]} | {r["state_bytes"] / 2**30:.2f} GiB | '

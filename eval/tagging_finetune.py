@@ -29,7 +29,6 @@ from perceiver import transform
 from perceiver.training import run_checkpoints
 from perceiver.training import driver
 from perceiver.training import hosts
-from perceiver.training import mesh as mesh_lib
 from perceiver.training import step as step_lib
 from perceiver.training import writer as writer_lib
 
