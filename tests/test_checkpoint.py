@@ -318,3 +318,14 @@ def test_run_checkpoint_round_trip_keeps_the_last_n_and_refuses_what_does_not_fi
                      match=r"count is \[\] int32, this run needs \[\] float32"):
     manager.restore_latest(float_counts, shardings)
   assert manager.steps() == [2]   # not moved aside: it is not damaged
+
+
+def test_a_workdir_of_the_earlier_one_file_checkpoints_is_named_not_started_over(
+    tiny_params, tmp_path):
+  from perceiver.training import run_checkpoints  # pylint: disable=import-outside-toplevel
+  config, params = tiny_params
+  params_file.save(tmp_path / 'ckpt_000000300.npz', params, config, step=300)
+  manager = run_checkpoints.CheckpointManager(str(tmp_path))
+  with pytest.raises(params_file.CheckpointError,
+                     match=r'ckpt_000000300\.npz: a checkpoint of the earlier one-file format'):
+    manager.restore_latest(None, None)

@@ -55,6 +55,7 @@ CheckpointError = params_file.CheckpointError
 CheckpointMismatch = params_file.CheckpointMismatch
 
 _NAME = re.compile(r'^ckpt_(\d+)$')
+_LEGACY = re.compile(r'^ckpt_\d+\.npz$')   # a run checkpoint before orbax (params_file)
 _TMP = '.orbax-checkpoint-tmp'
 META_FILE = os.path.join('meta', 'metadata')   # the JSON item, as orbax names its file
 
@@ -456,6 +457,13 @@ class CheckpointManager:
     fit this run (``CheckpointMismatch``) is an error, not damage: it is left alone.
     """
     steps = self.steps()
+    legacy = sorted(name for name in os.listdir(self.directory)
+                    if _LEGACY.match(name)) if os.path.isdir(self.directory) else []
+    if legacy and not steps:
+      raise CheckpointError(
+          f'{os.path.join(self.directory, legacy[-1])}: a checkpoint of the earlier one-file '
+          'format, which a run no longer resumes (its parameters load anywhere else: '
+          'eval.glue --init_checkpoint, perceiver.convert); use another --workdir')
     for index in reversed(range(len(steps))):
       path = self.path(steps[index])
       try:
