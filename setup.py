@@ -35,6 +35,9 @@ setup(
         'seqeval>=1.2',
         # Parquet pretraining shards (train/data.py), e.g. wikimedia/wikipedia as distributed.
         'pyarrow>=14',
+        # A run's checkpoints (perceiver/training/run_checkpoints.py): each host writes its
+        # own shards, asynchronously; a restore reads them into any mesh's layout.
+        'orbax-checkpoint>=0.12',
     ],
     extras_require={
         'dev': ['pytest>=7', 'pytest-xdist>=3'],

@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from perceiver import checkpoint
+from perceiver import params_file
 from perceiver import configs
 from perceiver import export
 from perceiver import transform
@@ -91,7 +91,7 @@ def random_checkpoint(preset: str, path: str, seed: int = 0) -> str:
   rng = np.random.default_rng(seed)
   params = jax.tree.map(lambda s: (0.02 * rng.standard_normal(s.shape)).astype(np.float32),
                         shapes)
-  return checkpoint.save(path, params, config)
+  return params_file.save(path, params, config)
 
 
 def directory_size(path: str) -> Dict[str, int]:

@@ -34,8 +34,9 @@ all points):
 - ``dev_predictions.tsv`` (MNLI: ``dev_matched_predictions.tsv`` and
   ``dev_mismatched_predictions.tsv``): ``index<TAB>prediction<TAB>label``; the metrics
   are computed from the predictions exactly as written, so the file reproduces them;
-- ``checkpoint/ckpt_<step>.npz``: the best dev epoch's parameters, loadable by
-  ``perceiver.checkpoint.load``; its metadata holds the task, labels and ``num_outputs``;
+- ``checkpoint/ckpt_<step>/``: the best dev epoch's parameters (a run checkpoint,
+  ``perceiver.training.run_checkpoints``), readable by ``perceiver.loading.load_any``
+  (``perceiver.export`` exports it); its metadata holds the task, labels and ``num_outputs``;
 - ``resume/``: the last epoch's training state while the task runs (removed at its end);
 - ``metrics.jsonl`` (train and eval records) and ``log.txt`` (this task's log lines).
 
@@ -72,7 +73,7 @@ from eval import glue_io
 from eval import metrics as metrics_lib
 from perceiver import cli
 from perceiver import transfer
-from perceiver.training import checkpoints
+from perceiver.training import run_checkpoints
 from perceiver.training import epochs
 from perceiver.training import writer as writer_lib
 
@@ -157,7 +158,7 @@ def run(task: str, config, data_dir: str, workdir: str, init_checkpoint: Optiona
     else:
       to_train.append(name)
   start = time.time()
-  with checkpoints.WorkdirLock(workdir), log.to_file(os.path.join(workdir, 'log.txt')):
+  with run_checkpoints.WorkdirLock(workdir), log.to_file(os.path.join(workdir, 'log.txt')):
     log.note(f'eval.glue: --task={task} on {jax.local_device_count()} device(s) '
              f'({jax.devices()[0].platform}); data {data_dir}; outputs {workdir}')
     if missing:

@@ -22,7 +22,7 @@ from eval import glue_data
 from eval import glue_inputs
 from eval import glue_io
 from eval import glue_task
-from perceiver import checkpoint
+from perceiver import loading
 from perceiver import errors
 from perceiver import transfer
 from perceiver import transform
@@ -216,7 +216,7 @@ def _point(task, data, trunk, config, run_dir, log, batch_size, lr, field, resum
   if resume and os.path.exists(finished):
     with open(finished, encoding='utf-8') as f:
       summary = json.load(f)
-    params, _, _ = checkpoint.load(os.path.join(run_dir, summary['checkpoint']))
+    params, _, _ = loading.load_any(os.path.join(run_dir, summary['checkpoint']))
     log.note(f'  {run_dir}: finished earlier (main score {summary["main_score"]:.4f})')
     return RunResult(run_dir, summary, summary['main_score'], params)
   if not resume:

@@ -49,7 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from perceiver import atomic
-from perceiver import checkpoint
+from perceiver import params_file
 from perceiver import cli
 from perceiver import errors
 from perceiver import loading
@@ -322,7 +322,7 @@ def run(checkpoint_path: str, data: str, out: Optional[str] = None, **kwargs):
     atomic.check_writable(out, '--out')   # before the evaluation, not after it
   files = data_lib.expand_paths(data, '--data')
   params, config, _ = loading.load_any(checkpoint_path)
-  checkpoint.check_params(params, checkpoint.expected_shapes(transform.masked_lm(config),
+  params_file.check_params(params, params_file.expected_shapes(transform.masked_lm(config),
                                                              config),
                           source=f'{checkpoint_path} (the masked language model)')
   unit = kwargs.pop('unit', 'word')

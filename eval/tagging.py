@@ -33,7 +33,8 @@ Outputs in ``--workdir``:
   from exactly these tags;
 - ``dev_entity_table.txt`` (and ``test_entity_table.txt``): precision, recall, F1 and
   support per entity type;
-- ``checkpoint/ckpt_<step>.npz``: the best dev epoch's parameters, its metadata holding
+- ``checkpoint/ckpt_<step>/``: the best dev epoch's parameters (a run checkpoint,
+  read by ``perceiver.loading.load_any``), its metadata holding
   the tags (``token_labels``); ``resume/`` while the run goes on;
 - ``metrics.jsonl`` and ``log.txt``.
 """
@@ -56,10 +57,10 @@ from eval import glue_io
 from eval import tagging_data
 from eval import tagging_finetune
 from eval import tagging_task
-from perceiver import checkpoint
+from perceiver import params_file
 from perceiver import cli
 from perceiver import transfer
-from perceiver.training import checkpoints
+from perceiver.training import run_checkpoints
 from perceiver.training import epochs
 from perceiver.training import host_memory
 from perceiver.training import writer as writer_lib
@@ -123,9 +124,9 @@ def _load_trunk(init_checkpoint, config, log) -> transfer.Trunk:
                                encoder_dropout=config.dropout.encoder,
                                head_dropout=config.dropout.head, note=log.note,
                                mlm_decoder=bool(init_checkpoint and config.init.mlm_decoder))
-  except checkpoint.CheckpointError as e:
+  except params_file.CheckpointError as e:
     if transfer.MLM_DECODER in str(e) and config.init.mlm_decoder:
-      raise checkpoint.CheckpointError(f'{e}; pass --config.init.mlm_decoder=false to start '
+      raise params_file.CheckpointError(f'{e}; pass --config.init.mlm_decoder=false to start '
                                        'the token decoder from scratch') from None
     raise
 
@@ -155,7 +156,7 @@ def run(config, data_dir: str, workdir: str, init_checkpoint: Optional[str] = No
   except ValueError as e:
     raise TaggingError(str(e)) from None
   start = time.time()
-  with checkpoints.WorkdirLock(workdir):
+  with run_checkpoints.WorkdirLock(workdir):
     if overwrite or not resume:
       clean(workdir)
     with log.to_file(os.path.join(workdir, 'log.txt')):

@@ -8,10 +8,11 @@ r"""Converts masked-LM checkpoints between DeepMind's pickle, this project and H
 ``--from``: ``hf`` (a transformers ``PerceiverForMaskedLM`` directory, or its
 ``model.safetensors``/``pytorch_model.bin`` with ``config.json`` beside it), ``deepmind``
 (the released pickle, read through the safe unpickler; ``--config`` names its model), or
-``project`` (this project's checkpoint). ``--to``: ``project`` (default; one file) or
-``hf`` (a directory with config.json + model.safetensors). An existing ``--dst`` is
-refused unless ``--overwrite``. A summary and any notes on how transformers' computation
-differs are printed.
+``project`` (this project's parameter file, a run checkpoint directory or a run's
+directory). ``--to``: ``project`` (default; one file) or ``hf`` (a directory with
+config.json + model.safetensors). An existing ``--dst`` is refused unless
+``--overwrite``. A summary and any notes on how transformers' computation differs are
+printed.
 """
 
 from __future__ import annotations
@@ -34,13 +35,14 @@ from absl import flags
 import ml_collections
 import numpy as np
 
-from perceiver import checkpoint
+from perceiver import params_file
 from perceiver import cli
 from perceiver import configs
 from perceiver import errors
 from perceiver import formats
 from perceiver import hf
 from perceiver import hf_io
+from perceiver import loading
 from perceiver import transform
 
 SOURCES = ('hf', 'deepmind', 'project')
@@ -91,8 +93,10 @@ def load_config(value: Optional[str]) -> ml_collections.ConfigDict:
 
 # What each --from reads, and which --from reads each other kind (perceiver.formats).
 _EXPECTED = {'hf': 'a Hugging Face directory (or its weights file with config.json beside it)',
-             'deepmind': "DeepMind's parameter pickle", 'project': "this project's checkpoint"}
-_FROM_FOR_KIND = {'project': 'project', 'pickle': 'deepmind', 'hf_directory': 'hf',
+             'deepmind': "DeepMind's parameter pickle",
+             'project': "this project's checkpoint (a parameter file or a run checkpoint)"}
+_FROM_FOR_KIND = {'project': 'project', 'run_checkpoint': 'project',
+                  'run_directory': 'project', 'pickle': 'deepmind', 'hf_directory': 'hf',
                   'safetensors': 'hf', 'torch': 'hf'}
 
 
@@ -101,13 +105,14 @@ def check_source_kind(source: str, src: str) -> None:
   and the ``--from`` that reads it, before any loader runs."""
   kind = formats.sniff(src)
   accepted = {'hf': ('hf_directory', 'safetensors', 'torch', 'pickle'),
-              'deepmind': ('pickle',), 'project': ('project',)}[source]
+              'deepmind': ('pickle',),
+              'project': ('project', 'run_checkpoint', 'run_directory')}[source]
   if kind in accepted:
     return
   message = f'--src={src}: {formats.describe(src, kind)}, not {_EXPECTED[source]}'
   if kind in _FROM_FOR_KIND:
     message += f': use --from={_FROM_FOR_KIND[kind]}'
-  raise checkpoint.CheckpointError(message)
+  raise params_file.CheckpointError(message)
 
 
 def _read(source, src, config_flag, to):
@@ -115,22 +120,22 @@ def _read(source, src, config_flag, to):
   check_source_kind(source, src)
   if source == 'hf':
     converted = hf_io.read_hf_checkpoint(src)
-    checkpoint.check_finite(converted.params, src)
+    params_file.check_finite(converted.params, src)
     return converted.params, converted.config, converted.notes, converted.num_tensors
   if source == 'deepmind':
     config = load_config(config_flag)
     if to == 'hf':
       hf.hf_config_from(config)   # Refuses, naming the field, before reading the pickle.
-    params = checkpoint.load_deepmind_pickle(src, config)
-    checkpoint.check_finite(params, src)
+    params = params_file.load_deepmind_pickle(src, config)
+    params_file.check_finite(params, src)
   else:
     if config_flag:
       raise errors.ConfigError('--config applies to --from=deepmind only (a project '
                                'checkpoint carries its config)')
-    params, config, _ = checkpoint.load(src)
+    params, config, _ = loading.load_any(src)
     hf.refuse_token_classifier(params, src)
-    checkpoint.check_params(
-        params, checkpoint.expected_shapes(transform.masked_lm(config), config), source=src)
+    params_file.check_params(
+        params, params_file.expected_shapes(transform.masked_lm(config), config), source=src)
   return params, config, [], sum(len(leaves) for leaves in params.values())
 
 
@@ -179,7 +184,7 @@ def convert(source: str, src: str, dst: str, to: str = 'project',
   if to == 'hf':
     notes = notes + hf_io.export_hf(params, model_config, dst, overwrite=overwrite)
   else:
-    checkpoint.save(dst, params, model_config, converted_from=source,
+    params_file.save(dst, params, model_config, converted_from=source,
                     source_path=os.path.abspath(src))
   num_parameters = sum(math.prod(np.shape(v)) for leaves in params.values()
                        for v in leaves.values())

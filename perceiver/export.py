@@ -2,7 +2,7 @@ r"""Exports a checkpoint as a program that runs without this code: ``jax.export`
 
     python -m perceiver.export --checkpoint=checkpoints/language_perceiver_io_bytes.pickle \
         --task=masked_lm --out=exported/
-    python -m perceiver.export --checkpoint=runs/glue/rte/checkpoint/ckpt_780.npz \
+    python -m perceiver.export --checkpoint=runs/glue/rte/checkpoint/ckpt_000000780 \
         --task=classifier --out=exported-rte/ --dtype=bfloat16
 
 The directory written (read by ``perceiver_load.load``, which needs only ``jax`` and
@@ -52,7 +52,7 @@ from jax import export as jax_export
 import jax.numpy as jnp
 import numpy as np
 
-from perceiver import checkpoint
+from perceiver import params_file
 from perceiver import cli
 from perceiver import errors
 from perceiver import hf_io
@@ -145,13 +145,13 @@ def _select(task, params, config, metadata, checkpoint_path):
         f'--task=classifier: {checkpoint_path} is not a classifier checkpoint (its '
         'metadata has no num_outputs; eval.glue writes classifier checkpoints)')
   model = build(task, config, int(num_outputs) if task == 'classifier' else None)
-  expected = checkpoint.expected_shapes(model, config)
+  expected = params_file.expected_shapes(model, config)
   # The encoder keeps only the trunk; a masked LM needs its decoder, which a classifier
   # checkpoint has not: check_params names what is missing.
   if task == 'encoder':
     params = {m: {n: v for n, v in leaves.items() if n in expected.get(m, {})}
               for m, leaves in params.items() if m in expected}
-  checkpoint.check_params(params, expected, source=f'--checkpoint={checkpoint_path}')
+  params_file.check_params(params, expected, source=f'--checkpoint={checkpoint_path}')
   return model, params, (int(num_outputs) if task == 'classifier' else None)
 
 

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from perceiver import checkpoint
+from perceiver import params_file
 from perceiver import cli
 from perceiver import errors
 from perceiver import loading
@@ -149,7 +149,7 @@ def _command(path: str, text: str, span_flags: Sequence[str]) -> int:
   spans = check_spans(spans + [parse_span(s, len(data)) for s in span_flags])
   # Everything about the text is checked before the (possibly 800 MB) checkpoint is read.
   params, config, _ = loading.load_any(path)
-  checkpoint.check_params(params, checkpoint.expected_shapes(transform.masked_lm(config),
+  params_file.check_params(params, params_file.expected_shapes(transform.masked_lm(config),
                                                              config),
                           source=f'{path} (the masked language model)')
   _, per_span, filled = fill(params, config, data, spans)

@@ -10,15 +10,24 @@ message names what the file is and what was expected.
 from __future__ import annotations
 
 import os
+import re
 import struct
 import zipfile
 
 CONFIG_FILE = 'config.json'   # a Hugging Face directory's (as perceiver.hf_io.CONFIG_FILE)
+# A run checkpoint's JSON item (as perceiver.training.run_checkpoints.META_FILE).
+RUN_META_FILE = os.path.join('meta', 'metadata')
+_RUN_CHECKPOINT = re.compile(r'^ckpt_\d+$')
 
 KINDS = {
     'missing': 'does not exist',
     'hf_directory': 'a Hugging Face checkpoint directory',
-    'directory': f'a directory without {CONFIG_FILE} (not a Hugging Face checkpoint)',
+    'run_checkpoint': "a run checkpoint directory (train.mlm's or eval.glue's ckpt_<step>/)",
+    'run_directory': 'a run directory holding run checkpoints (ckpt_<step>/: its newest '
+                     'is read)',
+    'directory': (f'a directory that is no checkpoint (no {CONFIG_FILE}: not a Hugging '
+                  f'Face checkpoint; no {RUN_META_FILE}: not a run checkpoint; no '
+                  'ckpt_<step>/ in it: not a run directory)'),
     'empty': 'an empty file (0 bytes)',
     'project': "this project's checkpoint (a zip of .npy arrays and metadata.json)",
     'torch': 'a PyTorch file (a zip holding data.pkl)',
@@ -64,7 +73,14 @@ def sniff(path) -> str:
   """The kind of ``path`` (a key of ``KINDS``), from its content."""
   path = os.fspath(path)
   if os.path.isdir(path):
-    return 'hf_directory' if os.path.isfile(os.path.join(path, CONFIG_FILE)) else 'directory'
+    if os.path.isfile(os.path.join(path, CONFIG_FILE)):
+      return 'hf_directory'
+    if os.path.isfile(os.path.join(path, RUN_META_FILE)):
+      return 'run_checkpoint'
+    if any(_RUN_CHECKPOINT.match(name) and os.path.isdir(os.path.join(path, name))
+           for name in os.listdir(path)):
+      return 'run_directory'
+    return 'directory'
   if not os.path.exists(path):
     return 'missing'
   with open(path, 'rb') as f:

@@ -50,12 +50,12 @@ from typing import Dict, List, Mapping, Tuple
 import ml_collections
 import numpy as np
 
-from perceiver import checkpoint
+from perceiver import params_file
 from perceiver import configs
 from perceiver import errors
 from perceiver import transform
 
-CheckpointError = checkpoint.CheckpointError
+CheckpointError = params_file.CheckpointError
 
 # PerceiverForMaskedLM's text decoder, fixed in transformers' code.
 HF_DECODER_HEADS = 8
@@ -339,7 +339,7 @@ def tensor_pairs(config) -> List[_Pair]:
 
 
 def _expected(config):
-  return checkpoint.expected_shapes(transform.masked_lm(config), config)
+  return params_file.expected_shapes(transform.masked_lm(config), config)
 
 
 def _format_problems(source, missing, extra, wrong) -> str:
@@ -398,7 +398,7 @@ def hf_to_params(tensors: Mapping[str, np.ndarray], config, source='state dict')
   extra = sorted(set(tensors) - {p.hf for p in pairs})
   if missing or extra or wrong:
     raise CheckpointError(_format_problems(source, missing, extra, wrong))
-  checkpoint.check_params(params, expected, source=source)
+  params_file.check_params(params, expected, source=source)
   return params
 
 
@@ -408,7 +408,7 @@ def params_to_hf(params, config) -> Dict[str, np.ndarray]:
   Raises:
     CheckpointError: naming the missing, unexpected or mis-shaped Haiku parameters.
   """
-  checkpoint.check_params(params, _expected(config), source='parameters')
+  params_file.check_params(params, _expected(config), source='parameters')
   tensors = {}
   for pair in tensor_pairs(config):
     value = np.asarray(params[pair.module][pair.name], np.float32)

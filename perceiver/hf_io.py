@@ -24,10 +24,10 @@ import ml_dtypes  # noqa: F401  # registers bfloat16 with numpy (safetensors BF1
 import numpy as np
 
 from perceiver import atomic
-from perceiver import checkpoint
+from perceiver import params_file
 from perceiver import hf
 
-CheckpointError = checkpoint.CheckpointError
+CheckpointError = params_file.CheckpointError
 
 _log = logging.getLogger(__name__)
 
@@ -288,7 +288,7 @@ def export_hf(params, config, out_dir, *, overwrite=False) -> List[str]:
   out_dir = os.path.abspath(os.fspath(out_dir))
   hf.refuse_token_classifier(params)
   hf_config, notes = hf.hf_config_from(config)
-  checkpoint.check_finite(params)
+  params_file.check_finite(params)
   tensors = hf.params_to_hf(params, config)
   _prepare_destination(out_dir, overwrite)
   parent = os.path.dirname(out_dir)

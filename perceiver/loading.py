@@ -1,8 +1,13 @@
 """Parameters from any checkpoint this project reads, told apart by content
-(``perceiver.formats``) before any loader runs:
+(``perceiver.formats``) before any loader runs; the one reader every command that reads
+parameters goes through (``eval.glue --init_checkpoint``, ``eval.mlm``, ``fill_mask``,
+``perceiver.export``, ``perceiver.convert`` and its Hugging Face export):
 
-- this project's checkpoint (``perceiver.checkpoint``: a zip of arrays and metadata), with
-  the model config stored in it;
+- this project's parameter file (``perceiver.params_file``: a zip of arrays and
+  metadata), with the model config stored in it;
+- a run checkpoint directory (``perceiver.training.run_checkpoints``: ``train.mlm``'s,
+  ``eval.glue``'s), or a run's directory holding them (its newest is read), gathered to
+  host numpy arrays, with the model config stored in it;
 - DeepMind's released pickle (read by the restricted unpickler), with ``config`` or, by
   default, the released model's config;
 - a Hugging Face ``PerceiverForMaskedLM`` directory (``config.json`` plus weights), or its
@@ -13,12 +18,12 @@ from __future__ import annotations
 
 import os
 
-from perceiver import checkpoint
+from perceiver import params_file
 from perceiver import configs
 from perceiver import formats
 from perceiver import hf_io
 
-CheckpointError = checkpoint.CheckpointError
+CheckpointError = params_file.CheckpointError
 
 
 def load_any(path, config=None):
@@ -36,15 +41,17 @@ def load_any(path, config=None):
   if kind == 'missing':
     raise CheckpointError(f'{path}: no such checkpoint')
   if kind == 'directory':
-    raise CheckpointError(f'{path}: a directory, but not a Hugging Face checkpoint '
-                          f'(no {hf_io.CONFIG_FILE})')
+    raise CheckpointError(f'{path}: {formats.describe(path, kind)}')
+  if kind in ('run_checkpoint', 'run_directory'):
+    from perceiver.training import run_checkpoints  # pylint: disable=import-outside-toplevel
+    return run_checkpoints.read(path)
   # Before the zip test: a PyTorch .bin is a zip file too.
   if hf_io.is_hf_checkpoint(path):
     params, hf_config = hf_io.load_hf_checkpoint(path)
-    checkpoint.check_finite(params, path)
+    params_file.check_finite(params, path)
     return params, hf_config, {'source': 'huggingface', 'path': path}
   if kind == 'project':
-    return checkpoint.load(path)
+    return params_file.load(path)
   if kind in ('torch', 'safetensors'):
     raise CheckpointError(f'{path}: {formats.describe(path, kind)} without '
                           f'{hf_io.CONFIG_FILE} beside it: give the Hugging Face directory '
@@ -53,6 +60,6 @@ def load_any(path, config=None):
     raise CheckpointError(f'{path}: {formats.describe(path, kind)}; expected this project\'s '
                           "checkpoint, DeepMind's pickle or a Hugging Face directory")
   config = config or configs.language_mlm()
-  params = checkpoint.load_deepmind_pickle(path, config)
-  checkpoint.check_finite(params, path)
+  params = params_file.load_deepmind_pickle(path, config)
+  params_file.check_finite(params, path)
   return params, config, {'source': 'deepmind', 'path': path}

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from perceiver import checkpoint
+from perceiver import params_file
 from perceiver import loading
 from perceiver import transform
 
@@ -67,7 +67,7 @@ def with_dropout(model_config, encoder: float, head: float) -> ml_collections.Co
 
 def trunk_shapes(model_config) -> Dict[str, Dict[str, tuple]]:
   """The {module: {name: shape}} of the classifier's trunk (embeddings and encoder)."""
-  expected = checkpoint.expected_shapes(transform.classifier(model_config, 1), model_config)
+  expected = params_file.expected_shapes(transform.classifier(model_config, 1), model_config)
   return {m: s for m, s in expected.items() if not is_head_module(m)}
 
 
@@ -78,13 +78,13 @@ def mlm_decoder_as_token_decoder(params, model_config, source: str):
   Raises:
     CheckpointError: naming ``source``, when the decoder is missing or mis-shaped.
   """
-  expected = checkpoint.expected_shapes(transform.token_classifier(model_config, 1),
+  expected = params_file.expected_shapes(transform.token_classifier(model_config, 1),
                                         model_config)
   want = {m: s for m, s in expected.items() if m.startswith(transform.TOKEN_DECODER)}
   renamed = {transform.TOKEN_DECODER + m[len(MLM_DECODER):]: dict(leaves)
              for m, leaves in params.items()
              if m == MLM_DECODER or m.startswith(MLM_DECODER + '/')}
-  checkpoint.check_params(renamed, want, source=f'{source} (its MLM decoder, renamed '
+  params_file.check_params(renamed, want, source=f'{source} (its MLM decoder, renamed '
                           f'{MLM_DECODER} -> {transform.TOKEN_DECODER})')
   return renamed
 
@@ -109,10 +109,10 @@ def load_trunk(path: Optional[str], default_config, *, encoder_dropout: float,
   try:
     model_config = with_dropout(model_config, encoder_dropout, head_dropout)
   except ValueError as e:
-    raise checkpoint.CheckpointError(f'{path}: {e}') from None
+    raise params_file.CheckpointError(f'{path}: {e}') from None
   want = trunk_shapes(model_config)
   trunk = {m: dict(params[m]) for m in params if m in want}
-  checkpoint.check_params(trunk, want, source=f'{path} (the classifier trunk)')
+  params_file.check_params(trunk, want, source=f'{path} (the classifier trunk)')
   if mlm_decoder:
     trunk.update(mlm_decoder_as_token_decoder(params, model_config, path))
     want = dict(want, **{m: None for m in params if m.startswith(MLM_DECODER)})

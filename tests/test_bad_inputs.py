@@ -8,6 +8,7 @@ import json
 import os
 import pathlib
 import pickle
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,14 +21,14 @@ import numpy as np
 import pytest
 
 from eval import glue
-from perceiver import checkpoint
+from perceiver import params_file
 from perceiver import cli
 from perceiver import configs
 from perceiver import convert
 from perceiver import fill_mask
 from perceiver import loading
 from perceiver import transform
-from perceiver.training import checkpoints
+from perceiver.training import run_checkpoints
 from tests import helpers
 from train import mlm
 
@@ -156,7 +157,7 @@ def test_train_mlm_names_an_unwritable_workdir_and_a_busy_one(finished_run, tmp_
   line = _one_error_line(stderr)
   assert status == 1 and f'--workdir={blocker / "w"}: cannot create' in line, line
   before = _snapshot(workdir)
-  with checkpoints.WorkdirLock(str(workdir)):   # another run holds it
+  with run_checkpoints.WorkdirLock(str(workdir)):   # another run holds it
     status, stderr = _run(lambda: mlm.train(helpers.mlm_tiny_config(tmp, steps=4), str(workdir)))
   assert status == 1 and f'{workdir} is in use by pid {os.getpid()}' in _one_error_line(
       stderr)
@@ -170,41 +171,50 @@ def test_resume_refuses_a_changed_batch_size_unless_allowed(finished_run, tmp_pa
   os.makedirs(run)
   for name in os.listdir(workdir):
     if name.startswith('ckpt_'):
-      (run / name).write_bytes((workdir / name).read_bytes())
+      shutil.copytree(workdir / name, run / name)
   config = helpers.mlm_tiny_config(tmp, steps=4, batch_size=8)
   status, stderr = _run(lambda: mlm.train(config, str(run)))
   assert status == 1
   assert 'written with other settings: train.batch_size' in _one_error_line(stderr)
   assert 'train.allow_changes' in stderr
   mlm.train(helpers.mlm_tiny_config(tmp, steps=3, batch_size=8, allow_changes=True), str(run))
-  assert (run / 'ckpt_000000003.npz').is_file()
+  assert run_checkpoints.is_run_checkpoint(run / 'ckpt_000000003')
+
+
+def _largest_file(directory):
+  return max((p for p in directory.rglob('*') if p.is_file()), key=lambda p: p.stat().st_size)
 
 
 @pytest.mark.slow
 def test_a_corrupt_newest_checkpoint_falls_back_to_the_one_before(tmp_path, capsys):
+  """A bit flipped in the newest checkpoint's largest array file (caught by the saved
+  fingerprints), that file truncated, its metadata emptied: each time the run moves it
+  aside, resumes from the one before, and redoes the steps to the same parameters."""
   config = helpers.mlm_tiny_config(tmp_path, steps=4, checkpoint_every=2)
   workdir = tmp_path / 'run'
   mlm.train(config, str(workdir))
-  straight = checkpoint.load(workdir / 'ckpt_000000004.npz')[0]
+  newest = workdir / 'ckpt_000000004'
+  straight = loading.load_any(newest)[0]
   for damage in ('flip', 'truncate', 'empty'):
-    newest = workdir / 'ckpt_000000004.npz'
-    raw = bytearray(newest.read_bytes())
+    victim = (newest / 'meta' / 'metadata' if damage == 'empty' else
+              _largest_file(newest / 'params'))
+    raw = bytearray(victim.read_bytes())
     if damage == 'flip':
       raw[len(raw) // 2] ^= 0x10
     elif damage == 'truncate':
       raw = raw[:len(raw) // 3]
     else:
       raw = bytearray()
-    newest.write_bytes(bytes(raw))
+    victim.write_bytes(bytes(raw))
     capsys.readouterr()
     mlm.train(config, str(workdir))   # resumes from step 2, redoes steps 3-4
     out = capsys.readouterr().out
-    assert f'{newest} does not read back' in out and 'moved aside to' in out, damage
-    assert 'resuming from' in out and 'ckpt_000000002.npz at step 2' in out
+    assert f'{newest} does not read back' in out and 'moved aside to' in out, (damage, out)
+    assert 'resuming from' in out and 'ckpt_000000002 at step 2' in out
     aside = pathlib.Path(str(newest) + '.corrupt')
-    assert aside.read_bytes() == bytes(raw)   # kept, renamed, not deleted
-    aside.unlink()
-    again = checkpoint.load(newest)[0]
+    assert (aside / victim.relative_to(newest)).read_bytes() == bytes(raw)   # kept, renamed
+    shutil.rmtree(aside)
+    again = loading.load_any(newest)[0]
     for module in straight:
       for name in straight[module]:
         np.testing.assert_array_equal(again[module][name], straight[module][name])
@@ -224,10 +234,10 @@ def _tiny_params(config):
 def test_checkpoint_loaders_check_declared_sizes_and_refuse_nan(tmp_path):
   config = configs.tiny()
   params = _tiny_params(config)
-  good = checkpoint.save(tmp_path / 'good.npz', params, config)
+  good = params_file.save(tmp_path / 'good.npz', params, config)
   raw = pathlib.Path(good).read_bytes()
   (tmp_path / 'cut.npz').write_bytes(raw[:len(raw) // 2])
-  with pytest.raises(checkpoint.CheckpointError, match=r'cut\.npz: not a perceiver-io'):
+  with pytest.raises(params_file.CheckpointError, match=r'cut\.npz: not a perceiver-io'):
     loading.load_any(tmp_path / 'cut.npz')
   # An .npy header claiming 10^12 elements (the entry's size is unchanged).
   header = np.lib.format.header_data_from_array_1_0(np.zeros((262, 32), np.float32))
@@ -240,9 +250,9 @@ def test_checkpoint_loaders_check_declared_sizes_and_refuse_nan(tmp_path):
         np.lib.format.write_array_header_1_0(buffer, huge)
         data = buffer.getvalue() + data[len(buffer.getvalue()):]
       out.writestr(item, data)
-  with pytest.raises(checkpoint.CheckpointError,
+  with pytest.raises(params_file.CheckpointError,
                      match=r'params/embed/embeddings\.npy declares \[1000000000000\]'):
-    checkpoint.load(tmp_path / 'huge.npz')
+    params_file.load(tmp_path / 'huge.npz')
   # A compressed entry inflating far past what the model's shape allows.
   with zipfile.ZipFile(tmp_path / 'bomb.npz', 'w') as out, zipfile.ZipFile(good) as src:
     for item in src.infolist():
@@ -252,16 +262,16 @@ def test_checkpoint_loaders_check_declared_sizes_and_refuse_nan(tmp_path):
         np.lib.format.write_array(buffer, np.zeros((262, 4096), np.float32))
         data = buffer.getvalue()
       out.writestr(item.filename, data, compress_type=zipfile.ZIP_DEFLATED)
-  with pytest.raises(checkpoint.CheckpointError,
+  with pytest.raises(params_file.CheckpointError,
                      match=r'embeddings\.npy has shape \[262, 4096\], the model needs '
                            r'\[262, 32\]'):
-    checkpoint.load(tmp_path / 'bomb.npz')
+    params_file.load(tmp_path / 'bomb.npz')
   nan = jax.tree.map(np.array, params)
   nan['perceiver_encoder/~/cross_attention/mlp/linear']['w'][0, 0] = np.nan
-  checkpoint.save(tmp_path / 'nan.npz', nan, config)
+  params_file.save(tmp_path / 'nan.npz', nan, config)
   message = (r'non-finite values \(NaN or infinity\) in 1 parameter\(s\): '
              r'perceiver_encoder/~/cross_attention/mlp/linear/w')
-  with pytest.raises(checkpoint.CheckpointError, match=message):
+  with pytest.raises(params_file.CheckpointError, match=message):
     loading.load_any(tmp_path / 'nan.npz')
   with open(tmp_path / 'nan.pickle', 'wb') as f:
     pickle.dump({m: dict(v) for m, v in nan.items()}, f)
@@ -280,7 +290,7 @@ def test_checkpoint_loaders_check_declared_sizes_and_refuse_nan(tmp_path):
 def tiny_checkpoint(tmp_path_factory):
   tmp = tmp_path_factory.mktemp('fill')
   config = configs.tiny()
-  return str(checkpoint.save(tmp / 'tiny.npz', _tiny_params(config), config)), tmp
+  return str(params_file.save(tmp / 'tiny.npz', _tiny_params(config), config)), tmp
 
 
 @pytest.mark.parametrize('text,spans,message', [
@@ -311,7 +321,7 @@ def test_fill_mask_checks_the_text_before_the_checkpoint_and_names_bad_checkpoin
   config = configs.tiny()
   classifier = jax.device_get(transform.classifier(config, 2).init(
       jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32)))
-  clf = str(checkpoint.save(tmp / 'clf.npz', classifier, config, num_outputs=2))
+  clf = str(params_file.save(tmp / 'clf.npz', classifier, config, num_outputs=2))
   status, stderr = _run(lambda: fill_mask._command(clf, 'a [[b]]', []))
   line = _one_error_line(stderr)
   assert status == 1 and 'clf.npz (the masked language model) does not match' in line
@@ -679,6 +689,8 @@ def _kinds_of_files(directory, tiny_npz):
   files['pickle_as_npz'] = directory / 'params.npz'
   with open(files['pickle_as_npz'], 'wb') as f:
     pickle.dump({'embed': {'embeddings': np.zeros((2, 2), np.float32)}}, f, protocol=4)
+  files['directory'] = directory / 'outputs'
+  (files['directory'] / 'ckpt_12.npz').mkdir(parents=True)   # not ckpt_<step>/ either
   return files
 
 
@@ -693,11 +705,14 @@ _ANY_CHECKPOINT = ("expected this project's checkpoint, DeepMind's pickle or a H
               f'metadata.json); {_ANY_CHECKPOINT}'),
     ('zip', f'notes.npz: a zip archive that is not a checkpoint; {_ANY_CHECKPOINT}'),
     ('safetensors', 'weights.safetensors: a safetensors file without config.json beside it'),
+    ('directory', 'outputs: a directory that is no checkpoint (no config.json: not a '
+                  'Hugging Face checkpoint; no meta/metadata: not a run checkpoint; no '
+                  'ckpt_<step>/ in it: not a run directory)'),
 ])
 def test_load_any_names_what_a_file_is(tiny_checkpoint, tmp_path, name, message):
   path, _ = tiny_checkpoint
   files = _kinds_of_files(tmp_path, path)
-  with pytest.raises(checkpoint.CheckpointError) as raised:
+  with pytest.raises(params_file.CheckpointError) as raised:
     loading.load_any(files[name])
   assert message in str(raised.value)
   assert 'pickle' not in str(raised.value).split(';')[0]   # not "not a safe ... pickle"
@@ -708,8 +723,8 @@ def test_load_any_names_what_a_file_is(tiny_checkpoint, tmp_path, name, message)
                                       ".npy arrays and metadata.json), not DeepMind's "
                                       'parameter pickle: use --from=project'),
     ('deepmind', 'random', "random.npz: not a checkpoint format this project reads"),
-    ('project', 'pickle_as_npz', "params.npz: a Python pickle, not this project's checkpoint: "
-                                 'use --from=deepmind'),
+    ('project', 'pickle_as_npz', "params.npz: a Python pickle, not this project's checkpoint (a "
+                                 'parameter file or a run checkpoint): use --from=deepmind'),
     ('project', 'empty', "empty.npz: an empty file (0 bytes), not this project's checkpoint"),
     ('hf', 'project_as_pickle', 'not a Hugging Face directory (or its weights file with '
                                 'config.json beside it): use --from=project'),
@@ -755,15 +770,17 @@ def test_a_resume_whose_only_checkpoint_is_corrupt_says_it_starts_over(finished_
   tmp, workdir = finished_run
   run = tmp_path / 'run'
   run.mkdir()
-  newest = sorted(workdir.glob('ckpt_*.npz'))[-1]
-  (run / newest.name).write_bytes(newest.read_bytes()[:1000])   # truncated
+  newest = sorted(workdir.glob('ckpt_*[0-9]'))[-1]
+  shutil.copytree(newest, run / newest.name)
+  victim = _largest_file(run / newest.name / 'params')
+  victim.write_bytes(victim.read_bytes()[:1000])   # truncated
   capsys.readouterr()
   mlm.train(helpers.mlm_tiny_config(tmp, steps=1), str(run))
   out = capsys.readouterr().out
   assert (f'{run / newest.name} does not read back' in out and
           'no other checkpoint is left: starting a new run from step 0' in out), out
   assert 'the checkpoint before it' not in out
-  assert 'new run in' in out and (run / 'ckpt_000000001.npz').is_file()
+  assert 'new run in' in out and run_checkpoints.is_run_checkpoint(run / 'ckpt_000000001')
 
 
 # --------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import pytest
 
 from tests import numpy_reference
 from eval import mlm as eval_mlm
-from perceiver import checkpoint
+from perceiver import params_file
 from perceiver import configs as model_configs
 from perceiver import tokenizer as tok_lib
 from perceiver import transform
@@ -43,7 +43,7 @@ def _checkpoint(tmp_path, max_seq_len=32):
   params['embedding_decoder']['bias'] = rng.normal(0, 2.0, params['embedding_decoder'][
       'bias'].shape).astype(np.float32)
   path = tmp_path / 'tiny.npz'
-  checkpoint.save(path, params, config)
+  params_file.save(path, params, config)
   return str(path), params, config
 
 
@@ -147,5 +147,5 @@ def test_command_line_writes_json_and_names_bad_flags(tmp_path):
   assert bad.stderr.strip().splitlines()[-1].startswith('error: --data: no file matches')
   with pytest.raises(eval_mlm.EvalError, match='--seq_len=64 exceeds'):
     eval_mlm.run(ckpt, data, seq_len=64)
-  with pytest.raises(checkpoint.CheckpointError, match='no such checkpoint'):
+  with pytest.raises(params_file.CheckpointError, match='no such checkpoint'):
     eval_mlm.run(str(tmp_path / 'missing.npz'), data)

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from bench import lowering
-from perceiver import checkpoint
+from perceiver import params_file
 from perceiver import configs
 from perceiver import errors
 from perceiver import export
@@ -66,7 +66,7 @@ def mlm(tmp_path_factory):
   config = configs.tiny()
   params = _init(transform.masked_lm(config), 1)
   path = str(root / 'mlm.npz')
-  checkpoint.save(path, params, config)
+  params_file.save(path, params, config)
   manifest = export.export(path, str(root / 'exported'))
   return {'config': config, 'params': params, 'checkpoint': path,
           'out': root / 'exported', 'manifest': manifest,
@@ -80,7 +80,7 @@ def glue_classifier(tmp_path_factory):
   config = configs.tiny()
   params = _init(transform.classifier(config, 2), 2)
   path = str(root / 'ckpt_7.npz')
-  checkpoint.save(path, params, config, task='rte', labels=['entailment', 'not_entailment'],
+  params_file.save(path, params, config, task='rte', labels=['entailment', 'not_entailment'],
                   num_outputs=2, epoch=1)
   return {'config': config, 'params': params, 'checkpoint': path, 'root': root}
 
@@ -368,7 +368,7 @@ def test_damaged_exports_are_named(mlm, tmp_path):
 def test_export_refusals_name_the_flag_or_tensors(mlm, glue_classifier, tmp_path):
   with pytest.raises(errors.ConfigError, match='--task=classifier: .* not a classifier'):
     export.export(mlm['checkpoint'], str(tmp_path / 'a'), task='classifier')
-  with pytest.raises(checkpoint.CheckpointError, match='missing .*basic_decoder'):
+  with pytest.raises(params_file.CheckpointError, match='missing .*basic_decoder'):
     export.export(glue_classifier['checkpoint'], str(tmp_path / 'b'), task='masked_lm')
   with pytest.raises(errors.ConfigError, match='--out=.*already exists'):
     export.export(mlm['checkpoint'], str(mlm['out']))
@@ -404,7 +404,7 @@ def test_onnxruntime_logits_equal_ours_on_the_small_config(glue_classifier, tmp_
   config.decoder.num_heads = hf.HF_DECODER_HEADS
   config.decoder.qk_channels = hf.HF_DECODER_QK_CHANNELS
   params = _init(transform.masked_lm(config), 3)
-  checkpoint.save(tmp_path / 'small.npz', params, config)
+  params_file.save(tmp_path / 'small.npz', params, config)
   onnx_path = onnx_route.export_onnx(str(tmp_path / 'small.npz'), str(tmp_path / 'onnx'))
   session = ort.InferenceSession(onnx_path, providers=['CPUExecutionProvider'])
   apply = jax.jit(transform.masked_lm(config).apply)

@@ -23,12 +23,14 @@ from eval import glue_inputs
 from eval import glue_task
 from eval import metrics
 from eval.configs import glue as glue_configs
-from perceiver import checkpoint
+from perceiver import loading
+from perceiver import params_file
 from perceiver import configs as model_configs
 from perceiver import transfer
 from perceiver import transform
 from perceiver.training import mesh as mesh_lib
 from perceiver.training import step as step_lib
+from perceiver.training import run_checkpoints
 from tests import helpers
 
 ROOT = helpers.ROOT
@@ -91,7 +93,7 @@ def test_single_task_writes_consistent_outputs_and_a_loadable_best_checkpoint(tm
   assert summary['num_examples'] == {'train': 24, 'dev': 10, 'test': 6}
   assert summary['total_steps'] == 2 * 3 and summary['init'] == 'scratch'
   # The best epoch's checkpoint reproduces the written dev predictions.
-  params, config, meta = checkpoint.load(task_dir / summary['checkpoint'])
+  params, config, meta = loading.load_any(task_dir / summary['checkpoint'])
   assert (meta['task'], meta['epoch'], meta['step']) == ('sst2', summary['best_epoch'],
                                                          summary['best_step'])
   assert meta['num_outputs'] == 2 and meta['labels'] == ['0', '1']
@@ -124,7 +126,7 @@ def test_stsb_is_a_regression_with_three_decimal_predictions(tmp_path):
   _, rows = read_tsv(tmp_path / 'out' / 'submission' / 'STS-B.tsv')
   assert [r[0] for r in rows] == [str(1000 + i) for i in range(6)]
   assert all(np.isfinite(float(r[1])) for r in rows)
-  params, config, meta = checkpoint.load(tmp_path / 'out' / 'stsb' / summary['checkpoint'])
+  params, config, meta = loading.load_any(tmp_path / 'out' / 'stsb' / summary['checkpoint'])
   assert meta['num_outputs'] == 1 and meta['labels'] == []
   assert params['classification_head/linear_1']['w'].shape[-1] == 1
 
@@ -174,7 +176,7 @@ def test_sweep_runs_each_grid_point_and_keeps_the_best(tmp_path):
     assert point['total_steps'] == 24 // p['batch_size']
   assert (task_dir / 'dev_predictions.tsv').read_text() == (
       task_dir / best['dir'] / 'dev_predictions.tsv').read_text()
-  assert (task_dir / summary['checkpoint']).is_file()
+  assert run_checkpoints.is_run_checkpoint(task_dir / summary['checkpoint'])
   assert summary['checkpoint'].startswith(best['dir'] + os.sep)
 
 
@@ -211,7 +213,7 @@ def _check_trunk_copied(init, mlm_params):
 def test_init_from_a_project_mlm_checkpoint_copies_the_trunk_exactly(tmp_path, capsys):
   config = model_configs.tiny(max_seq_len=SEQ)
   mlm_params = _tiny_mlm_params(config)
-  path = checkpoint.save(tmp_path / 'mlm.npz', mlm_params, config, step=5)
+  path = params_file.save(tmp_path / 'mlm.npz', mlm_params, config, step=5)
   init = _load_trunk(helpers.glue_tiny_config(), str(path))
   assert init.model_config.encoder.dropout_prob == 0.1
   assert init.model_config.classifier.head_dropout_prob == 0.1
@@ -257,25 +259,25 @@ def test_the_released_checkpoints_parameters_fill_the_paper_presets_trunk():
 
 def test_bad_init_checkpoints_are_named(tmp_path):
   config = model_configs.tiny(max_seq_len=SEQ)
-  with pytest.raises(checkpoint.CheckpointError, match='nothing.npz: no such checkpoint'):
+  with pytest.raises(params_file.CheckpointError, match='nothing.npz: no such checkpoint'):
     _load_trunk(helpers.glue_tiny_config(), str(tmp_path / 'nothing.npz'))
   params = _tiny_mlm_params(config)
   del params['perceiver_encoder/~/self_attention_1/mlp/linear']
-  path = checkpoint.save(tmp_path / 'broken.npz', params, config)
-  with pytest.raises(checkpoint.CheckpointError, match=(
+  path = params_file.save(tmp_path / 'broken.npz', params, config)
+  with pytest.raises(params_file.CheckpointError, match=(
       r'broken.npz \(the classifier trunk\) does not match the model: missing 2: '
       r'perceiver_encoder/~/self_attention_1/mlp/linear/b')):
     _load_trunk(helpers.glue_tiny_config(), str(path))
   params = _tiny_mlm_params(config)
   params['embed'] = {'embeddings': np.zeros((262, 16), np.float32)}
-  path = checkpoint.save(tmp_path / 'misshaped.npz', params, config)
-  with pytest.raises(checkpoint.CheckpointError, match=(
+  path = params_file.save(tmp_path / 'misshaped.npz', params, config)
+  with pytest.raises(params_file.CheckpointError, match=(
       r'misshaped.npz: entry params/embed/embeddings.npy has shape \[262, 16\], the model '
       r'needs \[262, 32\]')):
     _load_trunk(helpers.glue_tiny_config(), str(path))
   garbage = tmp_path / 'garbage.bin'
   garbage.write_bytes(b'not a checkpoint')
-  with pytest.raises(checkpoint.CheckpointError, match='garbage.bin'):
+  with pytest.raises(params_file.CheckpointError, match='garbage.bin'):
     _load_trunk(helpers.glue_tiny_config(), str(garbage))
 
 
@@ -385,8 +387,8 @@ def test_a_finished_task_is_kept_refused_or_retrained_and_cleaning_spares_other_
   task_dir = tmp_path / 'out' / 'wnli'
   (task_dir / 'checkpoint').mkdir(parents=True)
   ours = ['dev_metrics.json', 'metrics.jsonl', 'log.txt', 'dev_predictions.tsv',
-          'checkpoint/ckpt_000000007.npz', 'resume/ckpt_000000003.npz',
-          'bs8_lr0.001/sweep.json', 'bs8_lr0.001/checkpoint/ckpt_000000003.npz']
+          'checkpoint/ckpt_000000007/meta/metadata', 'resume/ckpt_000000003/params/x',
+          'bs8_lr0.001/sweep.json', 'bs8_lr0.001/checkpoint/ckpt_000000003/meta/metadata']
   theirs = ['notes.txt', 'checkpoint/README', 'bs8_lr0.001/mine.npz']
   for name in ours + theirs:
     (task_dir / name).parent.mkdir(parents=True, exist_ok=True)
@@ -430,7 +432,7 @@ def test_command_line_errors_are_one_line_without_a_traceback(tmp_path):
 @pytest.mark.slow
 def test_command_line_fine_tunes_from_a_project_mlm_checkpoint(tmp_path):
   config = model_configs.tiny(max_seq_len=SEQ)
-  path = checkpoint.save(tmp_path / 'mlm.npz', _tiny_mlm_params(config), config)
+  path = params_file.save(tmp_path / 'mlm.npz', _tiny_mlm_params(config), config)
   data_dir = write_task(tmp_path / 'glue', 'wnli')
   run = _cli('--task=wnli', f'--data_dir={data_dir}', f'--workdir={tmp_path}/out',
              f'--init_checkpoint={path}', '--config=eval/configs/glue.py:smoke',
@@ -533,7 +535,7 @@ def test_a_fine_tune_killed_mid_way_resumes_to_the_uninterrupted_dev_metrics(tmp
   killed = start(tmp_path / 'killed')
   resume_dir = tmp_path / 'killed' / 'wnli' / 'resume'
   deadline = time.monotonic() + 600
-  while not list(resume_dir.glob('ckpt_*.npz')) and time.monotonic() < deadline:
+  while not list(resume_dir.glob('ckpt_*[0-9]')) and time.monotonic() < deadline:
     assert killed.poll() is None, killed.stdout.read()[-3000:]
     time.sleep(0.02)
   killed.send_signal(signal.SIGKILL)

@@ -22,7 +22,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from perceiver import checkpoint
+from perceiver import params_file
 from perceiver import configs
 from perceiver import fill_mask
 from perceiver import hf
@@ -161,7 +161,7 @@ def test_bin_is_loaded_weights_only(hf_libs, tmp_path):
   marker = tmp_path / 'ran'
   (tmp_path / hf_io.CONFIG_FILE).write_text(json.dumps({**TINY_HF, 'hidden_act': 'gelu_new'}))
   torch.save({'x': _RunsCommand(f'touch {marker}')}, tmp_path / hf_io.BIN_FILE)
-  with pytest.raises(checkpoint.CheckpointError, match=r'pytorch_model\.bin.*weights-only'):
+  with pytest.raises(params_file.CheckpointError, match=r'pytorch_model\.bin.*weights-only'):
     hf_io.load_hf_checkpoint(tmp_path)
   assert not marker.exists()
 
@@ -187,7 +187,7 @@ def test_released_model_tensor_names_and_shapes_match_transformers(hf_libs):
   assert len(theirs) == 457
   assert any('hidden_act="gelu"' in n for n in notes)
   reference = set(helpers.released_param_shapes())
-  ours = checkpoint.expected_shapes(transform.masked_lm(config), config)
+  ours = params_file.expected_shapes(transform.masked_lm(config), config)
   assert {f'{m}/{n}' for m, d in ours.items() for n in d} == reference
 
 
@@ -260,7 +260,7 @@ def test_missing_extra_and_misshaped_tensors_are_named():
   tensors['perceiver.encoder.self_attends.2.mlp.dense2.bias'] = np.zeros(48, np.float32)
   tensors['perceiver.decoder.decoding_cross_attention.attention.self.query.weight'] = (
       np.zeros((32, 256), np.float32))   # transposed: [in, out]
-  with pytest.raises(checkpoint.CheckpointError) as info:
+  with pytest.raises(params_file.CheckpointError) as info:
     hf.hf_to_params(tensors, config, source='model.safetensors')
   message = str(info.value)
   assert 'model.safetensors' in message
@@ -274,7 +274,7 @@ def test_export_refuses_missing_params_and_names_them(tmp_path):
   config = _tiny_exportable()
   params = _init(config)
   del params['embedding_decoder']
-  with pytest.raises(checkpoint.CheckpointError, match='missing 1: embedding_decoder/bias'):
+  with pytest.raises(params_file.CheckpointError, match='missing 1: embedding_decoder/bias'):
     hf_io.export_hf(params, config, tmp_path / 'out')
   assert not (tmp_path / 'out').exists()
 
@@ -413,25 +413,25 @@ def test_corrupt_safetensors_errors_name_the_file(tmp_path):
 
   bad = tmp_path / 'huge_header.safetensors'
   bad.write_bytes((10**12).to_bytes(8, 'little') + raw[8:])
-  with pytest.raises(checkpoint.CheckpointError,
+  with pytest.raises(params_file.CheckpointError,
                      match=r'huge_header\.safetensors: .*header too large'):
     hf_io.read_safetensors(bad)
 
   bad = tmp_path / 'not_json.safetensors'
   bad.write_bytes(raw[:8] + b'#' + raw[9:])
-  with pytest.raises(checkpoint.CheckpointError,
+  with pytest.raises(params_file.CheckpointError,
                      match=r'not_json\.safetensors: .*invalid JSON in header'):
     hf_io.read_safetensors(bad)
 
   bad = tmp_path / 'truncated.safetensors'
   bad.write_bytes(raw[:-4])
-  with pytest.raises(checkpoint.CheckpointError,
+  with pytest.raises(params_file.CheckpointError,
                      match=r'truncated\.safetensors: .*file not fully covered'):
     hf_io.read_safetensors(bad)
 
   bad = tmp_path / 'short.safetensors'
   bad.write_bytes(raw[:5])
-  with pytest.raises(checkpoint.CheckpointError, match=r'short\.safetensors: .*too small'):
+  with pytest.raises(params_file.CheckpointError, match=r'short\.safetensors: .*too small'):
     hf_io.read_safetensors(bad)
 
   header_len = int.from_bytes(raw[:8], 'little')
@@ -440,7 +440,7 @@ def test_corrupt_safetensors_errors_name_the_file(tmp_path):
   encoded = json.dumps(header).encode()
   bad = tmp_path / 'wrong_size.safetensors'
   bad.write_bytes(len(encoded).to_bytes(8, 'little') + encoded + raw[8 + header_len:])
-  with pytest.raises(checkpoint.CheckpointError,
+  with pytest.raises(params_file.CheckpointError,
                      match=r'wrong_size\.safetensors: .*invalid shape, data type, or offset'):
     hf_io.read_safetensors(bad)
 
@@ -452,23 +452,23 @@ def test_safetensors_checkpoint_loads_without_torch(tmp_path):
   config = _tiny_exportable(num_blocks=1)
   params = _init(config)
   hf_io.export_hf(params, config, tmp_path / 'exported')
-  checkpoint.save(tmp_path / 'expected.npz', params, config)
+  params_file.save(tmp_path / 'expected.npz', params, config)
   exported = str(tmp_path / 'exported')
   script = (
       "import sys; sys.modules['torch'] = None; sys.modules['transformers'] = None\n"
       'import jax, numpy as np\n'
-      'from perceiver import checkpoint, hf_io\n'
+      'from perceiver import params_file, hf_io\n'
       f'params, config = hf_io.load_hf_checkpoint({exported!r})\n'
-      f'want, _, _ = checkpoint.load({str(tmp_path / "expected.npz")!r})\n'
+      f'want, _, _ = params_file.load({str(tmp_path / "expected.npz")!r})\n'
       'assert jax.tree.all(jax.tree.map(np.array_equal, params, want))\n'
       'try:\n'
       '  hf_io.read_torch_bin("pytorch_model.bin")\n'
-      'except checkpoint.CheckpointError as e:\n'
+      'except params_file.CheckpointError as e:\n'
       "  assert \"pip install '.[hf]'\" in str(e), e\n"
       "sys.modules['safetensors'] = None\n"
       'try:\n'
       f'  hf_io.load_hf_checkpoint({exported!r})\n'
-      'except checkpoint.CheckpointError as e:\n'
+      'except params_file.CheckpointError as e:\n'
       "  assert 'needs the safetensors package' in str(e), e\n"
       "print('ok')\n")
   result = subprocess.run([sys.executable, '-c', script], cwd=ROOT, capture_output=True,
@@ -514,7 +514,7 @@ def test_convert_command_from_hf_and_back(hf_libs, hf_dirs, tmp_path):
   assert exported.config.hidden_act == 'gelu_new'
   # The exported model computes the original's function: it equals ours, and differs
   # from the erf-GELU source model as measured above.
-  params, config, _ = checkpoint.load(tmp_path / 'p.npz')
+  params, config, _ = params_file.load(tmp_path / 'p.npz')
   ids, mask = _inputs()
   ours = _ours(params, config, ids, mask)
   assert _relative(ours, _theirs(torch, exported, ids, mask), mask) < TOLERANCE

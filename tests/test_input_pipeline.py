@@ -233,7 +233,7 @@ def test_kill_9_mid_run_with_workers_then_resume_equals_a_straight_run(tmp_path)
   import subprocess  # pylint: disable=import-outside-toplevel
   import sys  # pylint: disable=import-outside-toplevel
   import jax  # pylint: disable=import-outside-toplevel
-  from perceiver import checkpoint  # pylint: disable=import-outside-toplevel
+  from perceiver import loading  # pylint: disable=import-outside-toplevel
   root = pathlib.Path(__file__).resolve().parents[1]
   corpus = tmp_path / 'corpus.jsonl'
   corpus.write_text(''.join(json.dumps({'text': t}) + '\n' for t in _texts(300, 'doc')))
@@ -250,7 +250,7 @@ def test_kill_9_mid_run_with_workers_then_resume_equals_a_straight_run(tmp_path)
   proc = subprocess.Popen(command(killed, 100_000, 2), cwd=root, stdout=subprocess.DEVNULL,
                           stderr=subprocess.DEVNULL)
   deadline = time.time() + 300
-  while time.time() < deadline and not list(killed.glob('ckpt_000000004.npz')):
+  while time.time() < deadline and not list(killed.glob('ckpt_000000004')):
     assert proc.poll() is None
     time.sleep(0.1)
   data_workers = _children(proc.pid)
@@ -262,14 +262,14 @@ def test_kill_9_mid_run_with_workers_then_resume_equals_a_straight_run(tmp_path)
   while time.time() < deadline and not all(_zombie(p) for p in data_workers):
     time.sleep(0.2)
   assert all(_zombie(p) for p in data_workers)
-  saved = max(int(p.name[5:14]) for p in killed.glob('ckpt_*.npz'))
+  saved = max(int(p.name[5:14]) for p in killed.glob('ckpt_*[0-9]'))
   end = saved + 2
   for workdir, workers_count in ((killed, 1), (tmp_path / 'straight', 0)):
     done = subprocess.run(command(workdir, end, workers_count), cwd=root,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
-  a = checkpoint.load(killed / f'ckpt_{end:09d}.npz')[0]
-  b = checkpoint.load(tmp_path / 'straight' / f'ckpt_{end:09d}.npz')[0]
+  a = loading.load_any(killed / f'ckpt_{end:09d}')[0]
+  b = loading.load_any(tmp_path / 'straight' / f'ckpt_{end:09d}')[0]
   assert jax.tree.all(jax.tree.map(np.array_equal, a, b))
 
 

@@ -1,8 +1,8 @@
 """train.mlm across two processes on this machine (jax.distributed on 127.0.0.1, gloo
 collectives): two processes of 4 CPU devices, the parameters FSDP-sharded over all 8,
 against one process of 8 devices; a stop on one host or both that every host agrees on,
-a dead peer, and resumes refused across host counts. Every process runs under a timeout;
-every test here starts processes, so all are marked slow."""
+a dead peer, and a checkpoint resumed on another number of hosts. Every process runs
+under a timeout; every test here starts processes, so all are marked slow."""
 
 import json
 import os
@@ -16,7 +16,8 @@ import time
 import numpy as np
 import pytest
 
-from perceiver import checkpoint
+from perceiver import loading
+from perceiver.training import run_checkpoints
 
 pytestmark = pytest.mark.slow   # every test starts several training processes
 
@@ -130,17 +131,16 @@ def _wait_for_step(workdir, step, procs, timeout=TIMEOUT):
 
 
 def _saved(workdir):
-  """{step: files} of the complete checkpoints in ``workdir``."""
-  found = {}
-  for path in pathlib.Path(workdir).glob('ckpt_*'):
-    found.setdefault(int(path.name[5:14]), []).append(path.name[15:])
-  return found
+  """{step: items} of the checkpoints in ``workdir`` (complete or not)."""
+  return {int(path.name[5:14]): sorted(p.name for p in path.iterdir() if p.is_dir())
+          for path in pathlib.Path(workdir).glob('ckpt_*')}
 
 
 @pytest.mark.slow
 def test_two_hosts_of_four_devices_give_the_one_host_eight_device_run(tmp_path):
   """FSDP over all 8 devices of both hosts (each parameter matrix split across the two
-  processes, gathered to save) against one process with 8 devices and the same mesh."""
+  processes, each writing its own shards) against one process with 8 devices and the
+  same mesh."""
   fsdp = {'mesh.data': 1, 'mesh.fsdp': -1, 'train.batch_size': 8}
   two = tmp_path / 'two'
   results = _finish(_start_hosts(_args(tmp_path, two, 6, **fsdp), two, devices=4))
@@ -157,18 +157,21 @@ def test_two_hosts_of_four_devices_give_the_one_host_eight_device_run(tmp_path):
   steps_one, losses_one = zip(*_losses(one))
   assert steps_two == steps_one == (1, 2, 3, 4, 5, 6)
   np.testing.assert_allclose(losses_two, losses_one, rtol=1e-6)
-  params_two, _, meta_two = checkpoint.load(two / 'ckpt_000000006.npz')
-  params_one, _, meta_one = checkpoint.load(one / 'ckpt_000000006.npz')
+  params_two, _, meta_two = loading.load_any(two / 'ckpt_000000006')
+  params_one, _, meta_one = loading.load_any(one / 'ckpt_000000006')
   for module in params_one:
     for name in params_one[module]:
       np.testing.assert_allclose(params_two[module][name], params_one[module][name],
                                  rtol=1e-5, atol=1e-6)
   assert meta_two['process_count'] == 2 and meta_one['process_count'] == 1
-  # Each host saved its own data position (host 0's is also in the checkpoint), the
-  # positions the one-host run kept for the two shares it read.
-  positions = [json.loads((two / f'ckpt_000000006.data-{h}.json').read_text())
-               for h in range(2)]
-  assert positions[0] == meta_two['data'] and positions == meta_one['data']
+  # Each host's data position is in the checkpoint, by host: the positions the one-host
+  # run kept for the two shares it read.
+  positions = run_checkpoints.read_meta(two / 'ckpt_000000006')['data']
+  assert len(positions) == 2 and positions == run_checkpoints.read_meta(
+      one / 'ckpt_000000006')['data'][0]
+  # Both hosts wrote their shards of the FSDP-split parameters.
+  assert sorted(p.name for p in (two / 'ckpt_000000006' / 'params').glob('ocdbt.process_*')
+                ) == ['ocdbt.process_0', 'ocdbt.process_1']
 
 
 @pytest.mark.slow
@@ -193,7 +196,7 @@ def test_sigterm_stops_every_host_at_the_same_saved_step(tmp_path, both):
   saved = _saved(workdir)
   assert len(saved) == 1, saved
   step, files = next(iter(saved.items()))
-  assert sorted(files) == ['data-0.json', 'data-1.json', 'npz']
+  assert files == ['meta', 'params', 'train']
   # Host 0 writes the log: the stop host 1 asked for, agreed on (host 0's own SIGTERM,
   # a second later, finds the stop done or joins it).
   assert f'(agreed by all hosts) at step {step}' in results[0][1]
@@ -213,15 +216,41 @@ def test_a_dead_peer_ends_the_survivor_in_bounded_time(tmp_path):
   procs[1].wait()
 
 
+def _fingerprint(array):
+  """run_checkpoints' fingerprint, computed independently: the sum over positions i of
+  the array's 32-bit words times (2 i + 1), modulo 2**32."""
+  words = np.ascontiguousarray(array).reshape(-1).view(np.uint32).astype(np.uint64)
+  weights = np.arange(words.size, dtype=np.uint64) * 2 + 1
+  return int(np.sum((words * weights) % 2**32) % 2**32)
+
+
+_NEW_SPLIT = 'every host starts its new share from the beginning of the data'
+
+
 @pytest.mark.slow
-def test_resume_on_another_number_of_hosts_is_refused_both_ways(tmp_path):
+def test_a_checkpoint_of_two_hosts_resumes_on_one_and_back(tmp_path):
+  """2 hosts (FSDP over both) -> 1 host: the parameters restored are the ones saved, and
+  the log says what becomes of the data position; 1 host -> 2 hosts likewise."""
+  fsdp = {'mesh.data': 1, 'mesh.fsdp': -1}
   two = tmp_path / 'two'
-  assert all(code == 0 for code, _, _ in _finish(_start_hosts(_args(tmp_path, two, 2), two)))
-  code, _, stderr = _run_one(_args(tmp_path, two, 4))
-  assert code == 1 and 'written by a run on 2 host(s); this run has 1' in stderr, stderr
-  one = tmp_path / 'one'
-  code, _, stderr = _run_one(_args(tmp_path, one, 2))
-  assert code == 0, stderr[-2000:]
-  results = _finish(_start_hosts(_args(tmp_path, one, 4), one))
-  for code, _, stderr in results:
-    assert code == 1 and 'written by a run on 1 host(s); this run has 2' in stderr, stderr
+  results = _finish(_start_hosts(_args(tmp_path, two, 2, **fsdp), two))
+  assert all(code == 0 for code, _, _ in results), results[1][2][-3000:]
+  # Read on this one host, the parameters are the values the two hosts held when they
+  # saved: each array's fingerprint, recomputed here in numpy, is the one their devices
+  # computed before writing.
+  saved, _, _ = loading.load_any(two / 'ckpt_000000002')
+  table = run_checkpoints.read_meta(two / 'ckpt_000000002')['arrays']['params']
+  assert len(table) == sum(len(leaves) for leaves in saved.values())
+  for module in saved:
+    for name in saved[module]:
+      assert _fingerprint(saved[module][name]) == table[f"['{module}']['{name}']"][2]
+  code, out, stderr = _run_one(_args(tmp_path, two, 3, **fsdp))
+  assert code == 0, stderr[-3000:]
+  assert 'was written by 2 host(s), this run has 1' in out and _NEW_SPLIT in out, out
+  assert 'resuming from' in out and 'ckpt_000000002 at step 2' in out
+  # And back: the one-host checkpoint of step 3 onto two hosts.
+  results = _finish(_start_hosts(_args(tmp_path, two, 4, **fsdp), two))
+  assert all(code == 0 for code, _, _ in results), results[1][2][-3000:]
+  assert 'was written by 1 host(s), this run has 2' in results[0][1] and (
+      _NEW_SPLIT in results[0][1])
+  assert [s for s, _ in _losses(two)] == [1, 2, 3, 4]

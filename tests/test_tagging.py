@@ -21,7 +21,8 @@ import pytest
 from eval import tagging
 from eval import tagging_task
 from eval.configs import tagging as tagging_configs
-from perceiver import checkpoint
+from perceiver import loading
+from perceiver import params_file
 from perceiver import cli
 from perceiver import configs as model_configs
 from perceiver import convert
@@ -84,7 +85,7 @@ def test_an_mlm_checkpoint_starts_the_trunk_and_the_token_decoder_exactly(tmp_pa
   config = model_configs.tiny(max_seq_len=32)
   ids = _ids(1, 32)
   mlm = jax.device_get(jax.jit(transform.masked_lm(config).init)(jax.random.PRNGKey(1), ids))
-  path = checkpoint.save(tmp_path / 'mlm.npz', mlm, config)
+  path = params_file.save(tmp_path / 'mlm.npz', mlm, config)
   tagger = transform.token_classifier(config, 3)
   fresh = jax.eval_shape(tagger.init, jax.random.PRNGKey(2), ids)
   # Same trunk names as the MLM; the decoder has the MLM decoder's structure.
@@ -197,7 +198,7 @@ def test_a_run_writes_predictions_that_reproduce_its_scores_and_a_loadable_check
   assert summary['test_results']['f1'] == recomputed['f1']   # the same sentences
   assert (out / 'dev_entity_table.txt').read_text().splitlines()[0].split()[0] == 'type'
   assert summary['main_score'] == max(e['score'] for e in summary['epochs'])
-  params, config, meta = checkpoint.load(out / summary['checkpoint'])
+  params, config, meta = loading.load_any(out / summary['checkpoint'])
   assert meta['token_labels'] == summary['labels'] == ['O', 'B-LOC', 'B-ORG', 'B-PER']
   assert any(m.startswith(transform.TOKEN_HEAD) for m in params) and config.max_seq_len == 64
   assert not (out / 'resume').exists()
@@ -279,7 +280,7 @@ def test_bad_inputs_are_one_error_line_naming_the_file_line_field_or_checkpoint(
   config = model_configs.tiny(max_seq_len=64)
   shapes = jax.eval_shape(transform.encoder(config).init, jax.random.PRNGKey(0),
                           jnp.zeros((1, 8), jnp.int32))
-  encoder_only = checkpoint.save(tmp_path / 'enc.npz', jax.tree.map(
+  encoder_only = params_file.save(tmp_path / 'enc.npz', jax.tree.map(
       lambda x: np.zeros(x.shape, x.dtype), shapes), config)
   message = run(init=str(encoder_only))
   assert str(encoder_only) in message and 'basic_decoder' in message
@@ -369,7 +370,7 @@ def test_a_run_killed_mid_way_resumes_to_the_uninterrupted_dev_metrics(tmp_path)
   killed = start(tmp_path / 'killed')
   resume_dir = tmp_path / 'killed' / 'resume'
   deadline = time.monotonic() + 600
-  while not list(resume_dir.glob('ckpt_*.npz')) and time.monotonic() < deadline:
+  while not list(resume_dir.glob('ckpt_*[0-9]')) and time.monotonic() < deadline:
     assert killed.poll() is None, killed.stdout.read()[-3000:]
     time.sleep(0.02)
   killed.send_signal(signal.SIGKILL)

@@ -13,11 +13,12 @@ import numpy as np
 import optax
 import pytest
 
-from perceiver import checkpoint
+from perceiver import loading
 from perceiver import errors
 from train import masking
 from train import mlm
 from perceiver.training import optim
+from perceiver.training import run_checkpoints
 from train.configs import mlm as mlm_configs
 from tests import helpers
 
@@ -25,7 +26,14 @@ ROOT = helpers.ROOT
 
 
 def _params(path):
-  return checkpoint.load(path)[0]
+  return loading.load_any(path)[0]
+
+
+def _fingerprints(path):
+  """Every saved array's shape, dtype and fingerprint (a position-weighted sum of its
+  bits): equal for two checkpoints whose parameters, optimizer state, RNG key and step are
+  bit-identical."""
+  return run_checkpoints.read_meta(path)['arrays']
 
 
 _records = helpers.records
@@ -39,15 +47,69 @@ def test_resume_after_k_steps_is_bit_identical_to_a_straight_run(tmp_path):
   mlm.train(helpers.mlm_tiny_config(tmp_path, steps=3), str(split))
   assert [r['step'] for r in _records(split)] == [1, 2, 3]
   mlm.train(helpers.mlm_tiny_config(tmp_path, steps=6), str(split))   # resumes at step 3
-  a, b = _params(straight / 'ckpt_000000006.npz'), _params(split / 'ckpt_000000006.npz')
+  a, b = _params(straight / 'ckpt_000000006'), _params(split / 'ckpt_000000006')
   assert jax.tree.all(jax.tree.map(np.array_equal, a, b))
   losses_straight = [r['loss'] for r in _records(straight)]
   losses_split = [r['loss'] for r in _records(split)]
   assert losses_split == losses_straight
-  opt_template = optim.make(helpers.mlm_tiny_config(tmp_path).optimizer).init(a)
-  oa = checkpoint.load_tree(straight / 'ckpt_000000006.npz', 'opt_state', opt_template)
-  ob = checkpoint.load_tree(split / 'ckpt_000000006.npz', 'opt_state', opt_template)
-  assert jax.tree.all(jax.tree.map(np.array_equal, oa, ob))
+  fa, fb = _fingerprints(straight / 'ckpt_000000006'), _fingerprints(split / 'ckpt_000000006')
+  assert set(fa) == {'params', 'train'} and any('opt_state' in k for k in fa['train'])
+  assert fa == fb
+
+
+_HELD_SAVE = textwrap.dedent("""
+    import asyncio, sys
+    sys.path.insert(0, {root!r})
+    from orbax.checkpoint._src.path import async_path
+    from tests import helpers
+    from train import mlm
+
+    renamed = async_path.rename
+
+    async def held(src, dst):
+      # The commit of step 4's checkpoint (orbax renames its temporary directory when
+      # every array is written): say so, and never get there. SIGKILL comes here.
+      if str(dst).endswith('ckpt_000000004'):
+        open({marker!r}, 'w').close()
+        await asyncio.sleep(3600)
+      return await renamed(src, dst)
+
+    async_path.rename = held
+    mlm.train(helpers.mlm_tiny_config({tmp!r}, steps=6, checkpoint_every=2), {workdir!r})
+""")
+
+
+@pytest.mark.slow
+def test_kill_9_during_an_async_save_then_resume_is_bit_identical(tmp_path, capsys):
+  """SIGKILL while step 4's checkpoint is being written in the background (its arrays on
+  disk, its commit not done; the steps after it running): the next run removes the
+  leftover, resumes from step 2, and ends with the checkpoint of an uninterrupted run."""
+  straight, killed = tmp_path / 'straight', tmp_path / 'killed'
+  mlm.train(helpers.mlm_tiny_config(tmp_path, steps=6, checkpoint_every=2), str(straight))
+  marker = tmp_path / 'held'
+  child = subprocess.Popen(
+      [sys.executable, '-c', _HELD_SAVE.format(root=str(ROOT), marker=str(marker),
+                                              tmp=str(tmp_path), workdir=str(killed))],
+      cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  deadline = time.monotonic() + 300
+  while not marker.exists() and time.monotonic() < deadline:
+    assert child.poll() is None, child.stderr.read()[-3000:]
+    time.sleep(0.05)
+  assert marker.exists(), 'the save of step 4 was never held'
+  child.send_signal(signal.SIGKILL)
+  child.wait()
+  assert child.returncode == -signal.SIGKILL
+  left = sorted(p.name for p in killed.glob('ckpt_*'))
+  assert left[0] == 'ckpt_000000002' and len(left) == 2 and left[1].startswith(
+      'ckpt_000000004.orbax-checkpoint-tmp'), left
+  capsys.readouterr()
+  mlm.train(helpers.mlm_tiny_config(tmp_path, steps=6, checkpoint_every=2), str(killed))
+  assert f'resuming from {killed}/ckpt_000000002 at step 2' in capsys.readouterr().out
+  assert sorted(p.name for p in killed.glob('ckpt_*')) == [
+      'ckpt_000000002', 'ckpt_000000004', 'ckpt_000000006']   # the leftover is gone
+  assert _fingerprints(straight / 'ckpt_000000006') == _fingerprints(killed / 'ckpt_000000006')
+  a, b = _params(straight / 'ckpt_000000006'), _params(killed / 'ckpt_000000006')
+  assert jax.tree.all(jax.tree.map(np.array_equal, a, b))
 
 
 @pytest.mark.slow
@@ -84,7 +146,7 @@ def test_two_devices_or_accumulation_give_the_one_device_losses(tmp_path, device
   want = [r['loss'] for r in _records(reference)]
   got = [r['loss'] for r in _records(other)]
   np.testing.assert_allclose(got, want, rtol=1e-5)
-  a, b = _params(reference / 'ckpt_000000003.npz'), _params(other / 'ckpt_000000003.npz')
+  a, b = _params(reference / 'ckpt_000000003'), _params(other / 'ckpt_000000003')
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
 
@@ -120,7 +182,7 @@ def test_a_checkpoint_resumes_on_any_mesh(tmp_path):
   assert [r['step'] for r in records] == list(range(1, 10))
   np.testing.assert_allclose([r['loss'] for r in records],
                              [r['loss'] for r in _records(straight)], rtol=1e-5)
-  a, b = _params(straight / 'ckpt_000000009.npz'), _params(moved / 'ckpt_000000009.npz')
+  a, b = _params(straight / 'ckpt_000000009'), _params(moved / 'ckpt_000000009')
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
 
@@ -143,7 +205,7 @@ def test_sigterm_writes_a_checkpoint_and_exits_zero_then_resumes(tmp_path):
   out, _ = proc.communicate(timeout=120)
   assert proc.returncode == 0, out
   assert 'stopped by SIGTERM' in out
-  steps = sorted(int(p.name[5:14]) for p in workdir.glob('ckpt_*.npz'))
+  steps = sorted(int(p.name[5:14]) for p in workdir.glob('ckpt_*[0-9]'))
   assert len(steps) == 1 and steps[0] >= 3
   # Resuming continues from that step.
   done = subprocess.run(
@@ -151,7 +213,7 @@ def test_sigterm_writes_a_checkpoint_and_exits_zero_then_resumes(tmp_path):
        f'--config.train.steps={steps[0] + 2}', '--config.train.eval_every=0'],
       cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert done.returncode == 0, done.stderr
-  assert f'resuming from {workdir}/ckpt_{steps[0]:09d}.npz' in done.stdout
+  assert f'resuming from {workdir}/ckpt_{steps[0]:09d}' in done.stdout
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
@@ -170,9 +232,9 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
   workdir = tmp_path / 'run'
   with pytest.raises(mlm.TrainingError, match='non-finite') as info:
     mlm.train(helpers.mlm_tiny_config(tmp_path, steps=8, checkpoint_every=1), str(workdir))
-  assert 'ckpt_000000003.npz' in str(info.value)
-  steps = sorted(p.name for p in workdir.glob('ckpt_*.npz'))
-  assert steps[-1] == 'ckpt_000000003.npz'
+  assert 'ckpt_000000003' in str(info.value)
+  steps = sorted(p.name for p in workdir.glob('ckpt_*[0-9]'))
+  assert steps[-1] == 'ckpt_000000003'
   params = _params(workdir / steps[-1])
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
 

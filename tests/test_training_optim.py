@@ -2,7 +2,6 @@
 and the layout of optax's LAMB state that the fused LAMB depends on."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest

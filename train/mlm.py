@@ -41,7 +41,7 @@ from perceiver import configs as model_configs
 from perceiver import errors
 from perceiver import flops
 from perceiver import transform
-from perceiver.training import checkpoints
+from perceiver.training import run_checkpoints
 from perceiver.training import driver
 from perceiver.training import host_memory
 from perceiver.training import hosts
@@ -212,13 +212,9 @@ def _field(tree, dotted):
 
 
 def _check_resume_run(meta, config, path, log):
-  """Refuses to resume on another number of hosts, or with other data, masking or batch
-  settings (unless ``train.allow_changes``, which lists them)."""
-  saved_hosts = meta.get('process_count', 1)
-  if saved_hosts != jax.process_count():
-    raise TrainingError(f'{path} was written by a run on {saved_hosts} host(s); this run '
-                        f'has {jax.process_count()}: each host\'s data position belongs to '
-                        'its host. Resume on as many hosts, or use another --workdir')
+  """Refuses to resume with other data, masking or batch settings (unless
+  ``train.allow_changes``, which lists them). Another number of hosts is allowed: see
+  ``run_checkpoints.Restored.data_position`` for what becomes of the data position."""
   try:
     saved = json.loads(meta.get('train_config') or '{}')
   except ValueError:
@@ -264,7 +260,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, float]:
   """
   check_config(config)
   hosts.initialize_distributed(config.distributed)
-  with checkpoints.WorkdirLock(workdir):
+  with run_checkpoints.WorkdirLock(workdir):
     return _train(config, workdir)
 
 
@@ -277,7 +273,7 @@ def _train(config, workdir) -> Dict[str, float]:
   mesh = run.mesh
   # Computes as the mesh's devices do best (run.compute: see perceiver.layers).
   model = run.build(transform.masked_lm)
-  manager = checkpoints.CheckpointManager(workdir, keep=config.train.keep_checkpoints)
+  manager = run_checkpoints.CheckpointManager(workdir, keep=config.train.keep_checkpoints)
 
   seq_len = config.model.max_seq_len
   init_ids = jnp.zeros((1, seq_len), jnp.int32)
@@ -303,7 +299,7 @@ def _train(config, workdir) -> Dict[str, float]:
   if restored:
     _check_resume_run(restored.metadata, config, restored.path, log)
     start_step = restored.step
-    data_state = manager.load_data_state(start_step, restored.metadata)
+    data_state = restored.data_position(log.note)
     log.note(f'resuming from {restored.path} at step {start_step} on '
              f'{mesh_lib.describe(mesh)}')
   else:
@@ -339,14 +335,14 @@ def _train(config, workdir) -> Dict[str, float]:
     return extra
 
   def save(step, state, data_position):
-    host_state = mesh_lib.to_host(state)   # gathered from every host's shards
-    if not all(np.isfinite(x).all() for x in jax.tree.leaves(host_state.params)):
-      raise TrainingError(f'non-finite parameters at step {step}: not saved; the last '
-                          f'checkpoint ({manager.latest()}) is kept')
-    path = manager.save(step, host_state.params, config.model, opt_state=host_state.opt_state,
-                        rng=host_state.rng, data_state=data_position,
-                        train_config=config.to_json(), process_count=jax.process_count())
-    log.note(f'saved {path}')
+    # Each host writes its own shards, in the background (the next steps run meanwhile).
+    try:
+      path = manager.save(step, state.params, config.model, opt_state=state.opt_state,
+                          rng=state.rng, data_state=data_position,
+                          train_config=config.to_json())
+    except run_checkpoints.NonFiniteParams as e:
+      raise TrainingError(f'{e}; the last checkpoint ({manager.latest()}) is kept') from None
+    log.note(f'saving {path}')
 
   result = run.train(
       loss_fn, count_fn, state, shardings,
@@ -359,7 +355,7 @@ def _train(config, workdir) -> Dict[str, float]:
       total_steps=config.train.steps, writer=log, log_every=config.train.log_every,
       extra_report=extra_report, eval_every=config.train.eval_every if held_out else 0,
       evaluate=evaluate, eval_on_stop=True, checkpoint_every=config.train.checkpoint_every,
-      save=save, max_seconds=config.train.max_seconds)
+      save=save, max_seconds=config.train.max_seconds, checkpoints=[manager])
   return result.last_report
 
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, Dict, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import jax
 import numpy as np
@@ -34,6 +34,7 @@ from perceiver.training import hosts
 from perceiver.training import loop as loop_lib
 from perceiver.training import mesh as mesh_lib
 from perceiver.training import optim
+from perceiver.training import run_checkpoints
 from perceiver.training import step as step_lib
 
 
@@ -84,17 +85,6 @@ def check_checkpoint_room(directory: str, shapes: step_lib.TrainState, field: st
                           'beside the one it replaces)', field)
 
 
-@dataclasses.dataclass(frozen=True)
-class Restored:
-  """The checkpoint a run resumes from: host arrays and its metadata."""
-  path: str
-  step: int
-  params: Any
-  opt_state: Any
-  rng: Any
-  metadata: Dict[str, Any]
-
-
 def compute_for(model_config, devices) -> layers.Compute:
   """How a model of ``model_config`` computes on ``devices`` (any of them: a mesh's
   devices share one platform): its config's dtype and kernels, 'auto' resolved for their
@@ -136,33 +126,34 @@ class Run:
     """A fresh state, created in its layout (``step.init_state``)."""
     return step_lib.init_state(self.mesh, make_state)[0]
 
-  @staticmethod
-  def restore(manager, shapes: step_lib.TrainState, note: Callable[[str], None],
-              check: Optional[Callable] = None) -> Optional[Restored]:
-    """The newest checkpoint of ``manager`` that reads back (see
+  def restore(self, manager: run_checkpoints.CheckpointManager, shapes: step_lib.TrainState,
+              note: Callable[[str], None], check: Optional[Callable] = None
+              ) -> Optional[run_checkpoints.Restored]:
+    """The newest checkpoint of ``manager`` that reads back, read straight into this
+    run's layout (any mesh, any number of hosts wrote it; see
     ``CheckpointManager.restore_latest``), or None."""
-    found = manager.restore_latest(shapes.opt_state, shapes.rng, note=note, check=check)
-    if not found:
-      return None
-    path, (params, _, metadata, opt_state, rng) = found
-    return Restored(path, int(metadata['step']), params, opt_state, rng, metadata)
+    return manager.restore_latest(shapes, self.shardings(shapes), note=note, check=check)
 
-  def place(self, restored: Restored, shardings: step_lib.TrainState) -> step_lib.TrainState:
-    """A restored state laid out on this run's mesh (any mesh wrote it)."""
-    return mesh_lib.place(step_lib.TrainState(
-        np.asarray(restored.step, np.int32), restored.params, restored.opt_state,
-        restored.rng), shardings)
+  @staticmethod
+  def place(restored: run_checkpoints.Restored,
+            shardings: step_lib.TrainState) -> step_lib.TrainState:
+    """The ``TrainState`` of a restored checkpoint (its arrays already in ``shardings``)."""
+    step = mesh_lib.place(np.asarray(restored.step, np.int32), shardings.step)
+    return step_lib.TrainState(step, restored.params, restored.opt_state, restored.rng)
 
   def train(self, loss_fn: Callable, count_fn: Callable, state: step_lib.TrainState,
             shardings: step_lib.TrainState, batches: Iterator, *, accum_steps: int,
             prefetch: int, start_step: int, stop_timeout_s: float,
             note: Callable[[str], None], on_non_finite: Callable[[Exception], Exception],
+            checkpoints: Sequence[run_checkpoints.CheckpointManager] = (),
             **loop_kwargs) -> loop_lib.Result:
     """Runs ``Loop`` (``loop_kwargs``: total_steps, writer, log_every, evaluate, save, ...)
     over ``batches`` ((host batch, data position) pairs), each put on the mesh by a
     prefetching thread, under a stop every host agrees on. A non-finite step raises
     ``on_non_finite(error)`` (the task's error naming what it kept). Each report also
-    holds ``input_wait``: the share of its window the loop spent waiting for input."""
+    holds ``input_wait``: the share of its window the loop spent waiting for input.
+    However the loop ends (done, stopped, an error), the saves of ``checkpoints`` still
+    being written are waited for before this returns or raises."""
     train_step = step_lib.make_train_step(loss_fn, count_fn, self.optimizer,
                                           self.learning_rate_fn, self.mesh, shardings)
     fed = feed.Prefetcher(batches, prefetch, prepare=lambda item: (
@@ -187,3 +178,5 @@ class Run:
       finally:
         stop.finished()
         fed.close()
+        for manager in checkpoints:
+          manager.close()

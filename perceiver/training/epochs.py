@@ -25,8 +25,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from perceiver import checkpoint
-from perceiver.training import checkpoints
+from perceiver.training import run_checkpoints
 from perceiver.training import driver
 from perceiver.training import hosts
 from perceiver.training import mesh as mesh_lib
@@ -142,8 +141,12 @@ def remove_outputs(directory: str, is_output: Callable[[str], bool]) -> None:
     folder = os.path.join(directory, sub)
     if os.path.isdir(folder):
       for name in os.listdir(folder):
-        if name.startswith('ckpt_'):
-          os.remove(os.path.join(folder, name))
+        if name.startswith('ckpt_'):   # a run checkpoint's directory, whole or not
+          path = os.path.join(folder, name)
+          if os.path.isdir(path):
+            shutil.rmtree(path)
+          else:
+            os.remove(path)
       if not os.listdir(folder):
         os.rmdir(folder)
 
@@ -254,8 +257,8 @@ def train(plan: Plan, *, params: Any, seed: int, run_dir: str,
   shapes = jax.eval_shape(step_lib.new_state_fn(lambda: params, run.optimizer, rng))
   shardings = run.shardings(shapes)
   driver.check_checkpoint_room(run_dir, shapes, f'--workdir ({run_dir})')
-  best_manager = checkpoints.CheckpointManager(os.path.join(run_dir, 'checkpoint'), keep=1)
-  resume_manager = checkpoints.CheckpointManager(os.path.join(run_dir, 'resume'), keep=1)
+  best_manager = run_checkpoints.CheckpointManager(os.path.join(run_dir, 'checkpoint'), keep=1)
+  resume_manager = run_checkpoints.CheckpointManager(os.path.join(run_dir, 'resume'), keep=1)
   start_step, history, best = 0, [], None
   restored = run.restore(resume_manager, shapes, note=log.note) if resume else None
   if restored:
@@ -280,7 +283,7 @@ def train(plan: Plan, *, params: Any, seed: int, run_dir: str,
     history.append({'epoch': epoch, 'step': step, 'dev_loss': scored.loss,
                     'score': scored.score, 'results': scored.results})
     if best is None or scored.score > best['score']:
-      path = best_manager.save(step, mesh_lib.to_host(state.params), run.model_config,
+      path = best_manager.save(step, state.params, run.model_config,
                                epoch=epoch, **scored.metadata)
       best = {'epoch': epoch, 'step': step, 'score': scored.score,
               'results': scored.results, 'path': os.path.relpath(path, run_dir)}
@@ -288,9 +291,8 @@ def train(plan: Plan, *, params: Any, seed: int, run_dir: str,
 
   def save(step, state, data_position):
     del data_position   # the step is the position (seeded_epochs)
-    host = mesh_lib.to_host(state)
-    resume_manager.save(step, host.params, run.model_config, opt_state=host.opt_state,
-                        rng=host.rng, history=history, best=best, settings=settings)
+    resume_manager.save(step, state.params, run.model_config, opt_state=state.opt_state,
+                        rng=state.rng, history=history, best=best, settings=settings)
 
   def report(step, report, window):
     return {'epoch': -(-step // steps_per_epoch),
@@ -305,12 +307,13 @@ def train(plan: Plan, *, params: Any, seed: int, run_dir: str,
       total_steps=total, writer=writer, log_every=train_config.log_every,
       extra_report=report, eval_every=steps_per_epoch, eval_at_end=True,
       evaluate=evaluate, checkpoint_every=train_config.checkpoint_every or steps_per_epoch,
-      save=save)
+      save=save, checkpoints=[best_manager, resume_manager])
   if result.stopped:
     raise Stopped(f'stopped at step {result.step} of {total} in {run_dir}; rerun the same '
                   'command to resume')
 
-  best_params, _, _ = checkpoint.load(os.path.join(run_dir, best['path']))
-  rescored = rescore_best(predict_step, mesh_lib.place(best_params, shardings.params))
+  placed = best_manager.restore(os.path.join(run_dir, best['path']),
+                                shapes._replace(opt_state=None), shardings).params
+  rescored = rescore_best(predict_step, placed)
   shutil.rmtree(resume_manager.directory, ignore_errors=True)
-  return Outcome(best, history, best_params, rescored)
+  return Outcome(best, history, mesh_lib.to_host(placed), rescored)

@@ -1,4 +1,4 @@
-"""Checkpoints: DeepMind's released pickle (read safely) and this project's own format.
+"""The parameter file formats: DeepMind's released pickle (read safely) and this project's ``.npz``.
 
 The project's format is one file, a zip (``.npz``-compatible: ``np.load`` opens it) of
 ``.npy`` arrays plus ``metadata.json``; no pickle is written or read:
