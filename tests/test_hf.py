@@ -61,8 +61,8 @@ def _tiny_exportable(num_blocks=2) -> 'configs.ml_collections.ConfigDict':
 
 
 def _init(config, seed=0):
-  params = transform.masked_lm(config).init(jax.random.PRNGKey(seed),
-                                            jnp.zeros((1, 8), jnp.int32))
+  params = jax.jit(transform.masked_lm(config).init)(jax.random.PRNGKey(seed),
+                                                     jnp.zeros((1, 8), jnp.int32))
   return jax.tree.map(np.asarray, params)
 
 

@@ -37,7 +37,7 @@ def tiny():
   config = configs.tiny()
   mlm = transform.masked_lm(config)
   ids, mask = _tiny_inputs(config)
-  params = mlm.init(jax.random.PRNGKey(42), ids, mask)
+  params = jax.jit(mlm.init)(jax.random.PRNGKey(42), ids, mask)
   return config, mlm, params, ids, mask
 
 
@@ -167,9 +167,9 @@ def test_blocks_share_self_attention_weights():
   config.encoder.num_blocks = 2
   shared = transform.masked_lm(config)
   ids, mask = _tiny_inputs(config)
-  params = shared.init(jax.random.PRNGKey(0), ids, mask)
-  assert set(params) == set(transform.masked_lm(configs.tiny()).init(
-      jax.random.PRNGKey(0), ids, mask))
+  params = jax.jit(shared.init)(jax.random.PRNGKey(0), ids, mask)
+  assert set(params) == set(jax.eval_shape(transform.masked_lm(configs.tiny()).init,
+                                           jax.random.PRNGKey(0), ids, mask))
   # Two blocks of (sa, sa_1) equal one block of four layers (sa, sa_1, sa, sa_1).
   unrolled_config = configs.tiny()
   unrolled_config.encoder.num_self_attends_per_block = 4
@@ -222,8 +222,8 @@ def test_bfloat16_compute_keeps_float32_params_and_tracks_float32(tiny):
   cfg = config.copy_and_resolve_references()
   cfg.compute_dtype = 'bfloat16'
   low = transform.masked_lm(cfg)
-  assert all(v.dtype == jnp.float32 for v in jax.tree.leaves(low.init(
-      jax.random.PRNGKey(0), ids, mask)))
+  assert all(v.dtype == jnp.float32 for v in jax.tree.leaves(jax.eval_shape(
+      low.init, jax.random.PRNGKey(0), ids, mask)))
   out = low.apply(params, None, ids, mask)
   ref = mlm.apply(params, None, ids, mask)
   assert out.dtype == jnp.float32
