@@ -1,10 +1,11 @@
 r"""Masked-byte scores of any checkpoint on any text, beside what context-free guessing scores.
 
-    python -m eval.mlm --checkpoint=checkpoints/small/ckpt_000003000.npz \
+    python -m eval.mlm --checkpoint=checkpoints/small/ckpt_000003000 \
       --data=../shared/data/text/wikipedia/valid.jsonl --out=valid.json
 
-The checkpoint may be DeepMind's pickle, a Hugging Face ``PerceiverForMaskedLM`` directory
-or this project's ``.npz`` (anything ``perceiver.loading.load_any`` reads); its tensors
+The checkpoint may be a run's checkpoint directory (or the run's directory: its newest),
+DeepMind's pickle, a Hugging Face ``PerceiverForMaskedLM`` directory or this project's
+``.npz`` (anything ``perceiver.loading.load_any`` reads); its tensors
 are checked against the masked LM its config builds. The text is
 read with the pretraining readers (``*.json[l][.gz]`` with a ``text`` field, ``*.txt`` and
 ``*.raw`` with blank-line separated documents), all of it, in order: documents joined by
