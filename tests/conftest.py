@@ -2,7 +2,7 @@
 
 By default the tests marked ``slow`` (subprocess runs, multi-process training, kill -9 and
 resume, learning runs, the benchmark's smoke suite) are deselected, so ``pytest -q tests``
-is a loop of about a minute on a 2-core CPU; ``--slow`` runs every test, and
+is a loop of under two minutes on a 2-core CPU; ``--slow`` runs every test, and
 ``-m slow`` only the slow ones. Helpers shared by the test modules are in
 ``tests/helpers.py``.
 
