@@ -158,7 +158,10 @@ def check_params(params: Params, expected: Mapping[str, Mapping[str, tuple]],
 # --------------------------------------------------------------------------------------
 # The project's own format.
 
-def _jsonable(value, what):
+def jsonable(value, what):
+  """``value`` as JSON reads it back (a TypeError naming ``what`` if it is not JSON):
+  the metadata of this format and of a run's checkpoints
+  (``perceiver.training.run_checkpoints``)."""
   try:
     return json.loads(json.dumps(value))
   except (TypeError, ValueError) as e:
@@ -241,8 +244,8 @@ def save(path, params: Params, config, *, trees: Mapping[str, Any] | None = None
   """
   path = os.fspath(path)
   config_dict = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else config
-  header = {'format': FORMAT, 'config': _jsonable(config_dict, 'config'),
-            'metadata': _jsonable(metadata, 'metadata'), 'trees': {}}
+  header = {'format': FORMAT, 'config': jsonable(config_dict, 'config'),
+            'metadata': jsonable(metadata, 'metadata'), 'trees': {}}
   with atomic.atomic_write(path) as raw:
     with zipfile.ZipFile(raw, 'w', zipfile.ZIP_STORED) as zf:
       for module in sorted(params):

@@ -395,8 +395,8 @@ class CheckpointManager:
     if not bool(finite):
       raise NonFiniteParams(f'non-finite parameters at step {step}: not saved')
     config_dict = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else config
-    meta = {'format': FORMAT, 'config': params_file._jsonable(config_dict, 'config'),  # pylint: disable=protected-access
-            'metadata': params_file._jsonable(  # pylint: disable=protected-access
+    meta = {'format': FORMAT, 'config': params_file.jsonable(config_dict, 'config'),
+            'metadata': params_file.jsonable(
                 dict(metadata, step=int(step), process_count=jax.process_count()),
                 'metadata'),
             'data': _gather_json(data_state), 'arrays': _describe(params, rest, prints)}
@@ -507,7 +507,7 @@ def _gather_json(value) -> List[Any]:
   """``value`` (JSON) of every host, by host index: a small all-gather of the encoded
   text (every host must call it)."""
   if jax.process_count() == 1:
-    return [params_file._jsonable(value, 'data position')]  # pylint: disable=protected-access
+    return [params_file.jsonable(value, 'data position')]
   raw = np.frombuffer(json.dumps(value).encode(), np.uint8)
   lengths = np.asarray(multihost_utils.process_allgather(np.asarray([raw.size], np.int32)))
   padded = np.zeros(int(lengths.max()), np.uint8)
