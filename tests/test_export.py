@@ -28,6 +28,7 @@ from perceiver import hf
 from perceiver import layers
 from perceiver import onnx_route
 from perceiver import transform
+from tests import helpers
 
 import perceiver_load
 
@@ -52,11 +53,9 @@ def _inputs(batch, length=64, seed=0):
 
 
 def _init(model, seed):
-  """Random float32 parameters of the model's shapes (drawn here: running ``init`` would
-  compile it, and the tests need only some weights, not the initialiser's)."""
-  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))
-  rng = np.random.default_rng(seed)
-  return jax.tree.map(lambda s: rng.normal(0, 0.3, s.shape).astype(np.float32), shapes)
+  """Random parameters of the model's tree (``helpers.params_like``: running ``init``
+  would compile it, and the tests need only some weights, not the initialiser's)."""
+  return helpers.params_like(model, jnp.zeros((1, 8), jnp.int32), seed=seed, scale=0.3)
 
 
 @pytest.fixture(scope='module')
