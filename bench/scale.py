@@ -93,23 +93,33 @@ def time_part(preset: str, seq_len: int, warmup: int, repeats: int) -> Dict:
 _FIELDS = ('argument', 'output', 'alias', 'temp')
 
 
-def _compiled_memory(config, opt, fsdp: int) -> Dict:
-  """XLA's memory analysis of the train step of ``config`` over fsdp ``fsdp``, per device."""
+def _gpu_step_parts(config, opt):
+  """The masked LM of ``config`` and ``opt``'s optimizer as built for a GPU, and the
+  shapes of their training state (nothing compiled)."""
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   from perceiver import layers  # pylint: disable=import-outside-toplevel
   from perceiver import transform  # pylint: disable=import-outside-toplevel
+  from perceiver.training import optim  # pylint: disable=import-outside-toplevel
+  from perceiver.training import step as step_lib  # pylint: disable=import-outside-toplevel
+  model = transform.masked_lm(config, compute=layers.Compute.resolve(config, 'cuda'))
+  tx = optim.make(opt, platform='cuda')
+  make = step_lib.new_state_fn(
+      lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32)), tx,
+      jax.random.PRNGKey(0))
+  return model, tx, jax.eval_shape(make)
+
+
+def _compiled_memory(config, opt, fsdp: int) -> Dict:
+  """XLA's memory analysis of the train step of ``config`` over fsdp ``fsdp``, per device."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   from perceiver.training import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
   from perceiver.training import optim  # pylint: disable=import-outside-toplevel
   from perceiver.training import step as step_lib  # pylint: disable=import-outside-toplevel
   from train import mlm  # pylint: disable=import-outside-toplevel
   seq = config.max_seq_len
-  model = transform.masked_lm(config, compute=layers.Compute.resolve(config, 'cuda'))
-  tx = optim.make(opt, platform='cuda')
-  make = step_lib.new_state_fn(
-      lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, seq), jnp.int32)), tx,
-      jax.random.PRNGKey(0))
-  shapes = jax.eval_shape(make)
+  model, tx, shapes = _gpu_step_parts(config, opt)
   mesh = _mesh(1, fsdp)
   shardings = step_lib.state_shardings(mesh, shapes)
   step = step_lib.make_train_step(mlm.make_loss_fn(model, False), mlm.count_fn, tx,
@@ -130,18 +140,9 @@ def _compiled_memory(config, opt, fsdp: int) -> Dict:
 
 def _placed_bytes(config, opt, fsdp: int) -> int:
   """Per-device bytes of parameters and optimizer state by the placement rules alone."""
-  import jax  # pylint: disable=import-outside-toplevel
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  from perceiver import layers  # pylint: disable=import-outside-toplevel
-  from perceiver import transform  # pylint: disable=import-outside-toplevel
   from perceiver.training import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
-  from perceiver.training import optim  # pylint: disable=import-outside-toplevel
   from perceiver.training import step as step_lib  # pylint: disable=import-outside-toplevel
-  model = transform.masked_lm(config, compute=layers.Compute.resolve(config, 'cuda'))
-  make = step_lib.new_state_fn(
-      lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32)),
-      optim.make(opt, platform='cuda'), jax.random.PRNGKey(0))
-  shapes = jax.eval_shape(make)
+  _, _, shapes = _gpu_step_parts(config, opt)
   return mesh_lib.per_device_bytes(shapes, step_lib.state_shardings(_mesh(1, fsdp), shapes))
 
 
