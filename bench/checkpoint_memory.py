@@ -104,8 +104,9 @@ def _measure(path_kind, preset, saves, hang_after_s, directory):
   blocking, total = [], []
   hung = threading.Event()
   if path_kind == 'orbax':
+    from perceiver.params import run_checkpoint  # pylint: disable=import-outside-toplevel
     from perceiver.training import run_checkpoints  # pylint: disable=import-outside-toplevel
-    run_checkpoints._ocp()  # pylint: disable=protected-access  # the import is not the save's
+    run_checkpoint.ocp()   # the import is not the save's
     manager = run_checkpoints.CheckpointManager(directory, keep=1)
   resident_before = _status_bytes('VmRSS')
   _reset_hwm()

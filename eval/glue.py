@@ -73,7 +73,7 @@ from eval import glue_io
 from eval import metrics as metrics_lib
 from perceiver.command import cli
 from perceiver.params import transfer
-from perceiver.training import run_checkpoints
+from perceiver.training import workdir_lock
 from perceiver.training import epochs
 from perceiver.training import writer as writer_lib
 
@@ -158,7 +158,7 @@ def run(task: str, config, data_dir: str, workdir: str, init_checkpoint: Optiona
     else:
       to_train.append(name)
   start = time.time()
-  with run_checkpoints.WorkdirLock(workdir), log.to_file(os.path.join(workdir, 'log.txt')):
+  with workdir_lock.WorkdirLock(workdir), log.to_file(os.path.join(workdir, 'log.txt')):
     log.note(f'eval.glue: --task={task} on {jax.local_device_count()} device(s) '
              f'({jax.devices()[0].platform}); data {data_dir}; outputs {workdir}')
     if missing:

@@ -60,7 +60,7 @@ from eval import tagging_task
 from perceiver.params import params_file
 from perceiver.command import cli
 from perceiver.params import transfer
-from perceiver.training import run_checkpoints
+from perceiver.training import workdir_lock
 from perceiver.training import epochs
 from perceiver.training import host_memory
 from perceiver.training import writer as writer_lib
@@ -156,7 +156,7 @@ def run(config, data_dir: str, workdir: str, init_checkpoint: Optional[str] = No
   except ValueError as e:
     raise TaggingError(str(e)) from None
   start = time.time()
-  with run_checkpoints.WorkdirLock(workdir):
+  with workdir_lock.WorkdirLock(workdir):
     if overwrite or not resume:
       clean(workdir)
     with log.to_file(os.path.join(workdir, 'log.txt')):

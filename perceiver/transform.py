@@ -13,7 +13,7 @@ beyond the input are simply unused, which gives the same logits as padding to
 
 How the model computes (never what) is one ``perceiver.model.layers.Compute``, ``compute=``:
 the training and evaluation commands pass the one their run driver resolved from the
-mesh's devices (``perceiver.training.driver``), so a CPU run gets XLA:CPU's kernels under
+mesh's devices (the training library's run driver), so a CPU run gets XLA:CPU's kernels under
 ``config.kernels='auto'``. Without ``compute`` the platform is not known and the model
 computes with the original's formulas, in ``config.compute_dtype``, on every platform
 (``Compute.resolve(config)``); ``Compute.resolve(config, 'cpu')`` builds the CPU program.

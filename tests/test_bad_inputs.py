@@ -28,7 +28,8 @@ from perceiver import convert
 from perceiver import fill_mask
 from perceiver.params import loading
 from perceiver import transform
-from perceiver.training import run_checkpoints
+from perceiver.params import run_checkpoint
+from perceiver.training import workdir_lock
 from tests import helpers
 from train import mlm
 
@@ -157,7 +158,7 @@ def test_train_mlm_names_an_unwritable_workdir_and_a_busy_one(finished_run, tmp_
   line = _one_error_line(stderr)
   assert status == 1 and f'--workdir={blocker / "w"}: cannot create' in line, line
   before = _snapshot(workdir)
-  with run_checkpoints.WorkdirLock(str(workdir)):   # another run holds it
+  with workdir_lock.WorkdirLock(str(workdir)):   # another run holds it
     status, stderr = _run(lambda: mlm.train(helpers.mlm_tiny_config(tmp, steps=4), str(workdir)))
   assert status == 1 and f'{workdir} is in use by pid {os.getpid()}' in _one_error_line(
       stderr)
@@ -178,7 +179,7 @@ def test_resume_refuses_a_changed_batch_size_unless_allowed(finished_run, tmp_pa
   assert 'written with other settings: train.batch_size' in _one_error_line(stderr)
   assert 'train.allow_changes' in stderr
   mlm.train(helpers.mlm_tiny_config(tmp, steps=3, batch_size=8, allow_changes=True), str(run))
-  assert run_checkpoints.is_run_checkpoint(run / 'ckpt_000000003')
+  assert run_checkpoint.is_run_checkpoint(run / 'ckpt_000000003')
 
 
 def _largest_file(directory):
@@ -780,7 +781,7 @@ def test_a_resume_whose_only_checkpoint_is_corrupt_says_it_starts_over(finished_
   assert (f'{run / newest.name} does not read back' in out and
           'no other checkpoint is left: starting a new run from step 0' in out), out
   assert 'the checkpoint before it' not in out
-  assert 'new run in' in out and run_checkpoints.is_run_checkpoint(run / 'ckpt_000000001')
+  assert 'new run in' in out and run_checkpoint.is_run_checkpoint(run / 'ckpt_000000001')
 
 
 # --------------------------------------------------------------------------------------

@@ -24,13 +24,13 @@ from eval import glue_task
 from eval import metrics
 from eval.configs import glue as glue_configs
 from perceiver.params import loading
+from perceiver.params import run_checkpoint
 from perceiver.params import params_file
 from perceiver import configs as model_configs
 from perceiver.params import transfer
 from perceiver import transform
 from perceiver.training import mesh as mesh_lib
 from perceiver.training import step as step_lib
-from perceiver.training import run_checkpoints
 from tests import helpers
 
 ROOT = helpers.ROOT
@@ -177,7 +177,7 @@ def test_sweep_runs_each_grid_point_and_keeps_the_best(tmp_path):
     assert point['total_steps'] == 24 // p['batch_size']
   assert (task_dir / 'dev_predictions.tsv').read_text() == (
       task_dir / best['dir'] / 'dev_predictions.tsv').read_text()
-  assert run_checkpoints.is_run_checkpoint(task_dir / summary['checkpoint'])
+  assert run_checkpoint.is_run_checkpoint(task_dir / summary['checkpoint'])
   assert summary['checkpoint'].startswith(best['dir'] + os.sep)
 
 

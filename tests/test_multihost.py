@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from perceiver.params import loading
-from perceiver.training import run_checkpoints
+from perceiver.params import run_checkpoint
 
 pytestmark = pytest.mark.slow   # every test starts several training processes
 
@@ -166,8 +166,8 @@ def test_two_hosts_of_four_devices_give_the_one_host_eight_device_run(tmp_path):
   assert meta_two['process_count'] == 2 and meta_one['process_count'] == 1
   # Each host's data position is in the checkpoint, by host: the positions the one-host
   # run kept for the two shares it read.
-  positions = run_checkpoints.read_meta(two / 'ckpt_000000006')['data']
-  assert len(positions) == 2 and positions == run_checkpoints.read_meta(
+  positions = run_checkpoint.read_meta(two / 'ckpt_000000006')['data']
+  assert len(positions) == 2 and positions == run_checkpoint.read_meta(
       one / 'ckpt_000000006')['data'][0]
   # Both hosts wrote their shards of the FSDP-split parameters.
   assert sorted(p.name for p in (two / 'ckpt_000000006' / 'params').glob('ocdbt.process_*')
@@ -239,7 +239,7 @@ def test_a_checkpoint_of_two_hosts_resumes_on_one_and_back(tmp_path):
   # saved: each array's fingerprint, recomputed here in numpy, is the one their devices
   # computed before writing.
   saved, _, _ = loading.load_any(two / 'ckpt_000000002')
-  table = run_checkpoints.read_meta(two / 'ckpt_000000002')['arrays']['params']
+  table = run_checkpoint.read_meta(two / 'ckpt_000000002')['arrays']['params']
   assert len(table) == sum(len(leaves) for leaves in saved.values())
   for module in saved:
     for name in saved[module]:

@@ -14,11 +14,11 @@ import optax
 import pytest
 
 from perceiver.params import loading
+from perceiver.params import run_checkpoint
 from perceiver.command import errors
 from train import masking
 from train import mlm
 from perceiver.training import optim
-from perceiver.training import run_checkpoints
 from train.configs import mlm as mlm_configs
 from tests import helpers
 
@@ -33,7 +33,7 @@ def _fingerprints(path):
   """Every saved array's shape, dtype and fingerprint (a position-weighted sum of its
   bits): equal for two checkpoints whose parameters, optimizer state, RNG key and step are
   bit-identical."""
-  return run_checkpoints.read_meta(path)['arrays']
+  return run_checkpoint.read_meta(path)['arrays']
 
 
 _records = helpers.records

@@ -42,6 +42,7 @@ from perceiver.command import errors
 from perceiver.model import flops
 from perceiver import transform
 from perceiver.training import run_checkpoints
+from perceiver.training import workdir_lock
 from perceiver.training import driver
 from perceiver.training import host_memory
 from perceiver.training import hosts
@@ -260,7 +261,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, float]:
   """
   check_config(config)
   hosts.initialize_distributed(config.distributed)
-  with run_checkpoints.WorkdirLock(workdir):
+  with workdir_lock.WorkdirLock(workdir):
     return _train(config, workdir)
 
 

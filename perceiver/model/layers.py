@@ -17,7 +17,7 @@ both in one ``Compute`` value (``compute=``), made once per model:
 A config's ``kernels='auto'`` (the default) is ``xla_cpu`` for a program compiled for the
 CPU and ``reference`` for any other; ``Compute.resolve(config, platform)`` resolves it.
 The training and evaluation commands resolve it once, from the devices they run on
-(``perceiver.training.driver``), and build their models with it. Where the platform is
+(the training library's run driver), and build their models with it. Where the platform is
 not known (a model built and exported from a CPU host for a GPU, or traced on a TPU
 host's CPU), 'auto' is ``reference``: the clean program, right on every platform. So a
 model built by ``perceiver.transform`` without ``compute`` computes with the reference

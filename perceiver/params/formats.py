@@ -15,7 +15,7 @@ import struct
 import zipfile
 
 CONFIG_FILE = 'config.json'   # a Hugging Face directory's (as perceiver.params.hf_io.CONFIG_FILE)
-# A run checkpoint's JSON item (as perceiver.training.run_checkpoints.META_FILE).
+# A run checkpoint's JSON item (perceiver.params.run_checkpoint.META_FILE).
 RUN_META_FILE = os.path.join('meta', 'metadata')
 _RUN_CHECKPOINT = re.compile(r'^ckpt_\d+$')
 

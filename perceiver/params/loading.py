@@ -5,7 +5,7 @@ parameters goes through (``eval.glue --init_checkpoint``, ``eval.mlm``, ``fill_m
 
 - this project's parameter file (``perceiver.params.params_file``: a zip of arrays and
   metadata), with the model config stored in it;
-- a run checkpoint directory (``perceiver.training.run_checkpoints``: ``train.mlm``'s,
+- a run checkpoint directory (``perceiver.params.run_checkpoint``: ``train.mlm``'s,
   ``eval.glue``'s), or a run's directory holding them (its newest is read), gathered to
   host numpy arrays, with the model config stored in it;
 - DeepMind's released pickle (read by the restricted unpickler), with ``config`` or, by
@@ -22,6 +22,7 @@ from perceiver.params import params_file
 from perceiver import configs
 from perceiver.params import formats
 from perceiver.params import hf_io
+from perceiver.params import run_checkpoint
 
 CheckpointError = params_file.CheckpointError
 
@@ -43,8 +44,7 @@ def load_any(path, config=None):
   if kind == 'directory':
     raise CheckpointError(f'{path}: {formats.describe(path, kind)}')
   if kind in ('run_checkpoint', 'run_directory'):
-    from perceiver.training import run_checkpoints  # pylint: disable=import-outside-toplevel
-    return run_checkpoints.read(path)
+    return run_checkpoint.read(path)
   # Before the zip test: a PyTorch .bin is a zip file too.
   if hf_io.is_hf_checkpoint(path):
     params, hf_config = hf_io.load_hf_checkpoint(path)

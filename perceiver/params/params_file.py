@@ -161,7 +161,7 @@ def check_params(params: Params, expected: Mapping[str, Mapping[str, tuple]],
 def jsonable(value, what):
   """``value`` as JSON reads it back (a TypeError naming ``what`` if it is not JSON):
   the metadata of this format and of a run's checkpoints
-  (``perceiver.training.run_checkpoints``)."""
+  (``perceiver.params.run_checkpoint``)."""
   try:
     return json.loads(json.dumps(value))
   except (TypeError, ValueError) as e:
