@@ -127,7 +127,27 @@ def config_from_hf(hf_config: Mapping, source='config.json'
   Raises:
     UnsupportedConfigError: naming the field the original model cannot express.
   """
-  notes = []
+  _check_model_kind(hf_config, source)
+  ints = {f: _int_field(hf_config, f, source) for f in (
+      'd_model', 'd_latents', 'num_latents', 'num_blocks', 'num_self_attends_per_block',
+      'num_self_attention_heads', 'num_cross_attention_heads', 'vocab_size',
+      'max_position_embeddings', 'self_attention_widening_factor',
+      'cross_attention_widening_factor')}
+  encoder = _encoder_config(hf_config, ints, source)
+  notes = _computation_notes(hf_config, source)
+  if ints['d_model'] % HF_DECODER_HEADS:
+    raise UnsupportedConfigError(f'{source}: d_model={ints["d_model"]} must be divisible '
+                                 f'by the text decoder\'s {HF_DECODER_HEADS} heads')
+  config = _language_config(ints, encoder)
+  try:
+    configs.validate(config)
+  except ValueError as e:
+    raise UnsupportedConfigError(f'{source}: {e}') from e
+  return config, notes
+
+
+def _check_model_kind(hf_config: Mapping, source: str) -> None:
+  """UnsupportedConfigError unless config.json is a ``PerceiverForMaskedLM``'s."""
   model_type = hf_config.get('model_type', 'perceiver')
   if model_type != 'perceiver':
     raise UnsupportedConfigError(f"{source}: model_type={model_type!r}, expected 'perceiver'")
@@ -135,11 +155,11 @@ def config_from_hf(hf_config: Mapping, source='config.json'
   if 'PerceiverForMaskedLM' not in architectures:
     raise UnsupportedConfigError(f'{source}: architectures={architectures!r}; only '
                                  'PerceiverForMaskedLM checkpoints can be converted')
-  ints = {f: _int_field(hf_config, f, source) for f in (
-      'd_model', 'd_latents', 'num_latents', 'num_blocks', 'num_self_attends_per_block',
-      'num_self_attention_heads', 'num_cross_attention_heads', 'vocab_size',
-      'max_position_embeddings', 'self_attention_widening_factor',
-      'cross_attention_widening_factor')}
+
+
+def _encoder_config(hf_config: Mapping, ints: Mapping[str, int], source: str) -> dict:
+  """This project's ``encoder`` config from config.json's fields (``ints``: its integer
+  fields, already checked)."""
   qk = _int_field(hf_config, 'qk_channels', source, allow_none=True)
   v = _int_field(hf_config, 'v_channels', source, allow_none=True)
   shape_for_attn = hf_config.get('cross_attention_shape_for_attention', 'kv')
@@ -150,6 +170,26 @@ def config_from_hf(hf_config: Mapping, source='config.json'
   if not isinstance(query_residual, bool):
     raise UnsupportedConfigError(f'{source}: use_query_residual={query_residual!r} must be '
                                  'true or false')
+  return dict(
+      num_self_attends_per_block=ints['num_self_attends_per_block'],
+      num_blocks=ints['num_blocks'],
+      z_index_dim=ints['num_latents'],
+      num_z_channels=ints['d_latents'],
+      num_self_attend_heads=ints['num_self_attention_heads'],
+      num_cross_attend_heads=ints['num_cross_attention_heads'],
+      qk_channels=qk,
+      v_channels=v,
+      use_query_residual=query_residual,
+      cross_attend_widening_factor=ints['cross_attention_widening_factor'],
+      self_attend_widening_factor=ints['self_attention_widening_factor'],
+      cross_attention_shape_for_attn=shape_for_attn)
+
+
+def _computation_notes(hf_config: Mapping, source: str) -> List[str]:
+  """Notes on how the converted model computes unlike transformers with this config.json
+  (its activation, its layer norm epsilon); an activation the original model cannot use
+  is an UnsupportedConfigError."""
+  notes = []
   activation = hf_config.get('hidden_act', _HF_DEFAULTS['hidden_act'])
   if activation == 'gelu':
     notes.append(f'{source}: hidden_act="gelu" is the exact (erf) GELU in transformers; '
@@ -165,26 +205,17 @@ def config_from_hf(hf_config: Mapping, source='config.json'
     notes.append(f'{source}: layer_norm_eps={eps} is not read by transformers\' Perceiver '
                  '(its LayerNorms use PyTorch\'s default eps 1e-5, which is Haiku\'s); '
                  'nothing to convert.')
+  return notes
+
+
+def _language_config(ints: Mapping[str, int], encoder: dict) -> ml_collections.ConfigDict:
+  """The released language model's config with config.json's sizes, ``encoder``, and
+  transformers' text decoder (its heads and channels fixed by transformers)."""
   d_model = ints['d_model']
-  if d_model % HF_DECODER_HEADS:
-    raise UnsupportedConfigError(f'{source}: d_model={d_model} must be divisible by the '
-                                 f'text decoder\'s {HF_DECODER_HEADS} heads')
   base = configs.language_mlm().to_dict()
   base.update(vocab_size=ints['vocab_size'], d_model=d_model,
               max_seq_len=ints['max_position_embeddings'])
-  base['encoder'] = dict(
-      num_self_attends_per_block=ints['num_self_attends_per_block'],
-      num_blocks=ints['num_blocks'],
-      z_index_dim=ints['num_latents'],
-      num_z_channels=ints['d_latents'],
-      num_self_attend_heads=ints['num_self_attention_heads'],
-      num_cross_attend_heads=ints['num_cross_attention_heads'],
-      qk_channels=qk,
-      v_channels=v,
-      use_query_residual=query_residual,
-      cross_attend_widening_factor=ints['cross_attention_widening_factor'],
-      self_attend_widening_factor=ints['self_attention_widening_factor'],
-      cross_attention_shape_for_attn=shape_for_attn)
+  base['encoder'] = encoder
   text_decoder = dict(qk_channels=HF_DECODER_QK_CHANNELS, v_channels=d_model,
                       num_heads=HF_DECODER_HEADS,
                       trainable_position_encoding_kwargs=dict(num_channels=d_model))
@@ -193,12 +224,7 @@ def config_from_hf(hf_config: Mapping, source='config.json'
                          num_z_channels=ints['d_latents'])
   base['classifier']['decoder'].update(text_decoder)
   base['classifier']['head_hidden_size'] = d_model
-  config = ml_collections.ConfigDict(base)
-  try:
-    configs.validate(config)
-  except ValueError as e:
-    raise UnsupportedConfigError(f'{source}: {e}') from e
-  return config, notes
+  return ml_collections.ConfigDict(base)
 
 
 def _effective_decoder_channels(config) -> Tuple[int, int]:

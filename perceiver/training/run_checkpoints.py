@@ -23,11 +23,12 @@ What orbax's manager does not do stays here:
 - falling back when the newest checkpoint does not read back: the manager restores the
   step it is asked for or raises; moving the damaged one aside and trying the one before
   is ``restore_latest``'s;
-- the reading itself goes through ``run_checkpoint.restore_items`` (a path, not a step of
-  this manager): ``restore`` takes a checkpoint's path (a fine-tuning run reads its best
-  one back after its managers are closed, and ``close`` ends the manager's checkpointer),
-  and the single-host tools read the same directories with no manager at all; one reader
-  for both, so a checkpoint reads one way;
+- the reading itself goes through ``run_checkpoint.restore_items``: ``restore`` takes a
+  checkpoint's path (a fine-tuning run reads its best one back by the path it recorded),
+  and the single-host tools read the same directories with no manager at all. The
+  manager's ``restore(step)`` is the same orbax call (a ``Checkpointer`` of the composite
+  handler on the step's directory), so one reader serves both and a checkpoint reads one
+  way;
 - every host's data position, gathered into the metadata item.
 
 A restore reads every array straight into the layout the current mesh asks for (abstract
