@@ -7,6 +7,7 @@ under a timeout; every test here starts processes, so all are marked slow."""
 import json
 import os
 import pathlib
+import shutil
 import signal
 import socket
 import subprocess
@@ -217,7 +218,7 @@ def test_a_dead_peer_ends_the_survivor_in_bounded_time(tmp_path):
 
 
 def _fingerprint(array):
-  """run_checkpoints' fingerprint, computed independently: the sum over positions i of
+  """run_checkpoint's fingerprint, computed independently: the sum over positions i of
   the array's 32-bit words times (2 i + 1), modulo 2**32."""
   words = np.ascontiguousarray(array).reshape(-1).view(np.uint32).astype(np.uint64)
   weights = np.arange(words.size, dtype=np.uint64) * 2 + 1
@@ -229,12 +230,27 @@ _NEW_SPLIT = 'every host starts its new share from the beginning of the data'
 
 @pytest.mark.slow
 def test_a_checkpoint_of_two_hosts_resumes_on_one_and_back(tmp_path):
-  """2 hosts (FSDP over both) -> 1 host: the parameters restored are the ones saved, and
+  """2 hosts (FSDP over both), checkpoints at steps 2 and 4. Resumed from step 2 on two
+  hosts again, the losses of steps 3 and 4 are the uninterrupted run's and so is its
+  step-4 checkpoint (every array's fingerprint: parameters, optimizer state, RNG key,
+  step): the parameters, optimizer state and data positions restored are the ones the
+  run goes on with. 2 hosts -> 1 host: the parameters restored are the ones saved, and
   the log says what becomes of the data position; 1 host -> 2 hosts likewise."""
-  fsdp = {'mesh.data': 1, 'mesh.fsdp': -1}
-  two = tmp_path / 'two'
-  results = _finish(_start_hosts(_args(tmp_path, two, 2, **fsdp), two))
+  fsdp = {'mesh.data': 1, 'mesh.fsdp': -1, 'train.checkpoint_every': 2}
+  straight = tmp_path / 'straight'
+  results = _finish(_start_hosts(_args(tmp_path, straight, 4, **fsdp), straight))
   assert all(code == 0 for code, _, _ in results), results[1][2][-3000:]
+  resumed, two = tmp_path / 'resumed', tmp_path / 'two'
+  for run in (resumed, two):
+    shutil.copytree(straight / 'ckpt_000000002', run / 'ckpt_000000002')
+  results = _finish(_start_hosts(_args(tmp_path, resumed, 4, **fsdp), resumed))
+  assert all(code == 0 for code, _, _ in results), results[1][2][-3000:]
+  assert 'ckpt_000000002 at step 2' in results[0][1]
+  losses = dict(_losses(straight))
+  assert sorted(losses) == [1, 2, 3, 4]
+  assert _losses(resumed) == [(3, losses[3]), (4, losses[4])]
+  assert run_checkpoint.read_meta(resumed / 'ckpt_000000004')['arrays'] == (
+      run_checkpoint.read_meta(straight / 'ckpt_000000004')['arrays'])
   # Read on this one host, the parameters are the values the two hosts held when they
   # saved: each array's fingerprint, recomputed here in numpy, is the one their devices
   # computed before writing.
@@ -253,4 +269,4 @@ def test_a_checkpoint_of_two_hosts_resumes_on_one_and_back(tmp_path):
   assert all(code == 0 for code, _, _ in results), results[1][2][-3000:]
   assert 'was written by 1 host(s), this run has 2' in results[0][1] and (
       _NEW_SPLIT in results[0][1])
-  assert [s for s, _ in _losses(two)] == [1, 2, 3, 4]
+  assert [s for s, _ in _losses(two)] == [3, 4]
