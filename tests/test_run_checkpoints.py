@@ -171,3 +171,19 @@ def test_a_checkpoint_whose_metadata_step_was_edited_is_refused(tiny_params, tmp
   assert message.startswith(f'{run / "ckpt_000000006"}: ') and '\n' not in message
   assert 'saved at step 6' in message and 'says step 5' in message
   assert sorted(os.listdir(run)) == ['ckpt_000000006']
+
+
+def test_saving_a_step_already_there_replaces_it(tiny_params, tmp_path):
+  """A run redoing steps (after a fallback or a kill) saves a step whose checkpoint is
+  still there: the new one replaces it (orbax's manager alone would refuse)."""
+  config, params = tiny_params
+  make, state, shardings = _run_state(params)
+  run = tmp_path / 'run'
+  with run_checkpoints.CheckpointManager(str(run), keep=2) as manager:
+    for doc in ('first', 'again'):
+      manager.save(4, state.params, config, opt_state=state.opt_state, rng=state.rng,
+                   data_state={'doc': doc})
+  assert sorted(os.listdir(run)) == ['ckpt_000000004']
+  restored = run_checkpoints.CheckpointManager(str(run)).restore_latest(
+      jax.eval_shape(make), shardings)
+  assert restored.data == [{'doc': 'again'}]
