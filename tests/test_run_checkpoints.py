@@ -174,7 +174,7 @@ def test_a_checkpoint_whose_metadata_step_was_edited_is_refused(tiny_params, tmp
 
 
 def test_saving_a_step_already_there_replaces_it(tiny_params, tmp_path):
-  """A run redoing steps (after a fallback or a kill) saves a step whose checkpoint is
+  """A run redoing steps (after a kill) saves a step whose checkpoint is
   still there: the new one replaces it (orbax's manager alone would refuse)."""
   config, params = tiny_params
   make, state, shardings = _run_state(params)

@@ -9,7 +9,7 @@ Orbax's manager does the bookkeeping: the step directories' names (``step_prefix
 which steps are present (``all_steps``, ``reload``), the asynchronous save and its commit
 (every host writes the shards its own devices hold into
 ``ckpt_<step>.orbax-checkpoint-tmp-*``, renamed once all have finished, so a directory
-named ``ckpt_<step>`` is complete), keeping the newest ``keep`` (``max_to_keep``: the older
+named ``ckpt_<step>`` is complete), keeping the ``keep`` written last (``max_to_keep``: the older
 ones go once the newer save has committed), removing the temporary directory a ``kill -9``
 mid-save left (``cleanup_tmp_directories``, when the next run opens the directory), and
 the barriers between hosts. ``save`` returns once the arrays are copied off the devices;
@@ -29,7 +29,17 @@ What orbax's manager does not do stays here:
   manager's ``restore(step)`` is the same orbax call (a ``Checkpointer`` of the composite
   handler on the step's directory), so one reader serves both and a checkpoint reads one
   way;
-- every host's data position, gathered into the metadata item.
+- every host's data position, gathered into the metadata item;
+- replacing a step already present (a fine-tuning run killed after saving a best epoch
+  but before its resume checkpoint redoes that epoch): tried with orbax-checkpoint 0.12.8,
+  the manager skips an unforced save of a step at or below its newest (``save`` returns
+  False) and raises ``StepAlreadyExistsError`` for a present step even with
+  ``force=True``, so ``save`` deletes that step through the manager (``delete``, with its
+  barrier), then saves with ``force=True``: this run, not orbax's interval policy, says
+  when to save;
+- "complete" steps: tried likewise, ``all_steps`` lists a step as soon as its save is
+  dispatched, while only ``ckpt_<step>.orbax-checkpoint-tmp`` is on disk, so ``steps``
+  and ``latest`` wait for a save in flight first.
 
 A restore reads every array straight into the layout the current mesh asks for (abstract
 arrays with shardings as orbax's target), so a checkpoint written on any mesh, by any
@@ -169,7 +179,7 @@ class CheckpointManager:
            **metadata) -> str:
     """Starts writing the checkpoint of ``step`` from global arrays and returns its path;
     the writing goes on in the background (``wait``). A checkpoint of ``step`` already
-    there (a run redoing steps after a fallback or a kill) is replaced.
+    there (a run redoing steps after a kill) is replaced.
 
     ``data_state`` is this host's input position (JSON); ``metadata`` JSON values.
 
@@ -199,8 +209,6 @@ class CheckpointManager:
       items['train'] = ocp.args.StandardSave(rest)
     if step in self.steps():
       self._orbax.delete(step)
-    # force: this run says when to save (orbax's own policy would skip a step at or below
-    # the newest present).
     self._orbax.save(step, args=ocp.args.Composite(**items), force=True)
     return self.path(step)
 
