@@ -244,33 +244,9 @@ def hf_config_from(config) -> Tuple[dict, List[str]]:
     UnsupportedConfigError: naming the field that transformers cannot express.
   """
   configs.validate(config)
-  enc, dec = config.encoder, config.decoder
+  _check_decoder_is_transformers(config)
+  enc = config.encoder
   notes = []
-
-  def refuse(field, value, why):
-    raise UnsupportedConfigError(f'config field {field}={value!r}: {why}; transformers\' '
-                                 'PerceiverForMaskedLM cannot express it')
-
-  fixed = 'its text decoder is fixed'
-  qk, v = _effective_decoder_channels(config)
-  if dec.get('position_encoding_type', 'trainable') != 'trainable':
-    refuse('decoder.position_encoding_type', dec.position_encoding_type,
-           'its decoder queries are trainable positions')
-  if dec.get('num_heads', 1) != HF_DECODER_HEADS:
-    refuse('decoder.num_heads', dec.get('num_heads', 1), f'{fixed} at {HF_DECODER_HEADS} heads')
-  if qk != HF_DECODER_QK_CHANNELS:
-    refuse('decoder.qk_channels', dec.get('qk_channels'),
-           f'{fixed} at qk_channels={HF_DECODER_QK_CHANNELS}')
-  if v != config.d_model:
-    refuse('decoder.v_channels', dec.get('v_channels'), f'{fixed} at v_channels=d_model')
-  for field, wanted in (('final_project', False), ('use_query_residual', False),
-                        ('concat_preprocessed_input', False)):
-    default = {'final_project': True}.get(field, False)
-    if dec.get(field, default) != wanted:
-      refuse(f'decoder.{field}', dec.get(field, default), f'{fixed} with {field}={wanted}')
-  if dec.output_index_dims != config.max_seq_len:
-    refuse('decoder.output_index_dims', dec.output_index_dims,
-           f'{fixed} at one query per input position (max_seq_len={config.max_seq_len})')
   shape_for_attn = enc.get('cross_attention_shape_for_attn', 'kv')
   if config.get('compute_dtype', 'float32') != 'float32':
     notes.append(f'compute_dtype={config.compute_dtype!r}: the exported parameters are '
@@ -299,6 +275,37 @@ def hf_config_from(config) -> Tuple[dict, List[str]]:
       'initializer_range': 0.02,
   }
   return hf_config, notes
+
+
+def _check_decoder_is_transformers(config) -> None:
+  """UnsupportedConfigError naming the first decoder field of ``config`` that
+  transformers' fixed text decoder cannot express."""
+  dec = config.decoder
+
+  def refuse(field, value, why):
+    raise UnsupportedConfigError(f'config field {field}={value!r}: {why}; transformers\' '
+                                 'PerceiverForMaskedLM cannot express it')
+
+  fixed = 'its text decoder is fixed'
+  qk, v = _effective_decoder_channels(config)
+  if dec.get('position_encoding_type', 'trainable') != 'trainable':
+    refuse('decoder.position_encoding_type', dec.position_encoding_type,
+           'its decoder queries are trainable positions')
+  if dec.get('num_heads', 1) != HF_DECODER_HEADS:
+    refuse('decoder.num_heads', dec.get('num_heads', 1), f'{fixed} at {HF_DECODER_HEADS} heads')
+  if qk != HF_DECODER_QK_CHANNELS:
+    refuse('decoder.qk_channels', dec.get('qk_channels'),
+           f'{fixed} at qk_channels={HF_DECODER_QK_CHANNELS}')
+  if v != config.d_model:
+    refuse('decoder.v_channels', dec.get('v_channels'), f'{fixed} at v_channels=d_model')
+  for field, wanted in (('final_project', False), ('use_query_residual', False),
+                        ('concat_preprocessed_input', False)):
+    default = {'final_project': True}.get(field, False)
+    if dec.get(field, default) != wanted:
+      refuse(f'decoder.{field}', dec.get(field, default), f'{fixed} with {field}={wanted}')
+  if dec.output_index_dims != config.max_seq_len:
+    refuse('decoder.output_index_dims', dec.output_index_dims,
+           f'{fixed} at one query per input position (max_seq_len={config.max_seq_len})')
 
 
 # --------------------------------------------------------------------------------------
