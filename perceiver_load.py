@@ -1,8 +1,12 @@
-"""Runs a model exported by ``python -m perceiver.export``, with only ``jax`` and ``safetensors``.
+"""Runs a model exported by ``python -m perceiver.export``, without this project or Haiku.
 
     import perceiver_load
     model = perceiver_load.load('exported/')
     logits = model(input_ids, input_mask)        # numpy or jax int arrays [batch, length]
+
+It needs three packages (``REQUIRES``): ``jax``, ``safetensors``, and ``flatbuffers``,
+which JAX's deserializer of exported programs imports and JAX does not install. A missing
+one is named in the error, with the command that installs it.
 
 This module is deliberately outside the ``perceiver`` package: importing anything under
 ``perceiver`` runs its ``__init__``, which imports Haiku and the whole model code, and the
@@ -18,7 +22,15 @@ An export directory holds:
   window (``max_seq_len``);
 - ``params.safetensors``: the parameters, named ``module/name`` as Haiku names them;
 - ``export.json``: what the program is (task, labels, window, dtypes, the JAX version
-  that wrote it).
+  that wrote it) and the SHA-256 of the program file and of every tensor.
+
+An export is what gets copied between machines, so ``load`` trusts none of it: the
+program's and every tensor's checksum are verified (two tensors of one shape swapped in
+the file are named), the manifest is held against the program itself (its task against
+the program's output shape, its window, vocabulary and number of outputs against the
+program's parameters), the tensors must be the program's by name, shape and dtype, and
+NaN or infinity in any of them is refused, naming it. Exports written before checksums
+(format ``.../1``) still load, with every check but the checksums.
 
 Inputs are the byte tokenizer's ids: a byte ``b`` is id ``b + 6``; 0 pads, 1 BOS, 2 EOS,
 3 MASK, 4 CLS, 5 SEP (``encode`` applies the rule). ``input_mask`` is 1 on real bytes,
@@ -38,12 +50,20 @@ import json
 import os
 import sys
 
+import hashlib
+import importlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
-import safetensors
 
-FORMAT = 'perceiver-io-jax-export/1'
+FORMAT = 'perceiver-io-jax-export/2'
+# Formats this loader reads: /1 was written before the checksums (no 'sha256' field).
+FORMATS = ('perceiver-io-jax-export/1', FORMAT)
+# What the loader imports, each with why: the README and export.json name them too.
+REQUIRES = {'jax': 'runs the program',
+            'safetensors': 'reads params.safetensors',
+            'flatbuffers': "jax.export's deserializer imports it; jax does not install it"}
 MANIFEST = 'export.json'
 PROGRAM = 'model.jaxexport'
 PARAMS = 'params.safetensors'
@@ -66,6 +86,20 @@ _DTYPES = {'F32': np.float32, 'F16': np.float16, 'BF16': jnp.bfloat16, 'F64': np
 
 class ExportError(ValueError):
   """An expected failure: the message names the file or argument at fault."""
+
+
+def _require(name):
+  """The module ``name`` of ``REQUIRES``, or an ``ExportError`` saying how to install it."""
+  try:
+    return importlib.import_module(name)
+  except ImportError as e:
+    raise ExportError(f'the export loader needs the Python package {name!r} '
+                      f'({REQUIRES[name]}): pip install {name}') from e
+
+
+def sha256(data) -> str:
+  """The hex SHA-256 of bytes (a file's, or one tensor's raw little-endian values)."""
+  return hashlib.sha256(data).hexdigest()
 
 
 def encode(texts, length=None):
@@ -106,17 +140,23 @@ def read_manifest(directory):
       manifest = json.load(f)
   except (OSError, ValueError) as e:
     raise ExportError(f'{path}: unreadable: {e}') from e
-  if not isinstance(manifest, dict) or manifest.get('format') != FORMAT:
+  if not isinstance(manifest, dict) or manifest.get('format') not in FORMATS:
     found = manifest.get('format') if isinstance(manifest, dict) else None
     raise ExportError(f'{path}: format {found!r}, expected {FORMAT!r}')
-  for field in ('task', 'max_seq_len', 'vocab_size', 'jax_version'):
-    if field not in manifest:
-      raise ExportError(f'{path}: missing field {field!r}')
+  for field, kind in (('task', str), ('max_seq_len', int), ('vocab_size', int),
+                      ('jax_version', str)):
+    if not isinstance(manifest.get(field), kind) or isinstance(manifest[field], bool):
+      raise ExportError(f'{path}: field {field!r} is {manifest.get(field)!r}, expected '
+                        f'{"a string" if kind is str else "an integer"}')
+  if manifest['format'] == FORMAT and not isinstance(manifest.get('sha256'), dict):
+    raise ExportError(f'{path}: missing field \'sha256\' (the checksums)')
   return manifest
 
 
-def read_params(path):
-  """{name: numpy array} from a safetensors file (bfloat16 included)."""
+def read_params(path, checksums=None):
+  """{name: numpy array} from a safetensors file (bfloat16 included), each tensor held to
+  ``checksums`` ({name: sha256}) where given, and refused if it holds NaN or infinity."""
+  safetensors = _require('safetensors')
   try:
     with open(path, 'rb') as f:
       tensors = safetensors.deserialize(f.read())
@@ -131,7 +171,31 @@ def read_params(path):
                         'no export writes')
     params[name] = np.frombuffer(tensor['data'], _DTYPES[tensor['dtype']]).reshape(
         tensor['shape'])
+  if checksums is not None:
+    _check_sums(path, {name: sha256(t['data']) for name, t in tensors}, checksums)
+  bad = [n for n in sorted(params) if np.issubdtype(params[n].dtype, np.inexact)
+         and not np.isfinite(params[n].astype(np.float32)).all()]
+  if bad:
+    raise ExportError(f'{path}: non-finite values (NaN or infinity) in {len(bad)} '
+                      f'tensor(s): {", ".join(bad[:5])}')
   return params
+
+
+def _check_sums(path, found, expected):
+  """Every tensor's checksum against the manifest's; names the tensors that differ, and
+  whose values a tensor holds instead when it holds another's (a swap)."""
+  if set(found) != set(expected):
+    odd = sorted(set(found) ^ set(expected))
+    raise ExportError(f'{path}: its tensors are not the ones {MANIFEST} lists '
+                      f'({len(odd)} differ, e.g. {odd[0]!r})')
+  wrong = [n for n in sorted(found) if found[n] != expected[n]]
+  if wrong:
+    owner = {digest: name for name, digest in expected.items()}
+    said = [f'{n} (holds {owner[found[n]]}\'s values)' if found[n] in owner else n
+            for n in wrong[:4]]
+    raise ExportError(f'{path}: {len(wrong)} tensor(s) do not match their checksum in '
+                      f'{MANIFEST}: {", ".join(said)}; the file was changed after the '
+                      'export: export again')
 
 
 def _check_version(exported, manifest, path):
@@ -155,8 +219,16 @@ def read_program(directory, manifest):
       blob = bytearray(f.read())
   except FileNotFoundError as e:
     raise ExportError(f'{path}: missing (an export directory holds {PROGRAM})') from e
+  expected = manifest.get('sha256', {}).get(PROGRAM)
+  if expected is not None and sha256(blob) != expected:
+    raise ExportError(f'{path}: does not match its checksum in {MANIFEST}; the file was '
+                      'changed after the export: export again')
+  _require('flatbuffers')
   try:
     exported = jax.export.deserialize(blob)
+  except ImportError as e:
+    raise ExportError(f'{path}: deserializing it needs the Python package {e.name!r}, '
+                      f'not installed: pip install {e.name}') from e
   except Exception as e:  # pylint: disable=broad-except  # flatbuffers raises anything
     raise ExportError(f'{path}: not a serialized jax.export program readable by jax '
                       f'{jax.__version__} (written by jax {manifest["jax_version"]}; '
@@ -220,22 +292,68 @@ class Model:
     return np.asarray(self._call(self.params, ids, mask))
 
 
-def load(directory, device=None) -> Model:
-  """Reads an export directory; returns a ``Model`` (see the module docstring).
+def program_parameters(exported):
+  """{'module/name': ShapedArray} of the program's parameter argument, from the names the
+  program itself carries (its input tree)."""
+  (flat, _, _), _ = jax.tree_util.tree_unflatten(exported.in_tree, exported.in_avals)
+  return flat
 
-  ``device``: where the parameters live (default: JAX's default device).
-  """
+
+def _check_tensors(path, params, expected):
+  """The file's tensors must be the program's parameters, by name, shape and dtype."""
+  if set(params) != set(expected):
+    odd = sorted(set(params) ^ set(expected))
+    raise ExportError(f'{path}: its tensors do not match the program\'s {len(expected)} '
+                      f'parameters ({len(odd)} names differ, e.g. {odd[0]!r}; files from two '
+                      'different exports?)')
+  for name in sorted(params):
+    want = expected[name]
+    if tuple(params[name].shape) != tuple(want.shape) or params[name].dtype != want.dtype:
+      raise ExportError(f'{path}: tensor {name!r} is {params[name].dtype}'
+                        f'{list(params[name].shape)}, the program takes {want.dtype}'
+                        f'{list(want.shape)} (files from two different exports?)')
+
+
+def program_facts(exported):
+  """What the program itself says of the fields export.json states: its task (from its
+  output's shape), window, vocabulary and number of outputs (from its parameters)."""
+  params = program_parameters(exported)
+  out = exported.out_avals[0].shape
+  if len(out) == 2:
+    task = 'classifier'
+  else:
+    task = 'encoder' if isinstance(out[1], int) else 'masked_lm'
+  facts = {'task': task, 'vocab_size': params['embed/embeddings'].shape[0]}
+  table = params.get('trainable_position_encoding/pos_embs')
+  if table is not None:
+    facts['max_seq_len'] = table.shape[0]
+  if task == 'classifier':
+    facts['num_outputs'] = out[1]
+  return facts
+
+
+def check_manifest(path, manifest, exported):
+  """Each field of ``manifest`` that the program also determines must agree with it."""
+  for field, value in program_facts(exported).items():
+    if field in manifest and manifest[field] != value:
+      raise ExportError(f'{path}: {field} is {manifest[field]!r}, but the program\'s is '
+                        f'{value!r} (edited, or files from two different exports?)')
+  labels = manifest.get('labels')
+  if manifest['task'] == 'classifier' and labels and len(labels) != manifest.get(
+      'num_outputs'):
+    raise ExportError(f'{path}: {len(labels)} labels for a program of '
+                      f'{manifest.get("num_outputs")} outputs')
+
+
+def load(directory, device=None) -> Model:
+  """Reads an export directory, verifying it (see the module docstring); returns a
+  ``Model``. ``device``: where the parameters live (default: JAX's default device)."""
   manifest = read_manifest(directory)
   exported = read_program(directory, manifest)
-  params = read_params(os.path.join(os.fspath(directory), PARAMS))
-  expected = exported.in_avals[:len(params)]
-  names = sorted(params)
-  if len(exported.in_avals) != len(params) + 2 or any(
-      tuple(params[n].shape) != tuple(a.shape) or params[n].dtype != a.dtype
-      for n, a in zip(names, expected)):
-    raise ExportError(f'{os.path.join(os.fspath(directory), PARAMS)}: its tensors do not '
-                      f'match the program\'s {len(exported.in_avals) - 2} parameters '
-                      '(files from two different exports?)')
+  check_manifest(os.path.join(os.fspath(directory), MANIFEST), manifest, exported)
+  path = os.path.join(os.fspath(directory), PARAMS)
+  params = read_params(path, manifest.get('sha256', {}).get('tensors'))
+  _check_tensors(path, params, program_parameters(exported))
   return Model(directory, manifest, exported, params, device)
 
 

@@ -185,11 +185,36 @@ def validate(config) -> None:
   if width != config.d_model:
     raise ValueError(f'the decoder outputs {source} = {width} channels, but the tied '
                      f'embedding decoder needs d_model = {config.d_model}.')
+  _check_heads(config)
   if config.compute_dtype not in ('float32', 'bfloat16'):
     raise ValueError(f"compute_dtype must be 'float32' or 'bfloat16', got "
                      f'{config.compute_dtype!r}')
   if config.get('kernels', 'auto') not in KERNELS:
     raise ValueError(f'kernels must be one of {", ".join(KERNELS)}; got {config.kernels!r}')
+
+
+def _check_heads(config) -> None:
+  """Every attention's query/key and value widths must split evenly over its heads (the
+  original's rule, checked here before anything is traced, naming the fields)."""
+  enc, dec = config.encoder, config.decoder
+  latents = enc.num_z_channels
+  queries = dec.get('trainable_position_encoding_kwargs', {}).get('num_channels')
+  attentions = [('encoder.num_self_attend_heads', enc.num_self_attend_heads, 'encoder', latents),
+                ('encoder.num_cross_attend_heads', enc.num_cross_attend_heads, 'encoder',
+                 latents),
+                ('decoder.num_heads', dec.get('num_heads', 1), 'decoder', queries)]
+  for heads_field, heads, block, default in attentions:
+    if not isinstance(heads, int) or heads < 1:
+      raise ValueError(f'{heads_field} ({heads!r}) must be an integer >= 1.')
+    qk = config[block].get('qk_channels') or default
+    widths = [(f'{block}.qk_channels' if config[block].get('qk_channels') else
+               f'{block}\'s query width', qk),
+              (f'{block}.v_channels', config[block].get('v_channels') or qk)]
+    if heads_field != 'decoder.num_heads':
+      widths.insert(0, ('encoder.num_z_channels', latents))
+    for field, width in widths:
+      if width is not None and width % heads:
+        raise ValueError(f'{field} ({width}) must be divisible by {heads_field} ({heads}).')
 
 
 # Fields that choose how the model computes, not what it computes: a run may change them

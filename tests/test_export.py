@@ -10,6 +10,7 @@ where the ``hf`` extra is installed.
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 import textwrap
@@ -25,6 +26,7 @@ from perceiver import configs
 from perceiver.command import errors
 from perceiver.deploy import export
 from perceiver.params import hf
+from perceiver.params import hf_io
 from perceiver.model import layers
 from perceiver.deploy import onnx as onnx_route
 from perceiver import transform
@@ -352,16 +354,155 @@ def test_damaged_exports_are_named(mlm, tmp_path):
   for name in ('export.json', 'model.jaxexport', 'params.safetensors'):
     (bad / name).write_bytes((mlm['out'] / name).read_bytes())
   (bad / 'model.jaxexport').write_bytes(b'\x00' * 64)
+  with pytest.raises(perceiver_load.ExportError, match='model.jaxexport: does not match its '
+                     'checksum'):
+    perceiver_load.load(bad)
+  manifest = json.loads((mlm['out'] / 'export.json').read_text())
+  old = {k: v for k, v in manifest.items() if k != 'sha256'}   # written before checksums
+  (bad / 'export.json').write_text(json.dumps(dict(old, format='perceiver-io-jax-export/1')))
   with pytest.raises(perceiver_load.ExportError, match='model.jaxexport: not a serialized'):
     perceiver_load.load(bad)
   (bad / 'model.jaxexport').write_bytes((mlm['out'] / 'model.jaxexport').read_bytes())
   (bad / 'params.safetensors').write_bytes(b'garbage')
   with pytest.raises(perceiver_load.ExportError, match='params.safetensors: not a readable'):
     perceiver_load.load(bad)
-  manifest = json.loads((mlm['out'] / 'export.json').read_text())
   (bad / 'export.json').write_text(json.dumps(dict(manifest, format='other/1')))
   with pytest.raises(perceiver_load.ExportError, match="export.json: format 'other/1'"):
     perceiver_load.load(bad)
+
+
+def _copy(export_dir, to):
+  """A copy of an export directory's three files, to damage."""
+  to.mkdir()
+  for name in ('export.json', 'model.jaxexport', 'params.safetensors'):
+    (to / name).write_bytes((export_dir / name).read_bytes())
+  return to
+
+
+def _rewrite_params(directory, change):
+  """Rewrites params.safetensors with ``change(tensors)`` applied, as a user's script
+  would (the manifest left as it was)."""
+  path = str(directory / 'params.safetensors')
+  tensors = dict(perceiver_load.read_params(path))
+  change(tensors)
+  hf_io.write_safetensors(path, tensors)
+
+
+def _edit_manifest(directory, **fields):
+  path = directory / 'export.json'
+  path.write_text(json.dumps(dict(json.loads(path.read_text()), **fields)))
+
+
+def test_tensors_changed_after_the_export_are_named_by_their_checksums(mlm, tmp_path):
+  """A NaN written into one tensor, or two tensors of one shape swapped, load today
+  without complaint unless checked: both are named."""
+  names = sorted(mlm['model'].params)
+  shapes = {}
+  for name in names:
+    shapes.setdefault(tuple(mlm['model'].params[name].shape), []).append(name)
+  a, b = next(group for group in shapes.values() if len(group) >= 2)[:2]
+
+  def swap(tensors):
+    tensors[a], tensors[b] = tensors[b], tensors[a]
+
+  bad = _copy(mlm['out'], tmp_path / 'swapped')
+  _rewrite_params(bad, swap)
+  with pytest.raises(perceiver_load.ExportError,
+                     match=rf"2 tensor\(s\) do not match their checksum in export.json: "
+                     rf"{a} \(holds {b}'s values\), {b} \(holds {a}'s values\)"):
+    perceiver_load.load(bad)
+
+  def poison(tensors):
+    tensors[a] = tensors[a].copy()
+    tensors[a].flat[0] = np.nan
+
+  bad = _copy(mlm['out'], tmp_path / 'nan')
+  _rewrite_params(bad, poison)
+  with pytest.raises(perceiver_load.ExportError, match=rf'1 tensor\(s\) do not match their checksum in export.json: {a};'):
+    perceiver_load.load(bad)
+  # Without checksums (an export written before them), the NaN itself is named.
+  manifest = json.loads((bad / 'export.json').read_text())
+  del manifest['sha256']
+  (bad / 'export.json').write_text(json.dumps(dict(manifest,
+                                                   format='perceiver-io-jax-export/1')))
+  with pytest.raises(perceiver_load.ExportError,
+                     match=rf'non-finite values \(NaN or infinity\) in 1 tensor\(s\): {a}'):
+    perceiver_load.load(bad)
+
+
+def test_an_export_written_before_checksums_still_loads(mlm, tmp_path):
+  old = _copy(mlm['out'], tmp_path / 'old')
+  manifest = json.loads((old / 'export.json').read_text())
+  for field in ('sha256', 'loader_requires'):
+    del manifest[field]
+  (old / 'export.json').write_text(json.dumps(dict(manifest,
+                                                   format='perceiver-io-jax-export/1')))
+  ids, mask = _inputs(2)
+  np.testing.assert_array_equal(perceiver_load.load(old)(ids, mask), mlm['model'](ids, mask))
+
+
+def test_a_program_file_changed_after_the_export_is_named(mlm, tmp_path):
+  bad = _copy(mlm['out'], tmp_path / 'bad')
+  blob = bytearray((bad / 'model.jaxexport').read_bytes())
+  blob[len(blob) // 2] ^= 1
+  (bad / 'model.jaxexport').write_bytes(bytes(blob))
+  with pytest.raises(perceiver_load.ExportError,
+                     match='model.jaxexport: does not match its checksum in export.json'):
+    perceiver_load.load(bad)
+
+
+@pytest.mark.parametrize('fields, match', [
+    ({'task': 'encoder'}, "task is 'encoder', but the program's is 'masked_lm'"),
+    ({'task': 'classifier'}, "task is 'classifier', but the program's is 'masked_lm'"),
+    ({'max_seq_len': 4096}, "max_seq_len is 4096, but the program's is 64"),
+    ({'vocab_size': 300}, "vocab_size is 300, but the program's is 262"),
+    ({'max_seq_len': '64'}, "field 'max_seq_len' is '64', expected an integer"),
+    ({'sha256': None}, "missing field 'sha256'"),
+])
+def test_a_manifest_edited_against_its_program_is_named(mlm, tmp_path, fields, match):
+  """export.json is held to the program: an edited task would print MLM logits as
+  latents (encoder) or fail inside the command (classifier); an edited window would
+  fail inside the compiled program."""
+  bad = _copy(mlm['out'], tmp_path / 'bad')
+  _edit_manifest(bad, **fields)
+  with pytest.raises(perceiver_load.ExportError, match=f'export.json: {re.escape(match)}'):
+    perceiver_load.load(bad)
+  assert perceiver_load.main([str(bad), '--text=ab_']) == 1
+
+
+def test_a_classifiers_labels_must_match_its_outputs(glue_classifier, tmp_path):
+  out = tmp_path / 'cls'
+  export.export(glue_classifier['checkpoint'], str(out))
+  assert perceiver_load.load(out).labels == ['entailment', 'not_entailment']
+  _edit_manifest(out, num_outputs=3)
+  with pytest.raises(perceiver_load.ExportError,
+                     match="export.json: num_outputs is 3, but the program's is 2"):
+    perceiver_load.load(out)
+  _edit_manifest(out, num_outputs=2, labels=['a', 'b', 'c'])
+  with pytest.raises(perceiver_load.ExportError, match='3 labels for a program of 2 outputs'):
+    perceiver_load.load(out)
+
+
+def test_non_finite_parameters_are_refused_at_export(mlm, tmp_path):
+  params = jax.tree.map(np.array, mlm['params'])
+  module = sorted(params)[0]
+  name = sorted(params[module])[0]
+  params[module][name].flat[0] = np.inf
+  path = str(tmp_path / 'inf.npz')
+  params_file.save(path, params, mlm['config'])
+  with pytest.raises(params_file.CheckpointError,
+                     match=rf'inf.npz: non-finite values .* {module}/{name}'):
+    export.export(path, str(tmp_path / 'out'))
+  assert not (tmp_path / 'out').exists()
+
+
+def test_the_manifest_names_the_loaders_requirements_and_a_missing_one_is_named(
+    mlm, monkeypatch):
+  assert mlm['manifest']['loader_requires'] == ['flatbuffers', 'jax', 'safetensors']
+  monkeypatch.setitem(sys.modules, 'flatbuffers', None)   # import flatbuffers fails
+  with pytest.raises(perceiver_load.ExportError,
+                     match="needs the Python package 'flatbuffers' .*: pip install flatbuffers"):
+    perceiver_load.load(mlm['out'])
 
 
 def test_export_refusals_name_the_flag_or_tensors(mlm, glue_classifier, tmp_path):

@@ -5,8 +5,9 @@ r"""Exports a checkpoint as a program that runs without this code: ``jax.export`
     python -m perceiver.export --checkpoint=runs/glue/rte/checkpoint/ckpt_000000780 \
         --task=classifier --out=exported-rte/ --dtype=bfloat16
 
-The directory written (read by ``perceiver_load.load``, which needs only ``jax`` and
-``safetensors``; a copy of that loader is written beside the files as ``load.py``):
+The directory written (read by ``perceiver_load.load``, which needs only the packages
+of ``perceiver_load.REQUIRES``: ``jax``, ``safetensors`` and ``flatbuffers``; a copy of that
+loader is written beside the files as ``load.py``):
 
 - ``model.jaxexport``: one serialized ``jax.export.Exported`` for every platform of
   ``--platforms`` (cpu, cuda, tpu), taking ``(params, input_ids, input_mask)`` with a
@@ -16,7 +17,12 @@ The directory written (read by ``perceiver_load.load``, which needs only ``jax``
   in mixed precision (``transform.inference_params``: bfloat16 matmul inputs, float32
   accumulation), half the bytes to store and read.
 - ``export.json``: the task, GLUE task and label names (a classifier from ``eval.glue``),
-  the window, vocabulary, dtypes, platforms and the JAX version that wrote it.
+  the window, vocabulary, dtypes, platforms, the JAX version that wrote it, the loader's
+  requirements, and the SHA-256 of the program and of every tensor, which the loader
+  verifies (with the manifest against the program: see ``perceiver_load``).
+
+Parameters holding NaN or infinity are refused, naming them, before anything is written
+(``loading.load_any`` checks every checkpoint it reads).
 
 One multi-platform artifact, not one per platform: one file serves a CPU, a GPU and a
 TPU host alike, and JAX picks the platform's program when it compiles. It is the
@@ -192,6 +198,7 @@ def export(checkpoint_path: str, out: str, task: Optional[str] = None,
   params = jax.tree.map(np.asarray, transform.inference_params(params, config))
   flat = flatten(params)
   exported = export_program(model, flat, config.max_seq_len, platforms)
+  program = exported.serialize()
 
   manifest = {
       'format': perceiver_load.FORMAT,
@@ -214,12 +221,16 @@ def export(checkpoint_path: str, out: str, task: Optional[str] = None,
       'num_parameters': int(sum(v.size for v in flat.values())),
       'source': os.path.abspath(checkpoint_path),
       'model_config': json.loads(config.to_json()),
+      'loader_requires': sorted(perceiver_load.REQUIRES),
+      'sha256': {perceiver_load.PROGRAM: perceiver_load.sha256(program),
+                 'tensors': {name: perceiver_load.sha256(np.ascontiguousarray(v).tobytes())
+                             for name, v in flat.items()}},
   }
-  _write(out, exported, flat, manifest)
+  _write(out, program, flat, manifest)
   return manifest
 
 
-def _write(out, exported, flat, manifest):
+def _write(out, program: bytes, flat, manifest):
   """Assembles the directory under a temporary name beside ``out``, then renames it in."""
   parent = os.path.dirname(out)
   os.makedirs(parent, exist_ok=True)
@@ -229,7 +240,7 @@ def _write(out, exported, flat, manifest):
   os.chmod(tmp, 0o777 & ~umask)   # mkdtemp's 0700 -> a plain directory's mode
   try:
     with open(os.path.join(tmp, perceiver_load.PROGRAM), 'wb') as f:
-      f.write(exported.serialize())
+      f.write(program)
     hf_io.write_safetensors(os.path.join(tmp, perceiver_load.PARAMS), flat,
                             {'format': perceiver_load.FORMAT})
     shutil.copyfile(perceiver_load.__file__, os.path.join(tmp, 'load.py'))
