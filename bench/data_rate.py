@@ -42,7 +42,7 @@ H100_PEAK = 989e12         # dense bf16 FLOP/s of one H100 SXM (NVIDIA's datashe
 MFU = 0.45
 
 
-def pipeline_config(model_config, shuffle_block: Optional[int] = None, sources=None,
+def pipeline_config(model_config, block_size: Optional[int] = None, sources=None,
                     workers: int = 0, streams: Optional[int] = None):
   """The pretraining data settings (``paper`` preset) over ``sources`` (default: the
   built-in corpus)."""
@@ -52,8 +52,8 @@ def pipeline_config(model_config, shuffle_block: Optional[int] = None, sources=N
     config.model = model_config
   config.data.sources = sources or {'stdlib': {'paths': BUILTIN, 'weight': 1.0,
                                                'text_field': 'text'}}
-  if shuffle_block:
-    config.data.shuffle_block = shuffle_block
+  if block_size:
+    config.data.block_size = block_size
   config.data.workers = workers
   if streams:
     config.data.streams = streams
@@ -87,7 +87,7 @@ def _rate(config, batch: int, min_seconds: float, workdir: str) -> Dict[str, flo
     count, start = 0, time.perf_counter()
     cpu_main, cpu_workers = time.process_time(), _cpu_seconds(pids)
     # At least two shuffle blocks of every stream, so the block builds are in the rate.
-    blocks = 2 * config.data.shuffle_block * max(1, config.data.streams)
+    blocks = 2 * config.data.block_size * max(1, config.data.streams)
     while count * batch < blocks or time.perf_counter() - start < min_seconds:
       next(batches)
       count += 1
@@ -107,14 +107,14 @@ def _rate(config, batch: int, min_seconds: float, workdir: str) -> Dict[str, flo
 
 
 def measure(model_config, batch: int, *, min_seconds: float = 3.0,
-            shuffle_block: Optional[int] = None, cache_dir: Optional[str] = None
+            block_size: Optional[int] = None, cache_dir: Optional[str] = None
             ) -> Dict[str, float]:
   """Masked batches per second, and bytes per second, of ``batch`` sequences, in the
   training process (``data.workers=0``) on the built-in corpus."""
-  config = pipeline_config(model_config, shuffle_block)
+  config = pipeline_config(model_config, block_size)
   with tempfile.TemporaryDirectory() as tmp:
     out = _rate(config, batch, min_seconds, cache_dir or tmp)
-  out.update(shuffle_block=config.data.shuffle_block, corpus=BUILTIN,
+  out.update(block_size=config.data.block_size, corpus=BUILTIN,
              masking=f'whole words, p={config.masking.mask_prob}')
   return out
 

@@ -75,7 +75,7 @@ _MLM_CASES = [
     ({'data.docs_per_example': 0}, 'data.docs_per_example must be an integer >= 1, got 0'),
     ({'train.checkpoint_every': 0}, 'train.checkpoint_every must be an integer >= 1, got 0'),
     ({'train.log_every': 0}, 'train.log_every must be an integer >= 1, got 0'),
-    ({'data.shuffle_block': 0}, 'data.shuffle_block must be an integer >= 1, got 0'),
+    ({'data.block_size': 0}, 'data.block_size must be an integer >= 1, got 0'),
     ({'data.prefetch': 0}, 'data.prefetch must be an integer >= 1, got 0'),
     ({'data.streams': 0}, 'data.streams must be an integer >= 1, got 0'),
     ({'data.workers': -1}, 'data.workers must be an integer >= 0, got -1'),
@@ -873,7 +873,7 @@ def test_a_huge_one_line_document_is_parsed_once_per_pass_not_per_example(
   monkeypatch.setattr(data_lib, 'read_documents', counting)
   source = data_lib.DocumentSource('huge', [str(path)], seed=0)
   stream = data_lib.ExampleStream([source], [1.0], seq_len=64, docs_per_example=10,
-                                  shuffle_block=16, seed=0)
+                                  block_size=16, seed=0)
   examples = stream.examples()
   count = 64
   rows = [next(examples)[0] for _ in range(count)]

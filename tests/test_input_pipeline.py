@@ -42,37 +42,49 @@ def _ids(text: bytes):
   return [b + NUM_SPECIAL for b in text]
 
 
-def test_every_crop_is_an_example_and_each_byte_is_used_once_per_epoch(tmp_path):
-  texts = _texts(12)
+@pytest.mark.parametrize('open_concatenations', [1, 3, 1024])
+def test_every_crop_is_an_example_and_each_byte_is_used_once_per_epoch(
+    tmp_path, open_concatenations):
+  # Numbered words: every 16-byte crop holds a whole one, so no two crops are alike.
+  texts = [f'doc {i}: ' + ' '.join(f'w{i}.{k}' for k in range(3 + 7 * i % 30))
+           for i in range(12)]
   path = _jsonl_gz(tmp_path / 'c4-train.00000-of-00001.json.gz', texts)
   seq_len, docs = 16, 3
   source = data.DocumentSource('c4', [path], seed=0)
   stream = data.ExampleStream([source], [1.0], seq_len=seq_len, docs_per_example=docs,
-                              shuffle_block=8, seed=0)
+                              block_size=8, open_concatenations=open_concatenations,
+                              seed=0)
   # By hand: groups of 3 documents joined by SEP, cut every 16 ids, the last crop padded.
-  expected = []
+  crops = []   # per concatenation, its crops in order
   for g in range(0, 12, docs):
     joined = []
     for k, text in enumerate(texts[g:g + docs]):
       joined += ([tok_lib.SEP_ID] if k else []) + _ids(text.encode())
-    for start in range(0, len(joined), seq_len):
-      crop = joined[start:start + seq_len]
-      expected.append(tuple(crop + [tok_lib.PAD_ID] * (seq_len - len(crop))))
-  it = stream.examples()
-  # The blocks are shuffled; one file is read in the same order every epoch, so the
-  # examples of whole blocks are the crops above, then the next epoch's first ones.
-  blocks = -(-len(expected) // 8)
-  got = [tuple(next(it)[0].tolist()) for _ in range(blocks * 8)]
-  assert sorted(got) == sorted(expected + expected[:blocks * 8 - len(expected)])
-  assert len(expected) > 2 * 12 // docs      # several crops per concatenation
+    crops.append([tuple(joined[i:i + seq_len] + [tok_lib.PAD_ID] * (
+        seq_len - len(joined[i:i + seq_len]))) for i in range(0, len(joined), seq_len)])
+  where = {crop: (c, i) for c, cs in enumerate(crops) for i, crop in enumerate(cs)}
+  assert len(where) == sum(map(len, crops)) > 2 * len(crops)   # several crops each
   # Padding only in the last crop of each concatenation.
-  assert sum(e[-1] == tok_lib.PAD_ID for e in expected) == 12 // docs
+  assert sum(c[-1] == tok_lib.PAD_ID for cs in crops for c in cs) == len(crops)
+  # Every example is one of those crops. Each concatenation's crops come in order, all
+  # of them before any again (each byte once per epoch), and the concatenations are
+  # opened in the file's order (one file: the same order every epoch).
+  it = stream.examples()
+  seen = [[] for _ in crops]
+  for _ in range(5 * len(where)):
+    c, i = where[tuple(next(it)[0].tolist())]
+    seen[c].append(i)
+  for c, indices in enumerate(seen):
+    assert indices == [k % len(crops[c]) for k in range(len(indices))]
+  opened = [-(-len(s) // len(crops[c])) for c, s in enumerate(seen)]
+  assert opened == sorted(opened, reverse=True) and opened[0] - opened[-1] <= 1
+  assert min(len(s) for s in seen) >= 2 * len(crops[0])
 
 
 def _spec(files, streams=2, batch=4, host=0, hosts=1, seq_len=32, **kwargs):
   sources = tuple(data.SourceSpec(name, tuple(paths), weight)
                   for name, paths, weight in files)
-  args = dict(seq_len=seq_len, docs_per_example=2, separator='sep', shuffle_block=8, seed=3,
+  args = dict(seq_len=seq_len, docs_per_example=2, separator='sep', block_size=8, seed=3,
               batch_size=batch, masker=masking.WordMasker(0.15), host=host, hosts=hosts,
               streams=streams)
   args.update(kwargs)
