@@ -1,8 +1,10 @@
 """The pretraining input pipeline's examples, streams, worker processes and Parquet input."""
 
+import collections
 import gzip
 import json
 import os
+import re
 import signal
 import time
 
@@ -308,3 +310,48 @@ def test_the_data_suite_computes_the_devices_need_from_the_flops():
   assert one['sequences_per_s'] == pytest.approx(0.45 * 989e12 / (3 * 120.9e9), rel=1e-3)
   assert eight['sequences_per_s'] == pytest.approx(8 * one['sequences_per_s'])
   assert one['bytes_per_s'] == pytest.approx(2048 * one['sequences_per_s'])
+
+
+def _long_documents(tmp_path, n, sizes=(1000, 8000)):
+  """``n`` documents of ``sizes`` bytes, document i's text '[iiii]' repeated: any
+  32-byte crop names its document."""
+  rng = np.random.default_rng(n)
+  texts = [(f'[{i:04d}]' * 1400)[:int(rng.integers(*sizes))] for i in range(n)]
+  return _jsonl_gz(tmp_path / f'long{n}.json.gz', texts)
+
+
+def _documents_per_row(batch):
+  rows = np.clip(batch['labels'] - NUM_SPECIAL, 0, 255).astype(np.uint8)
+  return [set(re.findall(rb'\[(\d{4})\]', row.tobytes())) for row in rows]
+
+
+@pytest.mark.parametrize('open_concatenations', [64, 1])
+def test_a_batch_holds_at_most_two_crops_of_one_long_document(
+    tmp_path, open_concatenations):
+  """The guarantee of data.open_concatenations (train/configs/mlm.py): with B <= open
+  concatenations, at most 2 crops of one concatenation in a batch of B. With one open
+  (the pipeline before), consecutive crops of a document fill whole batches."""
+  files = [('long', [_long_documents(tmp_path, 300)], 1.0)]
+  spec = _spec(files, streams=1, batch=32, docs_per_example=1,
+               open_concatenations=open_concatenations)
+  worst = 0
+  for batch, _ in _take(data.interleave([spec]), 60):
+    counts = collections.Counter(d for docs in _documents_per_row(batch) for d in docs)
+    worst = max(worst, max(counts.values()))
+  if open_concatenations == 1:
+    assert worst == 32
+  else:
+    assert worst <= 2
+
+
+def test_interleaved_crops_resume_exactly_across_refills_and_epochs(tmp_path):
+  """Few open concatenations, long documents and a small share: slots are refilled and
+  epochs end many times within the run; every cut resumes to the straight run."""
+  files = [('long', [_long_documents(tmp_path, 12, (100, 800))], 0.6),
+           ('short', [_jsonl_gz(tmp_path / 'short.json.gz', _texts(20))], 0.4)]
+  spec = _spec(files, streams=2, batch=8, docs_per_example=2, open_concatenations=5,
+               block_size=16)
+  straight = _take(data.interleave([spec]), 120)
+  for cut in (1, 37, 83):
+    position = json.loads(json.dumps(straight[cut - 1][1]))
+    _assert_same(_take(data.interleave([spec], position), 120 - cut), straight[cut:])
