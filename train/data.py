@@ -366,7 +366,9 @@ class _Interleaved:
     self.round, self.turn = state['turn']
     self._order = self._round_order(self.round)
     self._ids: List[Optional[np.ndarray]] = [None] * count
-    self._epochs: List[Optional[int]] = [None] * count   # of an open slot's first document
+    self._epochs: List[Optional[int]] = [None] * count   # of a slot's first document
+    self._is_open = np.zeros(count, bool)                # crops left
+    self._open_turns: Optional[np.ndarray] = None
     self._open: Dict[int, int] = {}                     # epoch -> open slots
     self._pending = None   # the next concatenation, read but held back by the epoch rule
     self._documents = None
@@ -394,7 +396,7 @@ class _Interleaved:
     """Slot ``slot`` holds ``parts`` joined (its start and taken already set)."""
     self._ids[slot] = join_documents(parts, self.separator, np.uint16)
     if self.taken[slot] * self.seq_len < len(self._ids[slot]):
-      self._epochs[slot] = epoch
+      self._epochs[slot], self._is_open[slot], self._open_turns = epoch, True, None
       self._open[epoch] = self._open.get(epoch, 0) + 1
 
   def _reopen(self) -> None:
@@ -444,22 +446,36 @@ class _Interleaved:
     self._set(slot, parts, epoch)
     return True
 
+  def _held(self) -> bool:
+    """Whether the epoch rule holds the next concatenation back (it is read already)."""
+    return self._pending is not None and any(
+        count for e, count in self._open.items() if e < self._pending[1])
+
+  def _next_slot(self) -> int:
+    """The round's next slot; while the next concatenation is held back, the next open
+    one (found by one array pass: a share smaller than ``count`` drains often)."""
+    if self._held():
+      if self._open_turns is None:   # the turns of this round's open slots
+        self._open_turns = np.flatnonzero(self._is_open[self._order])
+      i = int(np.searchsorted(self._open_turns, self.turn))
+      self.turn = self.count if i == len(self._open_turns) else int(self._open_turns[i])
+    if self.turn == self.count:
+      self.round, self.turn = self.round + 1, 0
+      self._order, self._open_turns = self._round_order(self.round), None
+      return self._next_slot()
+    self.turn += 1
+    return int(self._order[self.turn - 1])
+
   def next(self) -> np.ndarray:
     """The next crop (at most ``seq_len`` ids), from the round's next open slot."""
-    while True:
-      slot = int(self._order[self.turn])
-      self.turn += 1
-      if self.turn == self.count:
-        self.round, self.turn = self.round + 1, 0
-        self._order = self._round_order(self.round)
-      if self._epochs[slot] is not None or self._refill(slot):
-        break
+    slot = self._next_slot()
+    while not (self._is_open[slot] or self._refill(slot)):
+      slot = self._next_slot()
     ids, begin = self._ids[slot], self.taken[slot] * self.seq_len
     self.taken[slot] += 1
     if begin + self.seq_len >= len(ids):   # its last crop: the slot closes
-      epoch = self._epochs[slot]
-      self._open[epoch] -= 1
-      self._epochs[slot] = None
+      self._open[self._epochs[slot]] -= 1
+      self._is_open[slot], self._open_turns = False, None
     return ids[begin:begin + self.seq_len]
 
 
