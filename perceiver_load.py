@@ -6,7 +6,7 @@
 
 This module is deliberately outside the ``perceiver`` package: importing anything under
 ``perceiver`` runs its ``__init__``, which imports Haiku and the whole model code, and the
-point of an export is to need neither. ``perceiver.export`` also copies this file into
+point of an export is to need neither. ``perceiver.deploy.export`` also copies this file into
 every export directory as ``load.py``, so the directory alone is enough to serve the
 model (``sys.path.insert(0, 'exported'); import load``).
 
@@ -48,7 +48,7 @@ MANIFEST = 'export.json'
 PROGRAM = 'model.jaxexport'
 PARAMS = 'params.safetensors'
 
-# The byte tokenizer (perceiver.tokenizer): special ids, then byte b as b + NUM_SPECIAL.
+# The byte tokenizer (perceiver.model.tokenizer): special ids, then byte b as b + NUM_SPECIAL.
 PAD, BOS, EOS, MASK, CLS, SEP = range(6)
 NUM_SPECIAL = 6
 

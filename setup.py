@@ -22,11 +22,11 @@ setup(
         'chex>=0.1.86',
         'absl-py>=1.4',
         'ml-collections>=0.1.1',
-        # Hugging Face checkpoints (perceiver.hf_io, perceiver.convert): model.safetensors is
+        # Hugging Face checkpoints (perceiver.params.hf_io, perceiver.convert): model.safetensors is
         # read and written through the safetensors package's numpy API, no torch needed;
-        # perceiver.export writes, and perceiver_load reads, an export's parameters so.
+        # perceiver.deploy.export writes, and perceiver_load reads, an export's parameters so.
         'safetensors>=0.4',
-        # jax.export's serialization (perceiver.export writes, perceiver_load reads a
+        # jax.export's serialization (perceiver.deploy.export writes, perceiver_load reads a
         # serialized program); jax does not install it itself.
         'flatbuffers>=23.0',
         # python -m train.plot: learning curves as a PNG.
@@ -48,7 +48,7 @@ setup(
         # transformers 5.24.0 requires torch>=2.6 and Python>=3.11. Off PyPI's default
         # index torch is a CUDA build; for CPU add
         # --extra-index-url https://download.pytorch.org/whl/cpu.
-        # onnx and onnxruntime: the ONNX route (perceiver.onnx_route) and its test.
+        # onnx and onnxruntime: the ONNX route (perceiver.deploy.onnx) and its test.
         'hf': ['transformers==5.24.0', 'torch==2.13.0', 'onnx>=1.16', 'onnxruntime>=1.18'],
         # python -m bench.run: the peer rows (the same port). Without it the benchmark
         # runs and those rows say "not installed".

@@ -5,7 +5,7 @@ For the released model (or ``--preset``) at per-device batches 8, 32 and 64 (or
 MFU against the device's published dense matmul peak, and the device's peak memory. A
 batch that does not fit in memory is reported as such and larger ones are skipped.
 
-MFU counts the model's matmul FLOPs (``perceiver.flops``: 3x the forward's for a train
+MFU counts the model's matmul FLOPs (``perceiver.model.flops``: 3x the forward's for a train
 step), the same definition as the other suites. Peaks are per chip, from the vendors'
 data sheets, dense (no sparsity); float32 products run at JAX's default precision,
 which is TF32 on NVIDIA tensor cores and bfloat16 passes on TPUs, so those peaks are

@@ -120,7 +120,7 @@ def _measure(path_kind, preset, saves, hang_after_s, directory):
       manager.wait()   # where the next save (or the run's end) would wait
       watchdog.cancel()
     else:
-      from perceiver import params_file  # pylint: disable=import-outside-toplevel
+      from perceiver.params import params_file  # pylint: disable=import-outside-toplevel
       from perceiver.training import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
       host = mesh_lib.to_host(state)   # the old path: gathered, then one file written
       if not all(np.isfinite(x).all() for x in jax.tree.leaves(host.params)):

@@ -8,7 +8,7 @@ Two entry points:
 - ``suite`` (``python -m bench.run --suite=data``): sequences/s and MB/s of the ``paper``
   preset's data settings (2,048 bytes, 10 documents per concatenation, whole-word
   masking) on real-format shards, at 1 and 2 worker processes, beside the need of 1 and 8
-  H100-class devices at 45% MFU (``perceiver.flops``), and where the time of one
+  H100-class devices at 45% MFU (``perceiver.model.flops``), and where the time of one
   sequence goes, stage by stage. The shards: ``../shared``'s C4 ``json.gz`` and Wikipedia
   ``jsonl`` samples (small: a reader's cache holds them after one pass), ~200 MB of C4
   text generated from that sample as 8 ``json.gz`` shards in the released layout, and the
@@ -186,9 +186,9 @@ def _size(paths) -> int:
 
 def device_need(devices: int, seq_len: int = 2048) -> Dict[str, float]:
   """Sequences/s that ``devices`` H100-class devices consume training the released model
-  at ``MFU`` of ``H100_PEAK`` (FLOPs from ``perceiver.flops``)."""
+  at ``MFU`` of ``H100_PEAK`` (FLOPs from ``perceiver.model.flops``)."""
   from perceiver import configs  # pylint: disable=import-outside-toplevel
-  from perceiver import flops  # pylint: disable=import-outside-toplevel
+  from perceiver.model import flops  # pylint: disable=import-outside-toplevel
   per_sequence = flops.masked_lm_train_step(configs.language_mlm(), seq_len, 1)
   rate = devices * MFU * H100_PEAK / per_sequence
   return {'devices': devices, 'train_flops_per_sequence': per_sequence,
@@ -200,7 +200,7 @@ def stages(path: str, docs: int = 4000, seq_len: int = 2048, docs_per_example: i
   """CPU microseconds per 2,048-byte sequence of each stage, on the first ``docs``
   documents of one C4 ``json.gz`` shard, in one process: before (one crop per 10
   documents) and after (every crop of the 10-document concatenation an example)."""
-  from perceiver import tokenizer  # pylint: disable=import-outside-toplevel
+  from perceiver.model import tokenizer  # pylint: disable=import-outside-toplevel
   from train import data as data_lib  # pylint: disable=import-outside-toplevel
   from train import masking  # pylint: disable=import-outside-toplevel
   from train import workers  # pylint: disable=import-outside-toplevel

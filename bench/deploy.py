@@ -3,7 +3,7 @@ r"""An export's size, and its load-and-first-call time against building the mode
     python -m bench.deploy --preset=language_mlm --workdir=/tmp/deploy
 
 Writes a checkpoint of the preset's architecture (random weights: sizes and times do not
-depend on the values) in this project's format, exports it with ``perceiver.export``
+depend on the values) in this project's format, exports it with ``perceiver.deploy.export``
 (float32 and bfloat16 weights), then, each in a fresh Python process, times one batch of
 ``--batch`` x the window:
 
@@ -34,9 +34,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from perceiver import params_file
+from perceiver.params import params_file
 from perceiver import configs
-from perceiver import export
+from perceiver.deploy import export
 from perceiver import transform
 
 import perceiver_load
@@ -54,7 +54,8 @@ def mark(name):
 SOURCE = _PRELUDE + '''
 import jax, numpy as np
 import perceiver
-from perceiver import loading, transform
+from perceiver.params import loading
+from perceiver import transform
 mark('import')
 params, config, _ = loading.load_any(sys.argv[1])
 mark('load')

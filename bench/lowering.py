@@ -6,7 +6,7 @@ Lowers ``train.mlm``'s whole train step (forward, backward, LAMB update) for eac
 platform from this host and counts the StableHLO ops that stand between XLA and a clean
 program: conditionals (``stablehlo.case``/``stablehlo.if``) and optimization barriers.
 With ``kernels='auto'`` a GPU or TPU program holds none: the XLA:CPU kernels
-(``perceiver.xla_cpu``) are chosen only when lowering for the CPU.
+(``perceiver.model.xla_cpu``) are chosen only when lowering for the CPU.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from jax import export
 import jax.numpy as jnp
 
 from perceiver import configs
-from perceiver import layers
+from perceiver.model import layers
 from perceiver import transform
 from train import mlm
 from perceiver.training import optim

@@ -18,7 +18,7 @@ import ml_collections
 import numpy as np
 
 from perceiver import configs
-from perceiver import flops
+from perceiver.model import flops
 from perceiver import transform
 from train import masking
 from train import mlm

@@ -1,6 +1,6 @@
 """The peer: transformers' ``PerceiverForMaskedLM`` (PyTorch) with the same config and weights.
 
-The model is built from this project's parameters through ``perceiver.hf`` (the same map
+The model is built from this project's parameters through ``perceiver.params.hf`` (the same map
 the interop tests check to 1e-5), so both sides compute the same function on the same
 numbers. Timed operations mirror ours:
 
@@ -51,7 +51,7 @@ def versions() -> Dict[str, str]:
 
 def build_model(params, config, threads: Optional[int] = None):
   """``PerceiverForMaskedLM`` holding ``params`` (float32), in eval mode (no dropout)."""
-  from perceiver import hf  # pylint: disable=import-outside-toplevel
+  from perceiver.params import hf  # pylint: disable=import-outside-toplevel
   torch, transformers = _libs()
   if threads:
     torch.set_num_threads(threads)

@@ -55,7 +55,7 @@ flags.DEFINE_list('memory_lengths', None,
 flags.DEFINE_integer('long_seq_len', 16384,
                      'Also measure memory with max_seq_len and input this long (0: skip).')
 flags.DEFINE_enum('kernels', 'auto', ['auto', 'reference', 'xla_cpu'],
-                  "The model's kernels setting (perceiver.layers); the memory sweep always "
+                  "The model's kernels setting (perceiver.model.layers); the memory sweep always "
                   "uses 'auto'.")
 flags.DEFINE_enum('lamb', 'auto', ['auto', 'fused', 'optax'],
                   "The train step's LAMB implementation (perceiver.training.optim.make).")
@@ -316,7 +316,7 @@ def _data(settings, base_config, batch_sizes, train_rows) -> Dict:
 
 def _write_json(results: Dict, path: str) -> None:
   """Writes ``results`` to ``path`` atomically (the previous file stays until replaced)."""
-  from perceiver import atomic  # pylint: disable=import-outside-toplevel
+  from perceiver.command import atomic  # pylint: disable=import-outside-toplevel
   with atomic.atomic_write(path, 'w') as f:
     json.dump(results, f, indent=1, sort_keys=True)
 

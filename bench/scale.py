@@ -98,7 +98,7 @@ def _gpu_step_parts(config, opt):
   shapes of their training state (nothing compiled)."""
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  from perceiver import layers  # pylint: disable=import-outside-toplevel
+  from perceiver.model import layers  # pylint: disable=import-outside-toplevel
   from perceiver import transform  # pylint: disable=import-outside-toplevel
   from perceiver.training import optim  # pylint: disable=import-outside-toplevel
   from perceiver.training import step as step_lib  # pylint: disable=import-outside-toplevel
@@ -209,7 +209,7 @@ def placed_state(presets=PRESETS, fsdp_sizes=FSDP) -> List[Dict]:
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
-  from perceiver import layers  # pylint: disable=import-outside-toplevel
+  from perceiver.model import layers  # pylint: disable=import-outside-toplevel
   from perceiver import transform  # pylint: disable=import-outside-toplevel
   from perceiver.training import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
   rows = []

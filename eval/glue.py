@@ -13,7 +13,7 @@ task whose folder is in ``--data_dir``; the others are named in a warning and sh
 score per task; ``--do_predict`` also writes the test predictions in the GLUE server's
 format to ``DIR/submission/`` (``SST-2.tsv``, ``MNLI-m.tsv``, ``AX.tsv``, ...).
 
-The model is the paper's single-task setup (``perceiver.transfer``): the checkpoint's byte
+The model is the paper's single-task setup (``perceiver.params.transfer``): the checkpoint's byte
 embeddings, input positions and encoder, then a new decoder with one trainable query and
 a 2-layer tanh MLP head to the class logits (STS-B: one regression value). The data is
 ``eval.glue_inputs``, the loss and dev scores ``eval.glue_task``; the training loop,
@@ -35,8 +35,8 @@ all points):
   ``dev_mismatched_predictions.tsv``): ``index<TAB>prediction<TAB>label``; the metrics
   are computed from the predictions exactly as written, so the file reproduces them;
 - ``checkpoint/ckpt_<step>/``: the best dev epoch's parameters (a run checkpoint,
-  ``perceiver.training.run_checkpoints``), readable by ``perceiver.loading.load_any``
-  (``perceiver.export`` exports it); its metadata holds the task, labels and ``num_outputs``;
+  ``perceiver.training.run_checkpoints``), readable by ``perceiver.params.loading.load_any``
+  (``perceiver.deploy.export`` exports it); its metadata holds the task, labels and ``num_outputs``;
 - ``resume/``: the last epoch's training state while the task runs (removed at its end);
 - ``metrics.jsonl`` (train and eval records) and ``log.txt`` (this task's log lines).
 
@@ -50,7 +50,7 @@ from __future__ import annotations
 # First, before the imports below (JAX takes seconds, and starts threads): the host
 # memory policy, then the signal guard (see each one's docstring).
 from perceiver.training import host_memory  # pylint: disable=g-bad-import-order
-from perceiver import signal_guard  # pylint: disable=g-bad-import-order
+from perceiver.command import signal_guard  # pylint: disable=g-bad-import-order
 
 if __name__ == '__main__':
   host_memory.retain_freed_memory()
@@ -71,8 +71,8 @@ from eval import glue_finetune
 from eval import glue_inputs
 from eval import glue_io
 from eval import metrics as metrics_lib
-from perceiver import cli
-from perceiver import transfer
+from perceiver.command import cli
+from perceiver.params import transfer
 from perceiver.training import run_checkpoints
 from perceiver.training import epochs
 from perceiver.training import writer as writer_lib

@@ -29,8 +29,8 @@ from typing import NamedTuple, Sequence
 import numpy as np
 
 from eval import metrics
-from perceiver import errors
-from perceiver import tokenizer as tokenizer_lib
+from perceiver.command import errors
+from perceiver.model import tokenizer as tokenizer_lib
 
 _BOM = b'\xef\xbb\xbf'
 

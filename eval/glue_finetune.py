@@ -1,6 +1,6 @@
 """One GLUE task fine-tuned: each run (grid point) handed to the shared training loop.
 
-``finetune`` builds the classifier (``perceiver.transfer``) on the run driver and hands
+``finetune`` builds the classifier (``perceiver.params.transfer``) on the run driver and hands
 it to ``perceiver.training.epochs.train`` (shared with tagging) with GLUE's parts: seeded
 epochs of examples (``eval.glue_inputs``), the dev split(s) scored after every epoch
 (``eval.glue_task``), and the best epoch's dev predictions written at the end.
@@ -22,9 +22,9 @@ from eval import glue_data
 from eval import glue_inputs
 from eval import glue_io
 from eval import glue_task
-from perceiver import loading
-from perceiver import errors
-from perceiver import transfer
+from perceiver.params import loading
+from perceiver.command import errors
+from perceiver.params import transfer
 from perceiver import transform
 from perceiver.training import driver
 from perceiver.training import epochs

@@ -22,7 +22,7 @@ from typing import Sequence
 import numpy as np
 
 from eval import glue_data
-from perceiver import atomic
+from perceiver.command import atomic
 
 
 def write_text_atomic(path, text: str) -> str:

@@ -5,7 +5,7 @@ r"""Masked-byte scores of any checkpoint on any text, beside what context-free g
 
 The checkpoint may be a run's checkpoint directory (or the run's directory: its newest),
 DeepMind's pickle, a Hugging Face ``PerceiverForMaskedLM`` directory or this project's
-``.npz`` (anything ``perceiver.loading.load_any`` reads); its tensors
+``.npz`` (anything ``perceiver.params.loading.load_any`` reads); its tensors
 are checked against the masked LM its config builds. The text is
 read with the pretraining readers (``*.json[l][.gz]`` with a ``text`` field, ``*.txt`` and
 ``*.raw`` with blank-line separated documents), all of it, in order: documents joined by
@@ -31,8 +31,8 @@ Reported (nats and bits are per masked byte):
 from __future__ import annotations
 
 # First, before the imports below (JAX takes seconds): a signal while they run is
-# handled (see perceiver/signal_guard.py).
-from perceiver import signal_guard  # pylint: disable=g-bad-import-order
+# handled (see perceiver/command/signal_guard.py).
+from perceiver.command import signal_guard  # pylint: disable=g-bad-import-order
 
 if __name__ == '__main__':
   signal_guard.install(stop_status=None)
@@ -49,12 +49,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from perceiver import atomic
-from perceiver import params_file
-from perceiver import cli
-from perceiver import errors
-from perceiver import loading
-from perceiver import tokenizer as tokenizer_lib
+from perceiver.command import atomic
+from perceiver.params import params_file
+from perceiver.command import cli
+from perceiver.command import errors
+from perceiver.params import loading
+from perceiver.model import tokenizer as tokenizer_lib
 from perceiver import transform
 from perceiver.training import losses
 from perceiver.training import driver

@@ -34,7 +34,7 @@ Outputs in ``--workdir``:
 - ``dev_entity_table.txt`` (and ``test_entity_table.txt``): precision, recall, F1 and
   support per entity type;
 - ``checkpoint/ckpt_<step>/``: the best dev epoch's parameters (a run checkpoint,
-  read by ``perceiver.loading.load_any``), its metadata holding
+  read by ``perceiver.params.loading.load_any``), its metadata holding
   the tags (``token_labels``); ``resume/`` while the run goes on;
 - ``metrics.jsonl`` and ``log.txt``.
 """
@@ -57,9 +57,9 @@ from eval import glue_io
 from eval import tagging_data
 from eval import tagging_finetune
 from eval import tagging_task
-from perceiver import params_file
-from perceiver import cli
-from perceiver import transfer
+from perceiver.params import params_file
+from perceiver.command import cli
+from perceiver.params import transfer
 from perceiver.training import run_checkpoints
 from perceiver.training import epochs
 from perceiver.training import host_memory

@@ -36,8 +36,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from perceiver import errors
-from perceiver import tokenizer as tokenizer_lib
+from perceiver.command import errors
+from perceiver.model import tokenizer as tokenizer_lib
 
 FORMATS = ('conll2003', 'conllu')
 DOCSTART = '-DOCSTART-'

@@ -1,6 +1,6 @@
 """One tagging run on the shared run driver, as ``eval.glue_finetune`` does it.
 
-``finetune`` builds the token classifier (``perceiver.transfer``) on
+``finetune`` builds the token classifier (``perceiver.params.transfer``) on
 ``perceiver.training.driver.Run`` and hands it to ``perceiver.training.epochs.train``
 (shared with GLUE: the epochs, the best and resume checkpoints, resuming, the loop) with
 tagging's parts: seeded epochs of windows (``eval.tagging_inputs``), dev scored after
@@ -20,8 +20,8 @@ from eval import glue_io
 from eval import tagging_data
 from eval import tagging_inputs
 from eval import tagging_task
-from perceiver import errors
-from perceiver import transfer
+from perceiver.command import errors
+from perceiver.params import transfer
 from perceiver import transform
 from perceiver.training import epochs
 from perceiver.training import writer as writer_lib

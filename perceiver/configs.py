@@ -11,7 +11,7 @@ the original. The remaining fields are this project's:
   inputs, float32 accumulation, float32 parameters, norms, softmax and residuals).
 - ``kernels``: 'auto' (the default: XLA:CPU's kernels where the program is lowered for
   the CPU, the original's formulas elsewhere), 'reference' or 'xla_cpu'; see
-  ``perceiver.layers``. It changes speed, never parameters, and values only by float
+  ``perceiver.model.layers``. It changes speed, never parameters, and values only by float
   rounding.
 """
 
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from perceiver import tokenizer
+from perceiver.model import tokenizer
 
 
 def language(d_model, d_latents, num_latents, num_self_attends, max_seq_len, qk_channels,
@@ -131,7 +131,7 @@ def with_position_init(config, init: str = 'truncated_normal', scale: float = 0.
   ``trainable_position_encoding_kwargs``: ``init_scale``, the original's, and ``init``).
   ``init``: 'truncated_normal' with stddev ``scale`` (the original's, at 0.02) or
   'sinusoid', ``scale`` x sines and cosines of the position
-  (``perceiver.position_encoding.sinusoid_init``). A config without these fields gets
+  (``perceiver.model.position_encoding.sinusoid_init``). A config without these fields gets
   the original's initialisation.
   """
   if init not in POSITION_INITS:

@@ -18,8 +18,8 @@ printed.
 from __future__ import annotations
 
 # First, before the imports below (JAX takes seconds): a signal while they run is
-# handled (see perceiver/signal_guard.py).
-from perceiver import signal_guard  # pylint: disable=g-bad-import-order
+# handled (see perceiver/command/signal_guard.py).
+from perceiver.command import signal_guard  # pylint: disable=g-bad-import-order
 
 if __name__ == '__main__':
   signal_guard.install(stop_status=None)
@@ -35,14 +35,14 @@ from absl import flags
 import ml_collections
 import numpy as np
 
-from perceiver import params_file
-from perceiver import cli
+from perceiver.params import params_file
+from perceiver.command import cli
 from perceiver import configs
-from perceiver import errors
-from perceiver import formats
-from perceiver import hf
-from perceiver import hf_io
-from perceiver import loading
+from perceiver.command import errors
+from perceiver.params import formats
+from perceiver.params import hf
+from perceiver.params import hf_io
+from perceiver.params import loading
 from perceiver import transform
 
 SOURCES = ('hf', 'deepmind', 'project')
@@ -91,7 +91,7 @@ def load_config(value: Optional[str]) -> ml_collections.ConfigDict:
                              f'{e}') from e
 
 
-# What each --from reads, and which --from reads each other kind (perceiver.formats).
+# What each --from reads, and which --from reads each other kind (perceiver.params.formats).
 _EXPECTED = {'hf': 'a Hugging Face directory (or its weights file with config.json beside it)',
              'deepmind': "DeepMind's parameter pickle",
              'project': "this project's checkpoint (a parameter file or a run checkpoint)"}

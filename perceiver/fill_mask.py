@@ -14,8 +14,8 @@ or a Hugging Face directory; its parameters are checked against the model, by na
 from __future__ import annotations
 
 # First, before the imports below (JAX takes seconds): a signal while they run is
-# handled (see perceiver/signal_guard.py).
-from perceiver import signal_guard  # pylint: disable=g-bad-import-order
+# handled (see perceiver/command/signal_guard.py).
+from perceiver.command import signal_guard  # pylint: disable=g-bad-import-order
 
 if __name__ == '__main__':
   signal_guard.install(stop_status=None)
@@ -28,11 +28,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from perceiver import params_file
-from perceiver import cli
-from perceiver import errors
-from perceiver import loading
-from perceiver import tokenizer as tokenizer_lib
+from perceiver.params import params_file
+from perceiver.command import cli
+from perceiver.command import errors
+from perceiver.params import loading
+from perceiver.model import tokenizer as tokenizer_lib
 from perceiver import transform
 
 Span = Tuple[int, int]

@@ -11,7 +11,7 @@ unless ``is_training`` with dropout. Inputs may be shorter than ``max_seq_len``:
 beyond the input are simply unused, which gives the same logits as padding to
 ``max_seq_len`` with ``input_mask`` zero there.
 
-How the model computes (never what) is one ``perceiver.layers.Compute``, ``compute=``:
+How the model computes (never what) is one ``perceiver.model.layers.Compute``, ``compute=``:
 the training and evaluation commands pass the one their run driver resolved from the
 mesh's devices (``perceiver.training.driver``), so a CPU run gets XLA:CPU's kernels under
 ``config.kernels='auto'``. Without ``compute`` the platform is not known and the model
@@ -28,8 +28,8 @@ import haiku as hk
 import jax.numpy as jnp
 
 from perceiver import configs
-from perceiver import layers
-from perceiver import model
+from perceiver.model import layers
+from perceiver.model import modules as model
 
 
 # The token classifier's new modules (the trunk keeps the masked LM's names).
@@ -43,7 +43,7 @@ def _compute(config, compute: Optional[layers.Compute]) -> layers.Compute:
   if compute is None:
     return layers.Compute.resolve(config)
   if not isinstance(compute, layers.Compute):
-    raise TypeError(f'compute must be a perceiver.layers.Compute, got {compute!r}')
+    raise TypeError(f'compute must be a perceiver.model.layers.Compute, got {compute!r}')
   if (compute.dtype != jnp.dtype(config.compute_dtype)
       or config.get('kernels', 'auto') not in ('auto', compute.kernels)):
     raise ValueError(f'compute {compute} was not resolved from this config '
@@ -114,7 +114,7 @@ def classifier(config, num_classes: int, compute: Optional[layers.Compute] = Non
   """Sequence classification/regression: ids [B, T] -> [B, num_classes].
 
   The embeddings and encoder have the masked LM's names, so an MLM checkpoint's
-  subtrees initialise them (``perceiver.transfer``); ``classification_decoder`` and
+  subtrees initialise them (``perceiver.params.transfer``); ``classification_decoder`` and
   ``classification_head`` are new.
   """
   configs.validate(config)
@@ -144,7 +144,7 @@ def token_classifier(config, num_labels: int, compute: Optional[layers.Compute] 
   """Token (byte) classification, e.g. NER or POS tags: ids [B, T] -> [B, T, num_labels].
 
   The trunk has the masked LM's names, so an MLM checkpoint initialises it
-  (``perceiver.transfer``). The decoder is the MLM decoder's structure (``config.decoder``:
+  (``perceiver.params.transfer``). The decoder is the MLM decoder's structure (``config.decoder``:
   one trainable query per byte position, cross-attending to the latents) under the new
   name ``token_classification_decoder``, and each decoded position goes through
   ``classification_head``'s 2-layer tanh MLP (``config.classifier``'s width and dropout)

@@ -19,8 +19,8 @@ from absl import flags
 import jax
 import numpy as np
 
-from perceiver import cli
-from perceiver import loading
+from perceiver.command import cli
+from perceiver.params import loading
 from perceiver import transform
 
 SENTENCE = b'This is an incomplete sentence where some words are missing.'

@@ -14,7 +14,7 @@ import numpy as np
 
 from bench import lowering
 from perceiver import configs
-from perceiver import layers
+from perceiver.model import layers
 from perceiver import transform
 from perceiver.training import mesh as mesh_lib
 from perceiver.training import optim

@@ -21,12 +21,12 @@ import numpy as np
 import pytest
 
 from eval import glue
-from perceiver import params_file
-from perceiver import cli
+from perceiver.params import params_file
+from perceiver.command import cli
 from perceiver import configs
 from perceiver import convert
 from perceiver import fill_mask
-from perceiver import loading
+from perceiver.params import loading
 from perceiver import transform
 from perceiver.training import run_checkpoints
 from tests import helpers
@@ -487,9 +487,9 @@ def test_commands_answer_bad_flags_and_config_files_with_one_line(tmp_path, argv
 
 _GUARDED = '''
 import gc, hashlib, os, signal, sys, threading, time
-from perceiver import signal_guard
+from perceiver.command import signal_guard
 signal_guard.install(stop_status={stop_status})
-from perceiver import cli
+from perceiver.command import cli
 {body}
 '''
 

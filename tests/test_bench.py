@@ -12,7 +12,7 @@ import pytest
 
 from bench import ours
 from bench import report
-from perceiver import flops
+from perceiver.model import flops
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 

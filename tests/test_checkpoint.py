@@ -15,7 +15,7 @@ import numpy as np
 import optax
 import pytest
 
-from perceiver import params_file
+from perceiver.params import params_file
 from perceiver import configs
 from perceiver import fill_mask
 from perceiver import transform
@@ -143,7 +143,7 @@ def test_failed_write_keeps_the_previous_checkpoint(tiny_params, tmp_path, monke
 
 
 def test_atomic_write_gives_ordinary_permissions(tmp_path):
-  from perceiver import atomic  # pylint: disable=import-outside-toplevel
+  from perceiver.command import atomic  # pylint: disable=import-outside-toplevel
   umask = os.umask(0o022)
   try:
     path = tmp_path / 'new.json'
@@ -170,7 +170,8 @@ def test_kill_9_during_a_write_leaves_the_previous_checkpoint_loadable(tiny_para
   script = textwrap.dedent(f'''
       import pathlib, threading
       import numpy as np
-      from perceiver import params_file, configs
+      from perceiver.params import params_file
+      from perceiver import configs
       real = params_file._write_npy
       def write_then_block(*args):
         real(*args)
@@ -266,7 +267,7 @@ def test_run_checkpoint_round_trip_keeps_the_last_n_and_refuses_what_does_not_fi
   and reads back as host arrays through loading.load_any (a checkpoint directory, or the
   run's directory); non-finite parameters are not saved; another model's shapes are a
   CheckpointMismatch naming the checkpoint."""
-  from perceiver import loading  # pylint: disable=import-outside-toplevel
+  from perceiver.params import loading  # pylint: disable=import-outside-toplevel
   from perceiver.training import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
   from perceiver.training import run_checkpoints  # pylint: disable=import-outside-toplevel
   from perceiver.training import step as step_lib  # pylint: disable=import-outside-toplevel
@@ -297,7 +298,7 @@ def test_run_checkpoint_round_trip_keeps_the_last_n_and_refuses_what_does_not_fi
     assert metadata['step'] == 2
   # The commands that take a checkpoint read the run's directory directly.
   from perceiver import convert  # pylint: disable=import-outside-toplevel
-  from perceiver import export  # pylint: disable=import-outside-toplevel
+  from perceiver.deploy import export  # pylint: disable=import-outside-toplevel
   convert.convert('project', str(run), str(tmp_path / 'p.npz'))
   assert same(params_file.load(tmp_path / 'p.npz')[0], params)
   manifest = export.export(str(run), str(tmp_path / 'exported'))

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from perceiver import tokenizer as tok_lib
+from perceiver.model import tokenizer as tok_lib
 from train import corpus
 from train import data
 from train import masking

@@ -12,9 +12,9 @@ import pytest
 
 from tests import numpy_reference
 from eval import mlm as eval_mlm
-from perceiver import params_file
+from perceiver.params import params_file
 from perceiver import configs as model_configs
-from perceiver import tokenizer as tok_lib
+from perceiver.model import tokenizer as tok_lib
 from perceiver import transform
 from train import masking
 

@@ -1,4 +1,4 @@
-"""Deployable programs: ``perceiver.export`` writes, ``perceiver_load`` runs without this code.
+"""Deployable programs: ``perceiver.deploy.export`` writes, ``perceiver_load`` runs without this code.
 
 The loaded artifact's outputs are held to the live model's (jitted ``apply``, float32),
 in a process where ``haiku`` and ``perceiver`` cannot be imported; the program is
@@ -20,13 +20,13 @@ import numpy as np
 import pytest
 
 from bench import lowering
-from perceiver import params_file
+from perceiver.params import params_file
 from perceiver import configs
-from perceiver import errors
-from perceiver import export
-from perceiver import hf
-from perceiver import layers
-from perceiver import onnx_route
+from perceiver.command import errors
+from perceiver.deploy import export
+from perceiver.params import hf
+from perceiver.model import layers
+from perceiver.deploy import onnx as onnx_route
 from perceiver import transform
 from tests import helpers
 
@@ -234,7 +234,7 @@ def test_encode_follows_the_byte_tokenizer_rule():
   np.testing.assert_array_equal(ids, [[ord('h') + 6, 0xC3 + 6, 0xA9 + 6, 0], [6, 0, 0, 0]])
   np.testing.assert_array_equal(mask, [[1, 1, 1, 0], [1, 0, 0, 0]])
   assert perceiver_load.decode(ids[0]) == 'hé'.encode()
-  from perceiver import tokenizer   # pylint: disable=import-outside-toplevel
+  from perceiver.model import tokenizer   # pylint: disable=import-outside-toplevel
   batch = tokenizer.BytesTokenizer().encode_batch(['hé'], length=4)
   np.testing.assert_array_equal(batch.input_ids[0], ids[0])
 

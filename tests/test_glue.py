@@ -23,10 +23,10 @@ from eval import glue_inputs
 from eval import glue_task
 from eval import metrics
 from eval.configs import glue as glue_configs
-from perceiver import loading
-from perceiver import params_file
+from perceiver.params import loading
+from perceiver.params import params_file
 from perceiver import configs as model_configs
-from perceiver import transfer
+from perceiver.params import transfer
 from perceiver import transform
 from perceiver.training import mesh as mesh_lib
 from perceiver.training import step as step_lib

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from eval import glue_data
-from perceiver import tokenizer as tok_lib
+from perceiver.model import tokenizer as tok_lib
 from tests import helpers
 
 TOK = tok_lib.BytesTokenizer()

@@ -22,12 +22,12 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from perceiver import params_file
+from perceiver.params import params_file
 from perceiver import configs
 from perceiver import fill_mask
-from perceiver import hf
-from perceiver import hf_io
-from perceiver import loading
+from perceiver.params import hf
+from perceiver.params import hf_io
+from perceiver.params import loading
 from perceiver import transform
 from tests import helpers
 
@@ -457,7 +457,7 @@ def test_safetensors_checkpoint_loads_without_torch(tmp_path):
   script = (
       "import sys; sys.modules['torch'] = None; sys.modules['transformers'] = None\n"
       'import jax, numpy as np\n'
-      'from perceiver import params_file, hf_io\n'
+      'from perceiver.params import params_file, hf_io\n'
       f'params, config = hf_io.load_hf_checkpoint({exported!r})\n'
       f'want, _, _ = params_file.load({str(tmp_path / "expected.npz")!r})\n'
       'assert jax.tree.all(jax.tree.map(np.array_equal, params, want))\n'

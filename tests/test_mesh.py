@@ -17,7 +17,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from perceiver import configs
-from perceiver import layers
+from perceiver.model import layers
 from perceiver import transform
 from perceiver.training import driver
 from perceiver.training import mesh as mesh_lib

@@ -12,8 +12,8 @@ import pytest
 from tests import helpers
 from tests import numpy_reference
 from perceiver import configs
-from perceiver import layers
-from perceiver import model
+from perceiver.model import layers
+from perceiver.model import modules as model
 from perceiver import transform
 
 def _shapes(transformed, length):

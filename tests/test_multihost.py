@@ -16,7 +16,7 @@ import time
 import numpy as np
 import pytest
 
-from perceiver import loading
+from perceiver.params import loading
 from perceiver.training import run_checkpoints
 
 pytestmark = pytest.mark.slow   # every test starts several training processes

@@ -21,13 +21,13 @@ import pytest
 from eval import tagging
 from eval import tagging_task
 from eval.configs import tagging as tagging_configs
-from perceiver import loading
-from perceiver import params_file
-from perceiver import cli
+from perceiver.params import loading
+from perceiver.params import params_file
+from perceiver.command import cli
 from perceiver import configs as model_configs
 from perceiver import convert
-from perceiver import hf
-from perceiver import transfer
+from perceiver.params import hf
+from perceiver.params import transfer
 from perceiver import transform
 from tests import helpers
 from train.configs import mlm as mlm_configs

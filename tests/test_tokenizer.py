@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from perceiver import tokenizer as tok_lib
+from perceiver.model import tokenizer as tok_lib
 
 TOK = tok_lib.BytesTokenizer()
 

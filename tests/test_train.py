@@ -13,8 +13,8 @@ import numpy as np
 import optax
 import pytest
 
-from perceiver import loading
-from perceiver import errors
+from perceiver.params import loading
+from perceiver.command import errors
 from train import masking
 from train import mlm
 from perceiver.training import optim

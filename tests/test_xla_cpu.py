@@ -1,6 +1,6 @@
 """The XLA:CPU kernels compute what the reference formulas compute, values and gradients.
 
-``perceiver.xla_cpu`` re-arranges the work (hand-written backward passes, row-major
+``perceiver.model.xla_cpu`` re-arranges the work (hand-written backward passes, row-major
 operands, [rows, C] reductions, a fusion boundary); each test here holds one of its
 functions, or the whole model under ``kernels='xla_cpu'``, to the reference formula
 differentiated by JAX (``kernels='reference'``), which is the original's computation.
@@ -23,9 +23,9 @@ import pytest
 
 from bench import lowering
 from perceiver import configs
-from perceiver import layers
+from perceiver.model import layers
 from perceiver import transform
-from perceiver import xla_cpu
+from perceiver.model import xla_cpu
 
 
 def _relative(a, b):
@@ -98,7 +98,7 @@ def test_transform_refuses_a_compute_resolved_from_another_config():
     transform.masked_lm(_tiny('auto'), compute=layers.Compute('bfloat16', 'xla_cpu'))
   with pytest.raises(ValueError, match='not resolved from this config'):
     transform.classifier(_tiny('reference'), 2, compute=layers.Compute(kernels='xla_cpu'))
-  with pytest.raises(TypeError, match='must be a perceiver.layers.Compute'):
+  with pytest.raises(TypeError, match='must be a perceiver.model.layers.Compute'):
     transform.encoder(_tiny('auto'), compute='cpu')
 
 

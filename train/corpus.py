@@ -15,7 +15,7 @@ import sysconfig
 import zlib
 from typing import Dict, Iterator, Tuple
 
-from perceiver import atomic
+from perceiver.command import atomic
 
 BUILTIN_PREFIX = 'builtin:'
 NAME = 'stdlib_docstrings'

@@ -48,8 +48,8 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from perceiver import errors
-from perceiver import tokenizer as tokenizer_lib
+from perceiver.command import errors
+from perceiver.model import tokenizer as tokenizer_lib
 
 SEPARATORS = {'sep': [tokenizer_lib.SEP_ID], 'eos': [tokenizer_lib.EOS_ID],
               'newline': [ord('\n') + tokenizer_lib.NUM_SPECIAL], 'none': []}

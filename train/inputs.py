@@ -16,7 +16,7 @@ import jax
 from jax.experimental import multihost_utils
 import numpy as np
 
-from perceiver import tokenizer
+from perceiver.model import tokenizer
 from train import corpus
 from train import data as data_lib
 from train import masking

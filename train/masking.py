@@ -24,7 +24,7 @@ from typing import Dict, Optional
 
 import numpy as np
 
-from perceiver import tokenizer as tokenizer_lib
+from perceiver.model import tokenizer as tokenizer_lib
 
 _WHITESPACE = np.zeros(tokenizer_lib.VOCAB_SIZE, bool)
 _WHITESPACE[[ord(c) + tokenizer_lib.NUM_SPECIAL for c in ' \t\n\r\x0b\x0c']] = True

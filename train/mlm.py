@@ -16,7 +16,7 @@ from __future__ import annotations
 # First, before the imports below (JAX takes seconds, and starts threads): the host
 # memory policy, then the signal guard (see each one's docstring).
 from perceiver.training import host_memory  # pylint: disable=g-bad-import-order
-from perceiver import signal_guard  # pylint: disable=g-bad-import-order
+from perceiver.command import signal_guard  # pylint: disable=g-bad-import-order
 
 if __name__ == '__main__':
   host_memory.retain_freed_memory()
@@ -35,11 +35,11 @@ import ml_collections
 from ml_collections import config_flags
 import numpy as np
 
-from perceiver import atomic
-from perceiver import cli
+from perceiver.command import atomic
+from perceiver.command import cli
 from perceiver import configs as model_configs
-from perceiver import errors
-from perceiver import flops
+from perceiver.command import errors
+from perceiver.model import flops
 from perceiver import transform
 from perceiver.training import run_checkpoints
 from perceiver.training import driver
@@ -273,7 +273,7 @@ def _train(config, workdir) -> Dict[str, float]:
   except ValueError as e:
     raise errors.ConfigError(str(e)) from None
   mesh = run.mesh
-  # Computes as the mesh's devices do best (run.compute: see perceiver.layers).
+  # Computes as the mesh's devices do best (run.compute: see perceiver.model.layers).
   model = run.build(transform.masked_lm)
   manager = run_checkpoints.CheckpointManager(workdir, keep=config.train.keep_checkpoints)
 

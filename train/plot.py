@@ -13,8 +13,8 @@ colour: a curve leaves its baseline when the model starts to use context.
 from __future__ import annotations
 
 # First, before the imports below (JAX takes seconds): a signal while they run is
-# handled (see perceiver/signal_guard.py).
-from perceiver import signal_guard  # pylint: disable=g-bad-import-order
+# handled (see perceiver/command/signal_guard.py).
+from perceiver.command import signal_guard  # pylint: disable=g-bad-import-order
 
 if __name__ == '__main__':
   signal_guard.install(stop_status=None)
@@ -27,9 +27,9 @@ from typing import Dict, List
 
 from absl import flags
 
-from perceiver import atomic
-from perceiver import cli
-from perceiver import errors
+from perceiver.command import atomic
+from perceiver.command import cli
+from perceiver.command import errors
 
 
 class PlotError(errors.UserError, ValueError):

@@ -43,7 +43,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from perceiver import errors
+from perceiver.command import errors
 from train import data as data_lib
 
 # Narrow dtypes for the trip through the pipe (values: ids < 262, masks 0/1).

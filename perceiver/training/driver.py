@@ -12,7 +12,7 @@ The driver owns the rest:
     result = run.train(loss_fn, count_fn, state, batches, ...)
 
 ``Run.create`` resolves the platform once, from the mesh's devices, and with it how the
-model computes (``run.compute``, a ``perceiver.layers.Compute``: XLA:CPU's kernels on a
+model computes (``run.compute``, a ``perceiver.model.layers.Compute``: XLA:CPU's kernels on a
 CPU under ``kernels='auto'``) and which optimizer update runs (fused LAMB on a CPU). A
 task builds its model through ``run.build``, which passes ``run.compute``, so no task can
 build the slower program by forgetting the platform.
@@ -27,8 +27,8 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import jax
 import numpy as np
 
-from perceiver import atomic
-from perceiver import layers
+from perceiver.command import atomic
+from perceiver.model import layers
 from perceiver.training import feed
 from perceiver.training import hosts
 from perceiver.training import loop as loop_lib
@@ -75,7 +75,7 @@ def check_checkpoint_room(directory: str, shapes: step_lib.TrainState, field: st
 
   Such a run keeps two: the best epoch's (parameters) and the resume one (parameters and
   optimizer state), each written beside the one it replaces before that is removed, so
-  twice their size is needed (``perceiver.atomic.check_free_space``; checked only where
+  twice their size is needed (``perceiver.command.atomic.check_free_space``; checked only where
   the filesystem reports its free space).
   """
   size = lambda tree: sum(int(np.prod(x.shape)) * x.dtype.itemsize

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from perceiver import signal_guard
+from perceiver.command import signal_guard
 
 WATCHDOG_EXIT_STATUS = 3
 

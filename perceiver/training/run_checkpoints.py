@@ -26,7 +26,7 @@ save non-finite parameters, without gathering them to a host.
 
 A restore reads every array straight into the layout the current mesh asks for (abstract
 arrays with shardings as orbax's target), so a checkpoint written on any mesh, by any
-number of hosts, restores onto any other. Single-host tools (``perceiver.loading``) read
+number of hosts, restores onto any other. Single-host tools (``perceiver.params.loading``) read
 one gathered to host numpy arrays with ``read``.
 """
 
@@ -48,7 +48,7 @@ import ml_collections
 import numpy as np
 
 from perceiver import configs
-from perceiver import params_file
+from perceiver.params import params_file
 
 FORMAT = 'perceiver-io-run-checkpoint/1'
 CheckpointError = params_file.CheckpointError

@@ -14,7 +14,7 @@ from typing import Optional
 
 import jax
 
-from perceiver import atomic
+from perceiver.command import atomic
 from perceiver.training import tensorboard
 
 

@@ -8,10 +8,10 @@ garbage-collector callback or a ``__del__`` (JAX has such a callback). ``install
 called first thing by every command module run as ``__main__`` (before its imports,
 which take seconds), closes these gaps:
 
-- Until the command's own code runs (``started``, called by ``perceiver.cli.run``), a
+- Until the command's own code runs (``started``, called by ``perceiver.command.cli.run``), a
   signal ends the process at once: nothing has been written yet.
 - Then the first SIGTERM or SIGINT raises ``Stopped``: the command unwinds, releasing
-  what it holds, and ``perceiver.cli.run`` reports what was kept. If Python drops that
+  what it holds, and ``perceiver.command.cli.run`` reports what was kept. If Python drops that
   exception, it is delivered again (``_lost``), and ``check`` raises it at safe points.
   The training loop installs its own handlers over these while it runs
   (``hosts.StopAgreement``: a stop at a step all hosts agree on, with a checkpoint).

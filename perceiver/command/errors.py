@@ -3,7 +3,7 @@
 A ``UserError`` is an expected failure: a bad flag or config field, a missing, malformed
 or unsafe file, a row that does not parse, a checkpoint that does not fit the model. Its
 message names the culprit (file and line, field, flag or tensor). Every error class of
-this project that means "the input is wrong" derives from it; ``perceiver.cli`` prints
+this project that means "the input is wrong" derives from it; ``perceiver.command.cli`` prints
 it as one ``error:`` line.
 """
 

@@ -5,7 +5,7 @@ checkpoints) and ``OSError`` (a path that cannot be read or written: missing,
 permissions, a full disk). Anything else is a bug and keeps its traceback.
 ``--verbose`` (or ``PERCEIVER_VERBOSE=1``) shows the traceback of expected failures too.
 
-Every command starts through ``start``: it installs ``perceiver.signal_guard`` first,
+Every command starts through ``start``: it installs ``perceiver.command.signal_guard`` first,
 then defines and parses the flags, so that a flag or config error (an unknown field, a
 preset or config file that does not load, a value that does not parse) is one ``error:``
 line naming the flag, with ml_collections' "did you mean" hint. A signal during set-up
@@ -23,8 +23,8 @@ from typing import Callable, Optional, Sequence
 from absl import app
 from absl import flags
 
-from perceiver import errors
-from perceiver import signal_guard
+from perceiver.command import errors
+from perceiver.command import signal_guard
 
 flags.DEFINE_bool('verbose', False, 'Show the traceback of expected errors too (also: '
                   'PERCEIVER_VERBOSE=1).')

@@ -1,9 +1,9 @@
 """Parameters from any checkpoint this project reads, told apart by content
-(``perceiver.formats``) before any loader runs; the one reader every command that reads
+(``perceiver.params.formats``) before any loader runs; the one reader every command that reads
 parameters goes through (``eval.glue --init_checkpoint``, ``eval.mlm``, ``fill_mask``,
-``perceiver.export``, ``perceiver.convert`` and its Hugging Face export):
+``perceiver.deploy.export``, ``perceiver.convert`` and its Hugging Face export):
 
-- this project's parameter file (``perceiver.params_file``: a zip of arrays and
+- this project's parameter file (``perceiver.params.params_file``: a zip of arrays and
   metadata), with the model config stored in it;
 - a run checkpoint directory (``perceiver.training.run_checkpoints``: ``train.mlm``'s,
   ``eval.glue``'s), or a run's directory holding them (its newest is read), gathered to
@@ -11,17 +11,17 @@ parameters goes through (``eval.glue --init_checkpoint``, ``eval.mlm``, ``fill_m
 - DeepMind's released pickle (read by the restricted unpickler), with ``config`` or, by
   default, the released model's config;
 - a Hugging Face ``PerceiverForMaskedLM`` directory (``config.json`` plus weights), or its
-  weights file with ``config.json`` beside it (``perceiver.hf_io``).
+  weights file with ``config.json`` beside it (``perceiver.params.hf_io``).
 """
 
 from __future__ import annotations
 
 import os
 
-from perceiver import params_file
+from perceiver.params import params_file
 from perceiver import configs
-from perceiver import formats
-from perceiver import hf_io
+from perceiver.params import formats
+from perceiver.params import hf_io
 
 CheckpointError = params_file.CheckpointError
 

@@ -7,7 +7,7 @@ import os
 import shutil
 import tempfile
 
-from perceiver import errors
+from perceiver.command import errors
 
 
 @contextlib.contextmanager

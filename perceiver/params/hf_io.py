@@ -3,7 +3,7 @@
     params, config = hf_io.load_hf_checkpoint('language-perceiver/')   # a transformers dir
     hf_io.export_hf(params, config, 'exported/')   # config.json + model.safetensors
 
-``config.json`` and the tensors are mapped by ``perceiver.hf``. ``model.safetensors`` is
+``config.json`` and the tensors are mapped by ``perceiver.params.hf``. ``model.safetensors`` is
 read and written with the ``safetensors`` package's numpy API (a core dependency; no torch),
 which checks the header against the file before reading any tensor;
 ``pytorch_model.bin`` needs torch and is loaded with ``weights_only=True``.
@@ -23,9 +23,9 @@ import ml_collections
 import ml_dtypes  # noqa: F401  # registers bfloat16 with numpy (safetensors BF16)
 import numpy as np
 
-from perceiver import atomic
-from perceiver import params_file
-from perceiver import hf
+from perceiver.command import atomic
+from perceiver.params import params_file
+from perceiver.params import hf
 
 CheckpointError = params_file.CheckpointError
 

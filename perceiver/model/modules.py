@@ -3,7 +3,7 @@
 Constructor keyword arguments are the original's (``PerceiverEncoder``, ``BasicDecoder``,
 ``ClassificationDecoder``), so a config written for DeepMind's code builds the same model
 here, with the same parameter names. One keyword is this project's own and changes no
-parameter: ``compute``, a ``perceiver.layers.Compute`` (the matmul dtype and the kernels,
+parameter: ``compute``, a ``perceiver.model.layers.Compute`` (the matmul dtype and the kernels,
 resolved for a platform). Without it a module computes as the original, in float32 with
 the reference formulas (``layers.REFERENCE``).
 """
@@ -13,9 +13,9 @@ from __future__ import annotations
 import haiku as hk
 import jax.numpy as jnp
 
-from perceiver import layers
-from perceiver import position_encoding
-from perceiver import xla_cpu
+from perceiver.model import layers
+from perceiver.model import position_encoding
+from perceiver.model import xla_cpu
 
 
 class TextPreprocessor(hk.Module):

@@ -19,8 +19,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from perceiver import params_file
-from perceiver import loading
+from perceiver.params import params_file
+from perceiver.params import loading
 from perceiver import transform
 
 HEAD_MODULES = ('classification_decoder', 'classification_head',

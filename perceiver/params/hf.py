@@ -3,7 +3,7 @@
     config, notes = hf.config_from_hf(json.load(open('language-perceiver/config.json')))
     params = hf.hf_to_params(state_dict, config)      # and params_to_hf, hf_config_from
 
-Reading and writing the files themselves is ``perceiver.hf_io``.
+Reading and writing the files themselves is ``perceiver.params.hf_io``.
 
 Tensor correspondence (transformers' name -> Haiku ``module/name``); every ``*.weight`` of
 an ``nn.Linear`` is stored [out, in] by PyTorch and [in, out] by Haiku, so it is transposed:
@@ -50,9 +50,9 @@ from typing import Dict, List, Mapping, Tuple
 import ml_collections
 import numpy as np
 
-from perceiver import params_file
+from perceiver.params import params_file
 from perceiver import configs
-from perceiver import errors
+from perceiver.command import errors
 from perceiver import transform
 
 CheckpointError = params_file.CheckpointError

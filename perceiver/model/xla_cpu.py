@@ -1,6 +1,6 @@
 """Kernels arranged for XLA:CPU: the same values as ``layers``' reference formulas.
 
-Every function here computes what its counterpart in ``perceiver.layers`` computes (the
+Every function here computes what its counterpart in ``perceiver.model.layers`` computes (the
 original's formula, differentiated by JAX) and only arranges the work differently, so
 that XLA:CPU's kernels run at their peak: backward passes written by hand on row-major
 operands, parameter-gradient reductions over [rows, C] views, and a fusion boundary

@@ -14,7 +14,7 @@ import re
 import struct
 import zipfile
 
-CONFIG_FILE = 'config.json'   # a Hugging Face directory's (as perceiver.hf_io.CONFIG_FILE)
+CONFIG_FILE = 'config.json'   # a Hugging Face directory's (as perceiver.params.hf_io.CONFIG_FILE)
 # A run checkpoint's JSON item (as perceiver.training.run_checkpoints.META_FILE).
 RUN_META_FILE = os.path.join('meta', 'metadata')
 _RUN_CHECKPOINT = re.compile(r'^ckpt_\d+$')

@@ -11,7 +11,7 @@ both in one ``Compute`` value (``compute=``), made once per model:
   float32.
 - ``kernels``: ``'reference'`` computes the formulas below, as the original writes them,
   differentiated by JAX; ``'xla_cpu'`` computes the same values with the kernels of
-  ``perceiver.xla_cpu`` (hand-written backward passes and a fusion boundary that XLA:CPU
+  ``perceiver.model.xla_cpu`` (hand-written backward passes and a fusion boundary that XLA:CPU
   needs to run near its peak, and that would only hold a GPU or TPU back).
 
 A config's ``kernels='auto'`` (the default) is ``xla_cpu`` for a program compiled for the
@@ -36,7 +36,7 @@ import haiku as hk
 import jax
 import jax.numpy as jnp
 
-from perceiver import xla_cpu
+from perceiver.model import xla_cpu
 
 # The original masks attention logits with -1e30 (float32) before the softmax.
 _LARGE = 1e30

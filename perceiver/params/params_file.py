@@ -29,8 +29,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from perceiver import atomic
-from perceiver import errors
+from perceiver.command import atomic
+from perceiver.command import errors
 from perceiver import configs
 from perceiver import transform
 
