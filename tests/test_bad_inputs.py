@@ -31,6 +31,7 @@ from perceiver import transform
 from perceiver.training import run_checkpoints
 from tests import helpers
 from train import mlm
+from train.configs import mlm as mlm_configs
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -439,6 +440,14 @@ def test_an_unknown_config_field_is_named_with_its_flag_and_hint(argv, path, mes
   config = ml_collections.ConfigDict({'train': {'steps': 1, 'batch_size': 2},
                                       'optimizer': {'learning_rate': 1.0}})
   assert cli._unknown_field(_ml_collections_error(config, path), argv) == message
+
+
+def test_a_renamed_config_field_names_its_new_name():
+  argv = ['x', '--config.data.shuffle_block=16']
+  error = _ml_collections_error(mlm_configs.get_config('smoke'), 'data.shuffle_block')
+  assert cli._unknown_field(error, argv, mlm.RENAMED_FIELDS) == (
+      "--config.data.shuffle_block=16: no config field 'data.shuffle_block' "
+      "(renamed 'data.block_size')")
 
 
 def test_a_config_file_traceback_is_cut_to_its_last_line():

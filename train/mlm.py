@@ -390,5 +390,10 @@ def main(argv):
                  stop_status=0)
 
 
+# Config fields renamed since a release: an old name given on the command line is an
+# error naming the new one.
+RENAMED_FIELDS = {'data.shuffle_block': 'data.block_size'}
+
+
 if __name__ == '__main__':
-  cli.start(main, define_flags, stop_status=0)
+  cli.start(main, define_flags, stop_status=0, renamed=RENAMED_FIELDS)
