@@ -562,26 +562,41 @@ class ExampleStream:
       examples[row, :len(crop)] = crop
     return examples
 
-  def examples(self, state: Optional[StreamState] = None
-               ) -> Iterator[Tuple[np.ndarray, StreamState]]:
-    """Yields (ids [seq_len], state after this example) forever; PAD marks padding."""
+  def chunks(self, count: int, state: Optional[StreamState] = None
+             ) -> Iterator[Tuple[np.ndarray, StreamState]]:
+    """Yields (ids [count, seq_len]: the next ``count`` examples, state after them)
+    forever; PAD marks padding. Examples come in their block's order, so a chunk within
+    a block is a slice of it, not a copy."""
     state = state or self.initial_state()
     crops = [_Interleaved(s, state.sources[s.name], docs=self.docs_per_example,
                           separator=self.separator, seq_len=self.seq_len,
                           count=self.open_concatenations, seed=self.seed,
                           reader=self.process_index)
              for s in self.sources]
-    block, start, at_block_start = state.block, state.index, dict(state.sources)
+    block, index, at_block_start = state.block, state.index, dict(state.sources)
+    examples, at_end = None, None
     while True:
-      examples = self._build_block(block, crops)
-      at_end = {c.source.name: c.snapshot() for c in crops}
-      for index in range(start, self.block_size):
-        if index + 1 == self.block_size:
-          after = StreamState(block + 1, 0, at_end)
-        else:
-          after = StreamState(block, index + 1, at_block_start)
-        yield examples[index], after
-      block, start, at_block_start = block + 1, 0, at_end
+      parts, need = [], count
+      while need:
+        if examples is None or index == self.block_size:
+          if examples is not None:
+            block, index, at_block_start = block + 1, 0, at_end
+          examples = self._build_block(block, crops)
+          at_end = {c.source.name: c.snapshot() for c in crops}
+        take = min(need, self.block_size - index)
+        parts.append(examples[index:index + take])
+        index, need = index + take, need - take
+      if index == self.block_size:
+        after = StreamState(block + 1, 0, at_end)
+      else:
+        after = StreamState(block, index, at_block_start)
+      yield parts[0] if len(parts) == 1 else np.concatenate(parts), after
+
+  def examples(self, state: Optional[StreamState] = None
+               ) -> Iterator[Tuple[np.ndarray, StreamState]]:
+    """Yields (ids [seq_len], state after this example) forever, one at a time."""
+    for ids, after in self.chunks(1, state):
+      yield ids[0], after
 
 
 # --------------------------------------------------------------------------------------
@@ -597,13 +612,7 @@ def batches(stream: ExampleStream, batch_size: int, masker, state: Optional[dict
     stream_state, count = None, 0
   else:
     stream_state, count = StreamState.from_json(state['stream']), state['batches']
-  examples = stream.examples(stream_state)
-  while True:
-    rows = []
-    for _ in range(batch_size):
-      ids, stream_state = next(examples)
-      rows.append(ids)
-    ids = np.stack(rows)
+  for ids, stream_state in stream.chunks(batch_size, stream_state):
     rng = np.random.default_rng([stream.seed, stream.process_index, 1 << 20, count])
     batch = masker(ids, (ids != tokenizer_lib.PAD_ID).astype(np.int32), rng)
     count += 1
