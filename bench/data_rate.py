@@ -9,7 +9,8 @@ Two entry points:
   preset's data settings (2,048 bytes, 10 documents per concatenation, whole-word
   masking) on real-format shards, at 1 and 2 worker processes, beside the need of 1 and 8
   H100-class devices at 45% MFU (``perceiver.model.flops``), and where the time of one
-  sequence goes, stage by stage. The shards: ``../shared``'s C4 ``json.gz`` and Wikipedia
+  sequence goes, stage by stage, and how well the presets' batches mix documents
+  (``bench.mixing``: documents per batch, the largest share of one). The shards: ``../shared``'s C4 ``json.gz`` and Wikipedia
   ``jsonl`` samples (small: a reader's cache holds them after one pass), ~200 MB of C4
   text generated from that sample as 8 ``json.gz`` shards in the released layout, and the
   Wikipedia sample repeated into a ~160 MB Parquet file of 32 row groups (both beyond the
@@ -29,6 +30,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
+from bench import mixing
 from train import inputs
 from train import workers as workers_lib
 from train.configs import mlm as mlm_configs
@@ -40,6 +42,7 @@ C4_SAMPLE = 'c4/c4-train.00000-of-01024.first1000.json.gz'
 WIKI_SAMPLE = 'wikipedia/train.jsonl'
 H100_PEAK = 989e12         # dense bf16 FLOP/s of one H100 SXM (NVIDIA's datasheet)
 MFU = 0.45
+MIXING_PRESETS = ('smoke', 'cpu', 'small')
 
 
 def pipeline_config(model_config, block_size: Optional[int] = None, sources=None,
@@ -313,6 +316,7 @@ def suite(min_seconds: float = 10.0, batch: int = 64, workers=(0, 1, 2),
                  loadavg=' '.join(f'{x:.2f}' for x in os.getloadavg()))
       results['rows'].append(row)
   results['stages'] = stages(c4[0])
+  results['mixing'] = [mixing.measure(preset) for preset in MIXING_PRESETS]
   return results
 
 
@@ -346,4 +350,17 @@ def render(results: Dict) -> str:
               f'({stages_["documents"]} C4 documents of {stages_["document_bytes_mean"]:,.0f} '
               f'bytes on average; {stages_["crops_per_concatenation"]:.1f} crops per '
               f'concatenation; {stages_["padding_fraction"]:.1%} padding)']
+  if results.get('mixing'):
+    parts += ['', render_mixing(results['mixing'])]
   return '\n'.join(parts)
+
+
+def render_mixing(rows) -> str:
+  """The mixing table: per preset, documents per batch and the largest share of one."""
+  from bench import report  # pylint: disable=import-outside-toplevel
+  body = [[r['preset'], f'{r["batch"]} x {r["seq_len"]}', str(r['batches']),
+           f'{r["documents_mean"]:.1f} ({r["documents_min"]})',
+           f'{r["max_share_mean"]:.3f} ({r["max_share_max"]:.3f})'] for r in rows]
+  return report.table(['Mixing (first batches of each preset)', 'batch x bytes', 'batches',
+                       'documents per batch: mean (min)',
+                       'largest share of one document: mean (max)'], body)

@@ -6,7 +6,9 @@ copied with each document's text replaced by a tag of its number ("#" and three 
 digits, repeated) of the same length: the same documents, files, lengths and reading
 order, so the pipeline cuts and orders the copy exactly as it would the original, and
 every crop names its document. The preset's own batches (``train.inputs.train_batches``)
-of the copy are then counted.
+of the copy are then counted: the first 1,000 by default, past the end of the first epoch
+of a small stream share (where documents' last crops come), not only its start. The
+data suite (``python -m bench.run --suite=data``, ``bench.data_rate``) reports it.
 
 Only ``train.inputs.train_batches``, ``train.data.read_documents`` and the presets are
 used, so an older checkout measures itself the same way:
@@ -80,7 +82,7 @@ def batch_mixing(rows: Sequence[np.ndarray]) -> Dict[str, float]:
   return {'documents': len(counts), 'max_share': max(counts.values()) / len(rows)}
 
 
-def measure(preset: str, batches: int = 200) -> Dict[str, float]:
+def measure(preset: str, batches: int = 1000) -> Dict[str, float]:
   """The first ``batches`` training batches of ``preset`` (its host batch, one host)."""
   config = mlm_configs.get_config(preset)
   host_batch = config.train.batch_size
