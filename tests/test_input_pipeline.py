@@ -377,3 +377,27 @@ def test_interleaved_crops_resume_exactly_across_refills_and_epochs(tmp_path):
   for cut in (1, 37, 83):
     position = json.loads(json.dumps(straight[cut - 1][1]))
     _assert_same(_take(data.interleave([spec], position), 120 - cut), straight[cut:])
+
+
+def test_the_mixing_measure_names_each_crops_document():
+  """bench.mixing: a tagged document's every 64-byte crop names it, whatever the offset,
+  and a batch's documents and largest share are counted from the rows."""
+  from bench import data_rate, mixing   # pylint: disable=import-outside-toplevel
+  texts = {n: mixing.tag(n, 300) for n in (0, 7, 4095, 64 ** 3 - 1)}
+  assert all(len(t) == 300 for t in texts.values())
+  rows = []
+  for n, text in texts.items():
+    for start in (0, 1, 2, 3, 200):
+      rows.append(np.array(_ids(text[start:start + 64].encode())))
+      assert mixing.documents_of(rows[-1]) == {n}
+  # A row across two documents (SEP between) names both.
+  both = np.array(_ids(texts[7][:30].encode()) + [tok_lib.SEP_ID] +
+                  _ids(texts[0][:33].encode()))
+  assert mixing.documents_of(both) == {7, 0}
+  stats = mixing.batch_mixing(rows[:5] + rows[5:7] + [both])
+  assert stats == {'documents': 2, 'max_share': 6 / 8}
+  table = data_rate.render_mixing([{'preset': 'smoke', 'batch': 32, 'seq_len': 64,
+                                    'batches': 10, 'documents_mean': 17.1,
+                                    'documents_min': 9, 'max_share_mean': 0.19,
+                                    'max_share_max': 0.47}])
+  assert '17.1 (9)' in table and '0.190 (0.470)' in table
