@@ -12,16 +12,16 @@ numpy (and pyarrow for Parquet) only. Per host:
    crops (the last one padded), every crop an example -- the model card's "concatenate
    10 documents before splitting into crops to reduce wasteful computation on padding
    tokens" -- so each document byte is trained on once per epoch.
-3. Mixing documents: a source keeps ``open_concatenations`` concatenations open and draws
-   each crop from them by the crops they have left (``_Interleaved``): a uniform draw
-   from all their remaining crops, so a batch mixes documents as independent draws of
-   crops would, whatever the document lengths and ``seq_len`` (consecutive crops of one
-   long document once filled whole batches: 64-byte crops of a 10 KB document, 160 in a
-   row). Examples are built in blocks of ``block_size``; everything random is seeded by
-   (seed, reader, block or round), so the stream's position is a small JSON state --
-   each source's open concatenations (where each starts, how many crops were taken) at
-   the block's start, plus the index in the block -- and a resumed run sees exactly the
-   examples it would have seen.
+3. Mixing documents: a source keeps ``open_concatenations`` concatenations open and takes
+   its crops from them in turn, every round in a seeded order (``_Interleaved``).
+   Consecutive crops of one long document would otherwise fill whole batches (64-byte
+   crops of a 10 KB document: 160 in a row); instead any ``open_concatenations``
+   consecutive crops of a source hold at most two of one concatenation, whatever the document lengths and
+   ``seq_len``. Examples are built in blocks of ``block_size``; everything random is
+   seeded by (seed, reader, block or round), so the stream's position is a small JSON
+   state -- each source's open concatenations (where each starts, how many crops were
+   taken) at the block's start, plus the index in the block -- and a resumed run sees
+   exactly the examples it would have seen.
 4. ``batches``: masked batches of one stream, the masking RNG seeded by the batch's number.
 5. ``StreamSpec`` and ``interleave``: a host's data is ``streams`` such streams (each a
    disjoint share of the host's share, like a host of its own), batch ``n`` taken from
@@ -41,7 +41,6 @@ from __future__ import annotations
 import dataclasses
 import glob
 import gzip
-import heapq
 import json
 import os
 import zlib
@@ -334,59 +333,23 @@ def _position(state: SourceState) -> Tuple[int, int, int]:
   return state.epoch, state.shard, state.doc
 
 
-class _Counts:
-  """Per-slot counts (crops left) in a Fenwick tree: a slot is found from a position in
-  0..total-1 of the slots' crops laid out in slot order, and a count changed, each in
-  log2(slots) steps."""
-
-  def __init__(self, size: int):
-    self.size, self.total = size, 0
-    self._tree = [0] * (size + 1)
-    self._top = 1 << (size.bit_length() - 1)
-
-  def add(self, slot: int, delta: int) -> None:
-    self.total += delta
-    i, tree, size = slot + 1, self._tree, self.size
-    while i <= size:
-      tree[i] += delta
-      i += i & -i
-
-  def take(self, position: int) -> int:
-    """The slot holding crop ``position`` (0 <= position < total), its count lowered by
-    one: the nodes the search goes left at are the ones that count that slot."""
-    at, step, tree, size = 0, self._top, self._tree, self.size
-    while step:
-      nxt = at + step
-      if nxt <= size:
-        if tree[nxt] <= position:
-          at, position = nxt, position - tree[nxt]
-        else:
-          tree[nxt] -= 1
-      step >>= 1
-    self.total -= 1
-    return at
-
-
 class _Interleaved:
-  """One source's crops, drawn from ``count`` open concatenations ("slots").
+  """One source's crops, taken in turn from ``count`` open concatenations ("slots").
 
-  A slot holds ``docs`` consecutive documents joined, cut every ``seq_len``; its crops are
-  taken in order, and once it has none left it is refilled with the source's next
-  ``docs`` documents. Each crop comes from a slot drawn with probability proportional to
-  the crops it has left: a uniform draw, without replacement, from all the open
-  concatenations' remaining crops -- as independent draws of crops would mix them,
-  whatever the document lengths or ``seq_len`` (a concatenation holding a fraction f of
-  the open crops gives a batch of B about f * B of its crops). A share with fewer
-  documents than slots is then a fresh random order of all its crops each epoch.
+  A slot holds ``docs`` consecutive documents joined, cut every ``seq_len``; an exhausted
+  (or never used) slot is refilled with the source's next ``docs`` documents. Each round
+  visits every slot once, in a seeded order, so ``count`` consecutive crops of a source
+  come from ``count`` different concatenations, at most two from one across a round's
+  end: a batch mixes documents whatever their length or ``seq_len``.
 
-  Each document byte is used once per epoch: a concatenation of the next epoch is
+  Each document byte is still used once per epoch: a concatenation of the next epoch is
   opened only once none of the current epoch's is open (else a share with fewer
-  documents than slots would hold one document in several slots at once).
+  documents than slots would hold one document in several slots at once). While the
+  last concatenations of an epoch drain, fewer than ``count`` are open.
 
   The state (``snapshot``) is JSON: the source position of the next concatenation, per
   slot the position its concatenation starts at and the crops taken from it, and the
-  round and turn of the draws (``count`` seeded uniforms a round). Ids are kept as uint16
-  (the vocabulary is 262): half the memory.
+  round and turn. Ids are kept as uint16 (the vocabulary is 262): half the memory.
   """
 
   def __init__(self, source: DocumentSource, state: dict, *, docs: int,
@@ -394,20 +357,22 @@ class _Interleaved:
     self.source, self.docs, self.separator, self.seq_len = source, docs, separator, seq_len
     self.count, self.seed, self.reader = count, seed, reader
     self.next_start = SourceState(**state['next'])
-    # Per slot: the source position its concatenation starts at (3 ints) and the crops
-    # taken from it; -1s for an empty slot. Kept flat, as the snapshot writes it.
-    self._slots = list(state['slots'])
+    self.starts: List[Optional[Tuple[int, int, int]]] = [None] * count
+    self.taken = [0] * count
+    flat = state['slots']
+    for i in range(min(count, len(flat) // 4)):
+      if flat[4 * i] >= 0:
+        self.starts[i], self.taken[i] = tuple(flat[4 * i:4 * i + 3]), flat[4 * i + 3]
     self.round, self.turn = state['turn']
-    self._draws = self._round_draws(self.round)
+    self._order = self._round_order(self.round)
     self._ids: List[Optional[np.ndarray]] = [None] * count
     self._epochs: List[Optional[int]] = [None] * count   # of a slot's first document
-    self._left = _Counts(count)                          # crops left per slot
-    self._open: Dict[int, int] = {}                      # epoch -> open slots
+    self._is_open = np.zeros(count, bool)                # crops left
+    self._open_turns: Optional[np.ndarray] = None
+    self._open: Dict[int, int] = {}                     # epoch -> open slots
     self._pending = None   # the next concatenation, read but held back by the epoch rule
     self._documents = None
     self._reopen()
-    self._empty = [i for i in range(count) if self._ids[i] is None]
-    self._fill()
 
   @staticmethod
   def initial_state(count: int) -> dict:
@@ -415,28 +380,29 @@ class _Interleaved:
             'turn': [0, 0]}
 
   def snapshot(self) -> dict:
-    """The state (``slots``: one flat list, 4 ints a slot, -1 for an empty one)."""
+    """The state (``slots``: one flat list, 4 ints a slot, -1 for one never opened)."""
+    flat = []
+    for start, taken in zip(self.starts, self.taken):
+      flat.extend((-1, -1, -1, -1) if start is None else (*start, taken))
     return {'next': dataclasses.asdict(self.next_start), 'turn': [self.round, self.turn],
-            'slots': list(self._slots)}
+            'slots': flat}
 
-  def _round_draws(self, round_: int) -> List[float]:
+  def _round_order(self, round_: int) -> np.ndarray:
     rng = np.random.default_rng([self.seed, self.reader, zlib.crc32(self.source.name.encode()),
                                  2, round_])
-    return rng.random(self.count).tolist()
+    return rng.permutation(self.count)
 
   def _set(self, slot: int, parts: List[bytes], epoch: int) -> None:
-    """Slot ``slot`` holds ``parts`` joined (its start and taken already set; a slot
-    closes as its last crop is taken, so crops are left)."""
-    ids = join_documents(parts, self.separator, np.uint16)
-    self._ids[slot], self._epochs[slot] = ids, epoch
-    self._left.add(slot, -(-len(ids) // self.seq_len) - self._slots[4 * slot + 3])
-    self._open[epoch] = self._open.get(epoch, 0) + 1
+    """Slot ``slot`` holds ``parts`` joined (its start and taken already set)."""
+    self._ids[slot] = join_documents(parts, self.separator, np.uint16)
+    if self.taken[slot] * self.seq_len < len(self._ids[slot]):
+      self._epochs[slot], self._is_open[slot], self._open_turns = epoch, True, None
+      self._open[epoch] = self._open.get(epoch, 0) + 1
 
   def _reopen(self) -> None:
     """Rebuilds the slots of a resumed state: one pass over the source from the oldest
     slot's start to ``next_start``, keeping only the slots' documents."""
-    wanted = {tuple(self._slots[4 * i:4 * i + 3]): i for i in range(self.count)
-              if self._slots[4 * i] >= 0}
+    wanted = {s: i for i, s in enumerate(self.starts) if s is not None}
     if not wanted:
       return
     at = min(wanted)
@@ -467,39 +433,49 @@ class _Interleaved:
       epoch = after.epoch if epoch is None else epoch
     return parts, epoch, after
 
-  def _fill(self) -> None:
-    """Opens the next concatenations in the empty slots, lowest first, until none is
-    empty or the epoch rule holds the next one back."""
-    while self._empty:
-      if self._pending is None:
-        self._pending = self._read_next()
-      parts, epoch, after = self._pending
-      if any(count for e, count in self._open.items() if e < epoch):
-        return
-      slot = heapq.heappop(self._empty)
-      self._pending = None
-      self._slots[4 * slot:4 * slot + 4] = (*_position(self.next_start), 0)
-      self.next_start = after
-      self._set(slot, parts, epoch)
+  def _refill(self, slot: int) -> bool:
+    """Opens the next concatenation in ``slot``; False while the epoch rule holds it."""
+    if self._pending is None:
+      self._pending = self._read_next()
+    parts, epoch, after = self._pending
+    if any(count for e, count in self._open.items() if e < epoch):
+      return False
+    self._pending = None
+    self.starts[slot], self.taken[slot] = _position(self.next_start), 0
+    self.next_start = after
+    self._set(slot, parts, epoch)
+    return True
 
-  def next(self) -> np.ndarray:
-    """The next crop (at most ``seq_len`` ids), from a slot drawn by its crops left."""
+  def _held(self) -> bool:
+    """Whether the epoch rule holds the next concatenation back (it is read already)."""
+    return self._pending is not None and any(
+        count for e, count in self._open.items() if e < self._pending[1])
+
+  def _next_slot(self) -> int:
+    """The round's next slot; while the next concatenation is held back, the next open
+    one (found by one array pass: a share smaller than ``count`` drains often)."""
+    if self._held():
+      if self._open_turns is None:   # the turns of this round's open slots
+        self._open_turns = np.flatnonzero(self._is_open[self._order])
+      i = int(np.searchsorted(self._open_turns, self.turn))
+      self.turn = self.count if i == len(self._open_turns) else int(self._open_turns[i])
     if self.turn == self.count:
       self.round, self.turn = self.round + 1, 0
-      self._draws = self._round_draws(self.round)
-    slot = self._left.take(int(self._draws[self.turn] * self._left.total))
+      self._order, self._open_turns = self._round_order(self.round), None
+      return self._next_slot()
     self.turn += 1
-    ids, begin = self._ids[slot], self._slots[4 * slot + 3] * self.seq_len
-    self._slots[4 * slot + 3] += 1
+    return int(self._order[self.turn - 1])
+
+  def next(self) -> np.ndarray:
+    """The next crop (at most ``seq_len`` ids), from the round's next open slot."""
+    slot = self._next_slot()
+    while not (self._is_open[slot] or self._refill(slot)):
+      slot = self._next_slot()
+    ids, begin = self._ids[slot], self.taken[slot] * self.seq_len
+    self.taken[slot] += 1
     if begin + self.seq_len >= len(ids):   # its last crop: the slot closes
-      epoch = self._epochs[slot]
-      self._open[epoch] -= 1
-      if not self._open[epoch]:
-        del self._open[epoch]
-      self._ids[slot] = None
-      self._slots[4 * slot:4 * slot + 4] = (-1, -1, -1, -1)
-      heapq.heappush(self._empty, slot)
-      self._fill()
+      self._open[self._epochs[slot]] -= 1
+      self._is_open[slot], self._open_turns = False, None
     return ids[begin:begin + self.seq_len]
 
 

@@ -47,14 +47,14 @@ def _base() -> ml_collections.ConfigDict:
   # Chosen here: examples are built in blocks of this size (a block's source draws are
   # seeded together; a resumed run rebuilds the block it stopped in).
   c.data.block_size = 1024
-  # Chosen here: each source keeps this many concatenations open and draws each crop
-  # from them weighted by the crops each has left (train/data.py): a uniform draw from
-  # their remaining crops, as independent draws of crops would be, whatever the document
-  # lengths and max_seq_len (one long document's consecutive crops once filled whole
-  # batches). Guarantee (tests/test_input_pipeline.py): a batch of B from K >= B open
-  # concatenations of equal length holds as many documents as B independent draws among
-  # K (32 of 64: 25.3 on average, and fewer than 7 crops of one); a share with fewer
-  # documents than K is a fresh random order of all its crops each epoch.
+  # Chosen here: each source keeps this many concatenations open and takes its crops
+  # from them in turn, in a seeded order each round (train/data.py). Guarantee: while at
+  # least B of a source's concatenations are open, a batch of B sequences of one stream
+  # holds at most 2 crops of one concatenation (of docs_per_example documents), whatever
+  # the document lengths and max_seq_len, where one long document's consecutive crops once
+  # filled whole batches (tests/test_input_pipeline.py). A stream's share with fewer
+  # documents than that ends each epoch with fewer open: its longest documents' last crops
+  # then fill the epoch's last batches (bench.mixing, bench/RESULTS.md).
   # Memory: the open concatenations, 2 bytes a byte (C4, 10 documents: about 45 MB per
   # source and stream).
   c.data.open_concatenations = 1024
