@@ -38,6 +38,7 @@ UTF-8 in a .txt file is trained on unchanged.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import glob
 import gzip
@@ -368,7 +369,7 @@ class _Interleaved:
     self._ids: List[Optional[np.ndarray]] = [None] * count
     self._epochs: List[Optional[int]] = [None] * count   # of a slot's first document
     self._is_open = np.zeros(count, bool)                # crops left
-    self._open_turns: Optional[np.ndarray] = None
+    self._open_turns: Optional[List[int]] = None
     self._open: Dict[int, int] = {}                     # epoch -> open slots
     self._pending = None   # the next concatenation, read but held back by the epoch rule
     self._documents = None
@@ -448,23 +449,29 @@ class _Interleaved:
 
   def _held(self) -> bool:
     """Whether the epoch rule holds the next concatenation back (it is read already)."""
-    return self._pending is not None and any(
-        count for e, count in self._open.items() if e < self._pending[1])
+    if self._pending is None:
+      return False
+    epoch = self._pending[1]
+    for e, count in self._open.items():
+      if count and e < epoch:
+        return True
+    return False
 
   def _next_slot(self) -> int:
     """The round's next slot; while the next concatenation is held back, the next open
-    one (found by one array pass: a share smaller than ``count`` drains often)."""
-    if self._held():
-      if self._open_turns is None:   # the turns of this round's open slots
-        self._open_turns = np.flatnonzero(self._is_open[self._order])
-      i = int(np.searchsorted(self._open_turns, self.turn))
-      self.turn = self.count if i == len(self._open_turns) else int(self._open_turns[i])
-    if self.turn == self.count:
+    one (a bisection of the round's open turns: a share smaller than ``count`` drains
+    often)."""
+    while True:
+      if self._held():
+        if self._open_turns is None:   # the turns of this round's open slots
+          self._open_turns = np.flatnonzero(self._is_open[self._order]).tolist()
+        i = bisect.bisect_left(self._open_turns, self.turn)
+        self.turn = self.count if i == len(self._open_turns) else self._open_turns[i]
+      if self.turn < self.count:
+        self.turn += 1
+        return int(self._order[self.turn - 1])
       self.round, self.turn = self.round + 1, 0
       self._order, self._open_turns = self._round_order(self.round), None
-      return self._next_slot()
-    self.turn += 1
-    return int(self._order[self.turn - 1])
 
   def next(self) -> np.ndarray:
     """The next crop (at most ``seq_len`` ids), from the round's next open slot."""
