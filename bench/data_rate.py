@@ -10,12 +10,13 @@ Two entry points:
   masking) on real-format shards, at 1 and 2 worker processes, beside the need of 1 and 8
   H100-class devices at 45% MFU (``perceiver.model.flops``), and where the time of one
   sequence goes, stage by stage, and how well the presets' batches mix documents
-  (``bench.mixing``: documents per batch, the largest share of one). The shards: ``../shared``'s C4 ``json.gz`` and Wikipedia
-  ``jsonl`` samples (small: a reader's cache holds them after one pass), ~200 MB of C4
-  text generated from that sample as 8 ``json.gz`` shards in the released layout, and the
-  Wikipedia sample repeated into a ~160 MB Parquet file of 32 row groups (both beyond the
-  cache, so parsing is measured). The generated files go to a temporary directory, made
-  once and reused (``default_cache_dir``).
+  (``bench.mixing``: documents per batch, the largest share of one). The shards:
+  ``../shared``'s C4 ``json.gz`` and Wikipedia ``jsonl`` samples (small: a reader's cache
+  holds them after one pass), ~200 MB of C4 text generated from that sample as 8
+  ``json.gz`` shards in the released layout, and the Wikipedia sample repeated into a
+  ~160 MB Parquet file of 32 row groups (both beyond the cache, so parsing is measured).
+  The generated files go to a temporary directory, made once and reused
+  (``default_cache_dir``).
 """
 
 from __future__ import annotations

@@ -247,7 +247,7 @@ def test_kill_9_mid_run_with_workers_then_resume_equals_a_straight_run(tmp_path)
   import subprocess  # pylint: disable=import-outside-toplevel
   import sys  # pylint: disable=import-outside-toplevel
   import jax  # pylint: disable=import-outside-toplevel
-  from perceiver import loading  # pylint: disable=import-outside-toplevel
+  from perceiver.params import loading  # pylint: disable=import-outside-toplevel
   root = pathlib.Path(__file__).resolve().parents[1]
   corpus = tmp_path / 'corpus.jsonl'
   corpus.write_text(''.join(json.dumps({'text': t}) + '\n' for t in _texts(300, 'doc')))

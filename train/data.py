@@ -15,13 +15,15 @@ numpy (and pyarrow for Parquet) only. Per host:
 3. Mixing documents: a source keeps ``open_concatenations`` concatenations open and takes
    its crops from them in turn, every round in a seeded order (``_Interleaved``).
    Consecutive crops of one long document would otherwise fill whole batches (64-byte
-   crops of a 10 KB document: 160 in a row); instead any ``open_concatenations``
-   consecutive crops of a source hold at most two of one concatenation, whatever the document lengths and
-   ``seq_len``. Examples are built in blocks of ``block_size``; everything random is
-   seeded by (seed, reader, block or round), so the stream's position is a small JSON
-   state -- each source's open concatenations (where each starts, how many crops were
-   taken) at the block's start, plus the index in the block -- and a resumed run sees
-   exactly the examples it would have seen.
+   crops of a 10 KB document: 160 in a row); instead, while that many are open, any
+   ``open_concatenations`` consecutive crops of a source hold at most two of one
+   concatenation, whatever the document lengths and ``seq_len`` (a share with fewer
+   documents ends each epoch on its longest ones). Examples are built in blocks of
+   ``block_size`` and emitted in order; everything random is seeded by (seed, reader,
+   block or round), so the stream's position is a small JSON state -- each source's open
+   concatenations (where each starts, how many crops were taken) at the block's start,
+   plus the index in the block -- and a resumed run sees exactly the examples it would
+   have seen.
 4. ``batches``: masked batches of one stream, the masking RNG seeded by the batch's number.
 5. ``StreamSpec`` and ``interleave``: a host's data is ``streams`` such streams (each a
    disjoint share of the host's share, like a host of its own), batch ``n`` taken from
