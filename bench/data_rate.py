@@ -9,12 +9,14 @@ Two entry points:
   preset's data settings (2,048 bytes, 10 documents per concatenation, whole-word
   masking) on real-format shards, at 1 and 2 worker processes, beside the need of 1 and 8
   H100-class devices at 45% MFU (``perceiver.model.flops``), and where the time of one
-  sequence goes, stage by stage. The shards: ``../shared``'s C4 ``json.gz`` and Wikipedia
-  ``jsonl`` samples (small: a reader's cache holds them after one pass), ~200 MB of C4
-  text generated from that sample as 8 ``json.gz`` shards in the released layout, and the
-  Wikipedia sample repeated into a ~160 MB Parquet file of 32 row groups (both beyond the
-  cache, so parsing is measured). The generated files go to a temporary directory, made
-  once and reused (``default_cache_dir``).
+  sequence goes, stage by stage, and how well the presets' batches mix documents
+  (``bench.mixing``: documents per batch, the largest share of one). The shards:
+  ``../shared``'s C4 ``json.gz`` and Wikipedia ``jsonl`` samples (small: a reader's cache
+  holds them after one pass), ~200 MB of C4 text generated from that sample as 8
+  ``json.gz`` shards in the released layout, and the Wikipedia sample repeated into a
+  ~160 MB Parquet file of 32 row groups (both beyond the cache, so parsing is measured).
+  The generated files go to a temporary directory, made once and reused
+  (``default_cache_dir``).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
+from bench import mixing
 from train import inputs
 from train import workers as workers_lib
 from train.configs import mlm as mlm_configs
@@ -40,9 +43,10 @@ C4_SAMPLE = 'c4/c4-train.00000-of-01024.first1000.json.gz'
 WIKI_SAMPLE = 'wikipedia/train.jsonl'
 H100_PEAK = 989e12         # dense bf16 FLOP/s of one H100 SXM (NVIDIA's datasheet)
 MFU = 0.45
+MIXING_PRESETS = ('smoke', 'cpu', 'small')
 
 
-def pipeline_config(model_config, shuffle_block: Optional[int] = None, sources=None,
+def pipeline_config(model_config, block_size: Optional[int] = None, sources=None,
                     workers: int = 0, streams: Optional[int] = None):
   """The pretraining data settings (``paper`` preset) over ``sources`` (default: the
   built-in corpus)."""
@@ -52,8 +56,8 @@ def pipeline_config(model_config, shuffle_block: Optional[int] = None, sources=N
     config.model = model_config
   config.data.sources = sources or {'stdlib': {'paths': BUILTIN, 'weight': 1.0,
                                                'text_field': 'text'}}
-  if shuffle_block:
-    config.data.shuffle_block = shuffle_block
+  if block_size:
+    config.data.block_size = block_size
   config.data.workers = workers
   if streams:
     config.data.streams = streams
@@ -87,7 +91,7 @@ def _rate(config, batch: int, min_seconds: float, workdir: str) -> Dict[str, flo
     count, start = 0, time.perf_counter()
     cpu_main, cpu_workers = time.process_time(), _cpu_seconds(pids)
     # At least two shuffle blocks of every stream, so the block builds are in the rate.
-    blocks = 2 * config.data.shuffle_block * max(1, config.data.streams)
+    blocks = 2 * config.data.block_size * max(1, config.data.streams)
     while count * batch < blocks or time.perf_counter() - start < min_seconds:
       next(batches)
       count += 1
@@ -107,14 +111,14 @@ def _rate(config, batch: int, min_seconds: float, workdir: str) -> Dict[str, flo
 
 
 def measure(model_config, batch: int, *, min_seconds: float = 3.0,
-            shuffle_block: Optional[int] = None, cache_dir: Optional[str] = None
+            block_size: Optional[int] = None, cache_dir: Optional[str] = None
             ) -> Dict[str, float]:
   """Masked batches per second, and bytes per second, of ``batch`` sequences, in the
   training process (``data.workers=0``) on the built-in corpus."""
-  config = pipeline_config(model_config, shuffle_block)
+  config = pipeline_config(model_config, block_size)
   with tempfile.TemporaryDirectory() as tmp:
     out = _rate(config, batch, min_seconds, cache_dir or tmp)
-  out.update(shuffle_block=config.data.shuffle_block, corpus=BUILTIN,
+  out.update(block_size=config.data.block_size, corpus=BUILTIN,
              masking=f'whole words, p={config.masking.mask_prob}')
   return out
 
@@ -313,6 +317,7 @@ def suite(min_seconds: float = 10.0, batch: int = 64, workers=(0, 1, 2),
                  loadavg=' '.join(f'{x:.2f}' for x in os.getloadavg()))
       results['rows'].append(row)
   results['stages'] = stages(c4[0])
+  results['mixing'] = [mixing.measure(preset) for preset in MIXING_PRESETS]
   return results
 
 
@@ -346,4 +351,17 @@ def render(results: Dict) -> str:
               f'({stages_["documents"]} C4 documents of {stages_["document_bytes_mean"]:,.0f} '
               f'bytes on average; {stages_["crops_per_concatenation"]:.1f} crops per '
               f'concatenation; {stages_["padding_fraction"]:.1%} padding)']
+  if results.get('mixing'):
+    parts += ['', render_mixing(results['mixing'])]
   return '\n'.join(parts)
+
+
+def render_mixing(rows) -> str:
+  """The mixing table: per preset, documents per batch and the largest share of one."""
+  from bench import report  # pylint: disable=import-outside-toplevel
+  body = [[r['preset'], f'{r["batch"]} x {r["seq_len"]}', str(r['batches']),
+           f'{r["documents_mean"]:.1f} ({r["documents_min"]})',
+           f'{r["max_share_mean"]:.3f} ({r["max_share_max"]:.3f})'] for r in rows]
+  return report.table(['Mixing (first batches of each preset)', 'batch x bytes', 'batches',
+                       'documents per batch: mean (min)',
+                       'largest share of one document: mean (max)'], body)

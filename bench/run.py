@@ -73,14 +73,14 @@ def _suite_settings(suite: str) -> Dict:
     return dict(preset='tiny_hf', seq_len=64, batch_sizes=[1], warmup=1, repeats=2,
                 peak_shapes=((256, 256, 256),), peak_model_shapes=(),
                 memory_lengths=[64], long_seq_len=0, fresh_memory_process=False,
-                data_min_seconds=0.2, data_shuffle_block=32)
+                data_min_seconds=0.2, data_block_size=32)
   if suite == 'accelerator':
     return dict(preset='language_mlm', seq_len=2048, batch_sizes=[8, 32, 64], warmup=2,
                 repeats=5)
   return dict(preset='language_mlm', seq_len=2048, batch_sizes=[1, 4], warmup=2, repeats=5,
               peak_shapes=None, peak_model_shapes=None, memory_lengths=[512, 1024, 2048],
               long_seq_len=16384, fresh_memory_process=True, data_min_seconds=3.0,
-              data_shuffle_block=None)
+              data_block_size=None)
 
 
 def _parts(suite: str) -> List[str]:
@@ -299,7 +299,7 @@ def _memory_points(settings, precisions) -> List[Dict]:
 def _data(settings, base_config, batch_sizes, train_rows) -> Dict:
   from bench import data_rate  # pylint: disable=import-outside-toplevel
   rates = [data_rate.measure(base_config, b, min_seconds=settings['data_min_seconds'],
-                             shuffle_block=settings['data_shuffle_block'],
+                             block_size=settings['data_block_size'],
                              cache_dir=data_rate.default_cache_dir())
            for b in batch_sizes]
   needs = []

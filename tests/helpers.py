@@ -125,7 +125,7 @@ def mlm_tiny_config(directory, **train):
   corpus = write_mlm_corpus(directory)
   c.data.sources = {'gen': {'paths': corpus, 'weight': 1.0, 'text_field': 'text'}}
   c.data.eval_paths = corpus
-  c.data.shuffle_block = 32
+  c.data.block_size = 32
   c.data.prefetch = 2
   c.train.update(dict(steps=6, batch_size=4, log_every=1, eval_every=0, checkpoint_every=3,
                       eval_batches=1, peak_flops_per_device=0.0))

@@ -32,6 +32,7 @@ from perceiver.params import run_checkpoint
 from perceiver.training import workdir_lock
 from tests import helpers
 from train import mlm
+from train.configs import mlm as mlm_configs
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -76,7 +77,7 @@ _MLM_CASES = [
     ({'data.docs_per_example': 0}, 'data.docs_per_example must be an integer >= 1, got 0'),
     ({'train.checkpoint_every': 0}, 'train.checkpoint_every must be an integer >= 1, got 0'),
     ({'train.log_every': 0}, 'train.log_every must be an integer >= 1, got 0'),
-    ({'data.shuffle_block': 0}, 'data.shuffle_block must be an integer >= 1, got 0'),
+    ({'data.block_size': 0}, 'data.block_size must be an integer >= 1, got 0'),
     ({'data.prefetch': 0}, 'data.prefetch must be an integer >= 1, got 0'),
     ({'data.streams': 0}, 'data.streams must be an integer >= 1, got 0'),
     ({'data.workers': -1}, 'data.workers must be an integer >= 0, got -1'),
@@ -440,6 +441,14 @@ def test_an_unknown_config_field_is_named_with_its_flag_and_hint(argv, path, mes
   config = ml_collections.ConfigDict({'train': {'steps': 1, 'batch_size': 2},
                                       'optimizer': {'learning_rate': 1.0}})
   assert cli._unknown_field(_ml_collections_error(config, path), argv) == message
+
+
+def test_a_renamed_config_field_names_its_new_name():
+  argv = ['x', '--config.data.shuffle_block=16']
+  error = _ml_collections_error(mlm_configs.get_config('smoke'), 'data.shuffle_block')
+  assert cli._unknown_field(error, argv, mlm.RENAMED_FIELDS) == (
+      "--config.data.shuffle_block=16: no config field 'data.shuffle_block' "
+      "(renamed 'data.block_size')")
 
 
 def test_a_config_file_traceback_is_cut_to_its_last_line():
@@ -874,7 +883,7 @@ def test_a_huge_one_line_document_is_parsed_once_per_pass_not_per_example(
   monkeypatch.setattr(data_lib, 'read_documents', counting)
   source = data_lib.DocumentSource('huge', [str(path)], seed=0)
   stream = data_lib.ExampleStream([source], [1.0], seq_len=64, docs_per_example=10,
-                                  shuffle_block=16, seed=0)
+                                  block_size=16, seed=0)
   examples = stream.examples()
   count = 64
   rows = [next(examples)[0] for _ in range(count)]

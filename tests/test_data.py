@@ -86,7 +86,7 @@ def _corpus(tmp_path, name, n, prefix):
 def _stream(tmp_path, weights=(0.7, 0.3), **kwargs):
   a = data.DocumentSource('c4', [_corpus(tmp_path, 'a', 50, 'AAA')], seed=1)
   b = data.DocumentSource('wiki', [_corpus(tmp_path, 'b', 40, 'BBB')], seed=1)
-  args = dict(seq_len=64, docs_per_example=3, shuffle_block=16, seed=5)
+  args = dict(seq_len=64, docs_per_example=3, block_size=16, seed=5)
   args.update(kwargs)
   return data.ExampleStream([a, b], list(weights), **args)
 

@@ -1,8 +1,10 @@
 """The pretraining input pipeline's examples, streams, worker processes and Parquet input."""
 
+import collections
 import gzip
 import json
 import os
+import re
 import signal
 import time
 
@@ -42,37 +44,49 @@ def _ids(text: bytes):
   return [b + NUM_SPECIAL for b in text]
 
 
-def test_every_crop_is_an_example_and_each_byte_is_used_once_per_epoch(tmp_path):
-  texts = _texts(12)
+@pytest.mark.parametrize('open_concatenations', [1, 3, 1024])
+def test_every_crop_is_an_example_and_each_byte_is_used_once_per_epoch(
+    tmp_path, open_concatenations):
+  # Numbered words: every 16-byte crop holds a whole one, so no two crops are alike.
+  texts = [f'doc {i}: ' + ' '.join(f'w{i}.{k}' for k in range(3 + 7 * i % 30))
+           for i in range(12)]
   path = _jsonl_gz(tmp_path / 'c4-train.00000-of-00001.json.gz', texts)
   seq_len, docs = 16, 3
   source = data.DocumentSource('c4', [path], seed=0)
   stream = data.ExampleStream([source], [1.0], seq_len=seq_len, docs_per_example=docs,
-                              shuffle_block=8, seed=0)
+                              block_size=8, open_concatenations=open_concatenations,
+                              seed=0)
   # By hand: groups of 3 documents joined by SEP, cut every 16 ids, the last crop padded.
-  expected = []
+  crops = []   # per concatenation, its crops in order
   for g in range(0, 12, docs):
     joined = []
     for k, text in enumerate(texts[g:g + docs]):
       joined += ([tok_lib.SEP_ID] if k else []) + _ids(text.encode())
-    for start in range(0, len(joined), seq_len):
-      crop = joined[start:start + seq_len]
-      expected.append(tuple(crop + [tok_lib.PAD_ID] * (seq_len - len(crop))))
-  it = stream.examples()
-  # The blocks are shuffled; one file is read in the same order every epoch, so the
-  # examples of whole blocks are the crops above, then the next epoch's first ones.
-  blocks = -(-len(expected) // 8)
-  got = [tuple(next(it)[0].tolist()) for _ in range(blocks * 8)]
-  assert sorted(got) == sorted(expected + expected[:blocks * 8 - len(expected)])
-  assert len(expected) > 2 * 12 // docs      # several crops per concatenation
+    crops.append([tuple(joined[i:i + seq_len] + [tok_lib.PAD_ID] * (
+        seq_len - len(joined[i:i + seq_len]))) for i in range(0, len(joined), seq_len)])
+  where = {crop: (c, i) for c, cs in enumerate(crops) for i, crop in enumerate(cs)}
+  assert len(where) == sum(map(len, crops)) > 2 * len(crops)   # several crops each
   # Padding only in the last crop of each concatenation.
-  assert sum(e[-1] == tok_lib.PAD_ID for e in expected) == 12 // docs
+  assert sum(c[-1] == tok_lib.PAD_ID for cs in crops for c in cs) == len(crops)
+  # Every example is one of those crops. Each concatenation's crops come in order, all
+  # of them before any again (each byte once per epoch), and the concatenations are
+  # opened in the file's order (one file: the same order every epoch).
+  it = stream.examples()
+  seen = [[] for _ in crops]
+  for _ in range(5 * len(where)):
+    c, i = where[tuple(next(it)[0].tolist())]
+    seen[c].append(i)
+  for c, indices in enumerate(seen):
+    assert indices == [k % len(crops[c]) for k in range(len(indices))]
+  opened = [-(-len(s) // len(crops[c])) for c, s in enumerate(seen)]
+  assert opened == sorted(opened, reverse=True) and opened[0] - opened[-1] <= 1
+  assert min(len(s) for s in seen) >= 2 * len(crops[0])
 
 
 def _spec(files, streams=2, batch=4, host=0, hosts=1, seq_len=32, **kwargs):
   sources = tuple(data.SourceSpec(name, tuple(paths), weight)
                   for name, paths, weight in files)
-  args = dict(seq_len=seq_len, docs_per_example=2, separator='sep', shuffle_block=8, seed=3,
+  args = dict(seq_len=seq_len, docs_per_example=2, separator='sep', block_size=8, seed=3,
               batch_size=batch, masker=masking.WordMasker(0.15), host=host, hosts=hosts,
               streams=streams)
   args.update(kwargs)
@@ -296,3 +310,72 @@ def test_the_data_suite_computes_the_devices_need_from_the_flops():
   assert one['sequences_per_s'] == pytest.approx(0.45 * 989e12 / (3 * 120.9e9), rel=1e-3)
   assert eight['sequences_per_s'] == pytest.approx(8 * one['sequences_per_s'])
   assert one['bytes_per_s'] == pytest.approx(2048 * one['sequences_per_s'])
+
+
+def _long_documents(tmp_path, n, sizes=(1000, 8000)):
+  """``n`` documents of ``sizes`` bytes, document i's text '[iiii]' repeated: any
+  32-byte crop names its document."""
+  rng = np.random.default_rng(n)
+  texts = [(f'[{i:04d}]' * 1400)[:int(rng.integers(*sizes))] for i in range(n)]
+  return _jsonl_gz(tmp_path / f'long{n}.json.gz', texts)
+
+
+def _documents_per_row(batch):
+  rows = np.clip(batch['labels'] - NUM_SPECIAL, 0, 255).astype(np.uint8)
+  return [set(re.findall(rb'\[(\d{4})\]', row.tobytes())) for row in rows]
+
+
+@pytest.mark.parametrize('open_concatenations', [64, 1])
+def test_a_batch_holds_at_most_two_crops_of_one_long_document(
+    tmp_path, open_concatenations):
+  """The guarantee of data.open_concatenations (train/configs/mlm.py): with B <= open
+  concatenations, at most 2 crops of one concatenation in a batch of B. With one open
+  (the pipeline before), consecutive crops of a document fill whole batches."""
+  files = [('long', [_long_documents(tmp_path, 300)], 1.0)]
+  spec = _spec(files, streams=1, batch=32, docs_per_example=1,
+               open_concatenations=open_concatenations)
+  worst = 0
+  for batch, _ in _take(data.interleave([spec]), 60):
+    counts = collections.Counter(d for docs in _documents_per_row(batch) for d in docs)
+    worst = max(worst, max(counts.values()))
+  if open_concatenations == 1:
+    assert worst == 32
+  else:
+    assert worst <= 2
+
+
+def test_interleaved_crops_resume_exactly_across_refills_and_epochs(tmp_path):
+  """Few open concatenations, long documents and a small share: slots are refilled and
+  epochs end many times within the run; every cut resumes to the straight run."""
+  files = [('long', [_long_documents(tmp_path, 12, (100, 800))], 0.6),
+           ('short', [_jsonl_gz(tmp_path / 'short.json.gz', _texts(20))], 0.4)]
+  spec = _spec(files, streams=2, batch=8, docs_per_example=2, open_concatenations=5,
+               block_size=16)
+  straight = _take(data.interleave([spec]), 120)
+  for cut in (1, 37, 83):
+    position = json.loads(json.dumps(straight[cut - 1][1]))
+    _assert_same(_take(data.interleave([spec], position), 120 - cut), straight[cut:])
+
+
+def test_the_mixing_measure_names_each_crops_document():
+  """bench.mixing: a tagged document's every 64-byte crop names it, whatever the offset,
+  and a batch's documents and largest share are counted from the rows."""
+  from bench import data_rate, mixing   # pylint: disable=import-outside-toplevel
+  texts = {n: mixing.tag(n, 300) for n in (0, 7, 4095, 64 ** 3 - 1)}
+  assert all(len(t) == 300 for t in texts.values())
+  rows = []
+  for n, text in texts.items():
+    for start in (0, 1, 2, 3, 200):
+      rows.append(np.array(_ids(text[start:start + 64].encode())))
+      assert mixing.documents_of(rows[-1]) == {n}
+  # A row across two documents (SEP between) names both.
+  both = np.array(_ids(texts[7][:30].encode()) + [tok_lib.SEP_ID] +
+                  _ids(texts[0][:33].encode()))
+  assert mixing.documents_of(both) == {7, 0}
+  stats = mixing.batch_mixing(rows[:5] + rows[5:7] + [both])
+  assert stats == {'documents': 2, 'max_share': 6 / 8}
+  table = data_rate.render_mixing([{'preset': 'smoke', 'batch': 32, 'seq_len': 64,
+                                    'batches': 10, 'documents_mean': 17.1,
+                                    'documents_min': 9, 'max_share_mean': 0.19,
+                                    'max_share_max': 0.47}])
+  assert '17.1 (9)' in table and '0.190 (0.470)' in table

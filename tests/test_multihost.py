@@ -44,7 +44,7 @@ def _args(tmp_path, workdir, steps, **overrides):
   settings = {
       'train.steps': steps, 'train.batch_size': 4,
       'train.log_every': 1, 'train.eval_every': 0, 'train.checkpoint_every': 1000,
-      'data.docs_per_example': 2, 'data.shuffle_block': 16, 'data.prefetch': 2,
+      'data.docs_per_example': 2, 'data.block_size': 16, 'data.prefetch': 2,
       'optimizer.warmup_steps': 2, 'optimizer.decay_steps': 100,
       'data.sources.stdlib.paths': _corpus(tmp_path), 'data.eval_paths': '',
   }

@@ -12,12 +12,18 @@ numpy (and pyarrow for Parquet) only. Per host:
    crops (the last one padded), every crop an example -- the model card's "concatenate
    10 documents before splitting into crops to reduce wasteful computation on padding
    tokens" -- so each document byte is trained on once per epoch.
-3. Shuffling: examples are built in blocks of ``shuffle_block`` and emitted in a seeded
-   permutation of each block. Everything random is seeded by (seed, reader, block), so the
-   stream's position is a small JSON state -- for each source, where its current
-   concatenation starts and how many of its crops were taken, at the block's start, plus
-   the index in the block -- and a resumed run sees exactly the examples it would have
-   seen.
+3. Mixing documents: a source keeps ``open_concatenations`` concatenations open and takes
+   its crops from them in turn, every round in a seeded order (``_Interleaved``).
+   Consecutive crops of one long document would otherwise fill whole batches (64-byte
+   crops of a 10 KB document: 160 in a row); instead, while that many are open, any
+   ``open_concatenations`` consecutive crops of a source hold at most two of one
+   concatenation, whatever the document lengths and ``seq_len`` (a share with fewer
+   documents ends each epoch on its longest ones). Examples are built in blocks of
+   ``block_size`` and emitted in order; everything random is seeded by (seed, reader,
+   block or round), so the stream's position is a small JSON state -- each source's open
+   concatenations (where each starts, how many crops were taken) at the block's start,
+   plus the index in the block -- and a resumed run sees exactly the examples it would
+   have seen.
 4. ``batches``: masked batches of one stream, the masking RNG seeded by the batch's number.
 5. ``StreamSpec`` and ``interleave``: a host's data is ``streams`` such streams (each a
    disjoint share of the host's share, like a host of its own), batch ``n`` taken from
@@ -34,6 +40,7 @@ UTF-8 in a .txt file is trained on unchanged.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import glob
 import gzip
@@ -306,12 +313,13 @@ class DocumentSource:
 
 
 # --------------------------------------------------------------------------------------
-# Examples: concatenation, consecutive crops, mixing, block shuffling.
+# Examples: concatenation, consecutive crops interleaved across open concatenations, mixing.
 
-def join_documents(parts: Sequence[bytes], separator: np.ndarray) -> np.ndarray:
-  """Token ids of ``parts`` (document bytes) joined by ``separator`` (ids)."""
+def join_documents(parts: Sequence[bytes], separator: np.ndarray, dtype=np.int32
+                   ) -> np.ndarray:
+  """Token ids of ``parts`` (document bytes) joined by ``separator`` (ids), as ``dtype``."""
   total = sum(len(p) for p in parts) + len(separator) * max(len(parts) - 1, 0)
-  out = np.empty(total, np.int32)
+  out = np.empty(total, dtype)
   at = 0
   for i, part in enumerate(parts):
     if i and len(separator):
@@ -324,70 +332,190 @@ def join_documents(parts: Sequence[bytes], separator: np.ndarray) -> np.ndarray:
   return out
 
 
-class _Crops:
-  """One source's consecutive crops: ``docs`` documents joined, cut every ``seq_len``.
+def _position(state: SourceState) -> Tuple[int, int, int]:
+  return state.epoch, state.shard, state.doc
 
-  ``start`` is the source position where the current concatenation begins and ``taken``
-  how many of its crops were emitted: together, this source's resume state.
+
+class _Interleaved:
+  """One source's crops, taken in turn from ``count`` open concatenations ("slots").
+
+  A slot holds ``docs`` consecutive documents joined, cut every ``seq_len``; an exhausted
+  (or never used) slot is refilled with the source's next ``docs`` documents. Each round
+  visits every slot once, in a seeded order, so ``count`` consecutive crops of a source
+  come from ``count`` different concatenations, at most two from one across a round's
+  end: a batch mixes documents whatever their length or ``seq_len``.
+
+  Each document byte is still used once per epoch: a concatenation of the next epoch is
+  opened only once none of the current epoch's is open (else a share with fewer
+  documents than slots would hold one document in several slots at once). While the
+  last concatenations of an epoch drain, fewer than ``count`` are open.
+
+  The state (``snapshot``) is JSON: the source position of the next concatenation, per
+  slot the position its concatenation starts at and the crops taken from it, and the
+  round and turn. Ids are kept as uint16 (the vocabulary is 262): half the memory.
   """
 
-  def __init__(self, source: DocumentSource, start: SourceState, taken: int, docs: int,
-               separator: np.ndarray, seq_len: int):
-    self.source, self.start, self.taken = source, start, taken
-    self.docs, self.separator, self.seq_len = docs, separator, seq_len
+  def __init__(self, source: DocumentSource, state: dict, *, docs: int,
+               separator: np.ndarray, seq_len: int, count: int, seed: int, reader: int):
+    self.source, self.docs, self.separator, self.seq_len = source, docs, separator, seq_len
+    self.count, self.seed, self.reader = count, seed, reader
+    self.next_start = SourceState(**state['next'])
+    self.starts: List[Optional[Tuple[int, int, int]]] = [None] * count
+    self.taken = [0] * count
+    flat = state['slots']
+    for i in range(min(count, len(flat) // 4)):
+      if flat[4 * i] >= 0:
+        self.starts[i], self.taken[i] = tuple(flat[4 * i:4 * i + 3]), flat[4 * i + 3]
+    self.round, self.turn = state['turn']
+    self._order = self._round_order(self.round)
+    self._ids: List[Optional[np.ndarray]] = [None] * count
+    self._epochs: List[Optional[int]] = [None] * count   # of a slot's first document
+    self._is_open = np.zeros(count, bool)                # crops left
+    self._open_turns: Optional[List[int]] = None
+    self._open: Dict[int, int] = {}                     # epoch -> open slots
+    self._pending = None   # the next concatenation, read but held back by the epoch rule
     self._documents = None
-    self._ids: Optional[np.ndarray] = None
-    self._after = start
+    self._reopen()
 
-  def _load(self) -> None:
+  @staticmethod
+  def initial_state(count: int) -> dict:
+    return {'next': dataclasses.asdict(SourceState()), 'slots': [-1] * (4 * count),
+            'turn': [0, 0]}
+
+  def snapshot(self) -> dict:
+    """The state (``slots``: one flat list, 4 ints a slot, -1 for one never opened)."""
+    flat = []
+    for start, taken in zip(self.starts, self.taken):
+      flat.extend((-1, -1, -1, -1) if start is None else (*start, taken))
+    return {'next': dataclasses.asdict(self.next_start), 'turn': [self.round, self.turn],
+            'slots': flat}
+
+  def _round_order(self, round_: int) -> np.ndarray:
+    rng = np.random.default_rng([self.seed, self.reader, zlib.crc32(self.source.name.encode()),
+                                 2, round_])
+    return rng.permutation(self.count)
+
+  def _set(self, slot: int, parts: List[bytes], epoch: int) -> None:
+    """Slot ``slot`` holds ``parts`` joined (its start and taken already set)."""
+    self._ids[slot] = join_documents(parts, self.separator, np.uint16)
+    if self.taken[slot] * self.seq_len < len(self._ids[slot]):
+      self._epochs[slot], self._is_open[slot], self._open_turns = epoch, True, None
+      self._open[epoch] = self._open.get(epoch, 0) + 1
+
+  def _reopen(self) -> None:
+    """Rebuilds the slots of a resumed state: one pass over the source from the oldest
+    slot's start to ``next_start``, keeping only the slots' documents."""
+    wanted = {s: i for i, s in enumerate(self.starts) if s is not None}
+    if not wanted:
+      return
+    at = min(wanted)
+    documents = self.source.documents(SourceState(*at))
+    filling: List[Tuple[int, List[bytes], int]] = []
+    while wanted or filling:
+      doc, after = next(documents)
+      slot = wanted.pop(at, None)
+      if slot is not None:
+        filling.append((slot, [], after.epoch))
+      for slot_, parts, epoch in filling:
+        parts.append(doc)
+        if len(parts) == self.docs:
+          self._set(slot_, parts, epoch)
+      filling = [f for f in filling if len(f[1]) < self.docs]
+      at = _position(after)
+    if at == _position(self.next_start):   # the newest slot ends where the next begins
+      self._documents = documents
+
+  def _read_next(self) -> Tuple[List[bytes], int, SourceState]:
+    """The next concatenation: (documents, epoch of the first, source position after)."""
     if self._documents is None:
-      self._documents = self.source.documents(self.start)
-    parts = []
+      self._documents = self.source.documents(self.next_start)
+    parts, epoch, after = [], None, self.next_start
     for _ in range(self.docs):
-      doc, self._after = next(self._documents)
+      doc, after = next(self._documents)
       parts.append(doc)
-    self._ids = join_documents(parts, self.separator)
+      epoch = after.epoch if epoch is None else epoch
+    return parts, epoch, after
+
+  def _refill(self, slot: int) -> bool:
+    """Opens the next concatenation in ``slot``; False while the epoch rule holds it."""
+    if self._pending is None:
+      self._pending = self._read_next()
+    parts, epoch, after = self._pending
+    if any(count for e, count in self._open.items() if e < epoch):
+      return False
+    self._pending = None
+    self.starts[slot], self.taken[slot] = _position(self.next_start), 0
+    self.next_start = after
+    self._set(slot, parts, epoch)
+    return True
+
+  def _held(self) -> bool:
+    """Whether the epoch rule holds the next concatenation back (it is read already)."""
+    if self._pending is None:
+      return False
+    epoch = self._pending[1]
+    for e, count in self._open.items():
+      if count and e < epoch:
+        return True
+    return False
+
+  def _next_slot(self) -> int:
+    """The round's next slot; while the next concatenation is held back, the next open
+    one (a bisection of the round's open turns: a share smaller than ``count`` drains
+    often)."""
+    while True:
+      if self._held():
+        if self._open_turns is None:   # the turns of this round's open slots
+          self._open_turns = np.flatnonzero(self._is_open[self._order]).tolist()
+        i = bisect.bisect_left(self._open_turns, self.turn)
+        self.turn = self.count if i == len(self._open_turns) else self._open_turns[i]
+      if self.turn < self.count:
+        self.turn += 1
+        return int(self._order[self.turn - 1])
+      self.round, self.turn = self.round + 1, 0
+      self._order, self._open_turns = self._round_order(self.round), None
 
   def next(self) -> np.ndarray:
-    """The next crop (at most ``seq_len`` ids)."""
-    if self._ids is None:
-      self._load()
-    if self.taken * self.seq_len >= len(self._ids):
-      self.start, self.taken = self._after, 0
-      self._load()
-    begin = self.taken * self.seq_len
-    self.taken += 1
-    return self._ids[begin:begin + self.seq_len]
+    """The next crop (at most ``seq_len`` ids), from the round's next open slot."""
+    slot = self._next_slot()
+    while not (self._is_open[slot] or self._refill(slot)):
+      slot = self._next_slot()
+    ids, begin = self._ids[slot], self.taken[slot] * self.seq_len
+    self.taken[slot] += 1
+    if begin + self.seq_len >= len(ids):   # its last crop: the slot closes
+      self._open[self._epochs[slot]] -= 1
+      self._is_open[slot], self._open_turns = False, None
+    return ids[begin:begin + self.seq_len]
 
 
 @dataclasses.dataclass
 class StreamState:
-  """Where an ``ExampleStream`` is: block #block, example #index in it, and, at that
-  block's start, each source's position (where its current concatenation starts) and the
-  number of crops already taken from that concatenation."""
+  """Where an ``ExampleStream`` is: block #block, example #index in it, and each source's
+  ``_Interleaved`` state at that block's start."""
   block: int = 0
   index: int = 0
-  sources: Dict[str, SourceState] = dataclasses.field(default_factory=dict)
-  crops: Dict[str, int] = dataclasses.field(default_factory=dict)
+  sources: Dict[str, dict] = dataclasses.field(default_factory=dict)
 
   def to_json(self) -> dict:
-    return {'block': self.block, 'index': self.index,
-            'sources': {k: dataclasses.asdict(v) for k, v in self.sources.items()},
-            'crops': dict(self.crops)}
+    return {'block': self.block, 'index': self.index, 'interleaved': self.sources}
 
   @classmethod
   def from_json(cls, data: dict) -> 'StreamState':
-    return cls(data['block'], data['index'],
-               {k: SourceState(**v) for k, v in data['sources'].items()},
-               dict(data.get('crops', {})))
+    if 'interleaved' not in data:
+      raise DataError('the data position was written by an earlier input pipeline '
+                      '(before crops were interleaved across open documents); start '
+                      'a new run (another --workdir)')
+    return cls(data['block'], data['index'], data['interleaved'])
 
 
 class ExampleStream:
-  """Endless [seq_len] int32 examples (consecutive crops) mixed from weighted sources."""
+  """Endless [seq_len] int32 examples (consecutive crops, interleaved across
+  ``open_concatenations`` open concatenations per source) mixed from weighted sources."""
 
   def __init__(self, sources: Sequence[DocumentSource], weights: Sequence[float], *,
                seq_len: int, docs_per_example: int = 10, separator: str = 'sep',
-               shuffle_block: int = 1024, seed: int = 0, process_index: int = 0):
+               block_size: int = 1024, open_concatenations: int = 1024,
+               seed: int = 0, process_index: int = 0):
     if len(sources) != len(weights) or not sources:
       raise ValueError('need one weight per source and at least one source')
     weights = np.asarray(weights, np.float64)
@@ -400,47 +528,60 @@ class ExampleStream:
     self.seq_len = seq_len
     self.docs_per_example = docs_per_example
     self.separator = np.asarray(SEPARATORS[separator], np.int32)
-    self.shuffle_block = shuffle_block
+    self.block_size = block_size
+    self.open_concatenations = open_concatenations
     self.seed = seed
     self.process_index = process_index
 
   def initial_state(self) -> StreamState:
-    return StreamState(0, 0, {s.name: SourceState() for s in self.sources},
-                       {s.name: 0 for s in self.sources})
+    return StreamState(0, 0, {s.name: _Interleaved.initial_state(self.open_concatenations)
+                              for s in self.sources})
 
-  def _build_block(self, block: int, crops: Sequence[_Crops]
-                   ) -> Tuple[np.ndarray, np.ndarray]:
-    """Block #``block``: ``shuffle_block`` crops drawn by source, and the seeded order to
-    emit them in (applied as they are emitted, not by copying the block)."""
+  def _build_block(self, block: int, crops: Sequence[_Interleaved]) -> np.ndarray:
+    """Block #``block``: ``block_size`` crops, each from a source drawn by the weights."""
     rng = np.random.default_rng([self.seed, self.process_index, block])
-    examples = np.full((self.shuffle_block, self.seq_len), tokenizer_lib.PAD_ID, np.int32)
-    choices = rng.choice(len(self.sources), size=self.shuffle_block, p=self.probs)
+    examples = np.full((self.block_size, self.seq_len), tokenizer_lib.PAD_ID, np.int32)
+    choices = rng.choice(len(self.sources), size=self.block_size, p=self.probs)
     for row, choice in enumerate(choices):
       crop = crops[choice].next()
       examples[row, :len(crop)] = crop
-    return examples, rng.permutation(self.shuffle_block)
+    return examples
+
+  def chunks(self, count: int, state: Optional[StreamState] = None
+             ) -> Iterator[Tuple[np.ndarray, StreamState]]:
+    """Yields (ids [count, seq_len]: the next ``count`` examples, state after them)
+    forever; PAD marks padding. Examples come in their block's order, so a chunk within
+    a block is a slice of it, not a copy."""
+    state = state or self.initial_state()
+    crops = [_Interleaved(s, state.sources[s.name], docs=self.docs_per_example,
+                          separator=self.separator, seq_len=self.seq_len,
+                          count=self.open_concatenations, seed=self.seed,
+                          reader=self.process_index)
+             for s in self.sources]
+    block, index, at_block_start = state.block, state.index, dict(state.sources)
+    examples, at_end = None, None
+    while True:
+      parts, need = [], count
+      while need:
+        if examples is None or index == self.block_size:
+          if examples is not None:
+            block, index, at_block_start = block + 1, 0, at_end
+          examples = self._build_block(block, crops)
+          at_end = {c.source.name: c.snapshot() for c in crops}
+        take = min(need, self.block_size - index)
+        parts.append(examples[index:index + take])
+        index, need = index + take, need - take
+      if index == self.block_size:
+        after = StreamState(block + 1, 0, at_end)
+      else:
+        after = StreamState(block, index, at_block_start)
+      yield parts[0] if len(parts) == 1 else np.concatenate(parts), after
 
   def examples(self, state: Optional[StreamState] = None
                ) -> Iterator[Tuple[np.ndarray, StreamState]]:
-    """Yields (ids [seq_len], state after this example) forever; PAD marks padding."""
-    state = state or self.initial_state()
-    crops = [_Crops(s, state.sources[s.name], state.crops.get(s.name, 0),
-                    self.docs_per_example, self.separator, self.seq_len)
-             for s in self.sources]
-    block, start = state.block, state.index
-    at_block_start = (dict(state.sources), {s.name: state.crops.get(s.name, 0)
-                                            for s in self.sources})
-    while True:
-      examples, order = self._build_block(block, crops)
-      at_end = ({c.source.name: c.start for c in crops},
-                {c.source.name: c.taken for c in crops})
-      for index in range(start, self.shuffle_block):
-        if index + 1 == self.shuffle_block:
-          after = StreamState(block + 1, 0, *at_end)
-        else:
-          after = StreamState(block, index + 1, *at_block_start)
-        yield examples[order[index]], after
-      block, start, at_block_start = block + 1, 0, at_end
+    """Yields (ids [seq_len], state after this example) forever, one at a time."""
+    for ids, after in self.chunks(1, state):
+      yield ids[0], after
 
 
 # --------------------------------------------------------------------------------------
@@ -456,13 +597,7 @@ def batches(stream: ExampleStream, batch_size: int, masker, state: Optional[dict
     stream_state, count = None, 0
   else:
     stream_state, count = StreamState.from_json(state['stream']), state['batches']
-  examples = stream.examples(stream_state)
-  while True:
-    rows = []
-    for _ in range(batch_size):
-      ids, stream_state = next(examples)
-      rows.append(ids)
-    ids = np.stack(rows)
+  for ids, stream_state in stream.chunks(batch_size, stream_state):
     rng = np.random.default_rng([stream.seed, stream.process_index, 1 << 20, count])
     batch = masker(ids, (ids != tokenizer_lib.PAD_ID).astype(np.int32), rng)
     count += 1
@@ -493,13 +628,14 @@ class StreamSpec:
   seq_len: int
   docs_per_example: int
   separator: str
-  shuffle_block: int
+  block_size: int
   seed: int
   batch_size: int
   masker: object
   host: int = 0
   hosts: int = 1
   streams: int = 1
+  open_concatenations: int = 1024
 
   def stream(self, j: int) -> ExampleStream:
     reader, readers = self.host * self.streams + j, self.hosts * self.streams
@@ -509,7 +645,9 @@ class StreamSpec:
                for s in self.sources]
     return ExampleStream(sources, [s.weight for s in self.sources], seq_len=self.seq_len,
                          docs_per_example=self.docs_per_example, separator=self.separator,
-                         shuffle_block=self.shuffle_block, seed=self.seed,
+                         block_size=self.block_size,
+                         open_concatenations=self.open_concatenations,
+                         seed=self.seed,
                          process_index=reader)
 
   def batches(self, j: int, state: Optional[dict] = None):

@@ -85,7 +85,9 @@ def stream_specs(config, workdir, host_batch) -> List[data_lib.StreamSpec]:
   return [data_lib.StreamSpec(
       tuple(sources), seq_len=config.model.max_seq_len,
       docs_per_example=config.data.docs_per_example, separator=config.data.separator,
-      shuffle_block=config.data.shuffle_block, seed=config.seed,
+      block_size=config.data.block_size,
+      open_concatenations=config.data.open_concatenations,
+      seed=config.seed,
       batch_size=host_batch // len(shares), masker=masker, host=host, hosts=hosts,
       streams=config.data.streams) for host, hosts in shares]
 
@@ -113,7 +115,9 @@ def eval_batches(config, workdir, host_batch) -> List[Dict[str, np.ndarray]]:
   stream = data_lib.ExampleStream(
       [source], [1.0], seq_len=config.model.max_seq_len,
       docs_per_example=config.data.docs_per_example, separator=config.data.separator,
-      shuffle_block=max(host_batch, 16), seed=config.seed + 1,
+      block_size=max(host_batch, 16),
+      open_concatenations=config.data.open_concatenations,
+      seed=config.seed + 1,
       process_index=jax.process_index())
   it = data_lib.batches(stream, host_batch, make_masker(config, for_training=False))
   return [next(it)[0] for _ in range(config.train.eval_batches)]

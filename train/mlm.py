@@ -94,7 +94,8 @@ def check_config(config) -> None:
                             ('train.eval_batches', t.eval_batches, 0),
                             ('train.max_predictions', t.max_predictions, 0),
                             ('data.docs_per_example', d.docs_per_example, 1),
-                            ('data.shuffle_block', d.shuffle_block, 1),
+                            ('data.block_size', d.block_size, 1),
+                            ('data.open_concatenations', d.open_concatenations, 1),
                             ('data.prefetch', d.prefetch, 1),
                             ('data.streams', d.streams, 1),
                             ('data.workers', d.workers, 0),
@@ -201,7 +202,8 @@ def _check_resume_config(saved, current, path):
 # Settings a resumed run must share with the one it continues: the data position and
 # the RNG streams mean the same thing only under them.
 _RESUME_FIELDS = ('seed', 'data.sources', 'data.docs_per_example', 'data.separator',
-                  'data.shuffle_block', 'data.hosts', 'data.streams', 'masking',
+                  'data.block_size', 'data.open_concatenations', 'data.hosts',
+                  'data.streams', 'masking',
                   'train.batch_size', 'train.grad_accum_steps', 'train.decode_masked_only',
                   'train.max_predictions')
 
@@ -389,5 +391,10 @@ def main(argv):
                  stop_status=0)
 
 
+# Config fields renamed since a release: an old name given on the command line is an
+# error naming the new one.
+RENAMED_FIELDS = {'data.shuffle_block': 'data.block_size'}
+
+
 if __name__ == '__main__':
-  cli.start(main, define_flags, stop_status=0)
+  cli.start(main, define_flags, stop_status=0, renamed=RENAMED_FIELDS)

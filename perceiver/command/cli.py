@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import re
 import sys
-from typing import Callable, Optional, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 
 from absl import app
 from absl import flags
@@ -82,11 +82,13 @@ def run(command: Callable[[], Optional[int]], *, saved: str = '',
 _HINT = re.compile(r'Did you mean "([^"]+)" instead of "([^"]+)"\?')
 
 
-def _unknown_field(error: BaseException, argv: Sequence[str]) -> str:
+def _unknown_field(error: BaseException, argv: Sequence[str],
+                   renamed: Optional[Mapping[str, str]] = None) -> str:
   """The message for an override of a config field that does not exist.
 
   ml_collections raises a bare KeyError/AttributeError naming only the last part of the
-  path (with a hint); the flag is found on the command line by that part.
+  path (with a hint); the flag is found on the command line by that part. ``renamed``
+  (old path -> new path, the command's) names a field's new name.
   """
   text = str(error.args[0] if error.args else error).replace("\\'", "'")
   text = text.replace('\\n', '\n')
@@ -103,7 +105,9 @@ def _unknown_field(error: BaseException, argv: Sequence[str]) -> str:
   if culprit is None:
     return f'no config field {key!r}' + (f' (did you mean {hint.group(1)!r}?)' if hint else '')
   message = f'{culprit}: no config field {path!r}'
-  if hint:
+  if path in (renamed or {}):
+    message += f' (renamed {renamed[path]!r})'
+  elif hint:
     message += f' (did you mean {path.replace(key, hint.group(1))!r}?)'
   return message
 
@@ -156,7 +160,8 @@ def _broken_config_file(error: BaseException, argv: Sequence[str],
           f'{type(error).__name__}: {text}{where}')
 
 
-def parse_flags(argv: Sequence[str], config_flags: Sequence[str] = ('config',)):
+def parse_flags(argv: Sequence[str], config_flags: Sequence[str] = ('config',),
+                renamed: Optional[Mapping[str, str]] = None):
   """``app.run``'s flags parser under the policy (see the module docstring)."""
   try:
     rest = flags.FLAGS(argv)
@@ -167,7 +172,7 @@ def parse_flags(argv: Sequence[str], config_flags: Sequence[str] = ('config',)):
   except (KeyError, AttributeError) as e:   # an override of a field that does not exist
     if verbose():
       raise
-    _fail(_unknown_field(e, argv))
+    _fail(_unknown_field(e, argv, renamed))
   except (SyntaxError, ImportError, NameError) as e:   # a config file that is not Python
     if verbose():
       raise
@@ -177,13 +182,14 @@ def parse_flags(argv: Sequence[str], config_flags: Sequence[str] = ('config',)):
 
 
 def start(main: Callable, define_flags: Callable[[], None] = lambda: None, *,
-          stop_status: Optional[int] = None, config_flags: Sequence[str] = ('config',)
-          ) -> None:
+          stop_status: Optional[int] = None, config_flags: Sequence[str] = ('config',),
+          renamed: Optional[Mapping[str, str]] = None) -> None:
   """Runs a command: the signal guard first, then its flags, then ``main`` (absl).
 
   ``define_flags`` may already parse part of the command line (ml_collections defines a
   flag per ``--config.<field>`` override when the config flag is defined), so its errors
-  are reported under the policy too. ``stop_status``: see ``signal_guard.install`` (which
+  are reported under the policy too; ``renamed``: config fields' old paths -> new
+  paths, named when an old one is given. ``stop_status``: see ``signal_guard.install`` (which
   the command module calls first thing; calling it again changes nothing else).
   """
   signal_guard.install(stop_status)
@@ -196,7 +202,7 @@ def start(main: Callable, define_flags: Callable[[], None] = lambda: None, *,
   except (KeyError, AttributeError) as e:
     if verbose():
       raise
-    _fail(_unknown_field(e, sys.argv))
+    _fail(_unknown_field(e, sys.argv, renamed))
 
   def guarded_main(argv):
     status = main(argv)
@@ -209,4 +215,4 @@ def start(main: Callable, define_flags: Callable[[], None] = lambda: None, *,
       os._exit(status or 0)   # pylint: disable=protected-access
     return status
 
-  app.run(guarded_main, flags_parser=lambda argv: parse_flags(argv, config_flags))
+  app.run(guarded_main, flags_parser=lambda argv: parse_flags(argv, config_flags, renamed))

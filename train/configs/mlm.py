@@ -44,7 +44,20 @@ def _base() -> ml_collections.ConfigDict:
   # Chosen here: the tokenizer's SEP id between concatenated documents, so the model sees
   # where one document ends ('sep', 'eos', 'newline' or 'none').
   c.data.separator = 'sep'
-  c.data.shuffle_block = 1024    # chosen here: examples are shuffled within blocks of this size
+  # Chosen here: examples are built in blocks of this size (a block's source draws are
+  # seeded together; a resumed run rebuilds the block it stopped in).
+  c.data.block_size = 1024
+  # Chosen here: each source keeps this many concatenations open and takes its crops
+  # from them in turn, in a seeded order each round (train/data.py). Guarantee: while at
+  # least B of a source's concatenations are open, a batch of B sequences of one stream
+  # holds at most 2 crops of one concatenation (of docs_per_example documents), whatever
+  # the document lengths and max_seq_len, where one long document's consecutive crops once
+  # filled whole batches (tests/test_input_pipeline.py). A stream's share with fewer
+  # documents than that ends each epoch with fewer open: its longest documents' last crops
+  # then fill the epoch's last batches (bench.mixing, bench/RESULTS.md).
+  # Memory: the open concatenations, 2 bytes a byte (C4, 10 documents: about 45 MB per
+  # source and stream).
+  c.data.open_concatenations = 1024
   c.data.prefetch = 8            # host batches prepared ahead by a background thread
   # Chosen here: each host's data is this many streams, each reading its own share of the
   # host's shards (as that many hosts would), host batch n taken from stream n % streams.
@@ -153,7 +166,7 @@ def _with_model(c, model):
 
 def _short_cpu_run(c, learning_rate, eval_batches):
   """300 steps of 16 sequences with frequent logs, for a CPU."""
-  c.data.shuffle_block = 256
+  c.data.block_size = 256
   c.optimizer.learning_rate = learning_rate
   c.optimizer.warmup_steps = 30
   c.optimizer.decay_steps = 300
@@ -182,7 +195,7 @@ def screen():
   c = _with_model(_base(), model_configs.with_position_init(model_configs.cpu_sized(256)))
   _short_cpu_run(c, learning_rate=3e-3, eval_batches=8)
   _shared_text(c)
-  c.data.shuffle_block = 256
+  c.data.block_size = 256
   c.train.steps = 100_000
   c.train.eval_every = 250
   c.train.log_every = 50
@@ -218,7 +231,7 @@ def cpu():
   c = _with_model(_base(), model_configs.with_position_init(model_configs.cpu_sized(64)))
   _shared_text(c, eval_batches=16)
   c.data.docs_per_example = 1    # a 64-byte crop needs one document, not ten
-  c.data.shuffle_block = 256
+  c.data.block_size = 256
   learning_settings(c)
   c.optimizer.learning_rate = 3e-3   # chosen here for the small model (the smoke preset's)
   c.optimizer.warmup_steps = 100     # chosen here: short run
