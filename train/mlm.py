@@ -29,7 +29,6 @@ import sys
 from typing import Callable, Dict, NamedTuple
 
 from absl import flags
-import haiku as hk
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -185,9 +184,8 @@ def count_fn(batch):
 
 
 class Built(NamedTuple):
-  """A run's masked LM: the model, its training loss, and its training state (made by
+  """A run's masked LM: its training loss, and its training state (made by
   ``make_state``; its shapes, and its layout on the run's mesh)."""
-  model: hk.Transformed
   loss_fn: Callable
   make_state: Callable[[], step_lib.TrainState]
   shapes: step_lib.TrainState
@@ -206,7 +204,7 @@ def build(run: driver.Run, seed: int = 0, decode_masked_only: bool = False,
       lambda: model.init(jax.random.PRNGKey(seed), ids, jnp.ones_like(ids)), run.optimizer,
       jax.random.PRNGKey(seed + 1))
   shapes = jax.eval_shape(make_state)
-  return Built(model, make_loss_fn(model, decode_masked_only, unmasked_weight), make_state,
+  return Built(make_loss_fn(model, decode_masked_only, unmasked_weight), make_state,
                shapes, mesh_lib.state_shardings(run.mesh, shapes))
 
 
