@@ -100,6 +100,8 @@ def test_transform_refuses_a_compute_resolved_from_another_config():
     transform.classifier(_tiny('reference'), 2, compute=layers.Compute(kernels='xla_cpu'))
   with pytest.raises(TypeError, match='must be a perceiver.model.layers.Compute'):
     transform.encoder(_tiny('auto'), compute='cpu')
+  with pytest.raises(ValueError, match="platform must be one of cpu, cuda, rocm, tpu .*'gpu'"):
+    transform.masked_lm(_tiny('auto'), platform='gpu')
   with pytest.raises(ValueError, match='give platform .* or compute .*, not both'):
     transform.token_classifier(_tiny('auto'), 2, compute=layers.REFERENCE, platform='cpu')
 

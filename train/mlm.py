@@ -43,9 +43,9 @@ from perceiver import transform
 from perceiver.training import distributed
 from perceiver.training import driver
 from perceiver.training import host_memory
-from perceiver.training import run_checkpoints
 from perceiver.training import losses
 from perceiver.training import mesh as mesh_lib
+from perceiver.training import run_checkpoints
 from perceiver.training import step as step_lib
 from perceiver.training import writer as writer_lib
 from train import data as data_lib
@@ -66,7 +66,7 @@ def batch_layout(config) -> Dict[str, int]:
   """Splits ``train.batch_size`` over hosts, devices and accumulation steps."""
   try:
     return mesh_lib.batch_layout(config.train.batch_size, config.train.grad_accum_steps,
-                              'train.batch_size', 'train.grad_accum_steps')
+                                 'train.batch_size', 'train.grad_accum_steps')
   except ValueError as e:
     raise errors.ConfigError(str(e)) from None
 

@@ -46,6 +46,8 @@ _LARGE = 1e30
 KERNELS = ('auto', 'reference', 'xla_cpu')
 RESOLVED_KERNELS = ('reference', 'xla_cpu')
 COMPUTE_DTYPES = ('float32', 'bfloat16')
+# The platforms a program is compiled for, as ``jax.export`` names them.
+PLATFORMS = ('cpu', 'cuda', 'rocm', 'tpu')
 
 
 def low_precision_dtype(compute_dtype) -> Optional[jnp.dtype]:
@@ -70,6 +72,9 @@ def resolve_kernels(kernels: str, platform: Optional[str]) -> str:
   None when not known) computes with: 'reference' or 'xla_cpu'."""
   if kernels not in KERNELS:
     raise ValueError(f'kernels must be one of {", ".join(KERNELS)}; got {kernels!r}')
+  if platform is not None and platform not in PLATFORMS:
+    raise ValueError(f'platform must be one of {", ".join(PLATFORMS)} (or None: not '
+                     f'known); got {platform!r}')
   if kernels == 'auto':
     return 'xla_cpu' if platform == 'cpu' else 'reference'
   return kernels

@@ -24,8 +24,6 @@ on a step after a SIGTERM reaches any host): it does not give these guarantees.
   for itself (``train.max_seconds``) can reach the other hosts through it.
 - It has no bound: a peer that died or stopped answering leaves the others waiting (no
   ``train.stop_timeout_s``, no second signal that ends the process at once).
-- It assumes every host started from the same step and calls it at every step; a
-  host that stops while waiting for data could not take part.
 
 (A non-finite step needs no agreement: the step's metrics are global sums every host
 reads, so all of them see it at the same step and stop: ``loop.NonFiniteError``.)
