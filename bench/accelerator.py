@@ -24,7 +24,7 @@ import numpy as np
 from bench import lowering
 from bench import ours
 from bench import timing
-from perceiver.training import step as step_lib
+from perceiver.model import layers
 
 # device_kind substring -> {precision: dense peak FLOP/s per chip}. Checked in order:
 # the first match wins, so more specific names come first.
@@ -107,7 +107,7 @@ def measure(preset: str, batch_sizes: List[int], precisions: List[str], *, seq_l
             (f', MFU {100 * row["mfu"]:.1f}%' if 'mfu' in row else ''), flush=True)
       del compiled
       gc.collect()
-  platform = step_lib.platform(device)
+  platform = layers.platform(device)
   counts = {platform: lowering.count_ops(lowering.train_step_text(base, platform))}
   return {'device_kind': device.device_kind, 'platform': device.platform,
           'export_platform': platform, 'devices': devices, 'seq_len': seq_len,

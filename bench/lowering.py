@@ -12,7 +12,7 @@ With ``kernels='auto'`` a GPU or TPU program holds none: the XLA:CPU kernels
 from __future__ import annotations
 
 import re
-from typing import Dict, Sequence
+from typing import Dict, Optional, Sequence
 
 from absl import app
 from absl import flags
@@ -21,12 +21,8 @@ from jax import export
 import jax.numpy as jnp
 
 from perceiver import configs
-from perceiver.model import layers
-from perceiver import transform
+from perceiver.training import driver
 from train import mlm
-from perceiver.training import optim
-from perceiver.training import mesh as mesh_lib
-from perceiver.training import step as step_lib
 from train.configs import mlm as mlm_configs
 
 COUNTED = {
@@ -42,39 +38,31 @@ def count_ops(mlir_text: str) -> Dict[str, int]:
 
 
 def train_step_text(model_config, platform: str, batch_size: int = 1,
-                    optimizer_config=None, resolve: bool = True, mesh=None) -> str:
+                    optimizer_config=None, built_for: Optional[str] = None,
+                    mesh_config=None, devices=None) -> str:
   """The StableHLO text of one train step for ``platform``, lowered from this host.
 
-  The step is ``perceiver.training.step.make_train_step``'s, jitted over ``mesh`` (default:
-  one device; any mesh of this host's devices, e.g. 8 simulated CPU devices standing for
-  8 GPUs) with its shardings, ``train.mlm``'s loss and the paper's LAMB; only shapes are
-  used, so the released model lowers in seconds without allocating its parameters.
-  ``batch_size`` is per device. ``resolve``: built for ``platform`` as training builds it
-  for its devices ('auto' settings resolved); otherwise built platform-neutral, 'auto'
-  chosen at lowering.
+  The step is training's own (``driver.Run.train_step`` of ``train.mlm.build``: the
+  masked LM, ``train.mlm``'s loss and the paper's LAMB, jitted over the mesh of
+  ``mesh_config`` and ``devices``: default one device; any mesh of this host's devices,
+  e.g. 8 simulated CPU devices standing for 8 GPUs), built for ``built_for`` (default
+  ``platform``: as training builds it on that platform's devices). Only shapes are used,
+  so the released model lowers in seconds without allocating its parameters.
+  ``batch_size`` is per device.
   """
-  seq_len = model_config.max_seq_len
-  mesh = mesh or mesh_lib.make(devices=jax.devices()[:1])
-  model = transform.masked_lm(
-      model_config, compute=layers.Compute.resolve(model_config, platform if resolve else None))
   optimizer_config = optimizer_config or mlm_configs.get_config('paper').optimizer
-  tx = optim.make(optimizer_config, platform=platform if resolve else None)
-  make = step_lib.new_state_fn(
-      lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, seq_len), jnp.int32)), tx,
-                               jax.random.PRNGKey(0))
-  state = jax.eval_shape(make)
-  shardings = step_lib.state_shardings(mesh, state)
-  step = step_lib.make_train_step(mlm.make_loss_fn(model, decode_masked_only=False),
-                                  mlm.count_fn, tx, optim.schedule(optimizer_config), mesh,
-                                  shardings)
-  rows = batch_size * mesh.devices.size
+  run = driver.Run.create(mesh_config, optimizer_config, model_config,
+                          devices or jax.devices()[:1], platform=built_for or platform)
+  built = mlm.build(run)
+  step = run.train_step(built.loss_fn, mlm.count_fn, built.shardings)
+  rows, seq_len = batch_size * run.mesh.devices.size, model_config.max_seq_len
   batch = {
       'input_ids': jax.ShapeDtypeStruct((1, rows, seq_len), jnp.int32),
       'input_mask': jax.ShapeDtypeStruct((1, rows, seq_len), jnp.int32),
       'labels': jax.ShapeDtypeStruct((1, rows, seq_len), jnp.int32),
       'weights': jax.ShapeDtypeStruct((1, rows, seq_len), jnp.float32),
   }
-  exported = export.export(step, platforms=[platform])(state, batch)
+  exported = export.export(step, platforms=[platform])(built.shapes, batch)
   return exported.mlir_module()
 
 

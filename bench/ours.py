@@ -2,9 +2,9 @@
 
 Every callable is an XLA executable compiled once here (``jit`` ... ``lower``
 ... ``compile``), so its cost and memory analyses describe exactly what is timed. The
-train step is ``perceiver.training.step.make_train_step`` with ``train.mlm``'s loss and
-``perceiver.training.optim.make``'s optimizer, state placed on the mesh and donated as
-``train.mlm`` does.
+train step is training's own (``perceiver.training.driver.Run.train_step`` with
+``train.mlm``'s model and loss and ``perceiver.training.optim.make``'s optimizer), state
+placed on the mesh and donated as ``train.mlm`` does.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from perceiver.model import flops
 from perceiver import transform
 from train import masking
 from train import mlm
+from perceiver.model import layers
 from perceiver.training import driver
-from perceiver.training import optim
 from perceiver.training import mesh as mesh_lib
 from perceiver.training import step as step_lib
 from train.configs import mlm as mlm_configs
@@ -85,7 +85,7 @@ def example_batch(batch: int, seq_len: int, seed: int = 0) -> Dict[str, np.ndarr
 
 def init_params(config, seq_len: int):
   """Float32 parameters (the same tree at every precision)."""
-  model = transform.masked_lm(config, compute=driver.compute_for(config, jax.local_devices()))
+  model = transform.masked_lm(config, platform=layers.platform())
   return model.init(jax.random.PRNGKey(0), jnp.zeros((1, seq_len), jnp.int32))
 
 
@@ -111,7 +111,7 @@ def forward(config, params, batch) -> Compiled:
   In bfloat16 the dense weights are cast once beforehand (``transform.inference_params``:
   the same values the model's per-call casts produce, so the logits are identical).
   """
-  model = transform.masked_lm(config, compute=driver.compute_for(config, jax.local_devices()))
+  model = transform.masked_lm(config, platform=layers.platform())
   params = transform.inference_params(params, config)
   fn = jax.jit(lambda p, ids, mask: model.apply(p, None, ids, mask))
   ids, mask = jnp.asarray(batch['input_ids']), jnp.asarray(batch['input_mask'])
@@ -121,7 +121,7 @@ def forward(config, params, batch) -> Compiled:
 
 
 def _loss(config):
-  model = transform.masked_lm(config, compute=driver.compute_for(config, jax.local_devices()))
+  model = transform.masked_lm(config, platform=layers.platform())
   loss_fn = mlm.make_loss_fn(model, decode_masked_only=False)
 
   def mean_loss(params, batch):
@@ -140,33 +140,29 @@ def forward_backward(config, params, batch) -> Compiled:
                   **_xla_info(compiled))
 
 
-def train_step(config, params, batch, optimizer=None, mesh=None) -> Compiled:
-  """One step of ``train.mlm``: jitted over ``mesh`` (default: data parallel over every
-  device), state donated, LAMB from ``perceiver.training.optim``.
+def train_step(config, params, batch, optimizer=None, mesh_config=None) -> Compiled:
+  """One step of ``train.mlm``: its own (``driver.Run.train_step`` of ``train.mlm.build``),
+  jitted over the mesh of ``mesh_config`` (default: data parallel over every device), state
+  donated, LAMB from ``perceiver.training.optim``.
 
   The state is placed from ``params`` by the mesh's rules (not consumed); each call
   advances it.
   """
   optimizer = optimizer or optimizer_config()
-  mesh = mesh or mesh_lib.make()
-  platform = step_lib.platform(mesh.devices.flat[0])
-  model = transform.masked_lm(config, compute=driver.compute_for(config, mesh.devices))
-  tx = optim.make(optimizer, platform=platform)
-  make = step_lib.new_state_fn(lambda: params, tx, jax.random.PRNGKey(1))
-  shardings = step_lib.state_shardings(mesh, jax.eval_shape(make))
-  step = step_lib.make_train_step(mlm.make_loss_fn(model, False), mlm.count_fn, tx,
-                                  optim.schedule(optimizer), mesh, shardings)
-  state = step_lib.state_from_params(jax.device_get(params), tx, jax.random.PRNGKey(1),
-                                     shardings)
-  device_batch = mesh_lib.shard_batch(batch, mesh, accum_steps=1)
+  run = driver.Run.create(mesh_config, optimizer, config)
+  built = mlm.build(run)
+  step = run.train_step(built.loss_fn, mlm.count_fn, built.shardings)
+  state = step_lib.state_from_params(jax.device_get(params), run.optimizer,
+                                     jax.random.PRNGKey(1), built.shardings)
+  device_batch = mesh_lib.shard_batch(batch, run.mesh, accum_steps=1)
   compiled = step.lower(state, device_batch).compile()
   holder = [state]
 
-  def run():
+  def run_step():
     holder[0], metrics = compiled(holder[0], device_batch)
     jax.block_until_ready((holder[0], metrics))
 
-  return Compiled(run, **_xla_info(compiled))
+  return Compiled(run_step, **_xla_info(compiled))
 
 
 def optimizer_name(optimizer=None) -> str:

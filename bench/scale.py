@@ -10,7 +10,7 @@ Two parts, each in a fresh process started with simulated CPU devices
   parameter configuration lowered and compiled over meshes of fsdp 1, 8 and 64 devices at
   per-device batch 1, and XLA's memory analysis of each program: per device, the state
   (arguments), and the peak (arguments + outputs - donated aliases + temporaries). The
-  model is built as for a GPU (``Compute.resolve(config, 'cuda')``: the original's
+  model is built as for a GPU (``platform='cuda'``: the original's
   formulation, optax's LAMB) and compiled by XLA:CPU, so temporaries are the CPU
   compiler's estimate of that program's buffers, not a GPU's. With ``--depths=a,b[,c]`` each configuration is
   compiled with that many latent self-attention layers instead of its own 26, 40 or 36 (a
@@ -52,12 +52,9 @@ def _model_config(preset: str):
   return configs.get(preset)
 
 
-def _mesh(data: int, fsdp: int):
-  import jax  # pylint: disable=import-outside-toplevel
+def _mesh_config(data: int, fsdp: int):
   import ml_collections  # pylint: disable=import-outside-toplevel
-  from perceiver.training import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
-  return mesh_lib.make(ml_collections.ConfigDict({'data': data, 'fsdp': fsdp}),
-                       jax.devices()[:data * fsdp])
+  return ml_collections.ConfigDict({'data': data, 'fsdp': fsdp})
 
 
 def time_part(preset: str, seq_len: int, warmup: int, repeats: int) -> Dict:
@@ -73,8 +70,8 @@ def time_part(preset: str, seq_len: int, warmup: int, repeats: int) -> Dict:
   batch = ours.example_batch(devices, seq_len)
   rows, runs = {}, {}
   for name, (data, fsdp) in (('replicated', (devices, 1)), ('fsdp', (1, devices))):
-    mesh = _mesh(data, fsdp)
-    compiled = ours.train_step(config, params, batch, mesh=mesh)
+    mesh = mesh_lib.make(_mesh_config(data, fsdp))
+    compiled = ours.train_step(config, params, batch, mesh_config=_mesh_config(data, fsdp))
     runs[name] = compiled.run
     shapes = jax.eval_shape(lambda p: p, params)
     param_bytes = mesh_lib.per_device_bytes(shapes, mesh_lib.state_shardings(mesh, shapes))
@@ -93,21 +90,15 @@ def time_part(preset: str, seq_len: int, warmup: int, repeats: int) -> Dict:
 _FIELDS = ('argument', 'output', 'alias', 'temp')
 
 
-def _gpu_step_parts(config, opt):
-  """The masked LM of ``config`` and ``opt``'s optimizer as built for a GPU, and the
-  shapes of their training state (nothing compiled)."""
+def _gpu_run(config, opt, fsdp: int):
+  """The run of ``config`` and ``opt`` over fsdp ``fsdp`` as built for a GPU
+  (``platform='cuda'``), and its masked LM (``train.mlm.build``; nothing compiled)."""
   import jax  # pylint: disable=import-outside-toplevel
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  from perceiver.model import layers  # pylint: disable=import-outside-toplevel
-  from perceiver import transform  # pylint: disable=import-outside-toplevel
-  from perceiver.training import optim  # pylint: disable=import-outside-toplevel
-  from perceiver.training import step as step_lib  # pylint: disable=import-outside-toplevel
-  model = transform.masked_lm(config, compute=layers.Compute.resolve(config, 'cuda'))
-  tx = optim.make(opt, platform='cuda')
-  make = step_lib.new_state_fn(
-      lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32)), tx,
-      jax.random.PRNGKey(0))
-  return model, tx, jax.eval_shape(make)
+  from perceiver.training import driver  # pylint: disable=import-outside-toplevel
+  from train import mlm  # pylint: disable=import-outside-toplevel
+  run = driver.Run.create(_mesh_config(1, fsdp), opt, config, jax.devices()[:fsdp],
+                          platform='cuda')
+  return run, mlm.build(run)
 
 
 def _compiled_memory(config, opt, fsdp: int) -> Dict:
@@ -115,24 +106,19 @@ def _compiled_memory(config, opt, fsdp: int) -> Dict:
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   from perceiver.training import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
-  from perceiver.training import optim  # pylint: disable=import-outside-toplevel
-  from perceiver.training import step as step_lib  # pylint: disable=import-outside-toplevel
   from train import mlm  # pylint: disable=import-outside-toplevel
   seq = config.max_seq_len
-  model, tx, shapes = _gpu_step_parts(config, opt)
-  mesh = _mesh(1, fsdp)
-  shardings = step_lib.state_shardings(mesh, shapes)
-  step = step_lib.make_train_step(mlm.make_loss_fn(model, False), mlm.count_fn, tx,
-                                  optim.schedule(opt), mesh, shardings)
-  batch_sharding = mesh_lib.batch_sharding(mesh, True)
+  run, built = _gpu_run(config, opt, fsdp)
+  step = run.train_step(built.loss_fn, mlm.count_fn, built.shardings)
+  batch_sharding = mesh_lib.batch_sharding(run.mesh, True)
   batch = {k: jax.ShapeDtypeStruct((1, fsdp, seq), dtype, sharding=batch_sharding)
            for k, dtype in (('input_ids', jnp.int32), ('input_mask', jnp.int32),
                             ('labels', jnp.int32), ('weights', jnp.float32))}
   state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                       shapes, shardings)
+                       built.shapes, built.shardings)
   analysis = step.lower(state, batch).compile().memory_analysis()
-  row = {'params': sum(int(x.size) for x in jax.tree.leaves(shapes.params)),
-         'state_bytes_placed': mesh_lib.per_device_bytes(shapes, shardings)}
+  row = {'params': sum(int(x.size) for x in jax.tree.leaves(built.shapes.params)),
+         'state_bytes_placed': mesh_lib.per_device_bytes(built.shapes, built.shardings)}
   for field in _FIELDS:
     row[field] = int(getattr(analysis, f'{field}_size_in_bytes'))
   return row
@@ -141,9 +127,8 @@ def _compiled_memory(config, opt, fsdp: int) -> Dict:
 def _placed_bytes(config, opt, fsdp: int) -> int:
   """Per-device bytes of parameters and optimizer state by the placement rules alone."""
   from perceiver.training import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
-  from perceiver.training import step as step_lib  # pylint: disable=import-outside-toplevel
-  _, _, shapes = _gpu_step_parts(config, opt)
-  return mesh_lib.per_device_bytes(shapes, step_lib.state_shardings(_mesh(1, fsdp), shapes))
+  _, built = _gpu_run(config, opt, fsdp)
+  return mesh_lib.per_device_bytes(built.shapes, built.shardings)
 
 
 def _peak(row: Dict) -> int:
@@ -209,13 +194,12 @@ def placed_state(presets=PRESETS, fsdp_sizes=FSDP) -> List[Dict]:
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
-  from perceiver.model import layers  # pylint: disable=import-outside-toplevel
   from perceiver import transform  # pylint: disable=import-outside-toplevel
   from perceiver.training import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
   rows = []
   for preset in presets:
     config = _model_config(preset)
-    model = transform.masked_lm(config, compute=layers.Compute.resolve(config, 'cuda'))
+    model = transform.masked_lm(config, platform='cuda')
     shapes = jax.eval_shape(lambda: model.init(
         jax.random.PRNGKey(0), jnp.zeros((1, config.max_seq_len), jnp.int32)))
     params = sum(int(x.size) for x in jax.tree.leaves(shapes))

@@ -26,7 +26,7 @@ from perceiver.params import loading
 from perceiver.command import errors
 from perceiver.params import transfer
 from perceiver import transform
-from perceiver.training import driver
+from perceiver.model import layers
 from perceiver.training import epochs
 from perceiver.training import mesh as mesh_lib
 from perceiver.training import step as step_lib
@@ -181,7 +181,7 @@ def grid(config, sweep: bool):
 def _predict_test(task, data, trunk, params, config, out_dir, log) -> List[str]:
   mesh = make_mesh(config)
   model = transform.classifier(trunk.model_config, task.num_outputs,
-                               compute=driver.compute_for(trunk.model_config, mesh.devices))
+                               platform=layers.platform(mesh.devices.flat[0]))
   shardings = mesh_lib.state_shardings(mesh, params)
   predict_step = step_lib.make_predict_step(glue_task.make_predict_fn(model), mesh, shardings)
   placed = mesh_lib.place(params, shardings)

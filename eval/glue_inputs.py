@@ -16,6 +16,7 @@ import numpy as np
 
 from eval import glue_data
 from perceiver.training import epochs
+from perceiver.training.mesh import round_up
 
 
 @dataclasses.dataclass
@@ -45,10 +46,6 @@ class EncodedSplit:
   @property
   def length(self) -> int:
     return self.input_ids.shape[1]
-
-
-def round_up(value: int, multiple: int) -> int:
-  return -(-value // multiple) * multiple
 
 
 def encode_split(task: glue_data.Task, split: glue_data.Split, name: str, max_seq_len: int,

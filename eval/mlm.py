@@ -54,10 +54,10 @@ from perceiver.params import params_file
 from perceiver.command import cli
 from perceiver.command import errors
 from perceiver.params import loading
+from perceiver.model import layers
 from perceiver.model import tokenizer as tokenizer_lib
 from perceiver import transform
 from perceiver.training import losses
-from perceiver.training import driver
 from train import data as data_lib
 from train import masking
 
@@ -178,8 +178,8 @@ def context_free_baseline(counts: np.ndarray) -> Dict[str, float]:
 
 def make_score_fn(config):
   """A jitted (params, batch) -> sums of masked-byte loss, correct predictions, count,
-  computing as this host's devices do best (``driver.compute_for``)."""
-  model = transform.masked_lm(config, compute=driver.compute_for(config, jax.local_devices()))
+  computing as this host's devices do best (XLA:CPU's kernels on a CPU)."""
+  model = transform.masked_lm(config, platform=layers.platform())
 
   @jax.jit
   def score(params, input_ids, input_mask, labels, weights):

@@ -38,6 +38,7 @@ import numpy as np
 
 from perceiver.command import errors
 from perceiver.model import tokenizer as tokenizer_lib
+from perceiver.training.mesh import round_up
 
 FORMATS = ('conll2003', 'conllu')
 DOCSTART = '-DOCSTART-'
@@ -309,10 +310,6 @@ class EncodedSplit:
   @property
   def num_words(self) -> int:
     return sum(len(s.words) for s in self.sentences)
-
-
-def round_up(value: int, multiple: int) -> int:
-  return -(-value // multiple) * multiple
 
 
 def encode_split(split: Split, labels: Sequence[str], max_seq_len: int, overlap: int,

@@ -32,6 +32,7 @@ from perceiver.params import params_file
 from perceiver.command import cli
 from perceiver.command import errors
 from perceiver.params import loading
+from perceiver.model import layers
 from perceiver.model import tokenizer as tokenizer_lib
 from perceiver import transform
 
@@ -111,7 +112,8 @@ def fill(params, config, data: bytes, spans: Sequence[Span]):
                              f'{config.max_seq_len}')
   for start, end in check_spans(spans):
     ids[start:end] = tok.mask_token
-  model = transform.masked_lm(config)
+  # Computes as this host's devices do best (XLA:CPU's kernels on a CPU).
+  model = transform.masked_lm(config, platform=layers.platform())
   logits = jax.jit(model.apply)(params, None, jnp.asarray(ids[None]),
                                 jnp.ones((1, len(ids)), jnp.int32))
   predicted = np.asarray(jnp.argmax(logits[0], axis=-1))

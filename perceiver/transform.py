@@ -11,12 +11,16 @@ unless ``is_training`` with dropout. Inputs may be shorter than ``max_seq_len``:
 beyond the input are simply unused, which gives the same logits as padding to
 ``max_seq_len`` with ``input_mask`` zero there.
 
-How the model computes (never what) is one ``perceiver.model.layers.Compute``, ``compute=``:
-the training and evaluation commands pass the one their run driver resolved from the
-mesh's devices (the training library's run driver), so a CPU run gets XLA:CPU's kernels under
-``config.kernels='auto'``. Without ``compute`` the platform is not known and the model
-computes with the original's formulas, in ``config.compute_dtype``, on every platform
-(``Compute.resolve(config)``); ``Compute.resolve(config, 'cpu')`` builds the CPU program.
+How the model computes (never what) follows the platform its program is compiled for,
+``platform=`` ('cpu', 'cuda', 'rocm' or 'tpu'; ``perceiver.model.layers.platform()``
+names this host's): under ``config.kernels='auto'`` a CPU program computes with XLA:CPU's
+kernels, any other with the original's formulas. ``platform=None`` (the default: the
+platform is not known, e.g. a model built on a CPU host and exported for a GPU) computes
+with the original's formulas, in ``config.compute_dtype``, right on every platform. The
+commands pass the platform of the devices they run on (the training library's run driver).
+``compute=`` (a ``perceiver.model.layers.Compute`` resolved from the same config) is
+accepted instead of ``platform``.
+
 ``inference_params`` prepares parameters for repeated bfloat16 inference.
 """
 
@@ -37,11 +41,15 @@ TOKEN_DECODER = 'token_classification_decoder'
 TOKEN_HEAD = 'token_classification_head'
 
 
-def _compute(config, compute: Optional[layers.Compute]) -> layers.Compute:
-  """``compute``, checked against ``config`` (it must be what the config resolves to on
-  some platform), or the config's own without a platform (the reference formulas)."""
+def _compute(config, compute: Optional[layers.Compute], platform: Optional[str]
+             ) -> layers.Compute:
+  """How a model of ``config`` computes: resolved for ``platform`` (see the module
+  docstring), or ``compute`` if given, which must be what the config resolves to on some
+  platform."""
   if compute is None:
-    return layers.Compute.resolve(config)
+    return layers.Compute.resolve(config, platform)
+  if platform is not None:
+    raise ValueError(f'give platform ({platform!r}) or compute ({compute}), not both')
   if not isinstance(compute, layers.Compute):
     raise TypeError(f'compute must be a perceiver.model.layers.Compute, got {compute!r}')
   if (compute.dtype != jnp.dtype(config.compute_dtype)
@@ -75,7 +83,8 @@ def _trunk(config, compute: layers.Compute):
   return preprocessor, encoder
 
 
-def masked_lm(config, compute: Optional[layers.Compute] = None) -> hk.Transformed:
+def masked_lm(config, compute: Optional[layers.Compute] = None, *,
+              platform: Optional[str] = None) -> hk.Transformed:
   """The byte-level masked language model: ids [B, T] -> logits [B, T, vocab].
 
   ``apply(params, rng, input_ids, input_mask=None, is_training=False,
@@ -86,7 +95,7 @@ def masked_lm(config, compute: Optional[layers.Compute] = None) -> hk.Transforme
   Padded queries are masked in the decoder as in the original.
   """
   configs.validate(config)
-  compute = _compute(config, compute)
+  compute = _compute(config, compute, platform)
 
   def forward(input_ids, input_mask=None, is_training=False, query_positions=None,
               query_mask=None):
@@ -109,8 +118,8 @@ def masked_lm(config, compute: Optional[layers.Compute] = None) -> hk.Transforme
   return hk.transform(forward)
 
 
-def classifier(config, num_classes: int, compute: Optional[layers.Compute] = None
-               ) -> hk.Transformed:
+def classifier(config, num_classes: int, compute: Optional[layers.Compute] = None, *,
+               platform: Optional[str] = None) -> hk.Transformed:
   """Sequence classification/regression: ids [B, T] -> [B, num_classes].
 
   The embeddings and encoder have the masked LM's names, so an MLM checkpoint's
@@ -118,7 +127,7 @@ def classifier(config, num_classes: int, compute: Optional[layers.Compute] = Non
   ``classification_head`` are new.
   """
   configs.validate(config)
-  compute = _compute(config, compute)
+  compute = _compute(config, compute, platform)
   if num_classes < 1:
     raise ValueError(f'num_classes must be >= 1, got {num_classes}')
   cls = config.classifier
@@ -139,8 +148,8 @@ def classifier(config, num_classes: int, compute: Optional[layers.Compute] = Non
   return hk.transform(forward)
 
 
-def token_classifier(config, num_labels: int, compute: Optional[layers.Compute] = None
-                     ) -> hk.Transformed:
+def token_classifier(config, num_labels: int, compute: Optional[layers.Compute] = None, *,
+                     platform: Optional[str] = None) -> hk.Transformed:
   """Token (byte) classification, e.g. NER or POS tags: ids [B, T] -> [B, T, num_labels].
 
   The trunk has the masked LM's names, so an MLM checkpoint initialises it
@@ -156,7 +165,7 @@ def token_classifier(config, num_labels: int, compute: Optional[layers.Compute] 
   decoder gives there, since each query attends to the latents alone.
   """
   configs.validate(config)
-  compute = _compute(config, compute)
+  compute = _compute(config, compute, platform)
   if num_labels < 1:
     raise ValueError(f'num_labels must be >= 1, got {num_labels}')
   cls = config.classifier
@@ -184,10 +193,11 @@ def token_classifier(config, num_labels: int, compute: Optional[layers.Compute] 
   return hk.transform(forward)
 
 
-def encoder(config, compute: Optional[layers.Compute] = None) -> hk.Transformed:
+def encoder(config, compute: Optional[layers.Compute] = None, *,
+            platform: Optional[str] = None) -> hk.Transformed:
   """Feature extraction: ids [B, T] -> final latents [B, z_index_dim, num_z_channels]."""
   configs.validate(config)
-  compute = _compute(config, compute)
+  compute = _compute(config, compute, platform)
 
   def forward(input_ids, input_mask=None, is_training=False):
     input_mask = _input_mask(input_ids, input_mask)

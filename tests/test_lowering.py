@@ -15,10 +15,10 @@ from perceiver import configs
 from perceiver import transform
 
 
-def _counts(platform, kernels='auto', preset=None, resolve=True):
+def _counts(platform, kernels='auto', preset=None, built_for=None):
   config = configs.get(preset) if preset else configs.tiny()
   config.kernels = kernels
-  return lowering.count_ops(lowering.train_step_text(config, platform, resolve=resolve))
+  return lowering.count_ops(lowering.train_step_text(config, platform, built_for=built_for))
 
 
 @pytest.mark.parametrize('platform', ['cuda', 'tpu'])
@@ -53,7 +53,9 @@ def test_reference_kernels_lower_to_the_clean_program_on_the_cpu_too():
 def test_a_model_built_without_a_platform_is_the_clean_program_everywhere():
   """A model built where the platform is not known (the library's default: e.g. built on
   a CPU host and exported for a GPU) is the original's computation: no conditional, no
-  barrier, for any platform, its gradient and the whole train step alike."""
+  barrier, for any platform; and the train step built for an accelerator, lowered for
+  any platform (the CPU included), is clean too: nothing in it depends on where it is
+  lowered."""
   ids = jnp.ones((2, 64), jnp.int32)
   model = transform.masked_lm(configs.tiny())
   params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), ids))
@@ -62,8 +64,26 @@ def test_a_model_built_without_a_platform_is_the_clean_program_everywhere():
     text = jax.export.export(grad, platforms=[platform])(params).mlir_module()
     counts = lowering.count_ops(text)
     assert counts['conditionals'] == 0 and counts['optimization_barriers'] == 0, counts
-    counts = _counts(platform, resolve=False)
+    counts = _counts(platform, built_for='tpu')
     assert counts['conditionals'] == 0 and counts['optimization_barriers'] == 0, counts
+
+
+def test_platform_picks_the_kernels_of_a_model_built_by_transform():
+  """``transform.masked_lm(config, platform=...)``: research code gets the CPU program
+  without the training library; the accelerator's and the unknown platform's are the
+  reference program, free of the XLA:CPU kernels' conditionals and barriers."""
+  ids = jnp.ones((2, 64), jnp.int32)
+
+  def counts(platform):
+    model = transform.masked_lm(configs.tiny(), platform=platform)
+    params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), ids))
+    grad = jax.jit(jax.grad(lambda p: jnp.sum(model.apply(p, None, ids) ** 2)))
+    return lowering.count_ops(jax.export.export(grad, platforms=['cpu'])(params).mlir_module())
+
+  assert counts('cpu')['optimization_barriers'] > 0 and counts('cpu')['conditionals'] > 0
+  for platform in ('cuda', 'tpu', None):
+    assert counts(platform)['conditionals'] == 0, platform
+    assert counts(platform)['optimization_barriers'] == 0, platform
 
 
 def test_count_ops_reads_stablehlo_text():

@@ -17,10 +17,10 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from perceiver import configs
-from perceiver.model import layers
 from perceiver import transform
 from perceiver.training import driver
 from perceiver.training import mesh as mesh_lib
+from perceiver.training import optim
 from train.configs import mlm as mlm_configs
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -61,33 +61,64 @@ def test_rules_report_counts_and_names_what_does_not_divide():
   assert any('vector or scalar' in line and '1 arrays, 6 values' in line for line in lines)
 
 
+def _program(model, length=16):
+  ids = jnp.ones((1, length), jnp.int32)
+  params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), ids))
+  return str(jax.make_jaxpr(model.apply)(params, None, ids))
+
+
 def test_the_driver_resolves_how_the_model_computes_from_the_mesh_devices():
-  """``Run.create`` resolves the compute once, from the mesh's devices, and the apps build
-  their models through ``run.build``: on a CPU mesh 'auto' is XLA:CPU's kernels, in the
-  config's dtype; a config that names its kernels keeps them."""
+  """``Run.create`` resolves the platform once, from the mesh's devices, and the apps
+  build their models through ``run.build``, which passes it: on a CPU mesh 'auto' is
+  XLA:CPU's kernels, whose custom backward passes (custom_vjp) the reference formulas
+  have none of; a config that names its kernels keeps them."""
   one = ml_collections.ConfigDict({'data': 1, 'fsdp': 1})
   optimizer = mlm_configs.get_config('smoke').optimizer
   config = configs.tiny(16)
   run = driver.Run.create(one, optimizer, config, jax.devices()[:1])
-  assert run.platform == 'cpu' and run.compute == layers.Compute(jnp.float32, 'xla_cpu')
-  assert driver.compute_for(config, run.mesh.devices) == run.compute
+  assert run.platform == 'cpu'
   built = []
-  run.build(lambda *args, compute: built.append((args, compute)), 3)
-  assert built == [((config, 3), run.compute)]
-  # The model it builds computes with those kernels: its program holds their custom
-  # backward passes (custom_vjp), which the reference formulas have none of.
-  ids = jnp.ones((1, 16), jnp.int32)
-
-  def program(model):
-    params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), ids))
-    return str(jax.make_jaxpr(model.apply)(params, None, ids))
-
-  assert 'custom_vjp' in program(run.build(transform.masked_lm))
-  assert 'custom_vjp' not in program(transform.masked_lm(config))
+  run.build(lambda *args, platform: built.append((args, platform)), 3)
+  assert built == [((config, 3), 'cpu')]
+  assert 'custom_vjp' in _program(run.build(transform.masked_lm))
+  assert 'custom_vjp' not in _program(transform.masked_lm(config))
   config.kernels, config.compute_dtype = 'reference', 'bfloat16'
   run = driver.Run.create(one, optimizer, config, jax.devices()[:1])
-  assert run.compute == layers.Compute(jnp.bfloat16, 'reference')
-  assert 'custom_vjp' not in program(run.build(transform.masked_lm))
+  program = _program(run.build(transform.masked_lm))
+  assert 'custom_vjp' not in program and 'bf16' in program
+
+
+def test_a_run_created_for_another_platform_builds_its_program_on_these_devices():
+  """``Run.create(..., platform='cuda')`` on this CPU host: the model and the optimizer
+  as a GPU run builds them (the reference formulas, optax's LAMB), over the CPU mesh
+  given, and its one train step lowers for 'cuda' (tests/test_lowering.py counts what it
+  holds)."""
+  one = ml_collections.ConfigDict({'data': 1, 'fsdp': 1})
+  config = configs.tiny(16)
+  optimizer = mlm_configs.get_config('smoke').optimizer
+  cpu = driver.Run.create(one, optimizer, config, jax.devices()[:1])
+  gpu = driver.Run.create(one, optimizer, config, jax.devices()[:1], platform='cuda')
+  assert gpu.platform == 'cuda' and gpu.mesh.devices.flat[0].platform == 'cpu'
+  assert 'custom_vjp' not in _program(gpu.build(transform.masked_lm))
+  # Its update is optax's chain (optim.reference), not the CPU's fused LAMB.
+  params = {'w': jnp.ones((4, 4)), 'b': jnp.ones(4)}
+
+  def update(tx):
+    return str(jax.make_jaxpr(tx.update)(params, tx.init(params), params))
+
+  assert update(gpu.optimizer) == update(optim.reference(optimizer))
+  assert update(cpu.optimizer) != update(gpu.optimizer)
+
+
+def test_round_up_and_the_batch_layout():
+  assert [mesh_lib.round_up(v, 8) for v in (0, 1, 8, 9, 17)] == [0, 8, 8, 16, 24]
+  devices = jax.device_count()
+  layout = mesh_lib.batch_layout(6 * devices, 3)
+  assert layout == {'per_device': 2, 'accum': 3, 'local_devices': jax.local_device_count(),
+                    'host_batch': 6 * jax.local_device_count(), 'devices': devices}
+  with pytest.raises(ValueError, match=r'train.batch_size=5 must be a positive multiple of '
+                     r'devices \(\d+\) x train.grad_accum_steps \(2\)'):
+    mesh_lib.batch_layout(5, 2, 'train.batch_size', 'train.grad_accum_steps')
 
 
 def test_accumulation_layout_keeps_each_devices_rows_contiguous():
@@ -114,13 +145,19 @@ def eight_devices():
 
 @pytest.mark.slow
 def test_data8_and_fsdp8_train_like_one_device(eight_devices):
-  """3 steps from the same start on the same global batches (LAMB fused and optax)."""
+  """3 steps from the same start on the same global batches (LAMB fused and optax), at
+  the full learning rate after one step of warm-up: the parameters move by far more
+  than the layouts may differ by (a thousandth of that movement), so agreeing is not
+  agreeing on barely moved parameters."""
   assert set(eight_devices['runs']) == {'fused data=8 fsdp=1', 'fused data=1 fsdp=8',
                                         'optax data=1 fsdp=8'}
   for name, run in eight_devices['runs'].items():
     np.testing.assert_allclose(run['losses'], run['reference_losses'], rtol=1e-5,
                                err_msg=name)
-    assert run['max_param_difference'] < 1e-4, (name, run['max_param_difference'])
+    assert run['param_difference'] < 1e-3 * run['param_movement'], (name, run)
+    # They moved: by more than a thousandth of their size (3 steps of the smoke preset's
+    # own 100-step warm-up move them by less).
+    assert run['param_movement'] > 1e-3 * run['param_norm'], (name, run)
     if 'fsdp=8' in name:   # the parameters were split, not replicated
       assert "P('fsdp', None)" in run['specs'] and "P(None, 'fsdp')" in run['specs'], run
     else:

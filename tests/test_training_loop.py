@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from perceiver.training import feed
-from perceiver.training import hosts
+from perceiver.training import distributed
 from perceiver.training import loop as loop_lib
 from perceiver.training import mesh as mesh_lib
 
@@ -79,7 +79,7 @@ def _state():
 
 def test_windows_cadence_and_saves():
   writer, evaluated, saved = _Writer(), [], []
-  with hosts.StopAgreement() as stop:
+  with distributed.StopAgreement() as stop:
     result = _loop(writer, 7, stop, eval_every=5, evaluate=lambda s, st: evaluated.append(s),
                    checkpoint_every=4, save=lambda s, st, pos: saved.append((s, pos)),
                    extra_report=lambda s, r, w: {'steps_in_window': w.steps}).run(
@@ -100,7 +100,7 @@ def test_windows_cadence_and_saves():
 
 def test_a_non_finite_step_stops_the_run_before_it_is_saved():
   writer, saved = _Writer(), []
-  with hosts.StopAgreement() as stop:
+  with distributed.StopAgreement() as stop:
     with pytest.raises(loop_lib.NonFiniteError, match='step 5') as info:
       _loop(writer, 8, stop, checkpoint_every=4,
             save=lambda s, st, pos: saved.append(s)).run(
@@ -110,7 +110,7 @@ def test_a_non_finite_step_stops_the_run_before_it_is_saved():
 
 def test_a_stop_request_saves_at_the_current_step_and_returns():
   writer, saved = _Writer(), []
-  with hosts.StopAgreement(note=writer.note) as stop:
+  with distributed.StopAgreement(note=writer.note) as stop:
     result = _loop(writer, 100, stop, checkpoint_every=50,
                    save=lambda s, st, pos: saved.append((s, pos))).run(
                        _state(), _stop_with_batch(stop, 3), 0)
@@ -124,7 +124,7 @@ def test_a_stop_evaluates_only_when_the_run_asks_for_it(eval_on_stop):
   # MLM scores its last state at a stop; GLUE's evaluations belong to whole epochs, so a
   # mid-epoch stop must not produce a score.
   writer, evaluated = _Writer(), []
-  with hosts.StopAgreement(note=writer.note) as stop:
+  with distributed.StopAgreement(note=writer.note) as stop:
     result = _loop(writer, 100, stop, eval_every=10, eval_on_stop=eval_on_stop,
                    evaluate=lambda s, st: evaluated.append(s)).run(
                        _state(), _stop_with_batch(stop, 2), 0)
@@ -148,7 +148,7 @@ def test_waiting_for_data_is_interruptible_and_reported():
       stop.request(signal.SIGINT)
 
   batches = feed.Prefetcher(stalls(), depth=1)
-  with hosts.StopAgreement(note=note) as stop:
+  with distributed.StopAgreement(note=note) as stop:
     real_next = stop.next_batch
     stop.next_batch = lambda b, s: real_next(b, s, poll_s=0.1, report_every_s=0.5)
     result = _loop(writer, 10, stop, save=lambda s, st, pos: saved.append(s)).run(
@@ -185,15 +185,15 @@ def test_a_second_signal_interrupts_and_the_watchdog_bounds_a_stuck_stop(tmp_pat
   completes ends the process with status 3 after stop_timeout_s."""
   script = textwrap.dedent('''
       import os, signal, sys, time
-      from perceiver.training import hosts
-      with hosts.StopAgreement(timeout_s=float(sys.argv[1])) as stop:
+      from perceiver.training import distributed
+      with distributed.StopAgreement(timeout_s=float(sys.argv[1])) as stop:
         os.kill(os.getpid(), signal.SIGTERM)
         assert stop.requested
         if sys.argv[2] == 'twice':
           try:
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(5)
-          except hosts.Interrupted as e:
+          except distributed.Interrupted as e:
             print('interrupted', e.signum)
             sys.exit(0)
         time.sleep(60)     # a stop that never completes
@@ -205,7 +205,7 @@ def test_a_second_signal_interrupts_and_the_watchdog_bounds_a_stuck_stop(tmp_pat
   start = time.monotonic()
   stuck = subprocess.run([sys.executable, '-c', script, '1', 'once'], cwd=root,
                          capture_output=True, text=True, timeout=60)
-  assert stuck.returncode == hosts.WATCHDOG_EXIT_STATUS
+  assert stuck.returncode == distributed.WATCHDOG_EXIT_STATUS
   # The watchdog is 1 s; the bound leaves 29 s for the interpreter's start-up and imports
   # (about 8 s on a loaded 2-core machine); without the watchdog the script sleeps 60 s.
   assert time.monotonic() - start < 30

@@ -100,6 +100,21 @@ def test_transform_refuses_a_compute_resolved_from_another_config():
     transform.classifier(_tiny('reference'), 2, compute=layers.Compute(kernels='xla_cpu'))
   with pytest.raises(TypeError, match='must be a perceiver.model.layers.Compute'):
     transform.encoder(_tiny('auto'), compute='cpu')
+  with pytest.raises(ValueError, match="platform must be one of cpu, cuda, rocm, tpu .*'gpu'"):
+    transform.masked_lm(_tiny('auto'), platform='gpu')
+  with pytest.raises(ValueError, match='give platform .* or compute .*, not both'):
+    transform.token_classifier(_tiny('auto'), 2, compute=layers.REFERENCE, platform='cpu')
+
+
+def test_platform_names_what_a_device_compiles_for():
+  """``layers.platform``: a CPU device's is 'cpu', the name ``jax.export`` takes and the
+  one ``Compute.resolve`` turns into XLA:CPU's kernels; by default this host's first
+  device's."""
+  cpu = jax.devices('cpu')[0]
+  assert layers.platform(cpu) == 'cpu'
+  assert layers.platform() == layers.platform(jax.local_devices()[0])
+  jax.export.export(jax.jit(jnp.sin), platforms=[layers.platform(cpu)])(jnp.ones(2))
+  assert layers.Compute.resolve(_tiny('auto'), layers.platform(cpu)).kernels == 'xla_cpu'
 
 
 def _module_counts(module, compute, shape=(1, 8, 6)):

@@ -26,7 +26,7 @@ import json
 import math
 import os
 import sys
-from typing import Dict
+from typing import Callable, Dict, NamedTuple
 
 from absl import flags
 import jax
@@ -35,20 +35,19 @@ import ml_collections
 from ml_collections import config_flags
 import numpy as np
 
-from perceiver.command import atomic
 from perceiver.command import cli
 from perceiver import configs as model_configs
 from perceiver.command import errors
 from perceiver.model import flops
 from perceiver import transform
-from perceiver.training import run_checkpoints
-from perceiver.training import workdir_lock
+from perceiver.training import distributed
 from perceiver.training import driver
 from perceiver.training import host_memory
-from perceiver.training import hosts
 from perceiver.training import losses
 from perceiver.training import mesh as mesh_lib
+from perceiver.training import run_checkpoints
 from perceiver.training import step as step_lib
+from perceiver.training import workdir_lock
 from perceiver.training import writer as writer_lib
 from train import data as data_lib
 from train import inputs
@@ -67,8 +66,8 @@ class TrainingError(errors.UserError, RuntimeError):
 def batch_layout(config) -> Dict[str, int]:
   """Splits ``train.batch_size`` over hosts, devices and accumulation steps."""
   try:
-    return hosts.batch_layout(config.train.batch_size, config.train.grad_accum_steps,
-                              'train.batch_size', 'train.grad_accum_steps')
+    return mesh_lib.batch_layout(config.train.batch_size, config.train.grad_accum_steps,
+                                 'train.batch_size', 'train.grad_accum_steps')
   except ValueError as e:
     raise errors.ConfigError(str(e)) from None
 
@@ -186,6 +185,31 @@ def count_fn(batch):
   return jnp.sum(weights)
 
 
+class Built(NamedTuple):
+  """A run's masked LM: its training loss, and its training state (made by
+  ``make_state``; its shapes, and its layout on the run's mesh)."""
+  loss_fn: Callable
+  make_state: Callable[[], step_lib.TrainState]
+  shapes: step_lib.TrainState
+  shardings: step_lib.TrainState
+
+
+def build(run: driver.Run, seed: int = 0, decode_masked_only: bool = False,
+          unmasked_weight: float = 0.0) -> Built:
+  """The masked LM of ``run``'s model config, built for its platform (``run.build``),
+  with ``make_loss_fn``'s loss; its parameters drawn from ``seed`` and its dropout keys
+  from ``seed + 1``. Its train step is ``run.train_step(built.loss_fn, count_fn,
+  built.shardings)``: what this command runs and the benchmarks and tests lower."""
+  model = run.build(transform.masked_lm)
+  ids = jnp.zeros((1, run.model_config.max_seq_len), jnp.int32)
+  make_state = step_lib.new_state_fn(
+      lambda: model.init(jax.random.PRNGKey(seed), ids, jnp.ones_like(ids)), run.optimizer,
+      jax.random.PRNGKey(seed + 1))
+  shapes = jax.eval_shape(make_state)
+  return Built(make_loss_fn(model, decode_masked_only, unmasked_weight), make_state,
+               shapes, mesh_lib.state_shardings(run.mesh, shapes))
+
+
 # --------------------------------------------------------------------------------------
 # The run.
 
@@ -262,7 +286,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, float]:
   the run (a second run on it is refused).
   """
   check_config(config)
-  hosts.initialize_distributed(config.distributed)
+  distributed.initialize(config.distributed)
   with workdir_lock.WorkdirLock(workdir):
     return _train(config, workdir)
 
@@ -273,56 +297,70 @@ def _train(config, workdir) -> Dict[str, float]:
     run = driver.Run.create(config.mesh, config.optimizer, config.model)
   except ValueError as e:
     raise errors.ConfigError(str(e)) from None
-  mesh = run.mesh
-  # Computes as the mesh's devices do best (run.compute: see perceiver.model.layers).
-  model = run.build(transform.masked_lm)
+  # Computes as the mesh's devices do best (see perceiver.model.layers).
+  built = build(run, config.seed, config.train.decode_masked_only,
+                config.train.unmasked_loss_weight)
   manager = run_checkpoints.CheckpointManager(workdir, keep=config.train.keep_checkpoints)
-
-  seq_len = config.model.max_seq_len
-  init_ids = jnp.zeros((1, seq_len), jnp.int32)
-  make_state = step_lib.new_state_fn(
-      lambda: model.init(jax.random.PRNGKey(config.seed), init_ids, jnp.ones_like(init_ids)),
-      run.optimizer, jax.random.PRNGKey(config.seed + 1))
-  shapes = jax.eval_shape(make_state)
-  shardings = run.shardings(shapes)
   # Room for the checkpoints this run will add (each: parameters and optimizer state).
-  size = sum(int(np.prod(x.shape)) * x.dtype.itemsize
-             for x in jax.tree.leaves((shapes.params, shapes.opt_state)))
-  count = max(1, config.train.keep_checkpoints + 1 - len(manager.steps()))
-  atomic.check_free_space(
-      workdir, size * count, f'{count} more checkpoint(s) of {size / 2**20:,.1f} MiB '
-      f'(train.keep_checkpoints={config.train.keep_checkpoints}, and one being written)',
-      f'--workdir={workdir}')
-  start_step, data_state = 0, None
-  restored = run.restore(manager, shapes, note=print,
+  keep = config.train.keep_checkpoints
+  driver.check_checkpoint_room(workdir, built.shapes, f'--workdir={workdir}',
+                               max(1, keep + 1 - len(manager.steps())),
+                               f'train.keep_checkpoints={keep}, and one being written')
+  restored = run.restore(manager, built.shapes, note=print,
                          check=lambda saved, path: _check_resume_config(saved, config.model,
                                                                         path))
   log = writer_lib.MetricWriter(workdir, config.train.steps,
                                 resume_step=restored.step if restored else None)
+  start_step, data_state = _start(config, workdir, run, built, restored, layout, log)
+  if start_step >= config.train.steps:
+    log.note(f'already at step {start_step} >= train.steps={config.train.steps}; nothing to do')
+    return {}
+
+  state = run.place(restored, built.shardings) if restored else run.init(built.make_state)
+  held_out = inputs.eval_batches(config, workdir, layout['per_device'] * layout['local_devices'])
+  evaluate = _evaluator(step_lib.make_eval_step(built.loss_fn, count_fn, run.mesh,
+                                                built.shardings.params),
+                        held_out, inputs.unigram_baseline(held_out), log, run.mesh)
+  result = run.train(
+      built.loss_fn, count_fn, state, built.shardings,
+      inputs.train_batches(config, workdir, layout['host_batch'], data_state),
+      accum_steps=layout['accum'], prefetch=config.data.prefetch, start_step=start_step,
+      stop_timeout_s=config.train.stop_timeout_s, note=log.note,
+      on_non_finite=lambda e: TrainingError(
+          f'{e}: stopping without saving; the last good checkpoint is '
+          f'{manager.latest() or "none (none was written)"}'),
+      total_steps=config.train.steps, writer=log, log_every=config.train.log_every,
+      extra_report=_reporter(config), eval_every=config.train.eval_every if held_out else 0,
+      evaluate=evaluate, eval_on_stop=True, checkpoint_every=config.train.checkpoint_every,
+      save=_saver(manager, config, log), max_seconds=config.train.max_seconds,
+      checkpoints=[manager])
+  return result.last_report
+
+
+def _start(config, workdir, run, built, restored, layout, log):
+  """``(start step, data position)`` of a new or resumed run (a resumed one checked
+  against the settings it was written with), its start logged."""
+  start_step, data_state = 0, None
   if restored:
     _check_resume_run(restored.metadata, config, restored.path, log)
     start_step = restored.step
     data_state = restored.data_position(log.note)
     log.note(f'resuming from {restored.path} at step {start_step} on '
-             f'{mesh_lib.describe(mesh)}')
+             f'{mesh_lib.describe(run.mesh)}')
   else:
-    count = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(shapes.params))
+    count = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(built.shapes.params))
     log.note(f'new run in {workdir}: {count:,} parameters, {jax.device_count()} device(s) '
              f'on {jax.process_count()} host(s), per-device batch {layout["per_device"]} x '
              f'{layout["accum"]} accumulation step(s)')
-  for line in mesh_lib.rules_report(mesh, shapes.params):
+  for line in mesh_lib.rules_report(run.mesh, built.shapes.params):
     log.note(line)
-  if start_step >= config.train.steps:
-    log.note(f'already at step {start_step} >= train.steps={config.train.steps}; nothing to do')
-    return {}
+  return start_step, data_state
 
-  state = run.place(restored, shardings) if restored else run.init(make_state)
-  loss_fn = make_loss_fn(model, config.train.decode_masked_only,
-                         config.train.unmasked_loss_weight)
-  held_out = inputs.eval_batches(config, workdir, layout['per_device'] * layout['local_devices'])
-  evaluate = _evaluator(step_lib.make_eval_step(loss_fn, count_fn, mesh, shardings.params),
-                        held_out, inputs.unigram_baseline(held_out), log, mesh)
 
+def _reporter(config):
+  """``extra_report(step, report, window)``: bytes per second, and the model FLOPs
+  utilisation where ``train.peak_flops_per_device`` is set."""
+  seq_len = config.model.max_seq_len
   num_queries = None
   if config.train.decode_masked_only:
     num_queries = inputs.make_masker(config).max_predictions
@@ -337,8 +375,14 @@ def _train(config, workdir) -> Dict[str, float]:
       extra['mfu'] = step_flops / report['step_time_s'] / peak
     return extra
 
+  return extra_report
+
+
+def _saver(manager, config, log):
+  """``save(step, state, data_position)``: a checkpoint of the run, written by every
+  host (its own shards) in the background while the next steps run."""
+
   def save(step, state, data_position):
-    # Each host writes its own shards, in the background (the next steps run meanwhile).
     try:
       path = manager.save(step, state.params, config.model, opt_state=state.opt_state,
                           rng=state.rng, data_state=data_position,
@@ -347,19 +391,7 @@ def _train(config, workdir) -> Dict[str, float]:
       raise TrainingError(f'{e}; the last checkpoint ({manager.latest()}) is kept') from None
     log.note(f'saving {path}')
 
-  result = run.train(
-      loss_fn, count_fn, state, shardings,
-      inputs.train_batches(config, workdir, layout['host_batch'], data_state),
-      accum_steps=layout['accum'], prefetch=config.data.prefetch, start_step=start_step,
-      stop_timeout_s=config.train.stop_timeout_s, note=log.note,
-      on_non_finite=lambda e: TrainingError(
-          f'{e}: stopping without saving; the last good checkpoint is '
-          f'{manager.latest() or "none (none was written)"}'),
-      total_steps=config.train.steps, writer=log, log_every=config.train.log_every,
-      extra_report=extra_report, eval_every=config.train.eval_every if held_out else 0,
-      evaluate=evaluate, eval_on_stop=True, checkpoint_every=config.train.checkpoint_every,
-      save=save, max_seconds=config.train.max_seconds, checkpoints=[manager])
-  return result.last_report
+  return save
 
 
 FLAGS = flags.FLAGS

@@ -14,7 +14,7 @@ which take seconds), closes these gaps:
   what it holds, and ``perceiver.command.cli.run`` reports what was kept. If Python drops that
   exception, it is delivered again (``_lost``), and ``check`` raises it at safe points.
   The training loop installs its own handlers over these while it runs
-  (``hosts.StopAgreement``: a stop at a step all hosts agree on, with a checkpoint).
+  (``distributed.StopAgreement``: a stop at a step all hosts agree on, with a checkpoint).
 - Every signal is also counted by a watcher thread, fed by the interpreter's wake-up
   file descriptor, which receives one byte per signal as it arrives, even while the main
   thread is in native code. At the second signal the watcher ends the process at once
@@ -52,7 +52,7 @@ class Stopped(BaseException):
 class Interrupted(BaseException):
   """A second SIGTERM or SIGINT: stop now, without saving. ``signum`` is the signal.
 
-  (``perceiver.training.hosts.Interrupted`` is this class.)
+  (``perceiver.training.distributed.Interrupted`` is this class.)
   """
 
   def __init__(self, signum: int):

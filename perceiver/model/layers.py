@@ -15,14 +15,16 @@ both in one ``Compute`` value (``compute=``), made once per model:
   needs to run near its peak, and that would only hold a GPU or TPU back).
 
 A config's ``kernels='auto'`` (the default) is ``xla_cpu`` for a program compiled for the
-CPU and ``reference`` for any other; ``Compute.resolve(config, platform)`` resolves it.
-The training and evaluation commands resolve it once, from the devices they run on
-(the training library's run driver), and build their models with it. Where the platform is
-not known (a model built and exported from a CPU host for a GPU, or traced on a TPU
-host's CPU), 'auto' is ``reference``: the clean program, right on every platform. So a
-model built by ``perceiver.transform`` without ``compute`` computes with the reference
-formulas in its config's dtype, and a module built without ``compute`` with the
-reference formulas in float32 (``REFERENCE``).
+CPU and ``reference`` for any other; ``Compute.resolve(config, platform)`` resolves it,
+and ``platform(device)`` names a device's platform. ``perceiver.transform``'s builders
+take the platform (``masked_lm(config, platform='cpu')``, or
+``platform=layers.platform()`` for this host's devices); the training and evaluation
+commands pass the one of the devices they run on. Where the platform is not known (a
+model built and exported from a CPU host for a GPU, or traced on a TPU host's CPU),
+'auto' is ``reference``: the clean program, right on every platform. So a model built by
+``perceiver.transform`` without a platform computes with the reference formulas in its
+config's dtype, and a module built without ``compute`` with the reference formulas in
+float32 (``REFERENCE``).
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ _LARGE = 1e30
 KERNELS = ('auto', 'reference', 'xla_cpu')
 RESOLVED_KERNELS = ('reference', 'xla_cpu')
 COMPUTE_DTYPES = ('float32', 'bfloat16')
+# The platforms a program is compiled for, as ``jax.export`` names them.
+PLATFORMS = ('cpu', 'cuda', 'rocm', 'tpu')
 
 
 def low_precision_dtype(compute_dtype) -> Optional[jnp.dtype]:
@@ -52,11 +56,25 @@ def low_precision_dtype(compute_dtype) -> Optional[jnp.dtype]:
   return None if dtype == jnp.float32 else dtype
 
 
+def platform(device: Optional[jax.Device] = None) -> str:
+  """The platform a program for ``device`` (default: this host's first local device) is
+  compiled for, as ``jax.export`` names it: 'cpu', 'tpu', 'cuda' or 'rocm'. What
+  ``perceiver.transform``'s ``platform=`` and ``Compute.resolve`` take."""
+  device = device or jax.local_devices()[0]
+  if device.platform != 'gpu':
+    return device.platform
+  version = getattr(device.client, 'platform_version', '') or ''
+  return 'rocm' if 'rocm' in version.lower() else 'cuda'
+
+
 def resolve_kernels(kernels: str, platform: Optional[str]) -> str:
   """The kernels a program compiled for ``platform`` ('cpu', 'cuda', 'rocm', 'tpu', or
   None when not known) computes with: 'reference' or 'xla_cpu'."""
   if kernels not in KERNELS:
     raise ValueError(f'kernels must be one of {", ".join(KERNELS)}; got {kernels!r}')
+  if platform is not None and platform not in PLATFORMS:
+    raise ValueError(f'platform must be one of {", ".join(PLATFORMS)} (or None: not '
+                     f'known); got {platform!r}')
   if kernels == 'auto':
     return 'xla_cpu' if platform == 'cpu' else 'reference'
   return kernels

@@ -9,13 +9,14 @@ The driver owns the rest:
     model = run.build(transform.masked_lm)                  # computing as the mesh's devices do
     restored = run.restore(manager, shapes, ...)            # a named result, or None
     state = run.place(restored, shardings) or run.init(make_state)   # in its layout
-    result = run.train(loss_fn, count_fn, state, batches, ...)
+    result = run.train(loss_fn, count_fn, state, shardings, batches, ...)
 
-``Run.create`` resolves the platform once, from the mesh's devices, and with it how the
-model computes (``run.compute``, a ``perceiver.model.layers.Compute``: XLA:CPU's kernels on a
-CPU under ``kernels='auto'``) and which optimizer update runs (fused LAMB on a CPU). A
-task builds its model through ``run.build``, which passes ``run.compute``, so no task can
-build the slower program by forgetting the platform.
+``Run.create`` resolves the platform once, from the mesh's devices (or as asked, to lower
+the programs for another), and with it how the model computes (``run.build`` passes it
+to ``perceiver.transform``: XLA:CPU's kernels on a CPU under ``kernels='auto'``) and which
+optimizer update runs (fused LAMB on a CPU), so no task can build the slower program by
+forgetting the platform. ``run.train_step`` is the one jitted train step: ``run.train``
+runs it, and the benchmarks and tests lower, compile or run the same one.
 """
 
 from __future__ import annotations
@@ -25,12 +26,13 @@ import math
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 import jax
+from jax.sharding import NamedSharding, PartitionSpec as P
 import numpy as np
 
 from perceiver.command import atomic
 from perceiver.model import layers
 from perceiver.training import feed
-from perceiver.training import hosts
+from perceiver.training import distributed
 from perceiver.training import loop as loop_lib
 from perceiver.training import mesh as mesh_lib
 from perceiver.training import optim
@@ -70,57 +72,73 @@ def check_optimizer_config(o) -> None:
        o.get('implementation'), ' or '.join(repr(i) for i in optim.IMPLEMENTATIONS))
 
 
-def check_checkpoint_room(directory: str, shapes: step_lib.TrainState, field: str) -> None:
-  """Refuses to start a fine-tuning run whose checkpoints cannot fit where they go.
+def check_checkpoint_room(directory: str, shapes: step_lib.TrainState, field: str,
+                          more: Optional[int] = None, why: str = '') -> None:
+  """Refuses to start a run whose checkpoints cannot fit where they go
+  (``perceiver.command.atomic.check_free_space``, naming ``field``; checked only where the
+  filesystem reports its free space).
 
-  Such a run keeps two: the best epoch's (parameters) and the resume one (parameters and
-  optimizer state), each written beside the one it replaces before that is removed, so
-  twice their size is needed (``perceiver.command.atomic.check_free_space``; checked only where
-  the filesystem reports its free space).
+  ``more``: room for that many more checkpoints of the parameters and optimizer state
+  (pretraining; ``why`` says why that many). Without it, a fine-tuning run's two: the best
+  epoch's (parameters) and the resume one (parameters and optimizer state), each written
+  beside the one it replaces before that is removed, so twice their size.
   """
   size = lambda tree: sum(int(np.prod(x.shape)) * x.dtype.itemsize
                           for x in jax.tree.leaves(tree))
-  need = 2 * (2 * size(shapes.params) + size(shapes.opt_state))
-  atomic.check_free_space(directory, need, 'the best and resume checkpoints (each written '
-                          'beside the one it replaces)', field)
-
-
-def compute_for(model_config, devices) -> layers.Compute:
-  """How a model of ``model_config`` computes on ``devices`` (any of them: a mesh's
-  devices share one platform): its config's dtype and kernels, 'auto' resolved for their
-  platform. For the commands that run a model without a ``Run`` (scoring, prediction)."""
-  first = next(iter(np.asarray(devices, dtype=object).flat))
-  return layers.Compute.resolve(model_config, step_lib.platform(first))
+  params, full = size(shapes.params), size((shapes.params, shapes.opt_state))
+  if more is None:
+    need, what = 2 * (params + full), ('the best and resume checkpoints (each written '
+                                       'beside the one it replaces)')
+  else:
+    need, what = more * full, f'{more} more checkpoint(s) of {full / 2**20:,.1f} MiB ({why})'
+  atomic.check_free_space(directory, need, what, field)
 
 
 @dataclasses.dataclass(frozen=True)
 class Run:
-  """The mesh, the platform resolved from its devices, how the model computes there,
-  and the optimizer of one run."""
+  """The mesh of one run, the platform its programs are built for, its model config and
+  its optimizer."""
   mesh: jax.sharding.Mesh
   platform: str
   model_config: Any
-  compute: layers.Compute
   optimizer: Any
   learning_rate_fn: Callable
 
   @classmethod
-  def create(cls, mesh_config, optimizer_config, model_config, devices=None) -> 'Run':
-    """ValueError naming the field when the mesh does not fit the devices."""
+  def create(cls, mesh_config, optimizer_config, model_config, devices=None,
+             platform: Optional[str] = None) -> 'Run':
+    """The run of these config blocks over ``devices`` (default: every device), its
+    programs built for ``platform``: by default the devices' own; another one ('cuda',
+    'tpu') builds them, from this host's devices, for lowering or exporting for that
+    platform (``bench.lowering``).
+
+    Raises:
+      ValueError: naming the field when the mesh does not fit the devices.
+    """
     mesh = mesh_lib.make(mesh_config, devices)
-    platform = step_lib.platform(mesh.devices.flat[0])
-    return cls(mesh, platform, model_config, layers.Compute.resolve(model_config, platform),
-               optim.make(optimizer_config, platform=platform),
+    platform = platform or layers.platform(mesh.devices.flat[0])
+    return cls(mesh, platform, model_config, optim.make(optimizer_config, platform=platform),
                optim.schedule(optimizer_config))
 
   def build(self, make: Callable, *args) -> Any:
-    """``make(model_config, *args, compute=self.compute)``: a ``perceiver.transform``
-    model (``masked_lm``, ``classifier``, ...) of this run's config, built for its devices."""
-    return make(self.model_config, *args, compute=self.compute)
+    """``make(model_config, *args, platform=self.platform)``: a ``perceiver.transform``
+    model (``masked_lm``, ``classifier``, ...) of this run's config, computing as its
+    platform does best (``perceiver.model.layers``)."""
+    return make(self.model_config, *args, platform=self.platform)
 
-  def shardings(self, shapes: step_lib.TrainState) -> step_lib.TrainState:
-    """The layout of a state of ``shapes`` on this run's mesh (``mesh.RULES``)."""
-    return step_lib.state_shardings(self.mesh, shapes)
+  def train_step(self, loss_fn: Callable, count_fn: Callable,
+                 shardings: step_lib.TrainState) -> Callable:
+    """``step(state, batch) -> (state, metrics)``: ``step.train_step_fn`` of the task's
+    loss with this run's optimizer and learning rate, jitted over its mesh; the state
+    keeps ``shardings`` and is donated, the batch is [accum, global micro-batch, ...]
+    split over every device, the metrics are replicated scalars. The one train step of
+    every command, benchmark and test (``lower`` or ``jax.export`` it for the platform the
+    run was created for)."""
+    step = step_lib.train_step_fn(loss_fn, count_fn, self.optimizer, self.learning_rate_fn,
+                                  shardings.params)
+    return jax.jit(step, in_shardings=(shardings, mesh_lib.batch_sharding(self.mesh, True)),
+                   out_shardings=(shardings, NamedSharding(self.mesh, P())),
+                   donate_argnums=(0,))
 
   def init(self, make_state: Callable[[], step_lib.TrainState]) -> step_lib.TrainState:
     """A fresh state, created in its layout (``step.init_state``)."""
@@ -132,7 +150,8 @@ class Run:
     """The newest checkpoint of ``manager`` that reads back, read straight into this
     run's layout (any mesh, any number of hosts wrote it; see
     ``CheckpointManager.restore_latest``), or None."""
-    return manager.restore_latest(shapes, self.shardings(shapes), note=note, check=check)
+    return manager.restore_latest(shapes, mesh_lib.state_shardings(self.mesh, shapes),
+                                  note=note, check=check)
 
   @staticmethod
   def place(restored: run_checkpoints.Restored,
@@ -154,8 +173,7 @@ class Run:
     holds ``input_wait``: the share of its window the loop spent waiting for input.
     However the loop ends (done, stopped, an error), the saves of ``checkpoints`` still
     being written are waited for before this returns or raises."""
-    train_step = step_lib.make_train_step(loss_fn, count_fn, self.optimizer,
-                                          self.learning_rate_fn, self.mesh, shardings)
+    train_step = self.train_step(loss_fn, count_fn, shardings)
     fed = feed.Prefetcher(batches, prefetch, prepare=lambda item: (
         mesh_lib.shard_batch(item[0], self.mesh, accum_steps), item[1]))
     task_report = loop_kwargs.pop('extra_report', None)
@@ -169,7 +187,7 @@ class Run:
       waited[0] = fed.waited_s
       return extra
 
-    with hosts.StopAgreement(stop_timeout_s, note) as stop:
+    with distributed.StopAgreement(stop_timeout_s, note) as stop:
       run = loop_lib.Loop(train_step, stop=stop, extra_report=extra_report, **loop_kwargs)
       try:
         return run.run(state, fed, start_step)

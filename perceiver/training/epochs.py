@@ -27,7 +27,6 @@ import numpy as np
 
 from perceiver.training import run_checkpoints
 from perceiver.training import driver
-from perceiver.training import hosts
 from perceiver.training import mesh as mesh_lib
 from perceiver.training import step as step_lib
 from perceiver.training import writer as writer_lib
@@ -188,8 +187,8 @@ def plan(config, model_config, num_examples: int, *, batch_size: int, learning_r
   ``optimizer.decay_steps`` says otherwise. A batch or mesh that does not fit is
   ``error(message)`` naming the field (``batch_field`` for the batch size)."""
   try:
-    layout = hosts.batch_layout(batch_size, config.train.grad_accum_steps, batch_field,
-                                'train.grad_accum_steps')
+    layout = mesh_lib.batch_layout(batch_size, config.train.grad_accum_steps, batch_field,
+                                   'train.grad_accum_steps')
   except ValueError as e:
     raise error(str(e)) from None
   steps_per_epoch = -(-num_examples // batch_size)
@@ -255,7 +254,7 @@ def train(plan: Plan, *, params: Any, seed: int, run_dir: str,
   run, steps_per_epoch, total = plan.run, plan.steps_per_epoch, plan.total_steps
   rng = jax.random.PRNGKey(seed + 1)
   shapes = jax.eval_shape(step_lib.new_state_fn(lambda: params, run.optimizer, rng))
-  shardings = run.shardings(shapes)
+  shardings = mesh_lib.state_shardings(run.mesh, shapes)
   driver.check_checkpoint_room(run_dir, shapes, f'--workdir ({run_dir})')
   best_manager = run_checkpoints.CheckpointManager(os.path.join(run_dir, 'checkpoint'), keep=1)
   resume_manager = run_checkpoints.CheckpointManager(os.path.join(run_dir, 'resume'), keep=1)

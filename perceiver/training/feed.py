@@ -3,7 +3,7 @@
 ``Prefetcher`` runs an iterator (e.g. the MLM data pipeline) ``depth`` items ahead and
 applies ``prepare`` (e.g. ``step.shard``, the transfer to the devices) in the same
 thread, so reading, masking and copying overlap the device's compute. The consumer takes
-items with ``get(timeout)`` (what ``hosts.StopAgreement.next_batch`` polls, so waiting
+items with ``get(timeout)`` (what ``distributed.StopAgreement.next_batch`` polls, so waiting
 stays interruptible) or ``next()``. An error in the iterator is raised by the consumer's
 next ``get``. ``waited_s`` is the time the consumer has spent waiting in ``get``: the
 input-wait share of a training run. ``close`` also closes an iterator that has a

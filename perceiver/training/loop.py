@@ -10,7 +10,7 @@ fields); the loop owns the rest:
 - evaluation every ``eval_every`` steps (and at the end, and at a stop, if asked);
 - checkpoints every ``checkpoint_every`` steps, at the end, and when stopped;
 - a non-finite loss or gradient stops the run (``NonFiniteError``) without saving;
-- SIGTERM or SIGINT stops the run at a step every host agrees on (``hosts.StopAgreement``),
+- SIGTERM or SIGINT stops the run at a step every host agrees on (``distributed.StopAgreement``),
   saves, and returns; a second signal, or no agreement in ``stop_timeout_s``, ends the
   process with an error instead of hanging;
 - ``max_seconds`` of wall-clock time (a run budgeted by time) stops it the same way.
@@ -24,7 +24,7 @@ from typing import Any, Callable, Dict, Iterator, Optional
 
 import jax
 
-from perceiver.training import hosts
+from perceiver.training import distributed
 
 # Metrics a step reports that are not summed over a window: the last value is logged.
 _LAST = ('grad_norm', 'learning_rate', 'finite')
@@ -92,7 +92,7 @@ class Loop:
     evaluate: ``(step, state) -> None``, called every ``eval_every`` steps.
     save: ``(step, state, data_position) -> None``, called every ``checkpoint_every``
       steps, at the end and when stopped.
-    stop: the run's ``hosts.StopAgreement`` (signals, and agreement across hosts).
+    stop: the run's ``distributed.StopAgreement`` (signals, and agreement across hosts).
     max_seconds: > 0: stop (and save) at the first step past this many seconds of this
       process's run (set-up before ``run`` not counted).
     eval_on_stop: also evaluate at a stop (a run whose evaluations are not tied to
@@ -102,7 +102,7 @@ class Loop:
   total_steps: int
   writer: Any
   log_every: int
-  stop: hosts.StopAgreement
+  stop: distributed.StopAgreement
   extra_report: Optional[Callable[[int, Dict, Window], Dict]] = None
   eval_every: int = 0
   eval_at_end: bool = False

@@ -1,4 +1,4 @@
-"""Losses as weighted sums, the form ``step.make_train_step`` divides by the global count.
+"""Losses as weighted sums, the form ``step.train_step_fn`` divides by the global count.
 
 Returning sums (not means) lets the step take the exact mean over the global batch
 however it is split across devices and accumulation steps.

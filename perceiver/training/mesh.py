@@ -166,6 +166,30 @@ def to_host(tree):
   return jax.tree.map(one, tree)
 
 
+def batch_layout(global_batch: int, accum_steps: int, field: str = 'batch_size',
+                 accum_field: str = 'grad_accum_steps') -> Dict[str, int]:
+  """Splits a global batch over hosts, devices and accumulation steps.
+
+  Raises:
+    ValueError: naming ``field`` and ``accum_field`` when the batch does not split evenly.
+  """
+  devices, local = jax.device_count(), jax.local_device_count()
+  if accum_steps < 1:
+    raise ValueError(f'{accum_field} must be >= 1, got {accum_steps}')
+  if global_batch < 1 or global_batch % (devices * accum_steps):
+    raise ValueError(f'{field}={global_batch} must be a positive multiple of devices '
+                     f'({devices}) x {accum_field} ({accum_steps})')
+  per_device = global_batch // (devices * accum_steps)
+  return {'per_device': per_device, 'accum': accum_steps, 'local_devices': local,
+          'host_batch': per_device * local * accum_steps, 'devices': devices}
+
+
+def round_up(value: int, multiple: int) -> int:
+  """The smallest multiple of ``multiple`` that is at least ``value``: a batch padded to
+  split over the devices, a length padded to a multiple the compiled shapes share."""
+  return -(-value // multiple) * multiple
+
+
 def local_batch_devices(mesh: Mesh) -> int:
   """How many of the batch's slices this host feeds: its devices in the mesh."""
   return len(mesh.local_devices)

@@ -1,5 +1,6 @@
-"""The train, eval and predict steps, each one ``jax.jit`` over the run's device mesh;
-shared by MLM and GLUE.
+"""The train, eval and predict steps, each one ``jax.jit`` over the run's device mesh
+(the train step jitted by ``driver.Run.train_step``, the one place that does); shared by
+every task.
 
 A task supplies two pure functions:
 
@@ -41,22 +42,12 @@ class TrainState(NamedTuple):
   rng: jax.Array         # base PRNG key (uint32[2]); step keys are derived from it
 
 
-def platform(device=None) -> str:
-  """The platform programs for ``device`` (default: this host's first local device) are
-  lowered for, as ``jax.export`` names it: 'cpu', 'tpu', 'cuda' or 'rocm'."""
-  device = device or jax.local_devices()[0]
-  if device.platform != 'gpu':
-    return device.platform
-  version = getattr(device.client, 'platform_version', '') or ''
-  return 'rocm' if 'rocm' in version.lower() else 'cuda'
-
-
 def train_step_fn(loss_fn: Callable, count_fn: Callable,
                   optimizer: optax.GradientTransformation,
                   learning_rate_fn: Optional[Callable] = None,
                   param_shardings: Any = None) -> Callable:
-  """``step(state, batch) -> (state, metrics)`` on the global batch, not yet jitted (for
-  ``make_train_step``, or lowering it another way, e.g. ``jax.export``).
+  """``step(state, batch) -> (state, metrics)`` on the global batch, not yet jitted: the
+  one train step, which ``driver.Run.train_step`` jits over a run's mesh.
 
   ``metrics`` holds global sums (``loss``, the task's metric sums, ``count``) plus
   ``grad_norm``, ``learning_rate`` and ``finite`` (1 if loss and gradients are finite).
@@ -106,24 +97,6 @@ def train_step_fn(loss_fn: Callable, count_fn: Callable,
   return step
 
 
-def make_train_step(loss_fn: Callable, count_fn: Callable,
-                    optimizer: optax.GradientTransformation,
-                    learning_rate_fn: Optional[Callable], mesh: jax.sharding.Mesh,
-                    state_shardings: TrainState) -> Callable:
-  """``step(state, batch) -> (state, metrics)``, jitted over ``mesh``, donating ``state``;
-  the state keeps ``state_shardings`` (``init_state``), metrics are replicated scalars."""
-  step = train_step_fn(loss_fn, count_fn, optimizer, learning_rate_fn,
-                       state_shardings.params)
-  replicated = NamedSharding(mesh, P())
-  return jax.jit(step, in_shardings=(state_shardings, mesh_lib.batch_sharding(mesh, True)),
-                 out_shardings=(state_shardings, replicated), donate_argnums=(0,))
-
-
-def state_shardings(mesh: jax.sharding.Mesh, state_shapes: TrainState) -> TrainState:
-  """The layout of a ``TrainState`` (arrays or shape structs) on ``mesh``."""
-  return mesh_lib.state_shardings(mesh, state_shapes)
-
-
 def new_state_fn(init_params: Callable, optimizer: optax.GradientTransformation,
                  rng: jax.Array, step: int = 0) -> Callable[[], TrainState]:
   """``make() -> TrainState``: fresh parameters (``init_params()``, e.g. ``lambda:
@@ -140,7 +113,7 @@ def new_state_fn(init_params: Callable, optimizer: optax.GradientTransformation,
 def init_state(mesh: jax.sharding.Mesh, make: Callable[[], TrainState]):
   """``(state, shardings)``: ``make()``'s state created directly in its layout on
   ``mesh`` (a model too large for one device never exists whole anywhere)."""
-  shardings = state_shardings(mesh, jax.eval_shape(make))
+  shardings = mesh_lib.state_shardings(mesh, jax.eval_shape(make))
   return jax.jit(make, out_shardings=shardings)(), shardings
 
 

@@ -1,17 +1,32 @@
-"""Hosts and devices: ``jax.distributed`` start-up, the batch layout, and a stop that every
-host agrees on.
+"""Many hosts as one run: ``jax.distributed`` start-up, and a stop every host agrees on.
 
 A stop (SIGTERM, e.g. a preemption, or Ctrl-C) may reach one host, or all of them at
 different times. Each host then keeps stepping: every step it contributes its stop flag
 to a sum over all devices (one jitted sum of a global array holding each device's flag),
-dispatched right after the train step and read one
-step later (like the step's metrics), so every host reads the same sum after the same
-step and all of them stop there, save the same checkpoint and return. On one host the
-flag is read directly, and a stop while waiting for data returns at once.
+dispatched right after the train step and read one step later (like the step's metrics),
+so every host reads the same sum after the same step and all of them stop there, save
+the same checkpoint and return. On one host the flag is read directly, and a stop while
+waiting for data returns at once.
 
 Bounded: after a stop request a watchdog ends the process (exit status 3) if the run has
 not returned within ``timeout_s`` (a peer that stopped answering, a collective that
 never completes). A second signal raises ``Interrupted`` at once.
+
+Why not JAX's own ``jax.experimental.multihost_utils.reached_preemption_sync_point``
+(the preemption sync manager of ``jax.distributed``'s coordination service, which agrees
+on a step after a SIGTERM reaches any host): it does not give these guarantees.
+
+- One process without ``jax.distributed`` (the usual single-host run) has no
+  coordination client, and the function then returns False at every step: a SIGTERM or
+  Ctrl-C would never stop the run.
+- Its only notice is SIGTERM, caught by the coordination service's own notifier; there
+  is no call that raises a notice, so neither Ctrl-C (SIGINT) nor a stop the run asks
+  for itself (``train.max_seconds``) can reach the other hosts through it.
+- It has no bound: a peer that died or stopped answering leaves the others waiting (no
+  ``train.stop_timeout_s``, no second signal that ends the process at once).
+
+(A non-finite step needs no agreement: the step's metrics are global sums every host
+reads, so all of them see it at the same step and stop: ``loop.NonFiniteError``.)
 """
 
 from __future__ import annotations
@@ -23,7 +38,7 @@ import signal
 import sys
 import threading
 import time
-from typing import Callable, Dict, Optional
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -45,7 +60,7 @@ DEFAULT_INITIALIZATION_TIMEOUT_S = 60.0
 INITIALIZATION_EXIT_STATUS = 1
 
 
-def initialize_distributed(config) -> None:
+def initialize(config) -> None:
   """Calls ``jax.distributed.initialize`` when ``config.enabled`` (a ``distributed``
   config block: coordinator_address, num_processes, process_id, heartbeat_timeout_s,
   initialization_timeout_s; empty ones are auto-detected on TPU pods, SLURM and other
@@ -99,24 +114,6 @@ def initialize_distributed(config) -> None:
       jax.distributed.initialize(**kwargs)
   finally:
     done.set()
-
-
-def batch_layout(global_batch: int, accum_steps: int, field: str = 'batch_size',
-                 accum_field: str = 'grad_accum_steps') -> Dict[str, int]:
-  """Splits a global batch over hosts, devices and accumulation steps.
-
-  Raises:
-    ValueError: naming ``field`` and ``accum_field`` when the batch does not split evenly.
-  """
-  devices, local = jax.device_count(), jax.local_device_count()
-  if accum_steps < 1:
-    raise ValueError(f'{accum_field} must be >= 1, got {accum_steps}')
-  if global_batch < 1 or global_batch % (devices * accum_steps):
-    raise ValueError(f'{field}={global_batch} must be a positive multiple of devices '
-                     f'({devices}) x {accum_field} ({accum_steps})')
-  per_device = global_batch // (devices * accum_steps)
-  return {'per_device': per_device, 'accum': accum_steps, 'local_devices': local,
-          'host_batch': per_device * local * accum_steps, 'devices': devices}
 
 
 class StopAgreement:
