@@ -1,7 +1,7 @@
 """GLUE splits as model inputs: encoded once as compact arrays, then batched.
 
-Each split is read (``eval.glue.data``), encoded to byte ids (a pair is ``a SEP b``, the longer
-segment cut first), and padded to its own longest example rounded up to
+Each split is read (``eval.glue.data``), encoded to byte ids (a pair is ``a SEP b``, the
+longer segment cut first), and padded to its own longest example rounded up to
 ``data.length_multiple`` bytes, so the train step and each split's predict step compile
 once. ``host_batch`` makes the batch of any rows of a split, for the seeded training
 epochs and the in-order prediction of ``perceiver.training.epochs``.

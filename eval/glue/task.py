@@ -132,7 +132,8 @@ class GlueTask:
   def score(self, epoch, predict) -> epochs.Scored:
     results, loss, _, _ = evaluate(self.task, self.data, predict)
     selection = selection_score(self.task, results)
-    return epochs.Scored(selection, results, loss, eval_record(epoch, results, loss, selection),
+    record = eval_record(epoch, results, loss, selection)
+    return epochs.Scored(selection, results, loss, record,
                          metadata=dict(task=self.task.name, labels=list(self.task.labels),
                                        num_outputs=self.task.num_outputs, dev_results=results,
                                        init=self.init, glue_config=self.config_json))
