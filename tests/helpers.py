@@ -161,7 +161,7 @@ def _cell(task, layout, column, i, split_name):
 
 def write_glue_task(root, name, num_train=24, num_dev=10, num_test=6):
   """Writes every split of ``name`` (but MNLI's diagnostic set) in the official layout."""
-  from eval import glue_data   # pylint: disable=import-outside-toplevel
+  from eval.glue import data as glue_data   # pylint: disable=import-outside-toplevel
   task = glue_data.TASKS[name]
   for layout in task.splits:
     if layout.name == 'diagnostic':

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from eval import glue
+from eval.glue import app as glue
 from perceiver.params import params_file
 from perceiver.command import cli
 from perceiver import configs
@@ -400,7 +400,7 @@ def test_eval_glue_names_a_workdir_it_cannot_create(tmp_path):
 def test_eval_glue_and_tagging_refuse_to_start_without_room_for_their_checkpoints(
     tmp_path, monkeypatch):
   import shutil  # pylint: disable=import-outside-toplevel
-  from eval import tagging  # pylint: disable=import-outside-toplevel
+  from eval.tagging import app as tagging  # pylint: disable=import-outside-toplevel
   real = shutil.disk_usage
   monkeypatch.setattr(shutil, 'disk_usage',
                       lambda p: real(p)._replace(free=100 * 1024))   # 100 KiB free

@@ -101,3 +101,19 @@ def test_plan_sets_the_run_length_the_decay_and_the_compute():
   with pytest.raises(_Error, match='sweep.batch_sizes=4 must be a positive multiple'):
     epochs.plan(config, perceiver_configs.tiny(), 10, batch_size=4, learning_rate=0.5,
                 error=_Error, batch_field='sweep.batch_sizes')
+
+
+def test_setting_differences_name_each_field_as_the_user_sets_it():
+  """A resume checkpoint keeps its run's settings ({'config': the config as JSON, and the
+  task's own, e.g. GLUE's batch size}); a rerun with others is refused naming them."""
+  old = {'config': {'mesh': {'data': -1, 'fsdp': 1}, 'seed': 0}, 'batch_size': 8,
+         'learning_rate': 0.1}
+  new = {'config': {'mesh': {'data': -1, 'fsdp': 2}, 'seed': 0}, 'batch_size': 4,
+         'learning_rate': 0.1}
+  assert epochs.setting_differences(old, old) == []
+  assert epochs.setting_differences(old, new) == ['batch_size=8 (now 4)',
+                                                  'mesh.fsdp=1 (now 2)']
+  del new['config']['seed']
+  assert epochs.setting_differences(old, new) == ['batch_size=8 (now 4)',
+                                                  'mesh.fsdp=1 (now 2)', 'seed=0 (now None)']
+  assert epochs.setting_differences(None, new) == ['settings (none recorded)']

@@ -16,12 +16,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from eval import glue
-from eval import glue_data
-from eval import glue_finetune
-from eval import glue_inputs
-from eval import glue_task
-from eval import metrics
+from eval.glue import app as glue
+from eval.glue import data as glue_data
+from eval.glue import inputs as glue_inputs
+from eval.glue import metrics
+from eval.glue import runs
+from eval.glue import task as glue_task
 from eval.configs import glue as glue_configs
 from perceiver.params import loading
 from perceiver.params import run_checkpoint
@@ -31,6 +31,7 @@ from perceiver.params import transfer
 from perceiver import transform
 from perceiver.training import mesh as mesh_lib
 from perceiver.training import step as step_lib
+from perceiver.training import epochs
 from tests import helpers
 
 ROOT = helpers.ROOT
@@ -104,7 +105,9 @@ def test_single_task_writes_consistent_outputs_and_a_loadable_best_checkpoint(tm
   mesh = mesh_lib.make()
   shardings = mesh_lib.state_shardings(mesh, params)
   predict_step = step_lib.make_predict_step(glue_task.make_predict_fn(model), mesh, shardings)
-  outputs = glue_inputs.predict(predict_step, mesh_lib.place(params, shardings), enc, 8, mesh)
+  outputs = epochs.predict(predict_step, mesh_lib.place(params, shardings), len(enc), 8, mesh,
+                           lambda rows: glue_inputs.host_batch(enc, rows, 8),
+                           glue_inputs.MODEL_INPUTS)
   _, rows = read_tsv(task_dir / 'dev_predictions.tsv')
   assert [r[1] for r in rows] == [str(i) for i in outputs.argmax(-1)]
   # The submission file: the test file's indices, label strings.
@@ -318,24 +321,28 @@ def test_zero_weight_padding_rows_do_not_count():
   padded_loss, padded_sums = loss_fn(params, None, padded, False)
   np.testing.assert_allclose(padded_loss, loss, rtol=1e-6)
   assert padded_sums['correct'] == sums['correct']
-  assert glue_task.count_fn(padded) == glue_task.count_fn(batch) == 3
+  assert epochs.count_weights(padded) == epochs.count_weights(batch) == 3
 
 
 def test_epochs_visit_every_example_once_in_a_seeded_order():
   split = glue_inputs.EncodedSplit('train', 'p', [str(i) for i in range(10)],
                                    np.arange(10, dtype=np.int16)[:, None],
                                    np.ones((10, 1), np.int8), np.arange(10, dtype=np.int32), 0)
-  stream = glue_inputs.train_batches(split, 4, seed=0)
+  def train_batches(split, batch_size, seed, start_step=0):
+    return epochs.seeded_epochs(len(split), batch_size, seed, start_step,
+                                lambda rows: glue_inputs.host_batch(split, rows, batch_size))
+
+  stream = train_batches(split, 4, seed=0)
   epoch1 = [next(stream) for _ in range(3)]
   epoch2 = [next(stream) for _ in range(3)]
   assert [step for _, step in epoch1 + epoch2] == [1, 2, 3, 4, 5, 6]
   # Resumed at step 3 (an epoch's end) or 4, the stream continues as it would have.
-  resumed = glue_inputs.train_batches(split, 4, seed=0, start_step=3)
+  resumed = train_batches(split, 4, seed=0, start_step=3)
   assert all(np.array_equal(a['labels'], b['labels'])
              for (a, _), (b, _) in zip(epoch2, [next(resumed) for _ in range(3)]))
-  resumed = glue_inputs.train_batches(split, 4, seed=0, start_step=4)
+  resumed = train_batches(split, 4, seed=0, start_step=4)
   assert np.array_equal(next(resumed)[0]['labels'], epoch2[1][0]['labels'])
-  again = [b for b, _ in [next(glue_inputs.train_batches(split, 4, seed=0))]]
+  again = [b for b, _ in [next(train_batches(split, 4, seed=0))]]
   epoch1, epoch2 = [b for b, _ in epoch1], [b for b, _ in epoch2]
   seen = np.concatenate([b['labels'][b['weights'] > 0] for b in epoch1])
   assert sorted(seen) == list(range(10)) and len(epoch1) == 3
@@ -404,7 +411,7 @@ def test_a_finished_task_is_kept_refused_or_retrained_and_cleaning_spares_other_
   with pytest.raises(glue.GlueError, match='wnli already holds a finished run.*--overwrite'):
     glue.run('wnli', helpers.glue_tiny_config(), str(data_dir), str(tmp_path / 'out'), resume=False)
   assert all((task_dir / name).exists() for name in ours)
-  glue_finetune.clean_task_dir(str(task_dir))
+  runs.clean_task_dir(str(task_dir))
   assert not any((task_dir / name).exists() for name in ours)
   assert all((task_dir / name).exists() for name in theirs)
 
@@ -453,7 +460,7 @@ _TWO_DEVICES = """
 import sys
 sys.path.insert(0, {root!r})
 import jax
-from eval import glue
+from eval.glue import app as glue
 from tests import helpers
 assert jax.local_device_count() == 2, jax.devices()
 for data, fsdp in ((2, 1), (1, 2)):
@@ -495,6 +502,41 @@ def test_two_devices_data_parallel_or_fsdp_give_the_one_device_run(tmp_path):
 # --------------------------------------------------------------------------------------
 # The real files.
 
+_OTHER_FSDP = """
+import os, sys, types
+sys.path.insert(0, {root!r})
+import jax
+from eval.glue import app as glue
+from perceiver.training import epochs
+from tests import helpers
+assert jax.local_device_count() == 2, jax.devices()
+# The run below leaves its resume checkpoint, as one stopped after its last epoch would.
+epochs.shutil = types.SimpleNamespace(rmtree=lambda path, ignore_errors=False: None)
+config = helpers.glue_tiny_config(**{{'train.epochs': 1, 'mesh.fsdp': 1}})
+glue.run('wnli', config, {data_dir!r}, {out!r})
+os.remove(os.path.join({out!r}, 'wnli', 'dev_metrics.json'))
+try:
+  glue.run('wnli', helpers.glue_tiny_config(**{{'train.epochs': 1, 'mesh.fsdp': 2}}),
+           {data_dir!r}, {out!r})
+except glue.GlueError as e:
+  print(f'REFUSED: {{e}}')
+"""
+
+
+@pytest.mark.slow
+def test_a_resume_with_another_mesh_fsdp_is_refused_naming_the_field(tmp_path):
+  data_dir = str(write_task(tmp_path / 'glue', 'wnli', num_train=16, num_dev=4))
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2')
+  script = _OTHER_FSDP.format(root=str(ROOT), data_dir=data_dir, out=str(tmp_path / 'out'))
+  done = subprocess.run([sys.executable, '-c', script], cwd=ROOT, env=env, capture_output=True,
+                        text=True, check=False)
+  assert done.returncode == 0, done.stderr[-3000:]
+  refused = [line for line in done.stdout.splitlines() if line.startswith('REFUSED: ')]
+  assert len(refused) == 1, done.stdout[-3000:]
+  assert re.fullmatch(r'REFUSED: \S+/wnli/resume/ckpt_\d+ was written by a run with other '
+                      r'settings \(mesh\.fsdp=1 \(now 2\)\); pass --noresume to start over, '
+                      r'or use another --workdir', refused[0]), refused[0]
+
 @pytest.mark.slow
 def test_end_to_end_on_the_real_rte_files(tmp_path):
   data_dir = helpers.glue_dir()
@@ -512,7 +554,7 @@ _FINETUNE = """
 import sys
 import time
 sys.path.insert(0, {root!r})
-from eval import glue
+from eval.glue import app as glue
 from tests import helpers
 glue.run('wnli', helpers.glue_tiny_config(**{{'train.epochs': 3, 'train.batch_size': 4,
                                  'eval.batch_size': 4}}), {data!r}, {out!r})

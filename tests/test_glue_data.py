@@ -6,7 +6,7 @@ import logging
 import numpy as np
 import pytest
 
-from eval import glue_data
+from eval.glue import data as glue_data
 from perceiver.model import tokenizer as tok_lib
 from tests import helpers
 
@@ -16,7 +16,7 @@ _MNLI_TEST = ('index\tpromptID\tpairID\tgenre\tsentence1_binary_parse\tsentence2
               '\tsentence1_parse\tsentence2_parse\tsentence1\tsentence2')
 _STSB_TEST = ('index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1'
               '\tsentence2')
-# The official layouts, written out here independently of eval.glue_data: per task its
+# The official layouts, written out here independently of eval.glue.data: per task its
 # folder, text columns, label column, labels, and per split (file, header, has_header).
 OFFICIAL = {
     'cola': ('CoLA', 'sentence', None, 'label', ('0', '1'), {

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from eval import metrics
+from eval.glue import metrics
 
 
 def test_accuracy():

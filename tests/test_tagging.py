@@ -18,8 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from eval import tagging
-from eval import tagging_task
+from eval.tagging import app as tagging
+from eval.tagging import task as tagging_task
 from eval.configs import tagging as tagging_configs
 from perceiver.params import loading
 from perceiver.params import params_file
@@ -343,7 +343,7 @@ def test_a_smoke_model_learns_context_dependent_tags_from_scratch(tmp_path):
 _RUN = """
 import sys
 sys.path.insert(0, {root!r})
-from eval import tagging
+from eval.tagging import app as tagging
 from tests import helpers
 tagging.run(helpers.tagging_tiny_config(**{{'train.epochs': 3, 'train.batch_size': 4}}),
             {data!r}, {out!r})

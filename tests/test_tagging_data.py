@@ -1,11 +1,11 @@
-"""Tagging data (eval.tagging_data): readers, word-to-byte alignment and windows, checked
+"""Tagging data (eval.tagging.data): readers, word-to-byte alignment and windows, checked
 against positions and splits worked out by hand."""
 
 import numpy as np
 import pytest
 
-from eval import tagging_data
-from eval import tagging_task
+from eval.tagging import data as tagging_data
+from eval.tagging import task as tagging_task
 
 CONLL = """-DOCSTART- -X- -X- O
 

@@ -19,22 +19,24 @@ unknown field is an error naming it.
 
 import ml_collections
 
+from eval.configs import finetune
 from perceiver import configs as model_configs
 
 
 def _base() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
+  c.model = model_configs.language_mlm()   # the presets but ``paper`` set their own
   c.seed = 0   # the new decoder/head's init, dropout, data order, train subset
 
   c.data = ml_collections.ConfigDict()
   # 'conll2003' (word POS chunk NER lines) or 'conllu' (Universal Dependencies); see
-  # eval/tagging_data.py for the files each looks for.
+  # eval/tagging/data.py for the files each looks for.
   c.data.format = 'conll2003'
   # The tag's column: 0 means the format's own (conll2003: -1, the NER tag; conllu: 3,
   # UPOS). E.g. 1 for CoNLL-2003's POS tags, 2 for its chunks, 4 for CoNLL-U's XPOS.
   c.data.label_column = 0
   # Bytes per window; 0: the model's max_seq_len. A longer sentence is split into
-  # windows of whole words (eval/tagging_data.py), counted in the log and dev_metrics.json.
+  # windows of whole words (eval/tagging/data.py), counted in the log and dev_metrics.json.
   c.data.max_seq_len = 0
   # Bytes of words consecutive windows of one long sentence share (as context for each
   # other; each word is scored once). Chosen here: a quarter of the 2048-byte window.
@@ -57,40 +59,9 @@ def _base() -> ml_collections.ConfigDict:
   c.dropout.encoder = 0.1
   c.dropout.head = 0.1
 
-  c.optimizer = ml_collections.ConfigDict()
-  c.optimizer.name = 'lamb'            # the paper's GLUE optimizer
-  c.optimizer.learning_rate = 5e-5     # chosen here: BERT's NER value
-  c.optimizer.warmup_steps = 200       # the paper's GLUE warm-up
-  c.optimizer.decay = 'linear'         # chosen here: linear decay to 0 at the end
-  c.optimizer.decay_steps = 0          # 0: the run's total number of steps
-  c.optimizer.weight_decay = 0.01      # the paper's GLUE value; not on biases or norms
-  c.optimizer.b1 = 0.9                 # chosen here (optax / BERT-LAMB defaults)
-  c.optimizer.b2 = 0.999
-  c.optimizer.eps = 1e-6
-  c.optimizer.clip_grad_norm = 1.0     # chosen here; <= 0 disables
-
-  # The device mesh the steps are jitted over (perceiver.training.mesh; -1: every device
-  # the other axis leaves). Chosen here, as for GLUE: data parallel over this host's
-  # devices; fsdp > 1 splits the parameters and optimizer state over that many devices.
-  c.mesh = ml_collections.ConfigDict()
-  c.mesh.data = -1
-  c.mesh.fsdp = 1
-
-  c.train = ml_collections.ConfigDict()
-  c.train.epochs = 3                   # chosen here: BERT's NER value
-  # Windows per step (global: per-device batch x devices x grad_accum_steps); chosen
-  # here: BERT's NER value. The last batch of an epoch is filled with zero-weight rows.
-  c.train.batch_size = 32
-  c.train.grad_accum_steps = 1
-  c.train.log_every = 50               # steps between progress lines
-  # Steps between resume checkpoints (0: at the end of every epoch).
-  c.train.checkpoint_every = 0
-  # After SIGTERM/SIGINT, the seconds allowed to save and stop (then exit status 3).
-  c.train.stop_timeout_s = 300.0
-
-  c.eval = ml_collections.ConfigDict()
-  # Windows per predict call (rounded up to a multiple of the device count).
-  c.eval.batch_size = 64
+  # Chosen here: BERT's NER fine-tuning (3 epochs, batch 32, learning rate 5e-5) with the
+  # paper's GLUE optimizer; 64 windows per predict call.
+  finetune.add_blocks(c, epochs=3, eval_batch_size=64)
   # 'auto': entity-level F1 (seqeval) for IOB tags, word accuracy otherwise (POS);
   # 'entity' or 'accuracy' to choose. It picks the best epoch.
   c.eval.metric = 'auto'
@@ -98,28 +69,18 @@ def _base() -> ml_collections.ConfigDict:
 
 
 def paper() -> ml_collections.ConfigDict:
-  c = _base()
-  c.model = model_configs.language_mlm()
-  return c
+  return _base()   # the released model (configs.language_mlm())
 
 
 def smoke() -> ml_collections.ConfigDict:
-  c = _base()
-  # The MLM smoke/cpu presets' model, with their sinusoid position tables (same names
-  # and shapes), so their checkpoints fit it.
-  c.model = model_configs.with_position_init(model_configs.cpu_sized(64), 'sinusoid', 1.0)
+  # Chosen here: the small model needs a larger step (the GLUE cpu preset's, 1e-3, was
+  # too slow on the generated task; 3e-3 is the MLM smoke preset's).
+  c = finetune.cpu_model(_base(), learning_rate=3e-3)
   c.data.window_overlap = 16           # a quarter of the 64-byte window
   c.data.length_multiple = 16
   c.train.epochs = 10
   c.train.batch_size = 32
   c.train.log_every = 50
-  # Chosen here: the small model needs a larger step (the GLUE cpu preset's, 1e-3, was
-  # too slow on the generated task; 3e-3 is the MLM smoke preset's).
-  c.optimizer.learning_rate = 3e-3
-  c.optimizer.warmup_steps = 50
-  # No dropout: a small model and a short budget (the GLUE cpu preset's choice).
-  c.dropout.encoder = 0.0
-  c.dropout.head = 0.0
   return c
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
@@ -43,6 +44,19 @@ def atomic_write(path, mode: str = 'wb', **open_kwargs):
     _remove(tmp)
     raise
   _fsync_directory(directory)
+
+
+def write_text(path, text: str) -> str:
+  """Writes ``text`` (UTF-8, '\\n' line ends) to ``path`` atomically; returns ``path``."""
+  with atomic_write(path, 'w', encoding='utf-8', newline='\n') as f:
+    f.write(text)
+  return os.fspath(path)
+
+
+def write_json(path, obj) -> str:
+  """Writes ``obj`` as indented JSON with sorted keys, atomically; returns ``path``. NaN or
+  infinity is a ValueError, not bad JSON."""
+  return write_text(path, json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + '\n')
 
 
 def _remove(tmp):

@@ -1,16 +1,16 @@
 """A fine-tuning run in epochs, scored on dev after each: what GLUE and tagging share.
 
-Both fine-tuning commands (``eval.glue_finetune``, ``eval.tagging_finetune``) train a
-classifier on ``perceiver.training.driver.Run`` over seeded epochs, score the dev split
-after every epoch, keep the best epoch's parameters as a checkpoint, save a resume
-checkpoint (parameters, optimizer state, the history so far) that a rerun continues from,
-and at the end score the best epoch again to write its predictions. ``train`` does all of
-that; a task brings its model's loss and predictions, its batches, how it scores an epoch
-(``Scored``) and what it writes from the best epoch. The pieces the two share beside it:
-``plan`` (the run's driver, batch layout and length), ``seeded_epochs`` and ``predict``
-(the task's batches differ only in their fields), ``check_config`` (the settings both
-configs hold), ``finished_summary`` and ``remove_outputs`` (a finished run is reported,
-refused or retrained the same way).
+Both fine-tuning commands (``eval.glue``, ``eval.tagging``) hand ``train`` one ``Task``:
+the object that holds the task's own parts (its model's loss and outputs, its batches,
+how it scores an epoch, ``Scored``, and what it writes from the best epoch). ``train``
+runs the classifier on ``perceiver.training.driver.Run`` over seeded epochs, scores the
+dev split after every epoch, keeps the best epoch's parameters as a checkpoint, saves a
+resume checkpoint (parameters, optimizer state, the history so far, the run's settings)
+that a rerun with the same settings continues from, and at the end reads the best epoch
+back for the task to write its predictions. Beside it: ``plan`` (the run's driver, batch
+layout and length), ``seeded_epochs`` and ``predict`` (the batches of any task's split),
+``check_config`` (the settings both configs hold), ``finished_summary`` and
+``remove_outputs`` (a finished run is reported, refused or retrained the same way).
 """
 
 from __future__ import annotations
@@ -19,9 +19,10 @@ import dataclasses
 import json
 import os
 import shutil
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Protocol, Sequence, Tuple
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -162,6 +163,7 @@ class Plan:
   accum_steps: int
   epochs: int
   steps_per_epoch: int
+  eval_batch_size: int   # rows per predict call: a multiple of the devices
   optimizer: ml_collections.ConfigDict   # as it runs: learning rate and decay_steps set
 
   @property
@@ -180,11 +182,12 @@ class Plan:
 
 def plan(config, model_config, num_examples: int, *, batch_size: int, learning_rate: float,
          error: Callable[[str], Exception], batch_field: str = 'train.batch_size') -> Plan:
-  """The run of ``config`` (a fine-tuning config: ``train``, ``optimizer``, ``mesh``) for
-  ``num_examples`` training examples at ``batch_size`` and ``learning_rate``, on this
-  host's devices, the model of ``model_config`` computing as they do best
-  (``driver.Run.create``). The learning rate decays to the run's last step unless
-  ``optimizer.decay_steps`` says otherwise. A batch or mesh that does not fit is
+  """The run of ``config`` (a fine-tuning config: ``train``, ``eval``, ``optimizer``,
+  ``mesh``) for ``num_examples`` training examples at ``batch_size`` and
+  ``learning_rate``, on this host's devices, the model of ``model_config`` computing as
+  they do best (``driver.Run.create``). The learning rate decays to the run's last step
+  unless ``optimizer.decay_steps`` says otherwise; ``eval.batch_size`` is rounded up to a
+  multiple of the devices. A batch or mesh that does not fit is
   ``error(message)`` naming the field (``batch_field`` for the batch size)."""
   try:
     layout = mesh_lib.batch_layout(batch_size, config.train.grad_accum_steps, batch_field,
@@ -199,8 +202,10 @@ def plan(config, model_config, num_examples: int, *, batch_size: int, learning_r
     run = driver.Run.create(config.mesh, optimizer, model_config, jax.local_devices())
   except ValueError as e:
     raise error(str(e)) from None
+  devices = run.mesh.devices.size
+  eval_batch_size = -(-config.eval.batch_size // devices) * devices
   return Plan(run, batch_size, layout['accum'], config.train.epochs, steps_per_epoch,
-              optimizer)
+              eval_batch_size, optimizer)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -213,106 +218,188 @@ class Scored:
   metadata: Dict[str, Any]     # the best checkpoint's metadata (besides epoch)
 
 
+class Task(Protocol):
+  """A fine-tuning task as ``train`` runs it: one object holding the task's own parts.
+
+  ``error`` is the task's error class (its message names the field, file or flag);
+  ``data`` its encoded splits by name, ``data['train']`` the one it trains on (``len``:
+  its rows); ``model_inputs`` the batch fields its model reads. ``predict`` below is
+  ``split -> outputs`` for every row of an encoded split, in order, with the parameters
+  being scored.
+  """
+  error: Callable[[str], Exception]
+  data: Dict[str, Any]
+  model_inputs: Sequence[str]
+
+  def loss_fn(self, model) -> Callable:
+    """(params, rng, batch, is_training) -> (loss sum over real rows, metric sums)."""
+
+  def predict_fn(self, model) -> Callable:
+    """(params, batch) -> float32 outputs."""
+
+  def host_batch(self, split, rows: np.ndarray, size: int) -> Dict[str, np.ndarray]:
+    """Rows of ``split`` as a batch of ``size``, filled up with zero-weight rows."""
+
+  def score(self, epoch: int, predict: Callable[[Any], np.ndarray]) -> Scored:
+    """An epoch's dev scores."""
+
+  def write_best(self, predict: Callable[[Any], np.ndarray]) -> Any:
+    """What the task writes from the best epoch; ``Outcome.written``."""
+
+  def train_fields(self, report: Dict[str, Any], window) -> Dict[str, Any]:
+    """Log fields of a training report beside the epoch (``{}`` for none)."""
+
+
+def count_weights(batch) -> jax.Array:
+  """A batch's real rows (or words): its weights' sum, the loss's divisor."""
+  return jnp.sum(batch['weights'])
+
+
+def predictor(task: Task, predict_step: Callable, params: Any, batch_size: int, mesh
+              ) -> Callable[[Any], np.ndarray]:
+  """``split -> outputs`` of ``params`` (on ``mesh``) for every row of a split, in
+  batches of ``batch_size`` (``predict``)."""
+  return lambda split: predict(predict_step, params, len(split), batch_size, mesh,
+                               lambda rows: task.host_batch(split, rows, batch_size),
+                               task.model_inputs)
+
+
 @dataclasses.dataclass(frozen=True)
 class Outcome:
   """A finished run: its best epoch (epoch, step, score, results, path: the checkpoint,
   relative to the run's directory), every epoch's scores, the best epoch's parameters
-  (host arrays, read back from its checkpoint) and what the task made of them."""
+  (host arrays, read back from its checkpoint) and what the task wrote from them."""
   best: Dict[str, Any]
   history: List[Dict[str, Any]]
   params: Any
-  rescored: Any
+  written: Any
 
 
-def train(plan: Plan, *, params: Any, seed: int, run_dir: str,
+def setting_differences(old: Any, new: Any, prefix: str = '') -> List[str]:
+  """``field=old (now new)`` for each setting that differs between a saved run's
+  ``settings`` and this one's; a config field is named as the user sets it (``mesh.fsdp``)."""
+  if isinstance(old, dict) and isinstance(new, dict):
+    out = []
+    for key in sorted(set(old) | set(new), key=str):
+      name = f'{prefix}{key}' if prefix or key != 'config' else ''
+      out += setting_differences(old.get(key), new.get(key), f'{name}.' if name else '')
+    return out
+  if old == new:
+    return []
+  if not prefix:   # a checkpoint's settings that are not a dict: none were saved
+    return ['settings (none recorded)' if old is None else 'settings']
+  return [f'{prefix.rstrip(".")}={old!r} (now {new!r})']
+
+
+class _Epochs:
+  """The run's bookkeeping between steps: each epoch's scores, the best one and its
+  checkpoint, the resume checkpoint, and the epoch in the log lines."""
+
+  def __init__(self, plan: Plan, task: Task, run_dir: str, settings: Dict[str, Any]):
+    self.plan, self.task, self.run_dir, self.settings = plan, task, run_dir, settings
+    self.best_manager = run_checkpoints.CheckpointManager(
+        os.path.join(run_dir, 'checkpoint'), keep=1)
+    self.resume_manager = run_checkpoints.CheckpointManager(
+        os.path.join(run_dir, 'resume'), keep=1)
+    self.history: List[Dict[str, Any]] = []
+    self.best: Optional[Dict[str, Any]] = None
+    self.predict_step: Optional[Callable] = None
+    self.writer: Optional[writer_lib.MetricWriter] = None
+
+  def restore(self, shapes, shardings, log) -> Optional[Tuple[Any, int]]:
+    """(state, step) of the resume checkpoint an interrupted run left, or None; one
+    written with other settings is refused, naming them."""
+    restored = self.plan.run.restore(self.resume_manager, shapes, note=log.note)
+    if not restored:
+      return None
+    saved = restored.metadata.get('settings')
+    if saved != self.settings:
+      differ = ', '.join(setting_differences(saved, self.settings)) or 'settings'
+      raise self.task.error(f'{restored.path} was written by a run with other settings '
+                            f'({differ}); pass --noresume to start over, or use another '
+                            '--workdir')
+    self.history, self.best = restored.metadata['history'], restored.metadata['best']
+    log.note(f'  resuming from {restored.path} at step {restored.step} (epoch '
+             f'{restored.step // self.plan.steps_per_epoch} of {self.plan.epochs} done)')
+    return self.plan.run.place(restored, shardings), restored.step
+
+  def predict(self, params) -> Callable[[Any], np.ndarray]:
+    return predictor(self.task, self.predict_step, params, self.plan.eval_batch_size,
+                     self.plan.run.mesh)
+
+  def evaluate(self, step, state) -> None:
+    epoch = step // self.plan.steps_per_epoch
+    scored = self.task.score(epoch, self.predict(state.params))
+    self.writer.write(step, scored.record, kind='eval')
+    self.history.append({'epoch': epoch, 'step': step, 'dev_loss': scored.loss,
+                         'score': scored.score, 'results': scored.results})
+    if self.best is None or scored.score > self.best['score']:
+      path = self.best_manager.save(step, state.params, self.plan.run.model_config,
+                                    epoch=epoch, **scored.metadata)
+      self.best = {'epoch': epoch, 'step': step, 'score': scored.score,
+                   'results': scored.results, 'path': os.path.relpath(path, self.run_dir)}
+      self.writer.note(f'  epoch {epoch}: new best dev score {scored.score:.4f}; saved {path}')
+
+  def save(self, step, state, data_position) -> None:
+    del data_position   # the step is the position (seeded_epochs)
+    self.resume_manager.save(step, state.params, self.plan.run.model_config,
+                             opt_state=state.opt_state, rng=state.rng, history=self.history,
+                             best=self.best, settings=self.settings)
+
+  def report(self, step, report, window) -> Dict[str, Any]:
+    return {'epoch': -(-step // self.plan.steps_per_epoch),
+            **self.task.train_fields(report, window)}
+
+  def non_finite(self, error: Exception) -> Exception:
+    return self.task.error(f'{error}; the last epoch\'s state is in '
+                           f'{self.resume_manager.directory}')
+
+
+def train(plan: Plan, task: Task, model: Any, *, params: Any, seed: int, run_dir: str,
           log: writer_lib.RunLog, settings: Dict[str, Any], resume: bool,
-          error: Callable[[str], Exception], train_config, loss_fn: Callable, count_fn: Callable,
-          predict_fn: Callable, batches: Callable[[int], Iterator],
-          score: Callable[[int, Callable, Any], Scored],
-          rescore_best: Callable[[Callable, Any], Any],
-          extra_report: Optional[Callable] = None) -> Outcome:
-  """Trains ``params`` as ``plan`` says, scoring dev after each epoch.
+          train_config) -> Outcome:
+  """Trains ``params`` of ``model`` on ``task`` as ``plan`` says, scoring dev after each
+  epoch (``task.score``).
 
   Writes under ``run_dir``: the best epoch's checkpoint (``checkpoint/``), a resume
   checkpoint after every epoch and every ``train_config.checkpoint_every`` steps
   (``resume/``, removed at the end) and ``metrics.jsonl``. With ``resume`` a run continues
   from the resume checkpoint an interrupted one left, if it was written with the same
-  ``settings`` (else ``error``). The task's parts:
-
-  - ``loss_fn``, ``count_fn``: the training loss (``perceiver.training.step``);
-    ``predict_fn``: the model's outputs, for ``step.make_predict_step``;
-  - ``batches(start_step)``: the training batches from that step on, with their positions;
-  - ``score(epoch, predict_step, params)``: an epoch's dev ``Scored``;
-  - ``rescore_best(predict_step, params)``: what the task writes from the best epoch (its
-    parameters read back from the checkpoint and placed on the mesh), before the resume
-    checkpoint is removed; its result is ``Outcome.rescored``;
-  - ``extra_report(step, report, window)``: log fields beside the epoch.
+  ``settings`` (else ``task.error`` naming the ones that differ). At the end the best
+  epoch's parameters are read back and ``task.write_best`` writes from them.
 
   Raises:
     Stopped: a signal stopped the run (its state is saved).
   """
-  run, steps_per_epoch, total = plan.run, plan.steps_per_epoch, plan.total_steps
+  run, epochs_ = plan.run, _Epochs(plan, task, run_dir, settings)
   rng = jax.random.PRNGKey(seed + 1)
   shapes = jax.eval_shape(step_lib.new_state_fn(lambda: params, run.optimizer, rng))
   shardings = mesh_lib.state_shardings(run.mesh, shapes)
   driver.check_checkpoint_room(run_dir, shapes, f'--workdir ({run_dir})')
-  best_manager = run_checkpoints.CheckpointManager(os.path.join(run_dir, 'checkpoint'), keep=1)
-  resume_manager = run_checkpoints.CheckpointManager(os.path.join(run_dir, 'resume'), keep=1)
-  start_step, history, best = 0, [], None
-  restored = run.restore(resume_manager, shapes, note=log.note) if resume else None
-  if restored:
-    if restored.metadata.get('settings') != settings:
-      raise error(f'{restored.path} was written by a run with other settings; pass '
-                  '--noresume to start over, or use another --workdir')
-    start_step = restored.step
-    history, best = restored.metadata['history'], restored.metadata['best']
-    log.note(f'  resuming from {restored.path} at step {start_step} (epoch '
-             f'{start_step // steps_per_epoch} of {plan.epochs} done)')
-    state = run.place(restored, shardings)
-  else:
-    state = step_lib.state_from_params(params, run.optimizer, rng, shardings)
-  predict_step = step_lib.make_predict_step(predict_fn, run.mesh, shardings.params)
-  writer = writer_lib.MetricWriter(run_dir, total, stream=log, resume_step=start_step)
-
-  def evaluate(step, state):
-    nonlocal best
-    epoch = step // steps_per_epoch
-    scored = score(epoch, predict_step, state.params)
-    writer.write(step, scored.record, kind='eval')
-    history.append({'epoch': epoch, 'step': step, 'dev_loss': scored.loss,
-                    'score': scored.score, 'results': scored.results})
-    if best is None or scored.score > best['score']:
-      path = best_manager.save(step, state.params, run.model_config,
-                               epoch=epoch, **scored.metadata)
-      best = {'epoch': epoch, 'step': step, 'score': scored.score,
-              'results': scored.results, 'path': os.path.relpath(path, run_dir)}
-      writer.note(f'  epoch {epoch}: new best dev score {scored.score:.4f}; saved {path}')
-
-  def save(step, state, data_position):
-    del data_position   # the step is the position (seeded_epochs)
-    resume_manager.save(step, state.params, run.model_config, opt_state=state.opt_state,
-                        rng=state.rng, history=history, best=best, settings=settings)
-
-  def report(step, report, window):
-    return {'epoch': -(-step // steps_per_epoch),
-            **(extra_report(step, report, window) if extra_report else {})}
-
+  restored = epochs_.restore(shapes, shardings, log) if resume else None
+  state, start_step = restored or (
+      step_lib.state_from_params(params, run.optimizer, rng, shardings), 0)
+  epochs_.predict_step = step_lib.make_predict_step(task.predict_fn(model), run.mesh,
+                                                    shardings.params)
+  epochs_.writer = writer_lib.MetricWriter(run_dir, plan.total_steps, stream=log,
+                                           resume_step=start_step)
+  train_split = task.data['train']
+  batches = seeded_epochs(len(train_split), plan.batch_size, seed, start_step,
+                          lambda rows: task.host_batch(train_split, rows, plan.batch_size))
   result = run.train(
-      loss_fn, count_fn, state, shardings, batches(start_step), accum_steps=plan.accum_steps,
-      prefetch=2, start_step=start_step, stop_timeout_s=train_config.stop_timeout_s,
-      note=log.note,
-      on_non_finite=lambda e: error(
-          f'{e}; the last epoch\'s state is in {resume_manager.directory}'),
-      total_steps=total, writer=writer, log_every=train_config.log_every,
-      extra_report=report, eval_every=steps_per_epoch, eval_at_end=True,
-      evaluate=evaluate, checkpoint_every=train_config.checkpoint_every or steps_per_epoch,
-      save=save, checkpoints=[best_manager, resume_manager])
+      task.loss_fn(model), count_weights, state, shardings, batches,
+      accum_steps=plan.accum_steps, prefetch=2, start_step=start_step,
+      stop_timeout_s=train_config.stop_timeout_s, note=log.note,
+      on_non_finite=epochs_.non_finite, total_steps=plan.total_steps, writer=epochs_.writer,
+      log_every=train_config.log_every, extra_report=epochs_.report,
+      eval_every=plan.steps_per_epoch, eval_at_end=True, evaluate=epochs_.evaluate,
+      checkpoint_every=train_config.checkpoint_every or plan.steps_per_epoch,
+      save=epochs_.save, checkpoints=[epochs_.best_manager, epochs_.resume_manager])
   if result.stopped:
-    raise Stopped(f'stopped at step {result.step} of {total} in {run_dir}; rerun the same '
-                  'command to resume')
-
-  placed = best_manager.restore(os.path.join(run_dir, best['path']),
-                                shapes._replace(opt_state=None), shardings).params
-  rescored = rescore_best(predict_step, placed)
-  shutil.rmtree(resume_manager.directory, ignore_errors=True)
-  return Outcome(best, history, mesh_lib.to_host(placed), rescored)
+    raise Stopped(f'stopped at step {result.step} of {plan.total_steps} in {run_dir}; rerun '
+                  'the same command to resume')
+  placed = epochs_.best_manager.restore(os.path.join(run_dir, epochs_.best['path']),
+                                        shapes._replace(opt_state=None), shardings).params
+  written = task.write_best(epochs_.predict(placed))
+  shutil.rmtree(epochs_.resume_manager.directory, ignore_errors=True)
+  return Outcome(epochs_.best, epochs_.history, mesh_lib.to_host(placed), written)

@@ -1,4 +1,4 @@
-"""GLUE outputs: the server's submission files, dev predictions and JSON, written atomically.
+"""GLUE outputs: the server's submission files and dev predictions, written atomically.
 
 A submission file is what the GLUE server takes for one test split: a header line
 ``index<TAB>prediction``, then one row per test example with the test file's own index
@@ -9,33 +9,20 @@ with three decimals for STS-B (unclipped; the files' own scores have three). The
 are named ``CoLA.tsv``, ``SST-2.tsv``, ``MRPC.tsv``, ``STS-B.tsv``, ``QQP.tsv``,
 ``MNLI-m.tsv``, ``MNLI-mm.tsv``, ``QNLI.tsv``, ``RTE.tsv``, ``WNLI.tsv`` and ``AX.tsv``.
 
-Every file is written to a temporary file beside it, then renamed over it, so a reader
-never sees half a file and an interrupted run leaves the previous one whole.
+Every file is written to a temporary file beside it, then renamed over it
+(``perceiver.command.atomic``), so a reader never sees half a file and an interrupted run
+leaves the previous one whole.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Sequence
 
 import numpy as np
 
-from eval import glue_data
+from eval.glue import data as glue_data
 from perceiver.command import atomic
-
-
-def write_text_atomic(path, text: str) -> str:
-  """Writes ``text`` (UTF-8, '\\n' line ends) to ``path`` atomically; returns ``path``."""
-  with atomic.atomic_write(path, 'w', encoding='utf-8', newline='\n') as f:
-    f.write(text)
-  return os.fspath(path)
-
-
-def write_json_atomic(path, obj) -> str:
-  """Writes ``obj`` as indented JSON; NaN or infinity is a ValueError, not bad JSON."""
-  return write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True,
-                                             allow_nan=False) + '\n')
 
 
 def format_predictions(task: str | glue_data.Task, predictions) -> list[str]:
@@ -94,7 +81,7 @@ def write_submission(out_dir, task: str | glue_data.Task, split: str,
   texts = format_predictions(task, predictions)
   indices = _check_indices(task, indices, len(texts))
   rows = ''.join(f'{index}\t{text}\n' for index, text in zip(indices, texts))
-  return write_text_atomic(os.path.join(os.fspath(out_dir), layout.submission),
+  return atomic.write_text(os.path.join(os.fspath(out_dir), layout.submission),
                             'index\tprediction\n' + rows)
 
 
@@ -112,4 +99,4 @@ def write_dev_predictions(path, task: str | glue_data.Task, indices: Sequence[st
     raise ValueError(f'{task.name}: {len(texts)} predictions but {len(golds)} labels')
   indices = _check_indices(task, indices, len(texts))
   rows = ''.join(f'{i}\t{p}\t{g}\n' for i, p, g in zip(indices, texts, golds))
-  return write_text_atomic(path, 'index\tprediction\tlabel\n' + rows)
+  return atomic.write_text(path, 'index\tprediction\tlabel\n' + rows)

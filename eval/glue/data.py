@@ -28,7 +28,7 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
-from eval import metrics
+from eval.glue import metrics
 from perceiver.command import errors
 from perceiver.model import tokenizer as tokenizer_lib
 
@@ -410,12 +410,12 @@ def encode(examples: Sequence[Example], task: str | Task, max_seq_len: int,
   if any((e.text_b is None) == task.is_pair for e in examples):
     raise GlueDataError(f'{task.name}: every example must have '
                         f'{"two segments" if task.is_pair else "one segment"}')
-  pairs = [e.text_b for e in examples] if task.is_pair else None
-  batch = tokenizer.encode_batch([e.text_a for e in examples], max_seq_len, pairs=pairs)
   labelled = [e.label is not None for e in examples]
   if any(labelled) and not all(labelled):
     raise GlueDataError(f'{task.name}: {labelled.count(False)} of {len(examples)} '
                         'examples have no label; encode labelled and test splits apart')
   labels = label_ids(task, [e.label for e in examples]) if all(labelled) and examples \
       else None
+  pairs = [e.text_b for e in examples] if task.is_pair else None
+  batch = tokenizer.encode_batch([e.text_a for e in examples], max_seq_len, pairs=pairs)
   return Encoded(batch.input_ids, batch.input_mask, labels, int(batch.truncated.sum()))

@@ -1,4 +1,5 @@
-"""What the tagger optimises and how its predictions are scored and written.
+"""A tagging run as the fine-tuning skeleton runs it (``TaggingTask``): what the tagger
+optimises, and how its predictions are scored and written.
 
 Loss: softmax cross-entropy of each scored word's tag, read from the decoder's query at
 the word's first byte, as a sum over scored words (``perceiver.training.losses``); the
@@ -15,42 +16,26 @@ main score.
 
 from __future__ import annotations
 
+import dataclasses
+import os
 from typing import Any, Dict, List, Sequence
 
 import jax.numpy as jnp
 import numpy as np
 from seqeval import metrics as seqeval_metrics
 
-from eval import glue_io
-from eval import tagging_data
+from eval.tagging import data as tagging_data
+from perceiver import transform
+from perceiver.command import atomic
+from perceiver.command import errors
+from perceiver.training import epochs
 from perceiver.training import losses
 
 METRICS = ('auto', 'entity', 'accuracy')
 
 
-def make_loss_fn(model):
-  """(params, rng, batch, is_training) -> (loss sum over scored words, metric sums)."""
-
-  def loss_fn(params, rng, batch, is_training):
-    logits = model.apply(params, rng, batch['input_ids'], batch['input_mask'], is_training,
-                         batch['positions'], batch['slot_mask'])
-    return losses.softmax_cross_entropy(logits, batch['labels'], batch['weights'])
-
-  return loss_fn
-
-
-def count_fn(batch):
-  return jnp.sum(batch['weights'])
-
-
-def make_predict_fn(model):
-  """(params, batch) -> float32 logits [B, slots, num_labels] at the words' first bytes."""
-
-  def predict_fn(params, batch):
-    return model.apply(params, None, batch['input_ids'], batch['input_mask'], False,
-                       batch['positions'], batch['slot_mask']).astype(jnp.float32)
-
-  return predict_fn
+class TaggingError(errors.UserError, RuntimeError):
+  """The run cannot start or go on (bad settings, existing outputs, non-finite loss)."""
 
 
 def is_iob(labels: Sequence[str]) -> bool:
@@ -142,7 +127,7 @@ def type_table(result: Dict[str, Any]) -> str:
 
 
 def write_predictions(path: str, sentences, pred) -> str:
-  return glue_io.write_text_atomic(path, conll_text(sentences, pred))
+  return atomic.write_text(path, conll_text(sentences, pred))
 
 
 def eval_record(epoch: int, result: Dict[str, Any], loss: float) -> Dict[str, Any]:
@@ -152,3 +137,112 @@ def eval_record(epoch: int, result: Dict[str, Any], loss: float) -> Dict[str, An
     if key in result:
       record[key] = result[key]
   return record
+
+
+@dataclasses.dataclass(frozen=True)
+class TaggingTask:
+  """A tagging run (``eval.finetune.Task``): its encoded splits (``train``, ``dev``, maybe
+  ``test``), its tags and metric, where its outputs go, and what its checkpoint's
+  metadata names (the trunk's source, the config)."""
+  data: Dict[str, tagging_data.EncodedSplit]
+  labels: List[str]
+  metric: str
+  run_dir: str
+  init: str
+  config_json: str
+  error = TaggingError
+  head = staticmethod(transform.token_classifier)
+  # The batch fields the token classifier reads (the others are its targets).
+  model_inputs = ('input_ids', 'input_mask', 'positions', 'slot_mask')
+
+  @property
+  def num_outputs(self) -> int:
+    return len(self.labels)
+
+  def loss_fn(self, model):
+    """(params, rng, batch, is_training) -> (loss sum over scored words, metric sums)."""
+
+    def loss_fn(params, rng, batch, is_training):
+      logits = model.apply(params, rng, batch['input_ids'], batch['input_mask'], is_training,
+                           batch['positions'], batch['slot_mask'])
+      return losses.softmax_cross_entropy(logits, batch['labels'], batch['weights'])
+
+    return loss_fn
+
+  def predict_fn(self, model):
+    """(params, batch) -> float32 logits [B, slots, num_labels] at the words' first bytes."""
+
+    def predict_fn(params, batch):
+      return model.apply(params, None, batch['input_ids'], batch['input_mask'], False,
+                         batch['positions'], batch['slot_mask']).astype(jnp.float32)
+
+    return predict_fn
+
+  @staticmethod
+  def host_batch(split: tagging_data.EncodedSplit, rows: np.ndarray, size: int
+                 ) -> Dict[str, np.ndarray]:
+    """Windows ``rows`` of ``split`` as a batch of ``size`` (padding rows weigh 0)."""
+    n = len(rows)
+    batch = {
+        'input_ids': np.zeros((size, split.length), np.int32),
+        'input_mask': np.zeros((size, split.length), np.int32),
+        'positions': np.zeros((size, split.positions.shape[1]), np.int32),
+        'slot_mask': np.zeros((size, split.positions.shape[1]), np.int32),
+        'labels': np.zeros((size, split.positions.shape[1]), np.int32),
+        'weights': np.zeros((size, split.positions.shape[1]), np.float32),
+    }
+    batch['input_ids'][:n] = split.input_ids[rows]
+    batch['input_mask'][:n] = split.input_mask[rows]
+    batch['positions'][:n] = split.positions[rows]
+    batch['slot_mask'][:n] = split.slot_mask[rows]
+    batch['labels'][:n] = split.labels[rows]
+    batch['weights'][:n] = split.weights[rows]
+    return batch
+
+  def describe_train(self) -> str:
+    train = self.data['train']
+    return f'{len(train)} train windows ({train.num_words} words)'
+
+  def evaluate(self, name: str, predict):
+    """(scores, mean loss, predicted tags per sentence) of the split ``name``."""
+    enc = self.data[name]
+    logits = predict(enc)
+    pred = predicted_tags(logits, enc, self.labels)
+    return scores(gold_tags(enc), pred, self.metric), dev_loss(logits, enc), pred
+
+  def score(self, epoch, predict) -> epochs.Scored:
+    result, loss, _ = self.evaluate('dev', predict)
+    return epochs.Scored(result['main'], result, loss, eval_record(epoch, result, loss),
+                         metadata=dict(token_labels=list(self.labels), metric=self.metric,
+                                       init=self.init, tagging_config=self.config_json))
+
+  def write_best(self, predict) -> Dict[str, Dict[str, Any]]:
+    """The best epoch's predictions and entity tables of dev (and test); its scores."""
+    written = {}
+    for name in [n for n in ('dev', 'test') if n in self.data]:
+      scored, loss, pred = self.evaluate(name, predict)
+      write_predictions(os.path.join(self.run_dir, f'{name}_predictions.txt'),
+                        self.data[name].sentences, pred)
+      written[name] = dict(scored, loss=loss)
+      if 'per_type' in scored:
+        atomic.write_text(os.path.join(self.run_dir, f'{name}_entity_table.txt'),
+                          type_table(scored) + '\n')
+    return written
+
+  def train_fields(self, report, window) -> Dict[str, Any]:
+    del report, window
+    return {}
+
+  def summary_fields(self, best, written) -> Dict[str, Any]:
+    del best
+    data = self.data
+    return {
+        'results': written['dev'], 'test_results': written.get('test'),
+        'metric': self.metric, 'labels': list(self.labels),
+        'num_sentences': {n: len(enc.sentences) for n, enc in data.items()},
+        'num_words': {n: enc.num_words for n, enc in data.items()},
+        'num_windows': {n: len(enc) for n, enc in data.items()},
+        'num_split_sentences': {n: enc.num_split_sentences for n, enc in data.items()},
+        'num_cut_words': {n: enc.num_cut_words for n, enc in data.items()},
+        'padded_length': {n: enc.length for n, enc in data.items()},
+    }

@@ -16,8 +16,9 @@ format to ``DIR/submission/`` (``SST-2.tsv``, ``MNLI-m.tsv``, ``AX.tsv``, ...).
 The model is the paper's single-task setup (``perceiver.params.transfer``): the checkpoint's byte
 embeddings, input positions and encoder, then a new decoder with one trainable query and
 a 2-layer tanh MLP head to the class logits (STS-B: one regression value). The data is
-``eval.glue_inputs``, the loss and dev scores ``eval.glue_task``; the training loop,
-steps, checkpoints and logs are ``perceiver.training``'s, as in pretraining.
+``eval.glue.inputs``, the loss and dev scores ``eval.glue.task``, one task's runs
+``eval.glue.runs``, on the fine-tuning skeleton ``eval.finetune`` shared with tagging; the
+training loop, steps, checkpoints and logs are ``perceiver.training``'s, as in pretraining.
 
 Every requested task's files are read and checked before any task trains. A rerun skips
 the tasks that finished (their results join the table) and resumes an interrupted one
@@ -28,7 +29,7 @@ Outputs, per task in ``DIR/<task>/`` (with ``--sweep``, each grid point in
 ``DIR/<task>/bs<B>_lr<LR>/`` and the best point's files copied up, ``sweep.json`` listing
 all points):
 
-- ``dev_metrics.json``: the best epoch's dev metrics (``eval.metrics.task_metrics``), its
+- ``dev_metrics.json``: the best epoch's dev metrics (``eval.glue.metrics.task_metrics``), its
   epoch and step, every epoch's scores, truncation counts, timings and settings; it marks
   the task finished;
 - ``dev_predictions.tsv`` (MNLI: ``dev_matched_predictions.tsv`` and
@@ -47,42 +48,27 @@ paper's row) and ``DIR/glue_results.json``, written even when a task fails;
 
 from __future__ import annotations
 
-# First, before the imports below (JAX takes seconds, and starts threads): the host
-# memory policy, then the signal guard (see each one's docstring).
-from perceiver.training import host_memory  # pylint: disable=g-bad-import-order
-from perceiver.command import signal_guard  # pylint: disable=g-bad-import-order
-
-if __name__ == '__main__':
-  host_memory.retain_freed_memory()
-  signal_guard.install(stop_status=0)
-
 import json
 import os
-import sys
 import time
 from typing import Any, Dict, Optional
 
 from absl import flags
-import jax
-from ml_collections import config_flags
 
-from eval import glue_data
-from eval import glue_finetune
-from eval import glue_inputs
-from eval import glue_io
-from eval import metrics as metrics_lib
-from perceiver.command import cli
-from perceiver.params import transfer
-from perceiver.training import workdir_lock
+from eval import finetune
+from eval.glue import data as glue_data
+from eval.glue import inputs as glue_inputs
+from eval.glue import metrics as metrics_lib
+from eval.glue import runs
+from eval.glue import task as glue_task
+from perceiver.command import atomic
 from perceiver.training import epochs
+from perceiver.training import workdir_lock
 from perceiver.training import writer as writer_lib
 
-_CONFIG_FILE = os.path.join(os.path.dirname(__file__), 'configs', 'glue.py')
-
-
-GlueError = glue_finetune.GlueError
-Stopped = glue_finetune.Stopped
-FINISHED = glue_finetune.FINISHED
+CONFIG_FILE = os.path.join(os.path.dirname(os.path.dirname(__file__)), 'configs', 'glue.py')
+GlueError = glue_task.GlueError
+FINISHED = finetune.FINISHED
 
 
 def available_tasks(data_dir: str) -> tuple:
@@ -106,7 +92,7 @@ def check_config(config) -> None:
                                ('eval.batch_size', 1), ('data.length_multiple', 1),
                                ('data.max_train_examples', 0), ('data.encode_chunk', 1)),
                       GlueError)
-  for batch_size, lr, field in glue_finetune.grid(config, sweep=True) + glue_finetune.grid(config, sweep=False):
+  for batch_size, lr, field in runs.grid(config, sweep=True) + runs.grid(config, sweep=False):
     if batch_size < 1:
       raise GlueError(f'{field} must hold batch sizes >= 1, got {batch_size}')
     if not lr > 0:
@@ -127,6 +113,17 @@ def _task_names(task: str, data_dir: str):
   return [task], []
 
 
+def _finished(names, workdir: str, *, resume: bool, overwrite: bool):
+  """(summaries of the tasks that finished earlier, the names of those to train)."""
+  summaries: Dict[str, Dict[str, Any]] = {}
+  for name in names:
+    finished = epochs.finished_summary(os.path.join(workdir, name), resume=resume,
+                                       overwrite=overwrite, error=GlueError)
+    if finished is not None:
+      summaries[name] = finished
+  return summaries, [name for name in names if name not in summaries]
+
+
 def run(task: str, config, data_dir: str, workdir: str, init_checkpoint: Optional[str] = None,
         *, do_predict: bool = False, sweep: bool = False, overwrite: bool = False,
         resume: bool = True, log: Optional[writer_lib.RunLog] = None) -> Dict[str, Any]:
@@ -136,31 +133,18 @@ def run(task: str, config, data_dir: str, workdir: str, init_checkpoint: Optiona
   retrained (``overwrite``); with neither, a finished task is refused.
   """
   log = log or writer_lib.RunLog()
-  if jax.process_count() > 1:
-    raise GlueError(f'eval.glue runs on one host (with all of its devices); this is host '
-                    f'{jax.process_index()} of {jax.process_count()}. Start it on one '
-                    'host only: GLUE fine-tuning of this model fits one host (see '
-                    'README, "Scale")')
+  finetune.one_host('eval.glue', GlueError)
   _check_task_arg(task)
   check_config(config)
   if not os.path.isdir(data_dir):
     raise GlueError(f'--data_dir {data_dir}: no such directory (expected the GLUE download '
                     'script\'s layout: CoLA/, SST-2/, MRPC/, ...)')
   names, missing = _task_names(task, data_dir)
-  summaries: Dict[str, Dict[str, Any]] = {}
-  to_train = []
-  for name in names:
-    task_dir = os.path.join(workdir, name)
-    finished = epochs.finished_summary(task_dir, resume=resume, overwrite=overwrite,
-                                       error=GlueError)
-    if finished is not None:
-      summaries[name] = finished
-    else:
-      to_train.append(name)
+  summaries, to_train = _finished(names, workdir, resume=resume, overwrite=overwrite)
   start = time.time()
   with workdir_lock.WorkdirLock(workdir), log.to_file(os.path.join(workdir, 'log.txt')):
-    log.note(f'eval.glue: --task={task} on {jax.local_device_count()} device(s) '
-             f'({jax.devices()[0].platform}); data {data_dir}; outputs {workdir}')
+    log.note(finetune.opening_line(f'eval.glue: --task={task}',
+                                   f'data {data_dir}; outputs {workdir}'))
     if missing:
       log.warn(f'no folder in {data_dir} for: ' + ', '.join(
           f'{name} ({glue_data.TASKS[name].directory}/)' for name in missing) +
@@ -170,19 +154,17 @@ def run(task: str, config, data_dir: str, workdir: str, init_checkpoint: Optiona
                'skipped (--overwrite retrains it)')
     # Every file of every task to train is read and checked before any of them trains.
     for name in to_train:
-      glue_task_ = glue_data.get_task(name)
-      for split in glue_inputs.split_names(glue_task_, data_dir, do_predict, log):
-        glue_data.load_split(data_dir, glue_task_, split)
-    trunk = transfer.load_trunk(init_checkpoint, config.model,
-                                encoder_dropout=config.dropout.encoder,
-                                head_dropout=config.dropout.head, note=log.note)
+      for split in glue_inputs.split_names(glue_data.TASKS[name], data_dir, do_predict, log):
+        glue_data.load_split(data_dir, glue_data.TASKS[name], split)
+    trunk = finetune.load_trunk(init_checkpoint, config, log)
     try:
       for i, name in enumerate(to_train):
         log.note(f'[{i + 1}/{len(to_train)}] {name}')
         if overwrite:
-          glue_finetune.clean_task_dir(os.path.join(workdir, name))
-        summaries[name] = glue_finetune.run_task(name, config, data_dir, workdir, trunk,
-                                   do_predict=do_predict, sweep=sweep, resume=resume, log=log)
+          runs.clean_task_dir(os.path.join(workdir, name))
+        summaries[name] = runs.run_task(name, config, data_dir, workdir, trunk,
+                                        do_predict=do_predict, sweep=sweep, resume=resume,
+                                        log=log)
     finally:
       out = _report(task, names, missing, summaries, trunk.source, sweep, config,
                     time.time() - start, workdir, log)
@@ -206,8 +188,8 @@ def _report(task, names, missing, summaries, source, sweep, config, seconds, wor
   }
   if task == 'all':
     table = metrics_lib.format_table(results)
-    glue_io.write_json_atomic(os.path.join(workdir, 'glue_results.json'), out)
-    glue_io.write_text_atomic(os.path.join(workdir, 'glue_table.txt'), table + '\n')
+    atomic.write_json(os.path.join(workdir, 'glue_results.json'), out)
+    atomic.write_text(os.path.join(workdir, 'glue_table.txt'), table + '\n')
     log.note('\n' + table)
     log.note('wall time: ' + ', '.join(f'{k} {v:.0f}s' for k, v in wall.items()))
   return out
@@ -222,16 +204,12 @@ FLAGS = flags.FLAGS
 def define_flags():
   """The command's flags; defined only when run as a command (``train.mlm`` also has a
   ``--config`` flag, and both modules may be imported into one process)."""
-  config_flags.DEFINE_config_file('config', _CONFIG_FILE, 'GLUE config file[:preset] '
-                                  '(presets: paper, smoke).', lock_config=True)
+  finetune.define_flags(CONFIG_FILE, 'GLUE')
   flags.DEFINE_string('task', None, 'cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, wnli, '
                       'or all (every task whose folder is in --data_dir).')
   flags.DEFINE_string('data_dir', None, 'The GLUE directory, as the download script lays '
                       'it out (CoLA/, SST-2/, ...).')
   flags.DEFINE_string('workdir', None, 'Output directory: DIR/<task>/ per task.')
-  flags.DEFINE_string('init_checkpoint', None, "DeepMind's pickle, this project's "
-                      'checkpoint, or a Hugging Face checkpoint; without it the model '
-                      'starts from scratch.')
   flags.DEFINE_bool('do_predict', False, 'Also write the test predictions in the GLUE '
                     "server's format to DIR/submission/.")
   flags.DEFINE_bool('sweep', False, 'Run the grid sweep.batch_sizes x sweep.learning_rates '
@@ -239,27 +217,11 @@ def define_flags():
   flags.DEFINE_bool('resume', True, 'Skip tasks that finished and resume interrupted ones '
                     'from their last epoch; --noresume starts unfinished tasks over and '
                     'refuses finished ones.')
-  flags.DEFINE_bool('overwrite', False, 'Retrain tasks that finished, replacing their '
-                    'outputs.')
   flags.mark_flags_as_required(['task', 'data_dir', 'workdir'])
 
 
-def main(argv):
-  if len(argv) > 1:
-    print(f'error: unexpected arguments {argv[1:]}', file=sys.stderr)
-    return 2
-
-  def command():
-    try:
-      run(FLAGS.task, FLAGS.config, FLAGS.data_dir, FLAGS.workdir, FLAGS.init_checkpoint,
-          do_predict=FLAGS.do_predict, sweep=FLAGS.sweep, overwrite=FLAGS.overwrite,
-          resume=FLAGS.resume)
-    except Stopped as e:
-      print(f'{e}', file=sys.stderr)
-
-  return cli.run(command, saved="each task's last epoch is kept; rerun to resume",
-                 stop_status=0)
-
-
-if __name__ == '__main__':
-  cli.start(main, define_flags, stop_status=0)
+main = finetune.make_main(
+    lambda: run(FLAGS.task, FLAGS.config, FLAGS.data_dir, FLAGS.workdir,
+                FLAGS.init_checkpoint, do_predict=FLAGS.do_predict, sweep=FLAGS.sweep,
+                overwrite=FLAGS.overwrite, resume=FLAGS.resume),
+    saved="each task's last epoch is kept; rerun to resume")

@@ -1,22 +1,25 @@
 """GLUE splits as model inputs: encoded once as compact arrays, then batched.
 
-Each split is read (``glue_data``), encoded to byte ids (a pair is ``a SEP b``, the longer
-segment cut first), and padded to its own longest example rounded up to
+Each split is read (``eval.glue.data``), encoded to byte ids (a pair is ``a SEP b``, the
+longer segment cut first), and padded to its own longest example rounded up to
 ``data.length_multiple`` bytes, so the train step and each split's predict step compile
-once. Training batches walk seeded epochs; prediction batches walk the split in order.
+once. ``host_batch`` makes the batch of any rows of a split, for the seeded training
+epochs and the in-order prediction of ``perceiver.training.epochs``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, List, Optional
 
 import numpy as np
 
-from eval import glue_data
-from perceiver.training import epochs
+from eval.glue import data as glue_data
 from perceiver.training.mesh import round_up
+
+# The batch fields the classifier reads (the others are its targets).
+MODEL_INPUTS = ('input_ids', 'input_mask')
 
 
 @dataclasses.dataclass
@@ -129,19 +132,3 @@ def host_batch(split: EncodedSplit, rows: np.ndarray, size: int) -> Dict[str, np
     batch['labels'] = np.zeros((size,), split.labels.dtype)
     batch['labels'][:n] = split.labels[rows]
   return batch
-
-
-def train_batches(split: EncodedSplit, batch_size: int, seed: int, start_step: int = 0
-                  ) -> Iterator[Tuple[Dict[str, np.ndarray], int]]:
-  """Endless epochs from step ``start_step`` on: (batch, steps done after it) pairs
-  (``perceiver.training.epochs.seeded_epochs``: each epoch visits every example once in
-  a seeded order); an epoch's last batch is filled up with zero-weight rows."""
-  return epochs.seeded_epochs(len(split), batch_size, seed, start_step,
-                              lambda rows: host_batch(split, rows, batch_size))
-
-
-def predict(predict_step, params, split: EncodedSplit, batch_size: int, mesh) -> np.ndarray:
-  """Outputs [n, num_outputs] for every example of ``split`` (params on ``mesh``)."""
-  return epochs.predict(predict_step, params, len(split), batch_size, mesh,
-                        lambda rows: host_batch(split, rows, batch_size),
-                        ('input_ids', 'input_mask'))

@@ -8,15 +8,16 @@ r"""Token classification (NER, POS) with Perceiver IO: ``python -m eval.tagging`
 ``--data_dir`` holds ``train.txt``, ``valid.txt`` (or ``testa``) and optionally
 ``test.txt`` (or ``testb``) in the CoNLL-2003 layout, or, with ``--format=conllu``,
 ``*train.conllu``, ``*dev.conllu`` and optionally ``*test.conllu`` (tags: UPOS); see
-``eval.tagging_data``. ``--init_checkpoint`` takes DeepMind's pickle, this project's
+``eval.tagging.data``. ``--init_checkpoint`` takes DeepMind's pickle, this project's
 checkpoint (e.g. from ``train.mlm``) or a Hugging Face checkpoint; without it the model
 starts from scratch.
 
 The model is ``perceiver.transform.token_classifier``: the checkpoint's byte embeddings,
 input positions and encoder (and by default its MLM decoder, ``init.mlm_decoder``), one
 decoder query per word's first byte, and an MLP head to the tags. Words are joined with
-single spaces; each word's tag is read at its first byte. The loop, steps, checkpoints,
-resume and signals are ``perceiver.training``'s, as for GLUE.
+single spaces; each word's tag is read at its first byte. The loss, scores and outputs
+are ``eval.tagging.task``'s, run on the fine-tuning skeleton ``eval.finetune`` shared with
+GLUE; the loop, steps, checkpoints, resume and signals are ``perceiver.training``'s.
 
 Every file is read and checked before training. A rerun resumes an interrupted run from
 its last epoch's checkpoint and reports a finished one (``--noresume`` starts over and
@@ -43,33 +44,25 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from typing import Any, Dict, Optional
 
-from absl import app
 from absl import flags
-import jax
 import numpy as np
-from ml_collections import config_flags
 
-from eval import glue_io
-from eval import tagging_data
-from eval import tagging_finetune
-from eval import tagging_task
+from eval import finetune
+from eval.tagging import data as tagging_data
+from eval.tagging import task as tagging_task
 from perceiver.params import params_file
-from perceiver.command import cli
 from perceiver.params import transfer
-from perceiver.training import workdir_lock
 from perceiver.training import epochs
-from perceiver.training import host_memory
+from perceiver.training import workdir_lock
 from perceiver.training import writer as writer_lib
 
-_CONFIG_FILE = os.path.join(os.path.dirname(__file__), 'configs', 'tagging.py')
-FINISHED = epochs.FINISHED
-
-TaggingError = tagging_finetune.TaggingError
-Stopped = tagging_finetune.Stopped
+CONFIG_FILE = os.path.join(os.path.dirname(os.path.dirname(__file__)), 'configs',
+                           'tagging.py')
+FINISHED = finetune.FINISHED
+TaggingError = tagging_task.TaggingError
 
 
 def check_config(config) -> None:
@@ -120,9 +113,7 @@ def _subset(split: tagging_data.Split, cap: int, seed: int, log) -> tagging_data
 
 def _load_trunk(init_checkpoint, config, log) -> transfer.Trunk:
   try:
-    return transfer.load_trunk(init_checkpoint, config.model,
-                               encoder_dropout=config.dropout.encoder,
-                               head_dropout=config.dropout.head, note=log.note,
+    return finetune.load_trunk(init_checkpoint, config, log,
                                mlm_decoder=bool(init_checkpoint and config.init.mlm_decoder))
   except params_file.CheckpointError as e:
     if transfer.MLM_DECODER in str(e) and config.init.mlm_decoder:
@@ -131,23 +122,10 @@ def _load_trunk(init_checkpoint, config, log) -> transfer.Trunk:
     raise
 
 
-def run(config, data_dir: str, workdir: str, init_checkpoint: Optional[str] = None, *,
-        resume: bool = True, overwrite: bool = False,
-        log: Optional[writer_lib.RunLog] = None) -> Dict[str, Any]:
-  """The command; returns what ``dev_metrics.json`` holds."""
-  log = log or writer_lib.RunLog()
-  if jax.process_count() > 1:
-    raise TaggingError(f'eval.tagging runs on one host (with all of its devices); this is '
-                       f'host {jax.process_index()} of {jax.process_count()}')
-  check_config(config)
-  finished = epochs.finished_summary(workdir, resume=resume, overwrite=overwrite,
-                                     error=TaggingError)
-  if finished is not None:
-    log.note(f'{os.path.join(workdir, FINISHED)}: finished earlier (main score '
-             f'{finished["main_score"]:.4f}); --overwrite retrains it')
-    return finished
-  fmt, column = config.data.format, config.data.label_column or None
-  splits = tagging_data.all_splits(data_dir, fmt, column, with_test=True)
+def _read(config, data_dir: str):
+  """(the splits, the tags of train, the metric), every file read and checked."""
+  splits = tagging_data.all_splits(data_dir, config.data.format,
+                                   config.data.label_column or None, with_test=True)
   labels = tagging_data.label_list(splits['train'])
   for split in splits.values():
     tagging_data.check_tags(split, labels)
@@ -155,13 +133,57 @@ def run(config, data_dir: str, workdir: str, init_checkpoint: Optional[str] = No
     metric = tagging_task.resolve_metric(config.eval.metric, labels)
   except ValueError as e:
     raise TaggingError(str(e)) from None
+  return splits, labels, metric
+
+
+def _encode(splits, labels, window: int, config, log) -> Dict[str, tagging_data.EncodedSplit]:
+  """Every split as windows of ``window`` bytes (train: its subset, if the config asks)."""
+  splits = dict(splits, train=_subset(splits['train'], config.data.max_train_sentences,
+                                      config.seed, log))
+  data = {}
+  for name, split in splits.items():
+    data[name] = tagging_data.encode_split(split, labels, window, config.data.window_overlap,
+                                           config.data.length_multiple)
+    log.note('  ' + tagging_data.encoded_summary(data[name], window,
+                                                 config.data.window_overlap))
+  return data
+
+
+def _log_scores(summary, log) -> None:
+  res = summary['results']
+  scores = (f'F1 {100 * res["f1"]:.2f} (precision {100 * res["precision"]:.2f}, recall '
+            f'{100 * res["recall"]:.2f}), ' if 'f1' in res else '')
+  log.note(f'== dev, best epoch {summary["best_epoch"]}: {scores}word accuracy '
+           f'{100 * res["accuracy"]:.2f} ({summary["wall_time_s"]:.0f}s)')
+  if 'per_type' in res:
+    log.note(tagging_task.type_table(res))
+  if summary['test_results']:
+    test = summary['test_results']
+    log.note('== test: ' + (f'F1 {100 * test["f1"]:.2f}, ' if 'f1' in test else '') +
+             f'word accuracy {100 * test["accuracy"]:.2f}')
+
+
+def run(config, data_dir: str, workdir: str, init_checkpoint: Optional[str] = None, *,
+        resume: bool = True, overwrite: bool = False,
+        log: Optional[writer_lib.RunLog] = None) -> Dict[str, Any]:
+  """The command; returns what ``dev_metrics.json`` holds."""
+  log = log or writer_lib.RunLog()
+  finetune.one_host('eval.tagging', TaggingError)
+  check_config(config)
+  finished = epochs.finished_summary(workdir, resume=resume, overwrite=overwrite,
+                                     error=TaggingError)
+  if finished is not None:
+    log.note(f'{os.path.join(workdir, FINISHED)}: finished earlier (main score '
+             f'{finished["main_score"]:.4f}); --overwrite retrains it')
+    return finished
+  splits, labels, metric = _read(config, data_dir)
   start = time.time()
   with workdir_lock.WorkdirLock(workdir):
     if overwrite or not resume:
       clean(workdir)
     with log.to_file(os.path.join(workdir, 'log.txt')):
-      log.note(f'eval.tagging on {jax.local_device_count()} device(s) '
-               f'({jax.devices()[0].platform}); {fmt} data {data_dir}; outputs {workdir}')
+      log.note(finetune.opening_line('eval.tagging', f'{config.data.format} data '
+                                     f'{data_dir}; outputs {workdir}'))
       for split in splits.values():
         log.note(f'  {tagging_data.summary(split)}')
       log.note(f'  {len(labels)} tags ({", ".join(labels)}); metric: '
@@ -169,32 +191,18 @@ def run(config, data_dir: str, workdir: str, init_checkpoint: Optional[str] = No
                   if metric == 'entity' else 'word accuracy'))
       trunk = _load_trunk(init_checkpoint, config, log)
       window = resolve_window(config, trunk.model_config)
-      splits['train'] = _subset(splits['train'], config.data.max_train_sentences,
-                                config.seed, log)
-      data = {}
-      for name, split in splits.items():
-        data[name] = tagging_data.encode_split(split, labels, window,
-                                               config.data.window_overlap,
-                                               config.data.length_multiple)
-        log.note('  ' + tagging_data.encoded_summary(data[name], window,
-                                                     config.data.window_overlap))
-      summary = tagging_finetune.finetune(data, labels, trunk, config, workdir, log,
-                                          metric=metric, resume=resume)
-      summary.update(format=fmt, data_dir=data_dir, max_seq_len=window,
+      task = tagging_task.TaggingTask(_encode(splits, labels, window, config, log), labels,
+                                      metric, workdir, trunk.source, config.to_json())
+      summary = finetune.finetune(
+          task, trunk, config, workdir, log, batch_size=config.train.batch_size,
+          learning_rate=config.optimizer.learning_rate, resume=resume,
+          # What a resumed run must share with the run it continues.
+          settings={'config': json.loads(config.to_json()), 'labels': list(labels)}).summary
+      summary.update(format=config.data.format, data_dir=data_dir, max_seq_len=window,
                      window_overlap=config.data.window_overlap,
                      config=json.loads(config.to_json()), wall_time_s=time.time() - start)
-      glue_io.write_json_atomic(os.path.join(workdir, FINISHED), summary)
-      res = summary['results']
-      scores = (f'F1 {100 * res["f1"]:.2f} (precision {100 * res["precision"]:.2f}, recall '
-                f'{100 * res["recall"]:.2f}), ' if 'f1' in res else '')
-      log.note(f'== dev, best epoch {summary["best_epoch"]}: {scores}word accuracy '
-               f'{100 * res["accuracy"]:.2f} ({summary["wall_time_s"]:.0f}s)')
-      if 'per_type' in res:
-        log.note(tagging_task.type_table(res))
-      if summary['test_results']:
-        test = summary['test_results']
-        log.note('== test: ' + (f'F1 {100 * test["f1"]:.2f}, ' if 'f1' in test else '') +
-                 f'word accuracy {100 * test["accuracy"]:.2f}')
+      finetune.write_finished(workdir, summary)
+      _log_scores(summary, log)
   return summary
 
 
@@ -206,40 +214,22 @@ FLAGS = flags.FLAGS
 
 def define_flags():
   """The command's flags (defined only when run as a command)."""
-  config_flags.DEFINE_config_file('config', _CONFIG_FILE, 'Tagging config file[:preset] '
-                                  '(presets: paper, smoke).', lock_config=True)
+  finetune.define_flags(CONFIG_FILE, 'Tagging')
   flags.DEFINE_string('data_dir', None, 'The directory of the train, dev (and test) files.')
   flags.DEFINE_enum('format', None, tagging_data.FORMATS, 'conll2003 (word POS chunk NER '
                     'lines) or conllu (UPOS); default: the config\'s data.format.')
   flags.DEFINE_string('workdir', None, 'Output directory.')
-  flags.DEFINE_string('init_checkpoint', None, "DeepMind's pickle, this project's "
-                      'checkpoint, or a Hugging Face checkpoint; without it the model '
-                      'starts from scratch.')
   flags.DEFINE_bool('resume', True, 'Resume an interrupted run and report a finished one; '
                     '--noresume starts over and refuses a finished run.')
-  flags.DEFINE_bool('overwrite', False, 'Retrain a finished run, replacing its outputs.')
   flags.mark_flags_as_required(['data_dir', 'workdir'])
 
 
-def main(argv):
-  if len(argv) > 1:
-    print(f'error: unexpected arguments {argv[1:]}', file=sys.stderr)
-    return 2
-
-  def command():
-    config = FLAGS.config
-    if FLAGS.format:
-      config.data.format = FLAGS.format
-    try:
-      run(config, FLAGS.data_dir, FLAGS.workdir, FLAGS.init_checkpoint,
-          resume=FLAGS.resume, overwrite=FLAGS.overwrite)
-    except Stopped as e:
-      print(f'{e}', file=sys.stderr)
-
-  return cli.run(command, saved="the last epoch is kept; rerun to resume")
+def _command():
+  config = FLAGS.config
+  if FLAGS.format:
+    config.data.format = FLAGS.format
+  run(config, FLAGS.data_dir, FLAGS.workdir, FLAGS.init_checkpoint, resume=FLAGS.resume,
+      overwrite=FLAGS.overwrite)
 
 
-if __name__ == '__main__':
-  host_memory.retain_freed_memory()   # before JAX starts its threads
-  define_flags()
-  app.run(main)
+main = finetune.make_main(_command, saved='the last epoch is kept; rerun to resume')
