@@ -111,8 +111,9 @@ def _random_params(params, seed=0):
   """``params``'s tree with every parameter drawn anew from a seeded normal: weights,
   embeddings and position tables with std 0.1, biases and layer-norm offsets with std
   0.5, layer-norm scales 1 + N(0, 0.5^2). At initialisation every bias and offset is 0
-  and every scale 1, so a dropped bias, a scale and offset swapped, or one layer norm's
-  parameters used in another's place would not change the logits; here each does."""
+  and every scale 1, so a dropped bias or offset, a scale not applied, or one layer
+  norm's parameters used in another's place would leave the logits as they are; here
+  each changes them, as does a scale and offset swapped."""
   rng = np.random.default_rng(seed)
 
   def draw(path, leaf):
