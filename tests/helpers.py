@@ -1,14 +1,18 @@
 """Helpers the test modules share: where data lives, the released model's parameter list,
-and seconds-fast configs for the MLM and GLUE apps.
+a tiny checkpoint, a command's failure as its one ``error:`` line, and seconds-fast
+configs for the MLM, GLUE and tagging apps.
 
 Import them as ``from tests import helpers`` (``tests`` is a package, so this works under
 ``pytest`` and ``python -m pytest`` alike, and in the scripts subprocess tests run from the
 project's root).
 """
 
+import hashlib
+import io
 import json
 import os
 import pathlib
+from contextlib import redirect_stderr
 
 import numpy as np
 import pytest
@@ -96,6 +100,51 @@ def records(workdir, kind='train'):
   """The ``kind`` records of a run's metrics.jsonl."""
   lines = pathlib.Path(workdir, 'metrics.jsonl').read_text().splitlines()
   return [r for r in map(json.loads, lines) if r['kind'] == kind]
+
+
+# --------------------------------------------------------------------------------------
+# A tiny checkpoint, and a command's failure: one ``error:`` line, nothing written.
+
+def tiny_mlm_params():
+  """(``perceiver.configs.tiny()``, parameters of its masked LM from ``params_like``)."""
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from perceiver import configs  # pylint: disable=import-outside-toplevel
+  from perceiver import transform  # pylint: disable=import-outside-toplevel
+  config = configs.tiny()
+  return config, params_like(transform.masked_lm(config), jnp.zeros((1, 8), jnp.int32))
+
+
+def save_tiny_checkpoint(path):
+  """Writes ``tiny_mlm_params`` as a parameter file at ``path``; returns its path (str)."""
+  from perceiver.params import params_file  # pylint: disable=import-outside-toplevel
+  config, params = tiny_mlm_params()
+  return str(params_file.save(path, params, config))
+
+
+def snapshot(directory):
+  """{relative path: sha256} of every file under ``directory``."""
+  out = {}
+  for path in sorted(pathlib.Path(directory).rglob('*')):
+    if path.is_file() and path.name != '.lock':
+      out[str(path.relative_to(directory))] = hashlib.sha256(path.read_bytes()).hexdigest()
+  return out
+
+
+def run_command(command):
+  """(exit status, stderr) of ``command`` under the commands' error policy
+  (``perceiver.command.cli.run``)."""
+  from perceiver.command import cli  # pylint: disable=import-outside-toplevel
+  stderr = io.StringIO()
+  with redirect_stderr(stderr):
+    status = cli.run(command)
+  return status, stderr.getvalue()
+
+
+def one_error_line(stderr):
+  """The only line of ``stderr``, which must start with ``error: ``."""
+  lines = stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith('error: '), stderr
+  return lines[0]
 
 
 # --------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """The step over a device mesh (perceiver.training.mesh, perceiver.training.step): the
 placement rules, the batch layout, and, on 8 simulated CPU devices in a subprocess
-(tests/mesh_checks.py), data=8 and fsdp=8 against one device, the compiled step's
+(tests/scripts/mesh_checks.py), data=8 and fsdp=8 against one device, the compiled step's
 per-device state memory, and the 8-device step exported for GPU and TPU."""
 
 import json
@@ -137,7 +137,7 @@ def test_accumulation_layout_keeps_each_devices_rows_contiguous():
 def eight_devices():
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8',
              JAX_PLATFORMS='cpu', PYTHONPATH=str(ROOT))
-  done = subprocess.run([sys.executable, str(ROOT / 'tests' / 'mesh_checks.py')], cwd=ROOT,
+  done = subprocess.run([sys.executable, str(ROOT / 'tests/scripts/mesh_checks.py')], cwd=ROOT,
                         env=env, capture_output=True, text=True, timeout=1800)
   assert done.returncode == 0, done.stderr[-3000:]
   return json.loads(done.stdout)

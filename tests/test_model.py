@@ -107,13 +107,37 @@ def test_attention_of_two_queries_and_two_keys_by_hand():
   np.testing.assert_allclose(out[0], [[10.0], [0.0]], rtol=1e-6)
 
 
+def _random_params(params, seed=0):
+  """``params``'s tree with every parameter drawn anew from a seeded normal: weights,
+  embeddings and position tables with std 0.1, biases and layer-norm offsets with std
+  0.5, layer-norm scales 1 + N(0, 0.5^2). At initialisation every bias and offset is 0
+  and every scale 1, so a dropped bias or offset, a scale not applied, or one layer
+  norm's parameters used in another's place would leave the logits as they are; here
+  each changes them, as does a scale and offset swapped."""
+  rng = np.random.default_rng(seed)
+
+  def draw(path, leaf):
+    name = path[-1].key
+    noise = rng.standard_normal(leaf.shape)
+    if name == 'scale':
+      return (1 + 0.5 * noise).astype(leaf.dtype)
+    std = 0.5 if name in ('b', 'bias', 'offset') else 0.1
+    return (std * noise).astype(leaf.dtype)
+
+  return jax.tree_util.tree_map_with_path(draw, params)
+
+
 def test_logits_equal_an_independent_numpy_implementation(tiny):
+  """The model (float32) against the numpy reference (float64) with random parameters,
+  on a full row and a padded one."""
   config, mlm, params, ids, mask = tiny
+  params = _random_params(params)
   logits = np.asarray(mlm.apply(params, None, ids, mask))
   for b in range(ids.shape[0]):
     expected = numpy_reference.masked_lm_logits(params, config, np.asarray(ids[b]),
                                                 np.asarray(mask[b]))
-    np.testing.assert_allclose(logits[b], expected, rtol=2e-4, atol=2e-4)
+    assert expected.std() > 0.1   # logits that differ, not a constant row
+    np.testing.assert_allclose(logits[b], expected, rtol=2e-5, atol=2e-5)
 
 
 @pytest.mark.slow
