@@ -81,6 +81,21 @@ def _is_int(value) -> bool:
   return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _check_sources(sources) -> None:
+  """Each data source names its files and a finite weight >= 0; not all weights zero."""
+  _check(bool(sources), 'data.sources', dict(sources), 'at least one source')
+  weights = []
+  for name, spec in sources.items():
+    _check(isinstance(spec.get('paths'), str) and spec.get('paths', '').strip(),
+           f'data.sources.{name}.paths', spec.get('paths'), 'non-empty comma-separated globs')
+    weight = spec.get('weight')
+    finite = isinstance(weight, (int, float)) and math.isfinite(weight)
+    _check(finite and weight >= 0, f'data.sources.{name}.weight', weight,
+           'a finite number >= 0')
+    weights.append(weight)
+  _check(sum(weights) > 0, 'data.sources.*.weight', weights, 'not all zero')
+
+
 def check_config(config) -> None:
   """Refuses config values that cannot run, naming the field, before anything compiles."""
   t, o, d, m = config.train, config.optimizer, config.data, config.masking
@@ -111,16 +126,7 @@ def check_config(config) -> None:
          'in (0, 1)')
   _check(d.separator in data_lib.SEPARATORS, 'data.separator', d.separator,
          'one of ' + ', '.join(sorted(data_lib.SEPARATORS)))
-  _check(bool(d.sources), 'data.sources', dict(d.sources), 'at least one source')
-  weights = []
-  for name, spec in d.sources.items():
-    _check(isinstance(spec.get('paths'), str) and spec.get('paths', '').strip(),
-           f'data.sources.{name}.paths', spec.get('paths'), 'non-empty comma-separated globs')
-    weight = spec.get('weight')
-    _check(finite(weight) and weight >= 0, f'data.sources.{name}.weight', weight,
-           'a finite number >= 0')
-    weights.append(weight)
-  _check(sum(weights) > 0, 'data.sources.*.weight', weights, 'not all zero')
+  _check_sources(d.sources)
   _check(finite(t.max_seconds) and t.max_seconds >= 0, 'train.max_seconds', t.max_seconds,
          'a finite number >= 0 (0: no limit)')
   _check(finite(t.unmasked_loss_weight) and t.unmasked_loss_weight >= 0,

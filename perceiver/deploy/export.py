@@ -158,15 +158,8 @@ def _select(task, params, config, metadata, checkpoint_path):
   return model, params, (int(num_outputs) if task == 'classifier' else None)
 
 
-def export(checkpoint_path: str, out: str, task: Optional[str] = None,
-           dtype: str = 'float32', platforms: Sequence[str] = DEFAULT_PLATFORMS,
-           overwrite: bool = False) -> dict:
-  """Writes the export directory ``out`` (see the module docstring); returns its manifest.
-
-  Raises:
-    errors.UserError: a bad flag (ConfigError, naming it) or checkpoint (CheckpointError,
-      naming the file and tensors); ``out`` is left as it was.
-  """
+def _check_flags(out, task, dtype, platforms, overwrite) -> str:
+  """``out`` made absolute, or a ConfigError naming the flag that is wrong."""
   if task is not None and task not in TASKS:
     raise errors.ConfigError(f'--task={task!r}: expected one of {", ".join(TASKS)}')
   if dtype not in DTYPES:
@@ -184,7 +177,19 @@ def export(checkpoint_path: str, out: str, task: Optional[str] = None,
     if not os.path.isdir(out) or not os.path.isfile(os.path.join(out, perceiver_load.MANIFEST)):
       raise errors.ConfigError(f'--out={out}: exists and is not an export directory; '
                                '--overwrite replaces only an earlier export')
+  return out
 
+
+def export(checkpoint_path: str, out: str, task: Optional[str] = None,
+           dtype: str = 'float32', platforms: Sequence[str] = DEFAULT_PLATFORMS,
+           overwrite: bool = False) -> dict:
+  """Writes the export directory ``out`` (see the module docstring); returns its manifest.
+
+  Raises:
+    errors.UserError: a bad flag (ConfigError, naming it) or checkpoint (CheckpointError,
+      naming the file and tensors); ``out`` is left as it was.
+  """
+  out = _check_flags(out, task, dtype, platforms, overwrite)
   params, config, metadata = loading.load_any(checkpoint_path)
   metadata = metadata if isinstance(metadata, dict) else {}
   if task is None:
@@ -200,7 +205,16 @@ def export(checkpoint_path: str, out: str, task: Optional[str] = None,
   exported = export_program(model, flat, config.max_seq_len, platforms)
   program = exported.serialize()
 
-  manifest = {
+  manifest = _manifest(task, metadata, num_outputs, config, dtype, exported, program, flat,
+                       checkpoint_path)
+  _write(out, program, flat, manifest)
+  return manifest
+
+
+def _manifest(task, metadata, num_outputs, config, dtype, exported, program, flat,
+              checkpoint_path) -> dict:
+  """export.json: what the program is, and the checksums the loader verifies."""
+  return {
       'format': perceiver_load.FORMAT,
       'task': task,
       'glue_task': metadata.get('task') if task == 'classifier' else None,
@@ -226,8 +240,6 @@ def export(checkpoint_path: str, out: str, task: Optional[str] = None,
                  'tensors': {name: perceiver_load.sha256(np.ascontiguousarray(v).tobytes())
                              for name, v in flat.items()}},
   }
-  _write(out, program, flat, manifest)
-  return manifest
 
 
 def _write(out, program: bytes, flat, manifest):

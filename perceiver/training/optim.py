@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import jax
@@ -95,6 +96,26 @@ def unpack_lamb_state(state):
   return state
 
 
+def _lamb_leaf(g, mu, nu, p, decay, *, scale, bias1, bias2, step_size, b1, b2, eps,
+               weight_decay):
+  """One leaf of ``fused_lamb``'s update: (update, new mu, new nu)."""
+  g = g * scale
+  mu = (1 - b1) * g + b1 * mu
+  nu = (1 - b2) * g ** 2 + b2 * nu
+  u = (mu / bias1) / (jnp.sqrt(nu / bias2) + eps)
+  if decay and weight_decay:
+    u = u + weight_decay * p
+  p_norm = jnp.sqrt(jnp.sum(p * p))
+  u_norm = jnp.sqrt(jnp.sum(u * u))
+  ratio = jnp.where((p_norm == 0.0) | (u_norm == 0.0), 1.0, p_norm / u_norm)
+  # The new moments are written in place of the old ones, which the update direction also
+  # reads (XLA recomputes the moments there rather than reading them back). Adding
+  # 0 * ||u|| (exactly 0: the norm is finite) makes those writes wait for that read;
+  # otherwise XLA copies both moments first (see bench/RESULTS.md).
+  after = 0.0 * u_norm
+  return step_size * (u * ratio), mu + after, nu + after
+
+
 def fused_lamb(config) -> optax.GradientTransformation:
   """LAMB with gradient clipping, computed in few passes over the parameters.
 
@@ -134,24 +155,10 @@ def fused_lamb(config) -> optax.GradientTransformation:
     bias2 = 1 - b2 ** count
     step_size = -lr_fn(sched.count)
 
-    def leaf(g, mu, nu, p, decay):
-      g = g * scale
-      mu = (1 - b1) * g + b1 * mu
-      nu = (1 - b2) * g ** 2 + b2 * nu
-      u = (mu / bias1) / (jnp.sqrt(nu / bias2) + eps)
-      if decay and weight_decay:
-        u = u + weight_decay * p
-      p_norm = jnp.sqrt(jnp.sum(p * p))
-      u_norm = jnp.sqrt(jnp.sum(u * u))
-      ratio = jnp.where((p_norm == 0.0) | (u_norm == 0.0), 1.0, p_norm / u_norm)
-      # The new moments are written in place of the old ones, which the update direction
-      # also reads (XLA recomputes the moments there rather than reading them back). Adding
-      # 0 * ||u|| (exactly 0: the norm is finite) makes those writes wait for that read;
-      # otherwise XLA copies both moments first (see bench/RESULTS.md).
-      after = 0.0 * u_norm
-      return step_size * (u * ratio), mu + after, nu + after
-
     treedef = jax.tree.structure(params)
+    leaf = functools.partial(_lamb_leaf, scale=scale, bias1=bias1, bias2=bias2,
+                             step_size=step_size, b1=b1, b2=b2, eps=eps,
+                             weight_decay=weight_decay)
     out = [leaf(*args) for args in zip(treedef.flatten_up_to(grads),
                                        treedef.flatten_up_to(adam.mu),
                                        treedef.flatten_up_to(adam.nu),
