@@ -31,10 +31,12 @@ reads, so all of them see it at the same step and stop: ``loop.NonFiniteError``.
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 import queue
 import signal
+import socket
 import sys
 import threading
 import time
@@ -44,6 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from perceiver.command import errors
 from perceiver.command import signal_guard
 
 WATCHDOG_EXIT_STATUS = 3
@@ -60,6 +63,52 @@ DEFAULT_INITIALIZATION_TIMEOUT_S = 60.0
 INITIALIZATION_EXIT_STATUS = 1
 
 
+def _host_port(address: str):
+  """(host, port) of 'HOST:PORT' or '[IPV6]:PORT', or a ConfigError naming the field."""
+  host, sep, port = address.rpartition(':')
+  host = host[1:-1] if host.startswith('[') and host.endswith(']') else host
+  if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+    raise errors.ConfigError(f'distributed.coordinator_address={address!r}: expected '
+                             'HOST:PORT with a port from 1 to 65535 (e.g. 10.0.0.1:1234)')
+  return host, int(port)
+
+
+def _check_port_free(address: str, port: int) -> None:
+  """On the coordinator's own process: the port must be free here (JAX's coordinator
+  crashes the process, exit 139, when another program holds it)."""
+  with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+    # As the coordinator's server binds (gRPC sets it): a port left in TIME_WAIT by an
+    # earlier run is free, one another program listens on is not.
+    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+      probe.bind(('', port))
+    except OSError as e:
+      if e.errno != errno.EADDRINUSE:
+        return
+      raise errors.ConfigError(
+          f'distributed.coordinator_address={address}: port {port} is already in use on '
+          'this machine (another program, or an earlier run still alive); choose another '
+          'port') from None
+
+
+def check_config(config) -> None:
+  """Refuses a ``distributed`` block that cannot start, naming the field, before JAX
+  tries: an address without a port, a process count or id out of range, and (process 0)
+  a coordinator port another program holds."""
+  count, index = config.num_processes, config.process_id
+  if not isinstance(count, int) or count < 0:
+    raise errors.ConfigError(f'distributed.num_processes={count!r}: expected an integer >= 1 '
+                             '(0: detected from the cluster)')
+  if not isinstance(index, int) or index < -1 or (count and index >= count):
+    allowed = f'0 to {count - 1}' if count else 'an integer >= 0'
+    raise errors.ConfigError(f'distributed.process_id={index!r}: expected {allowed} '
+                             '(-1: detected from the cluster)')
+  if config.coordinator_address:
+    _, port = _host_port(config.coordinator_address)
+    if index == 0:
+      _check_port_free(config.coordinator_address, port)
+
+
 def initialize(config) -> None:
   """Calls ``jax.distributed.initialize`` when ``config.enabled`` (a ``distributed``
   config block: coordinator_address, num_processes, process_id, heartbeat_timeout_s,
@@ -74,6 +123,7 @@ def initialize(config) -> None:
   """
   if not config.enabled:
     return
+  check_config(config)
   kwargs = {}
   if config.coordinator_address:
     kwargs['coordinator_address'] = config.coordinator_address
@@ -112,6 +162,10 @@ def initialize(config) -> None:
   try:
     with signal_guard.blocking(f'while connecting to {address}'):
       jax.distributed.initialize(**kwargs)
+  except ValueError as e:   # what JAX could not detect or resolve, e.g. the process count
+    raise errors.ConfigError(f'distributed: {e} (set distributed.num_processes and '
+                             'distributed.process_id, or run under a cluster JAX detects)'
+                             ) from None
   finally:
     done.set()
 
