@@ -24,6 +24,16 @@ Two parts, each in a fresh process started with simulated CPU devices
     python -m bench.run --suite=scale --out=scale.json
     python -m bench.scale --part=memory --devices=64 --presets=language_mlm   # one part
     python -m bench.scale --part=memory --devices=64 --depths=2,4,6          # by depth
+    python -m bench.scale --part=memory --devices=8 --presets=language_mlm --fsdp=1 \
+        --remat=none,block --batch=1,8 --depths=2,4       # rematerialisation, by batch
+
+``--remat`` compiles each program under each rematerialisation policy (the model config's
+``remat``) and ``--batch`` at each per-device batch; every row names both. The memory part
+runs with ``--xla_disable_hlo_passes=cse_barrier_expander`` (``MEMORY_XLA_FLAGS``):
+XLA:CPU otherwise turns optimization barriers into control dependencies before merging
+common subexpressions, which merges each recomputed block back into the forward pass,
+where a GPU or TPU compiler keeps the barrier. It changes no program without barriers
+(the GPU program without remat has none).
 """
 
 from __future__ import annotations
@@ -41,6 +51,8 @@ ONE_BILLION = dict(d_model=768, d_latents=2560, num_latents=256, num_self_attend
                    max_seq_len=2048, qk_channels=256, num_heads=8)
 PRESETS = ('language_mlm', 'language_mlm_plusplus', 'one_billion')
 FSDP = (1, 8, 64)
+# The memory part's XLA:CPU keeps optimization barriers as GPU and TPU compilers do.
+MEMORY_XLA_FLAGS = '--xla_disable_hlo_passes=cse_barrier_expander'
 # The depths the suite compiles at, extended to each model's own (the module docstring).
 DEPTHS = (2, 4, 6)
 
@@ -110,8 +122,9 @@ def _gpu_step_parts(config, opt):
   return model, tx, jax.eval_shape(make)
 
 
-def _compiled_memory(config, opt, fsdp: int) -> Dict:
-  """XLA's memory analysis of the train step of ``config`` over fsdp ``fsdp``, per device."""
+def _compiled_memory(config, opt, fsdp: int, batch: int = 1) -> Dict:
+  """XLA's memory analysis of the train step of ``config`` over fsdp ``fsdp`` at
+  per-device batch ``batch``, per device."""
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   from perceiver.training import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
@@ -125,7 +138,7 @@ def _compiled_memory(config, opt, fsdp: int) -> Dict:
   step = step_lib.make_train_step(mlm.make_loss_fn(model, False), mlm.count_fn, tx,
                                   optim.schedule(opt), mesh, shardings)
   batch_sharding = mesh_lib.batch_sharding(mesh, True)
-  batch = {k: jax.ShapeDtypeStruct((1, fsdp, seq), dtype, sharding=batch_sharding)
+  batch = {k: jax.ShapeDtypeStruct((1, fsdp * batch, seq), dtype, sharding=batch_sharding)
            for k, dtype in (('input_ids', jnp.int32), ('input_mask', jnp.int32),
                             ('labels', jnp.int32), ('weights', jnp.float32))}
   state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
@@ -171,27 +184,31 @@ def extend_to_depth(rows: Dict[int, Dict], depth: int) -> Dict:
 
 
 def memory_part(presets: List[str], fsdp_sizes: List[int],
-                depths: Optional[List[int]] = None) -> List[Dict]:
-  """Compiled memory analysis of the step per preset and fsdp size (nothing runs), at the
-  presets' own depth or extended from ``depths`` (see the module docstring)."""
+                depths: Optional[List[int]] = None, remats=('none',),
+                batches=(1,)) -> List[Dict]:
+  """Compiled memory analysis of the step per preset, fsdp size, rematerialisation policy
+  and per-device batch (nothing runs), at the presets' own depth or extended from
+  ``depths`` (see the module docstring)."""
+  import itertools  # pylint: disable=import-outside-toplevel
   from train.configs import mlm as mlm_configs  # pylint: disable=import-outside-toplevel
   out = []
   opt = mlm_configs.get_config('paper').optimizer
-  for preset in presets:
+  for preset, remat in itertools.product(presets, remats):
     config = _model_config(preset)
+    config.remat = remat
     full_depth = config.encoder.num_self_attends_per_block
-    for fsdp in fsdp_sizes:
-      head = {'preset': preset, 'fsdp': fsdp, 'per_device_batch': 1,
+    for fsdp, batch in itertools.product(fsdp_sizes, batches):
+      head = {'preset': preset, 'fsdp': fsdp, 'per_device_batch': batch, 'remat': remat,
               'seq_len': config.max_seq_len, 'depth': full_depth}
       if not depths:
-        row = dict(head, **_compiled_memory(config, opt, fsdp))
+        row = dict(head, **_compiled_memory(config, opt, fsdp, batch))
         row['peak'] = _peak(row)
       else:
         measured = {}
         for depth in depths:
           shallow = config.copy_and_resolve_references()
           shallow.encoder.num_self_attends_per_block = depth
-          measured[depth] = _compiled_memory(shallow, opt, fsdp)
+          measured[depth] = _compiled_memory(shallow, opt, fsdp, batch)
           print(json.dumps(dict(head, depth=depth, **measured[depth])), file=sys.stderr,
                 flush=True)
         row = dict(head, **extend_to_depth(measured, full_depth))
@@ -235,8 +252,10 @@ def run_in_process(part: str, devices: int, **kwargs) -> object:
   args = [sys.executable, '-m', 'bench.scale', f'--part={part}', f'--devices={devices}']
   args += [f'--{k}={",".join(map(str, v)) if isinstance(v, (list, tuple)) else v}'
            for k, v in kwargs.items()]
-  env = dict(os.environ, JAX_PLATFORMS='cpu',
-             XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+  xla_flags = f'--xla_force_host_platform_device_count={devices}'
+  if part == 'memory':
+    xla_flags += ' ' + MEMORY_XLA_FLAGS
+  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=xla_flags)
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   done = subprocess.run(args, cwd=root, env=env, stdout=subprocess.PIPE, text=True,
                         check=True)
@@ -305,11 +324,15 @@ def main(argv):
     raise app.UsageError(f'--devices={FLAGS.devices} but JAX has {jax.device_count()}: start '
                          'with XLA_FLAGS=--xla_force_host_platform_device_count=N '
                          '(bench.run --suite=scale does)')
+  if FLAGS.part == 'memory' and MEMORY_XLA_FLAGS not in os.environ.get('XLA_FLAGS', ''):
+    raise app.UsageError(f'--part=memory needs XLA_FLAGS to hold {MEMORY_XLA_FLAGS} (see '
+                         'the module docstring; bench.run --suite=scale sets it)')
   if FLAGS.part == 'time':
     out = time_part(FLAGS.preset, FLAGS.seq_len, FLAGS.warmup, FLAGS.repeats)
   else:
     out = memory_part(FLAGS.presets, [int(f) for f in FLAGS.fsdp],
-                      [int(d) for d in FLAGS.depths] if FLAGS.depths else None)
+                      [int(d) for d in FLAGS.depths] if FLAGS.depths else None,
+                      FLAGS.remat, [int(b) for b in FLAGS.batch])
   print(json.dumps(out))
 
 
@@ -324,6 +347,9 @@ if __name__ == '__main__':
   flags.DEFINE_list('presets', list(PRESETS), 'memory: model presets (one_billion: a ~1B '
                     'parameter configuration, ONE_BILLION).')
   flags.DEFINE_list('fsdp', [str(f) for f in FSDP], 'memory: fsdp sizes.')
+  flags.DEFINE_list('remat', ['none'], 'memory: rematerialisation policies (the model '
+                    "config's remat: perceiver.model.modules.REMAT_POLICIES).")
+  flags.DEFINE_list('batch', ['1'], 'memory: per-device batches.')
   flags.DEFINE_list('depths', None, 'memory: compile at these numbers of latent '
                     'self-attention layers (2 or more, ascending) and extend to the full '
                     'depth (see the module docstring); default: the full depth.')

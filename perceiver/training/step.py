@@ -24,6 +24,7 @@ either (JAX's partitionable threefry).
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, NamedTuple, Optional
 
 import jax
@@ -112,11 +113,26 @@ def make_train_step(loss_fn: Callable, count_fn: Callable,
                     state_shardings: TrainState) -> Callable:
   """``step(state, batch) -> (state, metrics)``, jitted over ``mesh``, donating ``state``;
   the state keeps ``state_shardings`` (``init_state``), metrics are replicated scalars."""
-  step = train_step_fn(loss_fn, count_fn, optimizer, learning_rate_fn,
-                       state_shardings.params)
+  step = on_mesh(mesh, train_step_fn(loss_fn, count_fn, optimizer, learning_rate_fn,
+                                     state_shardings.params))
   replicated = NamedSharding(mesh, P())
   return jax.jit(step, in_shardings=(state_shardings, mesh_lib.batch_sharding(mesh, True)),
                  out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+
+
+def on_mesh(mesh: jax.sharding.Mesh, fn: Callable) -> Callable:
+  """``fn`` traced under ``mesh`` (abstractly): the model then lays out its activations
+  with the batch split over the mesh (``perceiver.model.modules.batch_layout``). On one
+  device there is nothing to lay out, and ``fn`` is traced as it is."""
+  if mesh.devices.size == 1:
+    return fn
+
+  @functools.wraps(fn)   # the arguments keep their names in the lowered program
+  def traced(*args):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return fn(*args)
+
+  return traced
 
 
 def state_shardings(mesh: jax.sharding.Mesh, state_shapes: TrainState) -> TrainState:
