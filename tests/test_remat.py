@@ -137,3 +137,23 @@ def test_eight_device_gpu_program_lays_out_activations_and_adds_only_remat_barri
   for remat in ('none', 'block'):
     assert (exported[f'remat={remat} fsdp 8']['sharding_constraints'] >
             exported[f'remat={remat} one device']['sharding_constraints']), exported
+
+
+@pytest.mark.parametrize('name', ['gpu_24gb', 'gpu_24gb_short', 'gpu_80gb', 'gpus_8x80gb'])
+def test_gpu_presets_remat_in_bfloat16_and_reach_their_batch_by_accumulation(name):
+  from train import mlm   # pylint: disable=import-outside-toplevel
+  from train.configs import mlm as mlm_configs   # pylint: disable=import-outside-toplevel
+  config = mlm_configs.get_config(name)
+  mlm.check_config(config)
+  configs.validate(config.model)
+  assert (config.model.remat, config.model.compute_dtype) == ('block', 'bfloat16')
+  host = mlm_configs.GPU_HOSTS[name.replace('_short', '')]
+  assert (config.train.batch_size == config.train.grad_accum_steps *
+          host['per_device_batch'] * host['devices'])
+  paper = mlm_configs.get_config('paper')
+  if name.endswith('_short'):
+    assert config.train.batch_size < paper.train.batch_size
+    assert config.train.steps < paper.train.steps
+  else:
+    assert (config.train.batch_size, config.train.steps) == (paper.train.batch_size,
+                                                             paper.train.steps)
