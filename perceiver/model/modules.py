@@ -46,7 +46,8 @@ def rematerialised(block, remat: str):
   ``hk.remat`` keeps Haiku's names and random keys: the parameters are the same, and a
   recomputed dropout draws the same mask. Its ``prevent_cse`` puts one optimization
   barrier before each recomputed block, so that XLA cannot merge the recomputation back
-  into the forward pass.
+  into the forward pass (GPU and TPU compilers keep it; XLA:CPU drops it first unless
+  told not to, see ``bench.scale``, and so keeps every activation anyway).
   """
   if remat not in REMAT_POLICIES:
     raise ValueError(f'remat must be one of {", ".join(REMAT_POLICIES)}; got {remat!r}')
