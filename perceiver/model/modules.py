@@ -8,7 +8,7 @@ resolved for a platform). Without it a module computes as the original, in float
 the reference formulas (``layers.REFERENCE``). The encoder and decoders take one more,
 ``remat`` (a name in ``REMAT_POLICIES``): which of each attention block's activations the
 backward pass keeps and which it recomputes. It changes memory and time, never a
-parameter or a value.
+parameter, and values only by float rounding.
 
 Traced under a mesh (``jax.sharding.use_abstract_mesh``, as the train step does), the
 activations between blocks are laid out with their batch split over every axis of the
