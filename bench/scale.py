@@ -24,6 +24,16 @@ Two parts, each in a fresh process started with simulated CPU devices
     python -m bench.run --suite=scale --out=scale.json
     python -m bench.scale --part=memory --devices=64 --presets=language_mlm   # one part
     python -m bench.scale --part=memory --devices=64 --depths=2,4,6          # by depth
+    python -m bench.scale --part=memory --devices=8 --presets=language_mlm --fsdp=1 \
+        --remat=none,block --batch=1,8 --depths=2,4       # rematerialisation, by batch
+
+``--remat`` compiles each program under each rematerialisation policy (the model config's
+``remat``) and ``--batch`` at each per-device batch; every row names both. The memory part
+runs with ``--xla_disable_hlo_passes=cse_barrier_expander`` (``MEMORY_XLA_FLAGS``):
+XLA:CPU otherwise turns optimization barriers into control dependencies before merging
+common subexpressions, which merges each recomputed block back into the forward pass,
+where a GPU or TPU compiler keeps the barrier. It changes no program without barriers
+(the GPU program without remat has none).
 """
 
 from __future__ import annotations
@@ -41,8 +51,11 @@ ONE_BILLION = dict(d_model=768, d_latents=2560, num_latents=256, num_self_attend
                    max_seq_len=2048, qk_channels=256, num_heads=8)
 PRESETS = ('language_mlm', 'language_mlm_plusplus', 'one_billion')
 FSDP = (1, 8, 64)
+# The memory part's XLA:CPU keeps optimization barriers as GPU and TPU compilers do.
+MEMORY_XLA_FLAGS = '--xla_disable_hlo_passes=cse_barrier_expander'
 # The depths the suite compiles at, extended to each model's own (the module docstring).
 DEPTHS = (2, 4, 6)
+REMATS = ('none', 'block')
 
 
 def _model_config(preset: str):
@@ -101,8 +114,9 @@ def _gpu_run(config, opt, fsdp: int):
   return run, mlm.build(run)
 
 
-def _compiled_memory(config, opt, fsdp: int) -> Dict:
-  """XLA's memory analysis of the train step of ``config`` over fsdp ``fsdp``, per device."""
+def _compiled_memory(config, opt, fsdp: int, batch: int = 1) -> Dict:
+  """XLA's memory analysis of the train step of ``config`` over fsdp ``fsdp`` at
+  per-device batch ``batch``, per device."""
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   from perceiver.training import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
@@ -111,7 +125,7 @@ def _compiled_memory(config, opt, fsdp: int) -> Dict:
   run, built = _gpu_run(config, opt, fsdp)
   step = run.train_step(built.loss_fn, mlm.count_fn, built.shardings)
   batch_sharding = mesh_lib.batch_sharding(run.mesh, True)
-  batch = {k: jax.ShapeDtypeStruct((1, fsdp, seq), dtype, sharding=batch_sharding)
+  batch = {k: jax.ShapeDtypeStruct((1, fsdp * batch, seq), dtype, sharding=batch_sharding)
            for k, dtype in (('input_ids', jnp.int32), ('input_mask', jnp.int32),
                             ('labels', jnp.int32), ('weights', jnp.float32))}
   state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
@@ -156,30 +170,35 @@ def extend_to_depth(rows: Dict[int, Dict], depth: int) -> Dict:
 
 
 def memory_part(presets: List[str], fsdp_sizes: List[int],
-                depths: Optional[List[int]] = None) -> List[Dict]:
-  """Compiled memory analysis of the step per preset and fsdp size (nothing runs), at the
-  presets' own depth or extended from ``depths`` (see the module docstring)."""
+                depths: Optional[List[int]] = None, remats=('none',),
+                batches=(1,)) -> List[Dict]:
+  """Compiled memory analysis of the step per preset, fsdp size, rematerialisation policy
+  and per-device batch (nothing runs), at the presets' own depth or extended from
+  ``depths`` (see the module docstring)."""
+  import itertools  # pylint: disable=import-outside-toplevel
   from train.configs import mlm as mlm_configs  # pylint: disable=import-outside-toplevel
   out = []
   opt = mlm_configs.get_config('paper').optimizer
-  for preset in presets:
+  for preset, remat in itertools.product(presets, remats):
     config = _model_config(preset)
+    config.remat = remat
     full_depth = config.encoder.num_self_attends_per_block
-    for fsdp in fsdp_sizes:
-      head = {'preset': preset, 'fsdp': fsdp, 'per_device_batch': 1,
+    for fsdp, batch in itertools.product(fsdp_sizes, batches):
+      head = {'preset': preset, 'fsdp': fsdp, 'per_device_batch': batch, 'remat': remat,
               'seq_len': config.max_seq_len, 'depth': full_depth}
       if not depths:
-        row = dict(head, **_compiled_memory(config, opt, fsdp))
+        row = dict(head, **_compiled_memory(config, opt, fsdp, batch))
         row['peak'] = _peak(row)
       else:
         measured = {}
         for depth in depths:
           shallow = config.copy_and_resolve_references()
           shallow.encoder.num_self_attends_per_block = depth
-          measured[depth] = _compiled_memory(shallow, opt, fsdp)
+          measured[depth] = _compiled_memory(shallow, opt, fsdp, batch)
           print(json.dumps(dict(head, depth=depth, **measured[depth])), file=sys.stderr,
                 flush=True)
         row = dict(head, **extend_to_depth(measured, full_depth))
+        row['measured'] = {str(d): dict(r, peak=_peak(r)) for d, r in measured.items()}
         # What the placement rules give at the full depth, exactly (no compile): the
         # extension must meet it.
         row['state_bytes_placed_exact'] = _placed_bytes(config, opt, fsdp)
@@ -219,8 +238,10 @@ def run_in_process(part: str, devices: int, **kwargs) -> object:
   args = [sys.executable, '-m', 'bench.scale', f'--part={part}', f'--devices={devices}']
   args += [f'--{k}={",".join(map(str, v)) if isinstance(v, (list, tuple)) else v}'
            for k, v in kwargs.items()]
-  env = dict(os.environ, JAX_PLATFORMS='cpu',
-             XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+  xla_flags = f'--xla_force_host_platform_device_count={devices}'
+  if part == 'memory':
+    xla_flags += ' ' + MEMORY_XLA_FLAGS
+  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=xla_flags)
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   done = subprocess.run(args, cwd=root, env=env, stdout=subprocess.PIPE, text=True,
                         check=True)
@@ -231,15 +252,73 @@ def measure(time_preset: str = 'small', time_seq_len: int = 128, warmup: int = 1
             repeats: int = 5, presets=PRESETS, fsdp_sizes=FSDP, compile_memory: bool = True,
             depths=DEPTHS) -> Dict:
   """What ``bench.run --suite=scale`` records: the timed part, the state each device
-  holds by the placement rules, and (``compile_memory``) the compiled memory analysis,
-  which compiles the big models' steps 9 times (long on a small CPU)."""
+  holds by the placement rules, and (``compile_memory``) the compiled memory analysis
+  with remat off and on (the big models' steps 18 times at each depth: long on a small
+  CPU), the released model's at per-device batches 1 and 8, and the GPU presets judged
+  from those."""
   result = {'time': run_in_process('time', 8, preset=time_preset, seq_len=time_seq_len,
                                    warmup=warmup, repeats=repeats)}
   result['placed'] = placed_state(presets, fsdp_sizes)
   extra = {'depths': list(depths)} if depths else {}
   result['memory'] = run_in_process('memory', max(fsdp_sizes), presets=list(presets),
-                                    fsdp=list(fsdp_sizes), **extra) if compile_memory else []
+                                    fsdp=list(fsdp_sizes), remat=list(REMATS),
+                                    **extra) if compile_memory else []
+  if compile_memory:
+    result['remat_batch'] = run_in_process('memory', 1, presets=['language_mlm'], fsdp=[1],
+                                           remat=list(REMATS), batch=[1, 8], **extra)
+    result['gpu_presets'] = gpu_presets(result['remat_batch'])
   return result
+
+
+def added_per_sequence(one: Dict, eight: Dict) -> List[float]:
+  """Bytes of peak each sequence adds from per-device batch 1 to 8, at the full depth and
+  at each depth compiled (the extension of a difference of two peaks, each the largest of
+  several program points, is less sure than that of a peak, so both are kept)."""
+  out = [(eight['peak'] - one['peak']) / 7]
+  for depth, row in sorted(one.get('measured', {}).items()):
+    out.append((eight['measured'][depth]['peak'] - row['peak']) / 7)
+  return out
+
+
+def gpu_presets(memory_rows: List[Dict], mfu: float = 0.45) -> List[Dict]:
+  """The GPU presets of ``train/configs/mlm.py`` (``GPU_HOSTS``) judged from the compiled
+  memory of the released model's step with remat 'block' on one device (``memory_rows``:
+  per-device batches 1 and 8): the per-device peak at the preset's batch is batch 1's
+  peak, plus for each added sequence the largest of ``added_per_sequence`` and every
+  layer's saved input (float32 latents), plus one float32 copy of the parameters for the
+  gradient accumulator when it accumulates; then the largest power-of-two batch within
+  the margin, and at ``mfu`` of the device's peak the optimizer steps per second (FLOPs
+  of ``perceiver.model.flops``) and the days to the preset's steps."""
+  from perceiver.model import flops  # pylint: disable=import-outside-toplevel
+  from train.configs import mlm as mlm_configs  # pylint: disable=import-outside-toplevel
+  by_batch = {r['per_device_batch']: r for r in memory_rows
+              if r['preset'] == 'language_mlm' and r['fsdp'] == 1 and r['remat'] == 'block'}
+  model = mlm_configs.get_config('paper').model
+  saved_inputs = 4 * model.encoder.z_index_dim * model.encoder.num_z_channels * (
+      model.encoder.num_self_attends_per_block)
+  per_sequence = max(added_per_sequence(by_batch[1], by_batch[8])) + saved_inputs
+  out = []
+  for name in ('gpu_24gb', 'gpu_80gb', 'gpus_8x80gb', 'gpu_24gb_short'):
+    host = mlm_configs.GPU_HOSTS[name.replace('_short', '')]
+    config = mlm_configs.get_config(name)
+    limit = (1 - mlm_configs.GPU_MARGIN) * host['memory_gib'] * 2**30
+    accumulator = 4 * by_batch[1]['params'] if config.train.grad_accum_steps > 1 else 0
+    peak_at = lambda batch, accumulator=accumulator: (
+        by_batch[1]['peak'] + (batch - 1) * per_sequence + accumulator)
+    largest = 1
+    while peak_at(2 * largest) <= limit:
+      largest *= 2
+    step_flops = flops.masked_lm_train_step(config.model, config.model.max_seq_len,
+                                            config.train.batch_size)
+    steps_per_s = mfu * host['devices'] * host['peak_flops'] / step_flops
+    out.append({'preset': name, 'devices': host['devices'], 'memory_gib': host['memory_gib'],
+                'per_device_batch': host['per_device_batch'], 'largest_fitting': largest,
+                'grad_accum_steps': config.train.grad_accum_steps,
+                'global_batch': config.train.batch_size, 'steps': config.train.steps,
+                'peak_bytes': int(peak_at(host['per_device_batch'])),
+                'steps_per_s': steps_per_s,
+                'days': config.train.steps / steps_per_s / 86400})
+  return out
 
 
 def _gb(n: int) -> str:
@@ -268,15 +347,42 @@ def render(result: Dict) -> str:
   if result.get('memory'):
     lines += ['', 'Compiled per-device memory (GiB) of the train step, per-device batch 1, '
               'from XLA memory analysis (nothing run):',
-              '| model | parameters | fsdp | state (arguments) | peak | compiled at depths | '
-              'depth fit error |', '|---|---|---|---|---|---|---|']
+              '| model | parameters | fsdp | remat | state (arguments) | temporaries | peak | '
+              'compiled at depths | depth fit error |', '|---|---|---|---|---|---|---|---|---|']
     for row in result['memory']:
       depths = ','.join(map(str, row.get('measured_depths', [row.get('depth')])))
       fit = row.get('depth_fit_error')
       lines.append(f'| {row["preset"]} | {row["params"] / 1e6:.0f}M | {row["fsdp"]} | '
-                   f'{_gb(row["argument"])} | {_gb(row["peak"])} | {depths} | '
+                   f'{row.get("remat", "none")} | {_gb(row["argument"])} | '
+                   f'{_gb(row["temp"])} | {_gb(row["peak"])} | {depths} | '
                    f'{"" if fit is None else f"{fit:.2%}"} |')
-  return '\n'.join(lines)
+  return '\n'.join(lines + _render_remat(result))
+
+
+def _render_remat(result: Dict) -> List[str]:
+  lines = []
+  if result.get('remat_batch'):
+    lines += ['', 'Released model, one device: compiled peak (GiB) by remat and per-device '
+              'batch, and the peak each added sequence adds (MiB; full depth by extension, '
+              'then at each depth compiled):',
+              '| remat | batch 1 | batch 8 | per added sequence |', '|---|---|---|---|']
+    rows = {(r['remat'], r['per_device_batch']): r for r in result['remat_batch']}
+    for remat in sorted({r for r, _ in rows}):
+      one, eight = rows[(remat, 1)], rows[(remat, 8)]
+      added = ', '.join(f'{x / 2**20:.0f}' for x in added_per_sequence(one, eight))
+      lines.append(f'| {remat} | {_gb(one["peak"])} | {_gb(eight["peak"])} | {added} |')
+  if result.get('gpu_presets'):
+    lines += ['', 'GPU presets (train/configs/mlm.py), the released model, remat block, '
+              'bfloat16 matmuls; at 45% MFU:',
+              '| preset | devices | per-device batch (largest within margin) | accumulation '
+              '| global batch | per-device peak GiB | steps/s | steps | days |',
+              '|---|---|---|---|---|---|---|---|---|']
+    for p in result['gpu_presets']:
+      lines.append(f'| {p["preset"]} | {p["devices"]} x {p["memory_gib"]} GB | '
+                   f'{p["per_device_batch"]} ({p["largest_fitting"]}) | '
+                   f'{p["grad_accum_steps"]} | {p["global_batch"]} | {_gb(p["peak_bytes"])} | '
+                   f'{p["steps_per_s"]:.2f} | {p["steps"]:,} | {p["days"]:.1f} |')
+  return lines
 
 
 FLAGS = flags.FLAGS
@@ -289,11 +395,15 @@ def main(argv):
     raise app.UsageError(f'--devices={FLAGS.devices} but JAX has {jax.device_count()}: start '
                          'with XLA_FLAGS=--xla_force_host_platform_device_count=N '
                          '(bench.run --suite=scale does)')
+  if FLAGS.part == 'memory' and MEMORY_XLA_FLAGS not in os.environ.get('XLA_FLAGS', ''):
+    raise app.UsageError(f'--part=memory needs XLA_FLAGS to hold {MEMORY_XLA_FLAGS} (see '
+                         'the module docstring; bench.run --suite=scale sets it)')
   if FLAGS.part == 'time':
     out = time_part(FLAGS.preset, FLAGS.seq_len, FLAGS.warmup, FLAGS.repeats)
   else:
     out = memory_part(FLAGS.presets, [int(f) for f in FLAGS.fsdp],
-                      [int(d) for d in FLAGS.depths] if FLAGS.depths else None)
+                      [int(d) for d in FLAGS.depths] if FLAGS.depths else None,
+                      FLAGS.remat, [int(b) for b in FLAGS.batch])
   print(json.dumps(out))
 
 
@@ -308,6 +418,9 @@ if __name__ == '__main__':
   flags.DEFINE_list('presets', list(PRESETS), 'memory: model presets (one_billion: a ~1B '
                     'parameter configuration, ONE_BILLION).')
   flags.DEFINE_list('fsdp', [str(f) for f in FSDP], 'memory: fsdp sizes.')
+  flags.DEFINE_list('remat', ['none'], 'memory: rematerialisation policies (the model '
+                    "config's remat: perceiver.model.modules.REMAT_POLICIES).")
+  flags.DEFINE_list('batch', ['1'], 'memory: per-device batches.')
   flags.DEFINE_list('depths', None, 'memory: compile at these numbers of latent '
                     'self-attention layers (2 or more, ascending) and extend to the full '
                     'depth (see the module docstring); default: the full depth.')

@@ -13,6 +13,11 @@ the original. The remaining fields are this project's:
   the CPU, the original's formulas elsewhere), 'reference' or 'xla_cpu'; see
   ``perceiver.model.layers``. It changes speed, never parameters, and values only by float
   rounding.
+- ``remat``: rematerialisation of each attention block in the backward pass, a name in
+  ``perceiver.model.modules.REMAT_POLICIES``: 'none' (the default: every activation kept),
+  'block' (only each block's inputs kept, the block recomputed) or 'block_save_dots'
+  (the products with weights kept too). It trades memory for time, never changes a
+  parameter, and values only by float rounding.
 """
 
 from __future__ import annotations
@@ -73,6 +78,7 @@ def language(d_model, d_latents, num_latents, num_self_attends, max_seq_len, qk_
           head_dropout_prob=0.0),
       compute_dtype='float32',
       kernels='auto',
+      remat='none',
   ))
 
 
@@ -191,6 +197,11 @@ def validate(config) -> None:
                      f'{config.compute_dtype!r}')
   if config.get('kernels', 'auto') not in KERNELS:
     raise ValueError(f'kernels must be one of {", ".join(KERNELS)}; got {config.kernels!r}')
+  # Imported here: the policies are JAX's, and this module stays light without them.
+  from perceiver.model import modules  # pylint: disable=import-outside-toplevel
+  if config.get('remat', 'none') not in modules.REMAT_POLICIES:
+    raise ValueError(f'remat must be one of {", ".join(modules.REMAT_POLICIES)}; got '
+                     f'{config.remat!r}')
 
 
 def _check_heads(config) -> None:
@@ -219,7 +230,7 @@ def _check_heads(config) -> None:
 
 # Fields that choose how the model computes, not what it computes: a run may change them
 # on resume, and a checkpoint's value is only a default.
-COMPUTE_FIELDS = ('compute_dtype', 'kernels')
+COMPUTE_FIELDS = ('compute_dtype', 'kernels', 'remat')
 KERNELS = ('auto', 'reference', 'xla_cpu')
 
 
@@ -228,10 +239,13 @@ def upgrade(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
   Checkpoints written before ``kernels`` existed carry ``fusion_barrier`` ('auto', 'on'
   or 'off'), which only ever chose XLA:CPU speed work: it becomes ``kernels='auto'``.
+  Checkpoints written before ``remat`` existed trained without it: ``remat='none'``.
   """
   config = ml_collections.ConfigDict(config.to_dict())
   if 'fusion_barrier' in config:
     del config['fusion_barrier']
   if 'kernels' not in config:
     config.kernels = 'auto'
+  if 'remat' not in config:
+    config.remat = 'none'
   return config

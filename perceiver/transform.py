@@ -79,7 +79,8 @@ def _trunk(config, compute: layers.Compute):
       config.vocab_size, config.d_model, config.max_seq_len,
       position_init_scale=config.get('input_position_init_scale', 0.02),
       position_init=config.get('input_position_init', 'truncated_normal'))
-  encoder = model.PerceiverEncoder(**config.encoder.to_dict(), compute=compute)
+  encoder = model.PerceiverEncoder(**config.encoder.to_dict(), compute=compute,
+                                   remat=config.get('remat', 'none'))
   return preprocessor, encoder
 
 
@@ -107,7 +108,8 @@ def masked_lm(config, compute: Optional[layers.Compute] = None, *,
     preprocessor, encoder = _trunk(config, compute)
     perceiver = model.Perceiver(
         encoder=encoder,
-        decoder=model.BasicDecoder(**config.decoder.to_dict(), compute=compute),
+        decoder=model.BasicDecoder(**config.decoder.to_dict(), compute=compute,
+                                   remat=config.get('remat', 'none')),
         input_preprocessor=preprocessor,
         output_postprocessor=model.EmbeddingDecoder(compute=compute))
     if query_positions is None:
@@ -138,6 +140,7 @@ def classifier(config, num_classes: int, compute: Optional[layers.Compute] = Non
     perceiver = model.Perceiver(
         encoder=encoder,
         decoder=model.ClassificationDecoder(num_classes, compute=compute,
+                                            remat=config.get('remat', 'none'),
                                             **cls.decoder.to_dict()),
         input_preprocessor=preprocessor,
         output_postprocessor=model.ClassificationHead(
@@ -182,7 +185,7 @@ def token_classifier(config, num_labels: int, compute: Optional[layers.Compute] 
     perceiver = model.Perceiver(
         encoder=encoder_module,
         decoder=model.BasicDecoder(**config.decoder.to_dict(), compute=compute,
-                                   name=TOKEN_DECODER),
+                                   remat=config.get('remat', 'none'), name=TOKEN_DECODER),
         input_preprocessor=preprocessor,
         output_postprocessor=model.ClassificationHead(
             num_labels, hidden_size=cls.head_hidden_size, dropout_prob=cls.head_dropout_prob,

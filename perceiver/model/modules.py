@@ -5,17 +5,70 @@ Constructor keyword arguments are the original's (``PerceiverEncoder``, ``BasicD
 here, with the same parameter names. One keyword is this project's own and changes no
 parameter: ``compute``, a ``perceiver.model.layers.Compute`` (the matmul dtype and the kernels,
 resolved for a platform). Without it a module computes as the original, in float32 with
-the reference formulas (``layers.REFERENCE``).
+the reference formulas (``layers.REFERENCE``). The encoder and decoders take one more,
+``remat`` (a name in ``REMAT_POLICIES``): which of each attention block's activations the
+backward pass keeps and which it recomputes. It changes memory and time, never a
+parameter, and values only by float rounding.
+
+Traced under a mesh (``jax.sharding.use_abstract_mesh``, as the train step does), the
+activations between blocks are laid out with their batch split over every axis of the
+mesh (``batch_layout``), as the step splits its batch.
 """
 
 from __future__ import annotations
 
 import haiku as hk
+import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from perceiver.model import layers
 from perceiver.model import position_encoding
 from perceiver.model import xla_cpu
+
+
+# Rematerialisation of each attention block (the encoder's cross-attend, every latent
+# self-attend, the decoder's cross-attend), by name: which of a block's activations the
+# backward pass keeps (None: no rematerialisation, everything is kept).
+REMAT_POLICIES = {
+    'none': None,
+    # Only each block's inputs are kept; the block is recomputed in the backward pass.
+    'block': jax.checkpoint_policies.nothing_saveable,
+    # The products with weights are kept; attention scores, softmax, norms and GELUs
+    # (the products over the batch's own positions) are recomputed.
+    'block_save_dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def rematerialised(block, remat: str):
+  """``block`` (a function of arrays) under the rematerialisation policy named ``remat``.
+
+  ``hk.remat`` keeps Haiku's names and random keys: the parameters are the same, and a
+  recomputed dropout draws the same mask. Its ``prevent_cse`` puts one optimization
+  barrier before each recomputed block, so that XLA cannot merge the recomputation back
+  into the forward pass (GPU and TPU compilers keep it; XLA:CPU drops it first unless
+  told not to, see ``bench.scale``, and so keeps every activation anyway).
+  """
+  if remat not in REMAT_POLICIES:
+    raise ValueError(f'remat must be one of {", ".join(REMAT_POLICIES)}; got {remat!r}')
+  if remat == 'none':
+    return block
+  return hk.remat(block, policy=REMAT_POLICIES[remat])
+
+
+def batch_layout(x):
+  """``x`` [B, ...] constrained to have its batch split over every axis of the mesh the
+  program is traced under (the step's batch layout); ``x`` itself without one.
+
+  With only the parameters' and the batch's layouts given, XLA's partitioner may split an
+  attention over its heads and gather whole weights to get there, keeping them for the
+  backward pass; fixed batch layouts between blocks keep each weight split until the
+  block that uses it gathers it.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1:
+    return x
+  return jax.lax.with_sharding_constraint(x, P(tuple(mesh.axis_names)))
 
 
 class TextPreprocessor(hk.Module):
@@ -85,7 +138,7 @@ class PerceiverEncoder(hk.Module):
                dropout_prob=0.0, z_pos_enc_init_scale=0.02,
                cross_attention_shape_for_attn='kv', use_query_residual=True,
                compute=layers.REFERENCE, z_pos_enc_init='truncated_normal',
-               name='perceiver_encoder'):
+               remat='none', name='perceiver_encoder'):
     super().__init__(name=name)
     for heads_name, heads in (('num_self_attend_heads', num_self_attend_heads),
                               ('num_cross_attend_heads', num_cross_attend_heads)):
@@ -94,6 +147,7 @@ class PerceiverEncoder(hk.Module):
                          f'{heads_name} ({heads}).')
     self.num_blocks = num_blocks
     self.compute = compute
+    self.remat = remat
     self.z_pos_enc = position_encoding.TrainablePositionEncoding(
         index_dim=z_index_dim, num_channels=num_z_channels, init_scale=z_pos_enc_init_scale,
         init=z_pos_enc_init)
@@ -120,10 +174,14 @@ class PerceiverEncoder(hk.Module):
     if input_mask is not None:
       attention_mask = layers.cross_attention_mask(
           jnp.ones(z.shape[:2], jnp.int32), input_mask.astype(jnp.int32))
-    z = self.cross_attend(z, inputs, is_training=is_training, attention_mask=attention_mask)
+    cross_attend = lambda z, inputs: self.cross_attend(
+        z, inputs, is_training=is_training, attention_mask=attention_mask)
+    z = batch_layout(rematerialised(cross_attend, self.remat)(z, inputs))
     for _ in range(self.num_blocks):
       for self_attend in self.self_attends:
-        z = self_attend(layers.residual_boundary(z, self.compute), is_training=is_training)
+        block = lambda z, self_attend=self_attend: self_attend(
+            layers.residual_boundary(z, self.compute), is_training=is_training)
+        z = batch_layout(rematerialised(block, self.remat)(z))
     return z
 
 
@@ -140,7 +198,7 @@ class BasicDecoder(hk.Module):
                qk_channels=None, v_channels=None, use_query_residual=False,
                output_w_init=None, concat_preprocessed_input=False, num_heads=1,
                name='basic_decoder', final_project=True, compute=layers.REFERENCE,
-               **position_encoding_kwargs):
+               remat='none', **position_encoding_kwargs):
     super().__init__(name=name)
     del subsampled_index_dims, num_z_channels  # Unused, as in the original.
     self.output_pos_enc = None
@@ -156,6 +214,7 @@ class BasicDecoder(hk.Module):
     self.num_heads = num_heads
     self.concat_preprocessed_input = concat_preprocessed_input
     self.compute = compute
+    self.remat = remat
 
   def decoder_query(self, batch_size, positions=None, inputs_without_pos=None):
     """Output-position queries.
@@ -189,11 +248,13 @@ class BasicDecoder(hk.Module):
     if query_mask is not None:
       attention_mask = layers.cross_attention_mask(
           query_mask.astype(jnp.int32), jnp.ones(z.shape[:2], jnp.int32))
-    output = layers.CrossAttention(
+    cross_attend = layers.CrossAttention(
         dropout_prob=0.0, num_heads=self.num_heads, widening_factor=1, shape_for_attn='kv',
         qk_channels=self.qk_channels, v_channels=self.v_channels,
-        use_query_residual=self.use_query_residual, compute=self.compute)(
-            query, z, is_training=is_training, attention_mask=attention_mask)
+        use_query_residual=self.use_query_residual, compute=self.compute)
+    block = lambda query, z: cross_attend(query, z, is_training=is_training,
+                                          attention_mask=attention_mask)
+    output = batch_layout(rematerialised(block, self.remat)(query, z))
     if self.final_project:
       output = layers.Linear(self.output_num_channels, w_init=self.output_w_init,
                              compute=self.compute, name='output')(output)
@@ -273,19 +334,20 @@ class Perceiver(hk.Module):
     embedding_matrix, inputs_without_pos = None, None
     if self.input_preprocessor is not None:
       inputs, inputs_without_pos, embedding_matrix = self.input_preprocessor(inputs)
+      inputs, inputs_without_pos = batch_layout(inputs), batch_layout(inputs_without_pos)
     batch_size = inputs.shape[0]
     # The queries of both cross-attends first, then the network, as the original orders
     # them (the order of parameter creation is part of the released names).
-    encoder_query = self.encoder.latents(batch_size)
+    encoder_query = batch_layout(self.encoder.latents(batch_size))
     decoder_query = None
     if self.decoder is not None:
-      decoder_query = self.decoder.decoder_query(batch_size, positions=query_positions,
-                                                 inputs_without_pos=inputs_without_pos)
+      decoder_query = batch_layout(self.decoder.decoder_query(
+          batch_size, positions=query_positions, inputs_without_pos=inputs_without_pos))
     z = self.encoder(inputs, encoder_query, is_training=is_training, input_mask=input_mask)
     if self.decoder is None:
       return z
     outputs = self.decoder(decoder_query, z, is_training=is_training, query_mask=query_mask)
     if self.output_postprocessor is not None:
-      outputs = self.output_postprocessor(outputs, is_training=is_training,
-                                          embedding_matrix=embedding_matrix)
+      outputs = batch_layout(self.output_postprocessor(
+          outputs, is_training=is_training, embedding_matrix=embedding_matrix))
     return outputs

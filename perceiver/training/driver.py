@@ -134,8 +134,8 @@ class Run:
     split over every device, the metrics are replicated scalars. The one train step of
     every command, benchmark and test (``lower`` or ``jax.export`` it for the platform the
     run was created for)."""
-    step = step_lib.train_step_fn(loss_fn, count_fn, self.optimizer, self.learning_rate_fn,
-                                  shardings.params)
+    step = step_lib.on_mesh(self.mesh, step_lib.train_step_fn(
+        loss_fn, count_fn, self.optimizer, self.learning_rate_fn, shardings.params))
     return jax.jit(step, in_shardings=(shardings, mesh_lib.batch_sharding(self.mesh, True)),
                    out_shardings=(shardings, NamedSharding(self.mesh, P())),
                    donate_argnums=(0,))

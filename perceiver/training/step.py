@@ -25,6 +25,7 @@ either (JAX's partitionable threefry).
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, NamedTuple, Optional
 
 import jax
@@ -95,6 +96,21 @@ def train_step_fn(loss_fn: Callable, count_fn: Callable,
     return TrainState(state.step + 1, params, opt_state, state.rng), metrics
 
   return step
+
+
+def on_mesh(mesh: jax.sharding.Mesh, fn: Callable) -> Callable:
+  """``fn`` traced under ``mesh`` (abstractly): the model then lays out its activations
+  with the batch split over the mesh (``perceiver.model.modules.batch_layout``). On one
+  device there is nothing to lay out, and ``fn`` is traced as it is."""
+  if mesh.devices.size == 1:
+    return fn
+
+  @functools.wraps(fn)   # the arguments keep their names in the lowered program
+  def traced(*args):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return fn(*args)
+
+  return traced
 
 
 def new_state_fn(init_params: Callable, optimizer: optax.GradientTransformation,

@@ -281,7 +281,62 @@ def small():
   return _short_cpu_run(c, learning_rate=2e-3, eval_batches=8)
 
 
-PRESETS = {'paper': paper, 'smoke': smoke, 'small': small, 'screen': screen, 'cpu': cpu}
+# The GPUs people have, for the paper preset: devices per host, memory per device, the
+# dense bfloat16 peak FLOP/s of the device taken for the throughput figures (an NVIDIA A10
+# for 24 GB, an H100 for 80 GB: published figures), and the largest per-device batch
+# whose compiled peak (remat on, bench.scale's memory part; bench/RESULTS.md) leaves
+# GPU_MARGIN of the memory free for XLA's own workspace and fragmentation.
+GPU_MARGIN = 0.2
+GPU_HOSTS = {
+    'gpu_24gb': dict(devices=1, memory_gib=24, peak_flops=125e12, per_device_batch=64),
+    'gpu_80gb': dict(devices=1, memory_gib=80, peak_flops=989e12, per_device_batch=256),
+    'gpus_8x80gb': dict(devices=8, memory_gib=80, peak_flops=989e12,
+                        per_device_batch=256),
+}
+
+
+def _gpu_host(name, global_batch=None, steps=None):
+  """The paper preset on ``GPU_HOSTS[name]``: every attention block rematerialised,
+  bfloat16 matmuls, the per-device batch that fits, and the global batch (the paper's,
+  or ``global_batch``) reached by accumulating micro-batches."""
+  host = GPU_HOSTS[name]
+  c = paper()
+  c.model.remat = 'block'
+  c.model.compute_dtype = 'bfloat16'
+  c.train.batch_size = global_batch or c.train.batch_size
+  c.train.steps = steps or c.train.steps
+  micro = host['per_device_batch'] * host['devices']
+  c.train.grad_accum_steps = max(1, c.train.batch_size // micro)
+  c.train.batch_size = c.train.grad_accum_steps * micro
+  c.train.peak_flops_per_device = host['peak_flops']
+  c.train.max_seconds = 0.0   # a run of days, not a 29-minute sandbox
+  return c
+
+
+def gpu_24gb():
+  """The released model pretrained on one 24 GB GPU (figures: README, Scale)."""
+  return _gpu_host('gpu_24gb')
+
+
+def gpu_24gb_short():
+  """What a one-GPU user runs first: 1/8 of the paper's global batch for 1/5 of its
+  steps (1/40 of its sequences), on one 24 GB GPU; the trade is in the README (Scale)."""
+  return _gpu_host('gpu_24gb', global_batch=256, steps=100_000)
+
+
+def gpu_80gb():
+  """The released model pretrained on one 80 GB GPU (figures: README, Scale)."""
+  return _gpu_host('gpu_80gb')
+
+
+def gpus_8x80gb():
+  """The released model pretrained on a host of 8 x 80 GB GPUs, data-parallel."""
+  return _gpu_host('gpus_8x80gb')
+
+
+PRESETS = {'paper': paper, 'smoke': smoke, 'small': small, 'screen': screen, 'cpu': cpu,
+           'gpu_24gb': gpu_24gb, 'gpu_24gb_short': gpu_24gb_short, 'gpu_80gb': gpu_80gb,
+           'gpus_8x80gb': gpus_8x80gb}
 
 
 def get_config(preset: str = 'smoke') -> ml_collections.ConfigDict:
