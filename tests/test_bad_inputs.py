@@ -11,6 +11,7 @@ import os
 import pathlib
 import pickle
 import shutil
+import signal
 import subprocess
 import sys
 import zipfile
@@ -75,6 +76,7 @@ _MLM_CASES = [
     ({'train.stop_timeout_s': 0.0}, 'train.stop_timeout_s must be a finite number > 0'),
     ({'distributed.initialization_timeout_s': float('inf')},
      'distributed.initialization_timeout_s must be a finite number > 0'),
+    ({'data.batch_timeout_s': -1.0}, 'data.batch_timeout_s must be a finite number >= 0'),
 ]
 
 
@@ -533,3 +535,54 @@ def test_a_huge_one_line_document_is_parsed_once_per_pass_not_per_example(
   for row in rows:
     crop = bytes((row[row >= 6] - 6).astype(np.uint8).tolist())
     assert len(crop) >= 50 and crop[:20] in text.encode()
+
+
+# --------------------------------------------------------------------------------------
+# Data that stalls or is too small for its readers.
+
+@pytest.mark.slow
+def test_a_stopped_data_worker_ends_the_run_naming_it_and_keeps_the_checkpoints(
+    finished_run, tmp_path, monkeypatch):
+  from train import workers  # pylint: disable=import-outside-toplevel
+  tmp, finished = finished_run
+  workdir = tmp_path / 'run'
+  shutil.copytree(finished, workdir)
+  checkpoints = {k: v for k, v in helpers.snapshot(workdir).items() if k.startswith('ckpt')}
+  started = workers.WorkerPool.__init__
+  stopped = []
+
+  def start_then_stop(self, *args, **kwargs):   # as a worker stuck in a read from the start
+    started(self, *args, **kwargs)
+    for pid in self.pids():
+      os.kill(pid, signal.SIGSTOP)
+      stopped.append(pid)
+
+  monkeypatch.setattr(workers.WorkerPool, '__init__', start_then_stop)
+  config = helpers.mlm_tiny_config(tmp, steps=4)
+  config.unlock()
+  config.data.workers, config.data.batch_timeout_s = 1, 3.0
+  status, stderr = helpers.run_command(lambda: mlm.train(config, str(workdir)))
+  line = helpers.one_error_line(stderr)
+  assert status == 1 and 'no data for step 3 within 3 s (data.batch_timeout_s)' in line
+  assert f'data worker 0 of 1 (pid {stopped[0]}, alive' in line
+  assert {k: v for k, v in helpers.snapshot(workdir).items()
+          if k.startswith('ckpt')} == checkpoints
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('size', [2000, 3 << 20])
+def test_a_one_document_source_trains_with_the_default_streams(tmp_path, capsys, size):
+  """One document (2 kB, or one line longer than DocumentSource.LONG_DOCUMENT_BYTES, as a
+  300 MB one would be) once failed at the first step: 'no documents for reader 1 of 8'."""
+  path = tmp_path / 'one.jsonl'
+  path.write_text(json.dumps({'text': ('one document, many words ' * (size // 25 + 1))[:size]})
+                  + '\n')
+  config = helpers.mlm_tiny_config(tmp_path, steps=2, checkpoint_every=2)
+  config.unlock()
+  config.data.sources.gen.paths = config.data.eval_paths = str(path)
+  assert config.data.streams == 8
+  report = mlm.train(config, str(tmp_path / 'run'))
+  assert np.isfinite(report['loss'])
+  assert "data.streams=8 -> 1 on this corpus: source 'gen' has 1 record(s)" in (
+      capsys.readouterr().out)
+  assert (tmp_path / 'run' / 'ckpt_000000002').exists()

@@ -379,3 +379,51 @@ def test_the_mixing_measure_names_each_crops_document():
                                     'documents_min': 9, 'max_share_mean': 0.19,
                                     'max_share_max': 0.47}])
   assert '17.1 (9)' in table and '0.190 (0.470)' in table
+
+
+def test_a_stopped_worker_is_named_with_its_pid_after_the_bound_on_one_wait(tmp_path):
+  """A worker stopped without dying (SIGSTOP, as a hung network read) used to be waited on
+  forever; the bound on one wait names it, and closing the pool still ends it."""
+  from perceiver.training import distributed  # pylint: disable=import-outside-toplevel
+  from perceiver.training import feed  # pylint: disable=import-outside-toplevel
+  pool = workers.WorkerPool([_spec(_two_sources(tmp_path), streams=2)], 2)
+  prefetcher = feed.Prefetcher(pool, depth=1)
+  stopped = pool.pids()[1]
+  notes = []
+  try:
+    os.kill(stopped, signal.SIGSTOP)
+    stop = distributed.StopAgreement(note=notes.append)
+    started = time.monotonic()
+    with pytest.raises(distributed.DataStalledError) as raised:
+      for step in range(100):   # worker 0's batches (and those already sent) still come
+        stop.next_batch(prefetcher, step, timeout_s=3.0, poll_s=0.2, report_every_s=1.0)
+    assert time.monotonic() - started < 25
+    message = str(raised.value)
+    assert f'data worker 1 of 2 (pid {stopped}, alive' in message
+    assert 'data.batch_timeout_s' in message and 'within 3 s' in message
+    assert any(f'on data worker 1 of 2 (pid {stopped}' in note for note in notes)
+  finally:
+    prefetcher.close()
+  deadline = time.time() + 20
+  while time.time() < deadline and not all(_zombie(p) for p in pool.pids()):
+    time.sleep(0.1)
+  assert all(_zombie(p) for p in pool.pids())
+
+
+def test_the_bound_on_one_wait_names_the_reading_thread_without_workers():
+  from perceiver.training import distributed  # pylint: disable=import-outside-toplevel
+  from perceiver.training import feed  # pylint: disable=import-outside-toplevel
+
+  def stuck():
+    yield 1
+    time.sleep(60)    # a read that never returns
+    yield 2
+
+  prefetcher = feed.Prefetcher(stuck(), depth=1)
+  stop = distributed.StopAgreement()
+  assert stop.next_batch(prefetcher, 0, timeout_s=1.0) == 1
+  with pytest.raises(distributed.DataStalledError,
+                     match=rf"no data for step 2 within 1 s .* waiting on the data-reading "
+                           rf"thread 'data-prefetch' of process {os.getpid()}"):
+    stop.next_batch(prefetcher, 1, timeout_s=1.0, poll_s=0.2)
+  prefetcher.close()

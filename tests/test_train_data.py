@@ -13,6 +13,7 @@ from train import masking
 from tests import helpers
 
 TOK = tok_lib.BytesTokenizer()
+NUM_SPECIAL = tok_lib.NUM_SPECIAL
 
 
 def _write_jsonl(path, texts, gz=False):
@@ -257,3 +258,57 @@ def test_masked_positions_list_every_masked_byte_and_cap_whole_words():
     words = masker.word_ids(ids)[row]
     for w in np.unique(words[where]):
       assert batch['weights'][row][words == w].all()
+
+
+def _one_document(tmp_path, suffix, size=2000):
+  text = ('a few words of one document ' * 100)[:size]
+  path = tmp_path / f'one{suffix}'
+  if suffix == '.parquet':
+    import pyarrow as pa  # pylint: disable=import-outside-toplevel
+    import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
+    pq.write_table(pa.table({'text': [text]}), path)
+  elif suffix == '.txt':
+    path.write_text(text + '\n')
+  else:
+    _write_jsonl(path, [text], gz=suffix.endswith('.gz'))
+  return data.SourceSpec('one', (str(path),), 1.0), text
+
+
+@pytest.mark.parametrize('suffix', ['.jsonl', '.json.gz', '.txt', '.parquet'])
+def test_a_one_document_source_gets_one_stream_and_trains_on_each_byte_once(tmp_path, suffix):
+  source, text = _one_document(tmp_path, suffix)
+  count, why = data.fitting_streams([source], 1, 8)
+  assert count == 1 and "source 'one' has 1 record(s) in 1 file(s)" in why
+  spec = data.StreamSpec((source,), seq_len=64, docs_per_example=1, separator='sep',
+                         block_size=4, seed=0, batch_size=2, masker=masking.WordMasker(0.15),
+                         streams=count)
+  rows = []
+  for (batch, _), _ in zip(data.interleave([spec]), range(16)):
+    rows.extend(batch['labels'])
+  # One epoch is the document's crops, in some order: every byte once.
+  epoch = rows[:-(-len(text) // 64)]
+  got = sorted(bytes((r[r >= NUM_SPECIAL] - NUM_SPECIAL).astype(np.uint8).tolist())
+               for r in epoch)
+  want = sorted(text[i:i + 64].encode() for i in range(0, len(text), 64))
+  assert got == want
+
+
+def test_streams_fit_the_largest_file_and_an_ample_corpus_keeps_them(tmp_path):
+  three = data.SourceSpec('three', (_write_jsonl(tmp_path / 'three.jsonl', ['x', 'y', 'z']),), 1.0)
+  big = data.SourceSpec('big', (_write_jsonl(tmp_path / 'big.jsonl',
+                                             [f'doc {i}' for i in range(40)]),), 1.0)
+  assert data.fitting_streams([big], 1, 8) == (8, None)
+  assert data.fitting_streams([big], 4, 8) == (8, None)
+  assert data.fitting_streams([big, three], 1, 8)[0] == 3
+  # Two hosts (data.hosts or a multi-host run): the streams split what each host reads.
+  assert data.fitting_streams([three], 2, 8)[0] == 1
+  # Three one-record files: a file per reader, up to three readers.
+  files = tuple(_write_jsonl(tmp_path / f'f{i}.jsonl', [f'file {i}']) for i in range(3))
+  assert data.fitting_streams([data.SourceSpec('f', files, 1.0)], 1, 8)[0] == 3
+
+
+def test_a_source_with_fewer_records_than_hosts_is_refused_naming_it(tmp_path):
+  source, _ = _one_document(tmp_path, '.jsonl')
+  with pytest.raises(data.DataError, match=r"source 'one': 1 record\(s\) in 1 file\(s\) "
+                                           r"cannot give each of the 2 hosts"):
+    data.fitting_streams([source], 2, 8)

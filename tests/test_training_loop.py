@@ -150,7 +150,8 @@ def test_waiting_for_data_is_interruptible_and_reported():
   batches = feed.Prefetcher(stalls(), depth=1)
   with distributed.StopAgreement(note=note) as stop:
     real_next = stop.next_batch
-    stop.next_batch = lambda b, s: real_next(b, s, poll_s=0.1, report_every_s=0.5)
+    stop.next_batch = lambda b, s, timeout_s: real_next(b, s, timeout_s, poll_s=0.1,
+                                                        report_every_s=0.5)
     result = _loop(writer, 10, stop, save=lambda s, st, pos: saved.append(s)).run(
         _state(), batches, 0)
   release.set()

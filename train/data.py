@@ -208,6 +208,45 @@ def expand_paths(patterns, what: str) -> List[str]:
   return files
 
 
+Unit = Tuple[str, Optional[int]]   # a file, or (Parquet) one row group of it
+
+
+def read_units(files: Sequence[str], text_field: str = 'text') -> List[Unit]:
+  """The units of ``files``: each file, or each row group of a Parquet file."""
+  units: List[Unit] = []
+  for path in files:
+    if _file_format(path) == 'parquet':
+      units.extend((path, g) for g in range(parquet_row_groups(path, text_field)))
+    else:
+      units.append((path, None))
+  return units
+
+
+def unit_records(unit: Unit, limit: int) -> int:
+  """How many records (JSON lines, text paragraphs, Parquet rows; empty ones included, as
+  ``read_documents``' ``stride`` counts them) ``unit`` holds, counted up to ``limit``."""
+  path, group = unit
+  if group is not None:
+    import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
+    with pq.ParquetFile(path) as f:
+      return min(limit, f.metadata.row_group(group).num_rows)
+  count, in_paragraph, lines = 0, False, _file_format(path) == 'json'
+  try:
+    with _open_lines(path) as f:
+      for line in f:
+        if lines:
+          count += 1
+        elif line.strip():
+          count, in_paragraph = count + (not in_paragraph), True
+        else:
+          in_paragraph = False
+        if count >= limit:
+          break
+  except (OSError, EOFError, zlib.error) as e:
+    raise DataError(f'{path}: unreadable: {e}') from None
+  return count
+
+
 @dataclasses.dataclass
 class SourceState:
   """Position of a source: the next document is #doc of unit #shard of epoch #epoch."""
@@ -245,12 +284,7 @@ class DocumentSource:
     self.cache_bytes = self.CACHE_BYTES if cache_bytes is None else cache_bytes
     self._cache: Dict[Tuple[str, Optional[int]], List[bytes]] = {}
     self._cached_bytes = 0
-    units: List[Tuple[str, Optional[int]]] = []
-    for path in files:
-      if _file_format(path) == 'parquet':
-        units.extend((path, g) for g in range(parquet_row_groups(path, text_field)))
-      else:
-        units.append((path, None))
+    units = read_units(files, text_field)
     self.num_files = len(files)
     if len(units) >= process_count:   # whole units per reader
       self.units = units[process_index::process_count]
@@ -308,7 +342,9 @@ class DocumentSource:
       if from_start and not found:
         raise DataError(f'source {self.name!r}: no documents for reader '
                         f'{self.process_index} of {self.process_count} in '
-                        f'{self.num_files} file(s)')
+                        f'{self.num_files} file(s) (each of the hosts x data.streams '
+                        'readers needs documents of its own: its files or records are '
+                        'empty; remove the empty files or lower data.streams)')
       epoch, shard = epoch + 1, 0
 
 
@@ -653,6 +689,43 @@ class StreamSpec:
   def batches(self, j: int, state: Optional[dict] = None):
     """Stream ``j``'s (masked batch, state) pairs from ``state`` on."""
     return batches(self.stream(j), self.batch_size, self.masker, state)
+
+
+def fitting_streams(sources: Sequence[SourceSpec], hosts: int, streams: int
+                    ) -> Tuple[int, Optional[str]]:
+  """(stream count, why it is below ``streams`` or None): the largest count up to
+  ``streams`` at which each of the ``hosts * count`` readers has records of every source.
+
+  A source with fewer units (files, Parquet row groups) than readers is split record by
+  record, reader ``r`` taking record ``r`` of each unit modulo the readers (see
+  ``DocumentSource``); with fewer records than readers in its largest unit (one 2 kB
+  document, one 300 MB one-line document), some readers would have nothing. Fewer
+  streams keep each record in exactly one stream, so each byte is still trained on once
+  per epoch, and the count is a function of the files: a resumed run gets the same one.
+  Only units of a source with fewer units than readers are counted (up to ``hosts *
+  streams`` records each: a cheap look, not a pass over the corpus).
+
+  Raises:
+    DataError: naming the source, when even one stream a host leaves a host nothing.
+  """
+  for source in sources:
+    units = read_units(source.files, source.text_field)
+    if len(units) >= hosts * streams:
+      continue
+    records = max(unit_records(unit, hosts * streams) for unit in units)
+    fits = max(len(units), records) // hosts
+    if fits < 1:
+      raise DataError(f'source {source.name!r}: {records} record(s) in '
+                      f'{len(source.files)} file(s) cannot give each of the {hosts} hosts '
+                      f'(data.hosts or the run\'s hosts) a document of its own; give it at '
+                      f'least {hosts} documents or files')
+    if fits < streams:
+      why = (f'source {source.name!r} has {records} record(s) in {len(source.files)} '
+             f'file(s), fewer than the {hosts * streams} readers of {hosts} host(s) x '
+             f'data.streams={streams}')
+      count, lower = fitting_streams(sources, hosts, fits)
+      return count, lower or why
+  return streams, None
 
 
 def schedule(specs: Sequence[StreamSpec], n: int) -> List[Tuple[int, int]]:

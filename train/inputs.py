@@ -69,7 +69,8 @@ def make_masker(config, for_training=True) -> masking.WordMasker:
 
 def stream_specs(config, workdir, host_batch) -> List[data_lib.StreamSpec]:
   """This host's shares (``data_hosts``) as ``data.StreamSpec``s of ``data.streams``
-  streams each, with the config's data, masking and batch settings."""
+  streams each (fewer where a source has too few records: ``data.fitting_streams``),
+  with the config's data, masking and batch settings."""
   shares = data_hosts(config)
   if host_batch % len(shares):
     raise ValueError(f'data.hosts: {len(shares)} shares do not split the host batch of '
@@ -81,6 +82,10 @@ def stream_specs(config, workdir, host_batch) -> List[data_lib.StreamSpec]:
     files = data_lib.expand_paths(paths, f'data.sources.{name}.paths')
     sources.append(data_lib.SourceSpec(name, tuple(files), float(spec['weight']),
                                        spec.get('text_field', 'text')))
+  streams, why = data_lib.fitting_streams(sources, shares[0][1], config.data.streams)
+  if why:
+    print(f'data.streams={config.data.streams} -> {streams} on this corpus: {why}; each '
+          'record stays in one stream (set data.streams to at most this to silence this)')
   masker = make_masker(config)
   return [data_lib.StreamSpec(
       tuple(sources), seq_len=config.model.max_seq_len,
@@ -89,7 +94,7 @@ def stream_specs(config, workdir, host_batch) -> List[data_lib.StreamSpec]:
       open_concatenations=config.data.open_concatenations,
       seed=config.seed,
       batch_size=host_batch // len(shares), masker=masker, host=host, hosts=hosts,
-      streams=config.data.streams) for host, hosts in shares]
+      streams=streams) for host, hosts in shares]
 
 
 def train_batches(config, workdir, host_batch, state=None) -> Iterator[Tuple[Dict, object]]:

@@ -133,6 +133,8 @@ def check_config(config) -> None:
          'train.unmasked_loss_weight', t.unmasked_loss_weight, 'a finite number >= 0')
   _check(m.unit in masking.UNITS, 'masking.unit', m.unit,
          ' or '.join(repr(u) for u in masking.UNITS))
+  _check(finite(d.batch_timeout_s) and d.batch_timeout_s >= 0, 'data.batch_timeout_s',
+         d.batch_timeout_s, 'a finite number >= 0 (0: no bound)')
   _check(finite(t.stop_timeout_s) and t.stop_timeout_s > 0, 'train.stop_timeout_s',
          t.stop_timeout_s, 'a finite number > 0')
   timeout = config.distributed.get('initialization_timeout_s', 60.0)
@@ -339,6 +341,7 @@ def _train(config, workdir) -> Dict[str, float]:
       extra_report=_reporter(config), eval_every=config.train.eval_every if held_out else 0,
       evaluate=evaluate, eval_on_stop=True, checkpoint_every=config.train.checkpoint_every,
       save=_saver(manager, config, log), max_seconds=config.train.max_seconds,
+      batch_timeout_s=config.data.batch_timeout_s,
       checkpoints=[manager])
   return result.last_report
 

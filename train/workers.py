@@ -17,7 +17,10 @@ position instead of 16) and are widened back on arrival.
 A worker that raises sends its error, which the training process raises (a
 ``DataError`` keeps its one-line message). A worker that dies (``kill -9``, out of
 memory) closes its pipe: the training process raises ``DataWorkerError`` naming it
-instead of waiting forever. Workers are started with ``spawn`` (a fresh interpreter: JAX's
+instead of waiting forever. One that stays alive but sends nothing (stopped by SIGSTOP,
+stuck in a network read) is named by ``waiting_on``, which the trainer's bound on one
+wait (``data.batch_timeout_s``, ``distributed.StopAgreement.next_batch``) reports.
+Workers are started with ``spawn`` (a fresh interpreter: JAX's
 threads in the training process must not be forked) and end when the pool is closed, or
 when they next send after the training process has gone.
 
@@ -38,6 +41,7 @@ process's CPU per 2,048-byte sequence, not what limits the rate.
 from __future__ import annotations
 
 import multiprocessing
+import os
 import signal
 from typing import Dict, List, Optional, Sequence
 
@@ -115,6 +119,7 @@ class WorkerPool:
     self.workers = max(1, min(workers, total))
     self._poll_s = poll_s
     self._closed = False
+    self._waiting: Optional[int] = None   # the worker _receive waits on
     ctx = multiprocessing.get_context('spawn')
     self._processes: List = []
     self._conns: List = []
@@ -130,6 +135,23 @@ class WorkerPool:
 
   def _receive(self, index: int):
     conn, process = self._conns[index], self._processes[index]
+    self._waiting = index
+    try:
+      return self._receive_from(index, conn, process)
+    finally:
+      self._waiting = None
+
+  def waiting_on(self) -> Optional[str]:
+    """The worker whose batch is awaited (read from another thread), or None."""
+    index = self._waiting
+    if index is None:
+      return None
+    process = self._processes[index]
+    state = 'alive' if process.is_alive() else 'ended'
+    return (f'data worker {index} of {self.workers} (pid {process.pid}, {state}, sending '
+            'nothing: stopped, or stuck in a read)')
+
+  def _receive_from(self, index: int, conn, process):
     while True:
       if self._closed:
         raise StopIteration
@@ -172,6 +194,10 @@ class WorkerPool:
     for process in self._processes:
       if process.is_alive():
         process.terminate()
+        try:   # a stopped (SIGSTOP) worker acts on the SIGTERM only once continued
+          os.kill(process.pid, signal.SIGCONT)
+        except OSError:
+          pass
     for process in self._processes:
       process.join(timeout=5)
       if process.is_alive():

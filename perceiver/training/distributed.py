@@ -56,6 +56,10 @@ WATCHDOG_EXIT_STATUS = 3
 Interrupted = signal_guard.Interrupted
 
 
+class DataStalledError(errors.UserError, RuntimeError):
+  """No batch came within the bound on one wait (e.g. a data worker stopped, not dead)."""
+
+
 # Seconds a process waits at start-up for the coordinator (or, on process 0, for every
 # other process) before it gives up; JAX's own limit is 300 s, after which it aborts the
 # process with a C++ stack trace.
@@ -255,11 +259,15 @@ class StopAgreement:
 
   # -- the loop's side -----------------------------------------------------------------
 
-  def next_batch(self, batches, step: int, poll_s: float = 1.0, report_every_s: float = 30.0):
-    """The next item of ``batches`` (a ``data``-style ``Prefetcher`` with ``get``, or any
-    iterator); None if a stop was requested while waiting on a single host.
+  def next_batch(self, batches, step: int, timeout_s: float = 0.0, poll_s: float = 1.0,
+                 report_every_s: float = 30.0):
+    """The next item of ``batches`` (a ``feed.Prefetcher``: ``get`` and ``waiting_on``,
+    or any iterator); None if a stop was requested while waiting on a single host.
 
-    Waiting is interruptible and reported every ``report_every_s`` seconds.
+    Waiting is interruptible and reported every ``report_every_s`` seconds, naming what
+    it waits on. After ``timeout_s`` (> 0) without a batch it raises
+    ``DataStalledError`` naming that (a worker alive but silent is otherwise waited on
+    forever); nothing is saved then, the checkpoints already written are kept.
     """
     get = getattr(batches, 'get', None)
     if get is None:
@@ -270,12 +278,19 @@ class StopAgreement:
       if self._abandon():
         return None
       try:
-        return get(timeout=poll_s)
+        return get(timeout=poll_s if not timeout_s else
+                   max(0.0, min(poll_s, started + timeout_s - time.monotonic())))
       except queue.Empty:
         waited = time.monotonic() - started
+        if timeout_s and waited >= timeout_s:
+          raise DataStalledError(
+              f'no data for step {step + 1} within {timeout_s:g} s (data.batch_timeout_s): '
+              f'waiting on {batches.waiting_on()}; stopping without saving, the '
+              'checkpoints already written are kept (resume from the newest)') from None
         if waited - reported >= report_every_s:
           reported = waited
-          self.note(f'waiting for data for step {step + 1}: {waited:.0f} s so far')
+          self.note(f'waiting for data for step {step + 1}: {waited:.0f} s so far, on '
+                    f'{batches.waiting_on()}')
 
   def _abandon(self) -> bool:
     return self.requested and not self.multi_host

@@ -4,7 +4,7 @@
 applies ``prepare`` (e.g. ``step.shard``, the transfer to the devices) in the same
 thread, so reading, masking and copying overlap the device's compute. The consumer takes
 items with ``get(timeout)`` (what ``distributed.StopAgreement.next_batch`` polls, so waiting
-stays interruptible) or ``next()``. An error in the iterator is raised by the consumer's
+stays interruptible; ``waiting_on`` names what a wait is for) or ``next()``. An error in the iterator is raised by the consumer's
 next ``get``. ``waited_s`` is the time the consumer has spent waiting in ``get``: the
 input-wait share of a training run. ``close`` also closes an iterator that has a
 ``close`` method and is not a generator (e.g. a pool of worker processes).
@@ -13,6 +13,7 @@ input-wait share of a training run. ``close`` also closes an iterator that has a
 from __future__ import annotations
 
 import inspect
+import os
 import queue
 import threading
 import time
@@ -34,7 +35,8 @@ class Prefetcher:
     self._finished = False
     self._iterator = iterator
     self.waited_s = 0.0
-    self._thread = threading.Thread(target=self._run, args=(iterator,), daemon=True)
+    self._thread = threading.Thread(target=self._run, args=(iterator,), daemon=True,
+                                    name='data-prefetch')
     self._thread.start()
 
   def _put(self, item) -> bool:
@@ -73,6 +75,15 @@ class Prefetcher:
       self._finished = True
       raise item
     return item
+
+  def waiting_on(self) -> str:
+    """What the consumer waits on, for a message: the iterator's own ``waiting_on()``
+    when it has one and it is waiting (e.g. the data worker a pool waits on), else this
+    reading thread."""
+    own = getattr(self._iterator, 'waiting_on', None)
+    what = own() if own is not None else None
+    return what or (f'the data-reading thread {self._thread.name!r} of process {os.getpid()} '
+                    '(data.workers=0, or preparing a batch)')
 
   def __iter__(self):
     return self

@@ -13,7 +13,9 @@ fields); the loop owns the rest:
 - SIGTERM or SIGINT stops the run at a step every host agrees on (``distributed.StopAgreement``),
   saves, and returns; a second signal, or no agreement in ``stop_timeout_s``, ends the
   process with an error instead of hanging;
-- ``max_seconds`` of wall-clock time (a run budgeted by time) stops it the same way.
+- ``max_seconds`` of wall-clock time (a run budgeted by time) stops it the same way;
+- ``batch_timeout_s`` bounds the wait for one batch: past it the run ends with an error
+  naming what it waited on (a stuck data worker), without saving.
 """
 
 from __future__ import annotations
@@ -111,6 +113,7 @@ class Loop:
   checkpoint_every: int = 0
   save: Optional[Callable[[int, Any, Any], None]] = None
   max_seconds: float = 0.0
+  batch_timeout_s: float = 0.0   # > 0: the longest wait for one batch (then an error)
 
   def run(self, state, batches: Iterator, start_step: int) -> Result:
     """Steps ``state`` over ``batches`` ((device batch, data position) pairs)."""
@@ -121,7 +124,7 @@ class Loop:
     position = None
     self.writer.start(step)
     while step < self.total_steps:
-      item = self.stop.next_batch(batches, step)
+      item = self.stop.next_batch(batches, step, self.batch_timeout_s)
       if item is None:      # stopped while waiting for data (one host only)
         break
       batch, position = item

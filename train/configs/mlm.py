@@ -62,13 +62,24 @@ def _base() -> ml_collections.ConfigDict:
   # Chosen here: each host's data is this many streams, each reading its own share of the
   # host's shards (as that many hosts would), host batch n taken from stream n % streams.
   # The batches depend on it (a resumed run must keep it), not on data.workers; at most
-  # this many workers can be busy.
+  # this many workers can be busy. A source with fewer records (in its largest file) than
+  # hosts x streams readers, and fewer files, e.g. one document, would leave readers with
+  # nothing: the run then uses the largest count at which every reader has records of
+  # every source (train/data.py fitting_streams; it says so at the start), so each record
+  # is in one stream, each byte trained on once per epoch, and a resume gets the same count.
   c.data.streams = 8
   # Processes that read, parse, crop and mask (train/workers.py); 0: a thread of the
   # training process. Any value gives the same batches. Chosen here: 0 for the CPU presets
   # (the model needs the cores, and the input keeps up: train/README.md), more for the
   # paper preset (see paper()).
   c.data.workers = 0
+  # Chosen here: the longest the trainer waits for one batch before it stops with an error
+  # naming the data worker (index and pid) or reading thread it waits on: a worker that
+  # stopped without dying (SIGSTOP, a hung network read) otherwise stalls the run forever.
+  # No checkpoint is written then; the ones written are kept. 600 s is far above any
+  # healthy wait (worker start-up, a cold shard, parsing a 300 MB one-line document under
+  # load), and frees a hung pod's hosts within ten minutes. 0: no bound.
+  c.data.batch_timeout_s = 600.0
   # Empty: each host reads its own share. 'I/N,J/N,...': read the shares of hosts I, J of
   # an N-host run instead, one after the other in each batch: a one-host run with as many
   # devices then sees the global batches of that multi-host run (to reproduce it).
