@@ -7,10 +7,11 @@ The checkpoint may be a run's checkpoint directory (or the run's directory: its 
 DeepMind's pickle, a Hugging Face ``PerceiverForMaskedLM`` directory or this project's
 ``.npz`` (anything ``perceiver.params.loading.load_any`` reads); its tensors
 are checked against the masked LM its config builds. The text is
-read with the pretraining readers (``*.json[l][.gz]`` with a ``text`` field, ``*.txt`` and
-``*.raw`` with blank-line separated documents), all of it, in order: documents joined by
-the separator and cut into consecutive windows of ``--seq_len`` bytes (the last one
-padded), so every byte is scored once.
+read with the pretraining readers (``*.json[l][.gz]`` and ``*.parquet`` with a ``text``
+field or column, or the one ``--text_field`` names, a Parquet file's checked before the
+checkpoint is read; ``*.txt`` and ``*.raw`` with blank-line separated documents), all
+of it, in order: documents joined by the separator and cut into consecutive windows of
+``--seq_len`` bytes (the last one padded), so every byte is scored once.
 
 Masks are drawn per document with a generator seeded by ``(--seed, document number)``:
 the same ``--seed`` masks the same bytes on every run, whatever the checkpoint, the
@@ -80,7 +81,7 @@ def masked_documents(files: Sequence[str], masker: masking.WordMasker, seed: int
   """
   number = 0
   for file_index, path in enumerate(files):
-    for doc in data_lib.read_documents(path, text_field):
+    for doc in data_lib.read_documents(path, text_field, field_flag='--text_field'):
       ids = np.frombuffer(doc, np.uint8).astype(np.int32)[None] + tokenizer_lib.NUM_SPECIAL
       rng = np.random.default_rng([seed, number])
       batch = masker(ids, np.ones_like(ids), rng)
@@ -296,7 +297,8 @@ def define_flags():
   flags.DEFINE_string('checkpoint', None, "DeepMind's pickle, a Hugging Face checkpoint "
                       "directory, or this project's .npz.")
   flags.DEFINE_string('data', None, 'Comma-separated globs of text files: '
-                      '*.json[l][.gz] (JSON lines), *.txt / *.raw (blank-line separated).')
+                      '*.json[l][.gz] (JSON lines), *.parquet, *.txt / *.raw (blank-line '
+                      'separated).')
   flags.DEFINE_integer('seed', 0, 'Seeds the masks: the same seed masks the same bytes for '
                        'every checkpoint.')
   flags.DEFINE_integer('batch_size', 16, 'Windows per forward pass.')
@@ -309,7 +311,8 @@ def define_flags():
   flags.DEFINE_bool('include_leading_space', True, "A masked word's mask also covers the "
                     'whitespace before it (as train.mlm masks by default).')
   flags.DEFINE_string('separator', 'sep', 'Between documents: sep, eos, newline or none.')
-  flags.DEFINE_string('text_field', 'text', 'The JSON field holding the text.')
+  flags.DEFINE_string('text_field', 'text', 'The JSON field or Parquet column holding '
+                      'the text.')
   flags.DEFINE_string('out', None, 'Also write the results to this JSON file.')
   flags.mark_flags_as_required(['checkpoint', 'data'])
 
@@ -322,6 +325,9 @@ def run(checkpoint_path: str, data: str, out: Optional[str] = None, **kwargs):
   if out:
     atomic.check_writable(out, '--out')   # before the evaluation, not after it
   files = data_lib.expand_paths(data, '--data')
+  for path in files:   # a Parquet file's columns are known before anything is read
+    if path.endswith('.parquet'):
+      data_lib.parquet_row_groups(path, kwargs.get('text_field', 'text'), '--text_field')
   params, config, _ = loading.load_any(checkpoint_path)
   params_file.check_params(params, params_file.expected_shapes(transform.masked_lm(config),
                                                              config),

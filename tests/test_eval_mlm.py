@@ -10,12 +10,14 @@ import jax
 import numpy as np
 import pytest
 
+from tests import helpers
 from tests import numpy_reference
 from eval import mlm as eval_mlm
 from perceiver.params import params_file
 from perceiver import configs as model_configs
 from perceiver.model import tokenizer as tok_lib
 from perceiver import transform
+from train import data as data_lib
 from train import masking
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -149,3 +151,37 @@ def test_command_line_writes_json_and_names_bad_flags(tmp_path):
     eval_mlm.run(ckpt, data, seq_len=64)
   with pytest.raises(params_file.CheckpointError, match='no such checkpoint'):
     eval_mlm.run(str(tmp_path / 'missing.npz'), data)
+
+
+def _parquet(tmp_path, columns):
+  import pyarrow as pa  # pylint: disable=import-outside-toplevel
+  import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
+  path = tmp_path / 'docs.parquet'
+  pq.write_table(pa.table(columns), path, row_group_size=2)
+  return str(path)
+
+
+def test_a_parquet_column_is_read_as_the_json_field_is_and_a_missing_one_is_named(tmp_path):
+  data = _parquet(tmp_path, {'id': list(range(len(_DOCS))), 'body': _DOCS})
+  # --text_field=body reads the Parquet column as the JSON field: the same masked stream.
+  masker = masking.WordMasker(0.15)
+  docs = eval_mlm.masked_documents([data], masker, 7, text_field='body')
+  parquet = [np.stack([d['input_ids'], d['weights']]) for d in docs]
+  docs = eval_mlm.masked_documents([_corpus(tmp_path)], masker, 7)
+  json_docs = [np.stack([d['input_ids'], d['weights']]) for d in docs]
+  assert len(parquet) == len(_DOCS) == len(json_docs)
+  for a, b in zip(parquet, json_docs):
+    np.testing.assert_array_equal(a, b)
+  # The default column is missing: named with the columns there and the flag, before the
+  # checkpoint (which does not exist) is read; the library path says the same.
+  missing = str(tmp_path / 'missing.npz')
+  status, stderr = helpers.run_command(lambda: eval_mlm.run(missing, data))
+  expected = (f"error: {data}: Parquet file has no 'text' (--text_field) column (columns: "
+              'id, body)')
+  assert status == 1 and helpers.one_error_line(stderr) == expected
+  status, stderr = helpers.run_command(lambda: eval_mlm.run(missing, data, text_field='id'))
+  assert helpers.one_error_line(stderr) == (
+      f"error: {data}: Parquet column 'id' (--text_field) is int64, not text")
+  with pytest.raises(data_lib.DataError) as e:
+    next(eval_mlm.masked_documents([data], masker, 7))
+  assert f'error: {e.value}' == expected

@@ -187,3 +187,42 @@ def test_saving_a_step_already_there_replaces_it(tiny_params, tmp_path):
   restored = run_checkpoints.CheckpointManager(str(run)).restore_latest(
       jax.eval_shape(make), shardings)
   assert restored.data == [{'doc': 'again'}]
+
+
+def test_a_truncated_array_file_is_one_clean_line_and_the_one_before_is_used(
+    tiny_params, tmp_path, capfd):
+  """The newest checkpoint's largest array file cut short: restore_latest warns in one
+  line naming the checkpoint, the array and the reason, without TensorStore's spec repr,
+  and restores the step before; the single-host reader says the same in its error; the
+  abandoned reads' tracebacks stay off stderr."""
+  config, params = tiny_params
+  make, state, shardings = _run_state(params)
+  run = tmp_path / 'run'
+  with run_checkpoints.CheckpointManager(str(run), keep=2) as manager:
+    for step in (2, 4):
+      manager.save(step, state.params, config, opt_state=state.opt_state, rng=state.rng)
+  newest = run / 'ckpt_000000004'
+  victim = max((p for p in (newest / 'params').rglob('*') if p.is_file()),
+               key=lambda p: p.stat().st_size)
+  victim.write_bytes(victim.read_bytes()[:victim.stat().st_size // 2])
+  with pytest.raises(params_file.CheckpointError) as info:
+    loading.load_any(newest)
+  capfd.readouterr()
+  notes = []
+  restored = run_checkpoints.CheckpointManager(str(run)).restore_latest(
+      jax.eval_shape(make), shardings, note=notes.append)
+  assert restored.step == 2 and _same(restored.params, state.params)
+  [warning] = notes
+  assert warning.startswith(f'warning: {newest} does not read back (params array '), warning
+  assert warning.endswith(f'moved aside to {newest}.corrupt; trying the one before it '
+                          f'({run / "ckpt_000000002"})')
+  error = str(info.value)
+  assert error.startswith(f'{newest}: does not read back (params array '), error
+  for line in (warning, error):
+    assert '\n' not in line and len(line) < 600
+    assert '<bound method' not in line and 'TensorStore({' not in line
+    assert 'See full TensorStore details' not in line
+  import gc  # pylint: disable=import-outside-toplevel
+  gc.collect()
+  err = capfd.readouterr().err
+  assert 'Traceback' not in err and 'Event loop is closed' not in err, err[:2000]

@@ -153,3 +153,59 @@ def test_bad_conllu_lines_and_unknown_dev_tags_are_named(tmp_path):
   (tmp_path / 'valid.txt').unlink()
   with pytest.raises(tagging_data.TaggingDataError, match='no dev file .*valid.txt'):
     tagging_data.all_splits(str(tmp_path), 'conll2003', None, with_test=False)
+
+
+_UD_LINES = ('# sent_id = 1\n# text = Vámonos al mar.\n'
+             '1\tVámonos\tir\tVERB\t_\t_\t0\troot\t_\t_\n'
+             '2\tmar\tmar\tNOUN\t_\t_\t1\tobl\t_\tSpaceAfter=No\n\n')
+
+
+@pytest.mark.parametrize('fmt, name, text, line, message', [
+    # CoNLL-U read as CoNLL-2003: its comment, or its first token line without comments.
+    ('conll2003', 'train.txt', _UD_LINES, 1, 'a CoNLL-U line'),
+    ('conll2003', 'train.txt', _UD_LINES.split('\n', 2)[2], 1, 'a CoNLL-U line'),
+    ('conll2003', 'train.txt', 'EU B-ORG\n\n1-2\tal\t_\t_\t_\t_\t_\t_\t_\t_\n', 3,
+     'a CoNLL-U line'),
+    # CoNLL-2003 read as CoNLL-U: its document marker, a token line, a two-column line.
+    ('conllu', 'x-train.conllu', '-DOCSTART- -X- -X- O\n\nEU NNP B-NP B-ORG\n', 1,
+     'a CoNLL-2003 line'),
+    ('conllu', 'x-train.conllu', 'EU NNP B-NP B-ORG\n', 1, 'a CoNLL-2003 line'),
+    ('conllu', 'x-train.conllu', 'EU\tB-ORG\n', 1, 'a CoNLL-2003 line'),
+])
+def test_a_file_of_the_other_format_is_refused_naming_the_format_flag(
+    tmp_path, fmt, name, text, line, message):
+  path = _write(tmp_path, name, text)
+  reader = tagging_data.read_conll2003 if fmt == 'conll2003' else tagging_data.read_conllu
+  with pytest.raises(tagging_data.TaggingDataError) as e:
+    reader(path)
+  other = 'conllu' if fmt == 'conll2003' else 'conll2003'
+  assert str(e.value).startswith(f'{path}:{line}: ') and message in str(e.value)
+  assert f'data.format={fmt}' in str(e.value) and f'--format={other}' in str(e.value)
+  assert '\n' not in str(e.value)
+
+
+@pytest.mark.parametrize('fmt, text, column, line, message', [
+    ('conll2003', 'EU NNP B-NP B-ORG\nrejects VBZ B-VP 17\n', -1, 2, "tag '17'"),
+    ('conll2003', 'EU NNP _ B-ORG\n', 2, 1, "tag '_' (column 2, data.label_column) is an "
+                                            'empty field'),
+    ('conllu', _UD_LINES, 6, 3, "tag '0' (column 6, data.label_column) is a number"),
+])
+def test_a_tag_no_tag_set_uses_is_refused_naming_the_column(tmp_path, fmt, text, column,
+                                                            line, message):
+  path = _write(tmp_path, 'train.txt', text)
+  reader = tagging_data.read_conll2003 if fmt == 'conll2003' else tagging_data.read_conllu
+  with pytest.raises(tagging_data.TaggingDataError) as e:
+    reader(path, column)
+  assert str(e.value).startswith(f'{path}:{line}: {message}')
+
+
+def test_a_conllu_column_left_empty_is_refused_and_real_tags_still_read(tmp_path):
+  _write(tmp_path, 'x-train.conllu', _UD_LINES)
+  with pytest.raises(tagging_data.TaggingDataError,
+                     match=r"every tag in column 4 \(data.label_column\) is '_'"):
+    tagging_data.load_split(str(tmp_path), 'conllu', 'train', label_column=4)
+  # Column 7 (DEPREL) and 9 (MISC, '_' on one word only) are real tags.
+  deprel = tagging_data.load_split(str(tmp_path), 'conllu', 'train', label_column=7)
+  assert deprel.sentences[0].tags == ('root', 'obl')
+  misc = tagging_data.load_split(str(tmp_path), 'conllu', 'train', label_column=9)
+  assert misc.sentences[0].tags == ('_', 'SpaceAfter=No')

@@ -83,14 +83,15 @@ def _file_format(path):
                   '.txt[.gz]/.raw')
 
 
-def _json_text(line: bytes, path: str, line_no: int, field: str) -> bytes:
+def _json_text(line: bytes, path: str, line_no: int, field: str, flag: str = '') -> bytes:
   # surrogateescape keeps raw invalid UTF-8 bytes through json.loads and back.
   try:
     record = json.loads(line.decode('utf-8', errors='surrogateescape'))
   except ValueError as e:
     raise DataError(f'{path}:{line_no}: not a JSON object: {e}') from None
   if not isinstance(record, dict) or field not in record:
-    raise DataError(f'{path}:{line_no}: JSON line has no {field!r} field')
+    named = f'{field!r} ({flag})' if flag else repr(field)
+    raise DataError(f'{path}:{line_no}: JSON line has no {named} field')
   text = record[field]
   if not isinstance(text, str):
     raise DataError(f'{path}:{line_no}: field {field!r} is {type(text).__name__}, not text')
@@ -100,11 +101,26 @@ def _json_text(line: bytes, path: str, line_no: int, field: str) -> bytes:
     return text.encode('utf-8', errors='replace')
 
 
-def parquet_row_groups(path: str, field: str = 'text') -> int:
+def _check_parquet_column(path: str, schema, field: str, flag: str) -> None:
+  """DataError unless ``schema`` has a text column ``field``; ``flag`` (the flag or config
+  field that chose the column), when given, is named with it."""
+  import pyarrow as pa  # pylint: disable=import-outside-toplevel
+  named = f'{field!r} ({flag})' if flag else repr(field)
+  if field not in schema.names:
+    raise DataError(f'{path}: Parquet file has no {named} column (columns: '
+                    f'{", ".join(schema.names) or "none"})')
+  kind = schema.field(field).type
+  if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)
+          or pa.types.is_binary(kind) or pa.types.is_large_binary(kind)):
+    raise DataError(f'{path}: Parquet column {named} is {kind}, not text')
+
+
+def parquet_row_groups(path: str, field: str = 'text', flag: str = '') -> int:
   """The number of row groups of a Parquet file whose ``field`` column holds text.
 
   Raises:
-    DataError: naming the file, when it is not Parquet or has no such text column.
+    DataError: naming the file (and ``flag``, the flag or config field that chose the
+      column), when it is not Parquet or has no such text column.
   """
   import pyarrow as pa  # pylint: disable=import-outside-toplevel
   import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
@@ -113,22 +129,19 @@ def parquet_row_groups(path: str, field: str = 'text') -> int:
       schema, groups = f.schema_arrow, f.num_row_groups
   except (OSError, pa.ArrowException) as e:
     raise DataError(f'{path}: not a readable Parquet file: {e}') from None
-  if field not in schema.names:
-    raise DataError(f'{path}: Parquet file has no {field!r} column (columns: '
-                    f'{", ".join(schema.names)})')
-  kind = schema.field(field).type
-  if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)
-          or pa.types.is_binary(kind) or pa.types.is_large_binary(kind)):
-    raise DataError(f'{path}: Parquet column {field!r} is {kind}, not text')
+  _check_parquet_column(path, schema, field, flag)
   return groups
 
 
-def _parquet_documents(path: str, field: str, groups, stride: int, offset: int
-                       ) -> Iterator[bytes]:
+def _parquet_documents(path: str, field: str, groups, stride: int, offset: int,
+                       flag: str = '') -> Iterator[bytes]:
+  """The documents of ``groups`` (None: all) of a Parquet file, its column checked first
+  as ``parquet_row_groups`` checks it."""
   import pyarrow as pa  # pylint: disable=import-outside-toplevel
   import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
   try:
     with pq.ParquetFile(path) as f:
+      _check_parquet_column(path, f.schema_arrow, field, flag)
       for group in (range(f.num_row_groups) if groups is None else groups):
         column = f.read_row_group(group, columns=[field]).column(0)
         if stride > 1:
@@ -140,16 +153,16 @@ def _parquet_documents(path: str, field: str, groups, stride: int, offset: int
             yield text
   except (OSError, pa.ArrowException) as e:
     raise DataError(f'{path}: unreadable Parquet data: {e}') from None
-  except KeyError:
-    raise DataError(f'{path}: Parquet file has no {field!r} column') from None
 
 
 def read_documents(path: str, text_field: str = 'text', *, stride: int = 1, offset: int = 0,
-                   row_group: Optional[int] = None) -> Iterator[bytes]:
+                   row_group: Optional[int] = None, field_flag: str = '') -> Iterator[bytes]:
   """Yields the non-empty documents of one file (or one Parquet row group), as bytes.
 
   With ``stride`` > 1 only records (JSON lines, Parquet rows, text paragraphs) whose index
   is ``offset`` modulo ``stride`` are kept; the others are skipped before being parsed.
+  ``field_flag``: the flag or config field that set ``text_field``, named with it when a
+  JSON line or a Parquet file has no such field or column.
 
   Raises:
     DataError: naming the file and line, for malformed JSON, a missing field or column,
@@ -158,7 +171,8 @@ def read_documents(path: str, text_field: str = 'text', *, stride: int = 1, offs
   fmt = _file_format(path)
   if fmt == 'parquet':
     yield from _parquet_documents(path, text_field,
-                                  None if row_group is None else [row_group], stride, offset)
+                                  None if row_group is None else [row_group], stride, offset,
+                                  field_flag)
     return
   line_no = 0
   try:
@@ -166,7 +180,7 @@ def read_documents(path: str, text_field: str = 'text', *, stride: int = 1, offs
       if fmt == 'json':
         for line_no, line in enumerate(f, 1):
           if (line_no - 1) % stride == offset and line.strip():
-            text = _json_text(line, path, line_no, text_field)
+            text = _json_text(line, path, line_no, text_field, field_flag)
             if text.strip():
               yield text
       else:

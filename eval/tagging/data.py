@@ -14,7 +14,15 @@ Two layouts, chosen by ``data.format``:
 
 A line that does not parse (too few fields, bad UTF-8, a CoNLL-U ID that is not a
 number) is a ``TaggingDataError`` naming ``file:line``; so is a dev or test tag that the
-training file never uses.
+training file never uses. So is a line of the other format, which would otherwise parse
+into nonsense: a CoNLL-U line (ten tab-separated columns, a word number first) or comment
+(``# sent_id =``, ``# text =``) in a file read as CoNLL-2003 (its line numbers and ``_``
+fields would become words and tags), and a line of 2 to 5 fields not led by a word number,
+or a ``-DOCSTART-`` line, in a file read as CoNLL-U; the error names ``data.format``
+(``--format``). A tag that no tag set uses is refused the same way, naming
+``data.label_column``: an integer (a line number or a head index, not a label) in either
+format, and ``_`` (an empty CoNLL-U field) in CoNLL-2003; a CoNLL-U training file whose
+every tag is ``_`` (a column the treebank leaves empty) is refused too.
 
 Alignment: a sentence's words are joined with single spaces and encoded as UTF-8 bytes
 (ids ``byte + 6``, no special tokens, as in pretraining); each word's tag sits on its
@@ -32,6 +40,7 @@ from __future__ import annotations
 import dataclasses
 import glob
 import os
+import re
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -92,6 +101,42 @@ def _lines(path: str):
       yield number, text.rstrip('\r\n')
 
 
+_CONLLU_ID = re.compile(r'^\d+([-.]\d+)?$')
+_CONLLU_COMMENT = re.compile(r'^#\s*(sent_id|text|newdoc|newpar|global\.columns)\b')
+
+
+def _conllu_in_conll2003(path: str, number: int, text: str) -> None:
+  """TaggingDataError when a line of a file read as CoNLL-2003 is CoNLL-U's."""
+  columns = text.split('\t')
+  if (len(columns) == 10 and _CONLLU_ID.match(columns[0])) or _CONLLU_COMMENT.match(text):
+    raise TaggingDataError(
+        f'{path}:{number}: a CoNLL-U line (10 tab-separated columns, a word number first, '
+        'or a # sent_id/# text comment) in a file read as CoNLL-2003 (data.format='
+        'conll2003): for CoNLL-U data pass --format=conllu (files *train.conllu, '
+        '*dev.conllu, *test.conllu)')
+
+
+def _conll2003_in_conllu(path: str, number: int, text: str) -> None:
+  """TaggingDataError when a line of a file read as CoNLL-U is CoNLL-2003's."""
+  fields = text.split()
+  if fields[:1] == [DOCSTART] or (2 <= len(fields) <= 5 and not _CONLLU_ID.match(fields[0])):
+    raise TaggingDataError(
+        f'{path}:{number}: {text!r} is a CoNLL-2003 line (2 to 5 fields, word first: word '
+        'POS chunk NER) in a file read as CoNLL-U (data.format=conllu: 10 tab-separated '
+        'columns): for CoNLL-2003 data pass --format=conll2003 (files train.txt, '
+        'valid.txt, test.txt)')
+
+
+def _check_tag(path: str, number: int, tag: str, column: int, fmt: str) -> None:
+  """TaggingDataError for a tag that no tag set uses (see the module docstring)."""
+  empty = fmt == 'conll2003' and tag == '_'
+  if tag.lstrip('-').isdigit() or empty:
+    raise TaggingDataError(
+        f'{path}:{number}: tag {tag!r} (column {column}, data.label_column) is '
+        f'{"an empty field" if empty else "a number"}, not a label such as B-PER or NOUN: '
+        f'is data.label_column the wrong column, or the file not {fmt} (data.format)?')
+
+
 def _sentence(words, tags, lines):
   return Sentence(tuple(words), tuple(tags), tuple(lines))
 
@@ -100,6 +145,7 @@ def read_conll2003(path: str, label_column: int = -1) -> List[Sentence]:
   """Sentences of a CoNLL-2003 file (see the module docstring)."""
   sentences, words, tags, lines = [], [], [], []
   for number, text in _lines(path):
+    _conllu_in_conll2003(path, number, text)
     fields = text.split()
     if not fields or fields[0] == DOCSTART:
       if words:
@@ -118,6 +164,7 @@ def read_conll2003(path: str, label_column: int = -1) -> List[Sentence]:
     if label_column % len(fields) == 0:
       raise TaggingDataError(f'{path}:{number}: data.label_column={label_column} is the '
                              'word column')
+    _check_tag(path, number, tag, label_column, 'conll2003')
     lines.append(number)
     words.append(fields[0])
     tags.append(tag)
@@ -140,6 +187,7 @@ def read_conllu(path: str, label_column: int = 3) -> List[Sentence]:
       continue
     fields = text.split('\t')
     if len(fields) != 10:
+      _conll2003_in_conllu(path, number, text)
       raise TaggingDataError(f'{path}:{number}: expected 10 tab-separated CoNLL-U '
                              f'columns, got {len(fields)}: {text!r}')
     token_id = fields[0]
@@ -150,6 +198,7 @@ def read_conllu(path: str, label_column: int = 3) -> List[Sentence]:
     if not 0 <= label_column < 10 or label_column == 1:
       raise TaggingDataError(f'data.label_column={label_column}: a CoNLL-U tag column is '
                              'one of 2..9 (3: UPOS)')
+    _check_tag(path, number, fields[label_column], label_column, 'conllu')
     lines.append(number)
     words.append(fields[1])
     tags.append(fields[label_column])
@@ -190,6 +239,9 @@ def load_split(data_dir: str, fmt: str, split: str, label_column: Optional[int] 
   sentences = reader(path, column)
   if not sentences:
     raise TaggingDataError(f'{path}: no sentences')
+  if split == 'train' and {t for s in sentences for t in s.tags} == {'_'}:
+    raise TaggingDataError(f'{path}: every tag in column {column} (data.label_column) is '
+                           "'_', a column this file leaves empty: choose another column")
   return Split(split, path, sentences)
 
 

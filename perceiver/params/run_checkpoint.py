@@ -26,7 +26,9 @@ import json
 import logging
 import os
 import re
+import sys
 from typing import Any, Dict, List, Optional
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +36,7 @@ import ml_collections
 import numpy as np
 
 from perceiver import configs
+from perceiver.command import cli
 from perceiver.params import formats
 from perceiver.params import params_file
 
@@ -49,22 +52,97 @@ class StepDisagrees(CheckpointError):
   """The step saved with a checkpoint's arrays is not the step its metadata says."""
 
 
-class _OrbaxInfo(logging.Filter):
+class _OrbaxLog(logging.Filter):
   """Drops orbax's INFO records (some 30 lines a save) from absl's log; its warnings and
-  errors pass."""
+  errors pass, until a read has failed (``_mute_abandoned_reads``): then orbax's and
+  asyncio's records are dropped too."""
+
+  muted = False
 
   def filter(self, record):
-    return record.levelno >= logging.WARNING or f'{os.sep}orbax{os.sep}' not in record.pathname
+    if f'{os.sep}orbax{os.sep}' in record.pathname:
+      return record.levelno >= logging.WARNING and not self.muted
+    return record.name != 'asyncio' or not self.muted
+
+
+_LOG_FILTER = _OrbaxLog()
 
 
 def ocp():
   """orbax.checkpoint, imported when a checkpoint is first written or read (it takes
   seconds, and commands that read no run checkpoint do not need it)."""
   import orbax.checkpoint as orbax_checkpoint  # pylint: disable=import-outside-toplevel
-  absl_logger = logging.getLogger('absl')
-  if not any(isinstance(f, _OrbaxInfo) for f in absl_logger.filters):
-    absl_logger.addFilter(_OrbaxInfo())
+  for name in ('absl', 'asyncio'):
+    logger = logging.getLogger(name)
+    if _LOG_FILTER not in logger.filters:
+      logger.addFilter(_LOG_FILTER)
   return orbax_checkpoint
+
+
+def _abandoned(exc_value, obj=None) -> bool:
+  """Whether an exception reported outside the read (unraisable, or uncaught in a
+  callback) is the leftover of an abandoned read: orbax's read coroutine, or a
+  TensorStore callback finding asyncio's loop closed."""
+  code = getattr(obj, 'cr_code', None)
+  return ((code is not None and f'{os.sep}orbax{os.sep}' in code.co_filename)
+          or (isinstance(exc_value, RuntimeError) and 'Event loop is closed' in str(exc_value)))
+
+
+def _mute_abandoned_reads() -> None:
+  """Keeps the leftovers of a failed read off stderr, unless ``--verbose``.
+
+  When one array does not read back, orbax raises at once and leaves its other
+  reads of that checkpoint in flight; they end later, after asyncio's loop is closed:
+  coroutines collected unawaited ("Exception ignored in <coroutine ...>", "coroutine ...
+  was never awaited"), TensorStore callbacks raising "Event loop is closed", orbax and
+  asyncio log records: hundreds of lines of library tracebacks, each repeating a failure
+  the caller already reports in one line. From the first failed read on, those (and only
+  those: other exceptions and warnings keep their hooks) are dropped; ``--verbose``
+  (``PERCEIVER_VERBOSE=1``) keeps them all.
+  """
+  if cli.verbose() or _LOG_FILTER.muted:
+    return
+  _LOG_FILTER.muted = True
+  warnings.filterwarnings('ignore', message=r"coroutine '.*' was never awaited",
+                          category=RuntimeWarning)
+  unraisable, excepthook = sys.unraisablehook, sys.excepthook
+
+  def quiet_unraisable(report):
+    if not _abandoned(report.exc_value, report.object):
+      unraisable(report)
+
+  def quiet_excepthook(kind, value, traceback):
+    if not _abandoned(value):
+      excepthook(kind, value, traceback)
+
+  sys.unraisablehook, sys.excepthook = quiet_unraisable, quiet_excepthook
+
+
+# Where TensorStore's messages go on to its own reprs: a spec, source locations.
+_LIBRARY_TAIL = r'See full TensorStore details|\s*\[(?:tensorstore_spec|source locations)\b'
+
+
+def _read_failure(path, error: BaseException) -> str:
+  """One line for a read that failed: the checkpoint, the item and array when the error
+  names them, and the deepest reason in the error's chain, without the library's reprs
+  (cut where ``_LIBRARY_TAIL`` starts, first line, at most 200 characters)."""
+  chain = [error]
+  while len(chain) < 8 and (chain[-1].__cause__ or chain[-1].__context__) is not None:
+    chain.append(chain[-1].__cause__ or chain[-1].__context__)
+  texts = [re.split(_LIBRARY_TAIL, str(e))[0].strip() for e in chain]
+  reason = next((t for t in reversed(texts) if t), type(error).__name__)
+  reason = reason.splitlines()[0].rstrip('. ')
+  where = ''
+  for text in texts:   # TensorStore names the key and the item's directory
+    found = re.search(r'"([^"]+)" in OCDBT database at local file "([^"]*)":?\s*(.*)', text)
+    if found:
+      array = re.sub(r'/(\d+(\.\d+)*|\.z\w+)$', '', found.group(1))   # less chunk or .zarray
+      where = f'{os.path.basename(os.path.normpath(found.group(2)))} array {array}: '
+      reason = (found.group(3) or reason).splitlines()[0].rstrip('. ')
+      break
+  if len(reason) > 200:
+    reason = reason[:197] + '...'
+  return f'{path}: does not read back ({where}{reason})'
 
 
 # --------------------------------------------------------------------------------------
@@ -171,7 +249,9 @@ def config_of(meta) -> ml_collections.ConfigDict:
 def restore_items(path, targets: Dict[str, Any]) -> Dict[str, Any]:
   """Orbax's restore of ``targets`` ({item: abstract tree, each leaf a
   ``ShapeDtypeStruct`` with the sharding to read it into}); any failure to read (a file
-  missing, truncated, undecodable) is a CheckpointError naming ``path``."""
+  missing, truncated, undecodable) is a CheckpointError of one line naming ``path`` (and
+  the array, when the error does; see ``_read_failure``), its leftovers kept off stderr
+  (``_mute_abandoned_reads``)."""
   orbax_checkpoint = ocp()
   args = orbax_checkpoint.args.Composite(**{
       name: orbax_checkpoint.args.StandardRestore(target) for name, target in targets.items()})
@@ -179,9 +259,8 @@ def restore_items(path, targets: Dict[str, Any]) -> Dict[str, Any]:
     with orbax_checkpoint.Checkpointer(orbax_checkpoint.CompositeCheckpointHandler()) as reader:
       return dict(reader.restore(os.path.abspath(path), args=args))
   except Exception as e:  # pylint: disable=broad-except  # orbax and tensorstore raise many kinds
-    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    raise CheckpointError(f'{path}: does not read back ({type(e).__name__}: '
-                          f'{first[:300]})') from None
+    _mute_abandoned_reads()
+    raise CheckpointError(_read_failure(path, e)) from e
 
 
 def verify(path, meta, restored: Dict[str, Any]) -> None:

@@ -260,7 +260,8 @@ class CheckpointManager:
         self._orbax.reload()
         then = (f'trying the one before it ({self.path(steps[index - 1])})' if index else
                 'no other checkpoint is left: starting a new run from step 0')
-        note(f'warning: {path} does not read back ({e}); moved aside to {aside}; {then}')
+        note(f'warning: {path} does not read back ({_damage(path, e)}); moved aside to '
+             f'{aside}; {then}')
     return None
 
   def _refuse_legacy(self, steps: List[int]) -> None:
@@ -293,6 +294,16 @@ class CheckpointManager:
     return Restored(path, int(meta['metadata']['step']), restored['params'],
                     train.get('opt_state'), train.get('rng'), meta['metadata'],
                     meta['data'], int(meta['metadata'].get('process_count', 1)))
+
+
+def _damage(path: str, error: CheckpointError) -> str:
+  """What ``error`` says is wrong with ``path``, less the path and the "does not read
+  back" that the warning says once."""
+  text = str(error).removeprefix(f'{path}: ')
+  wrapper = 'does not read back ('
+  if text.startswith(wrapper) and text.endswith(')'):
+    text = text[len(wrapper):-1]
+  return text
 
 
 def _gather_json(value) -> List[Any]:
