@@ -36,6 +36,24 @@ def test_expected_failures_are_one_line_and_bugs_keep_their_traceback(monkeypatc
     helpers.run_command(_raise(errors.ConfigError('--x=1: bad')))
 
 
+def test_running_out_of_device_memory_is_one_line_naming_what_sizes_the_program(monkeypatch):
+  """XLA's RESOURCE_EXHAUSTED (here a real one: a 4 TiB array on the CPU) is an expected
+  failure: one line naming the settings to lower, not JAX's traceback."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  monkeypatch.delenv('PERCEIVER_VERBOSE', raising=False)
+
+  def too_big():
+    jax.jit(lambda: jnp.ones((2 ** 40,), jnp.float32))().block_until_ready()
+
+  status, stderr = helpers.run_command(too_big)
+  assert status == 1 and stderr.count('\n') == 1, stderr
+  assert stderr.startswith('error: out of memory: RESOURCE_EXHAUSTED: Out of memory '
+                           'allocating 4398046511104 bytes; ') and 'max_seq_len' in stderr
+  with pytest.raises(RuntimeError):   # any other runtime error stays a traceback
+    helpers.run_command(_raise(RuntimeError('RESOURCE_EXHAUSTED: not XLA\'s')))
+
+
 def _ml_collections_error(config, path):
   """The exception ml_collections raises for an override of a field ``config`` lacks."""
   from ml_collections.config_flags import config_path  # pylint: disable=import-outside-toplevel

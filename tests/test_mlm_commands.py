@@ -22,9 +22,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope='module')
 def tiny_params():
-  config = configs.tiny()
-  return config, helpers.params_like(transform.masked_lm(config),
-                                     jnp.zeros((1, 8), jnp.int32))
+  return helpers.tiny_mlm_params()
 
 
 @pytest.mark.slow

@@ -18,8 +18,6 @@ import optax
 import pytest
 
 from perceiver.params import params_file
-from perceiver import configs
-from perceiver import transform
 from tests import helpers
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -27,9 +25,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope='module')
 def tiny_params():
-  config = configs.tiny()
-  return config, helpers.params_like(transform.masked_lm(config),
-                                     jnp.zeros((1, 8), jnp.int32))
+  return helpers.tiny_mlm_params()
 
 
 def _write_deepmind_pickle(path, params, protocol=pickle.HIGHEST_PROTOCOL):

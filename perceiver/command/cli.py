@@ -1,8 +1,10 @@
 """The commands' error policy: an expected failure is one ``error:`` line, then exit 1.
 
 Expected failures are ``errors.UserError`` (bad flags, config fields, files, rows and
-checkpoints) and ``OSError`` (a path that cannot be read or written: missing,
-permissions, a full disk). Anything else is a bug and keeps its traceback.
+checkpoints), ``OSError`` (a path that cannot be read or written: missing,
+permissions, a full disk) and XLA's ``RESOURCE_EXHAUSTED`` (a program that needs more
+device memory than there is: the settings that size it are named). Anything else is a
+bug and keeps its traceback.
 ``--verbose`` (or ``PERCEIVER_VERBOSE=1``) shows the traceback of expected failures too.
 
 Every command starts through ``start``: it installs ``perceiver.command.signal_guard`` first,
@@ -56,6 +58,11 @@ def run(command: Callable[[], Optional[int]], *, saved: str = '',
       raise
     print(f'error: {e}', file=sys.stderr)
     return 1
+  except Exception as e:  # pylint: disable=broad-except
+    if verbose() or not out_of_memory(e):
+      raise
+    print(f'error: {out_of_memory(e)}', file=sys.stderr)
+    return 1
   except signal_guard.Stopped as e:
     kept = f'; {saved}' if saved else ''
     if stop_status == 0:
@@ -74,6 +81,19 @@ def run(command: Callable[[], Optional[int]], *, saved: str = '',
     if signal_guard.claim():
       print('error: interrupted' + (f'; {saved}' if saved else ''), file=sys.stderr)
     return 130
+
+
+def out_of_memory(error: BaseException) -> str:
+  """The one line for XLA's out-of-memory error (a ``JaxRuntimeError`` whose status is
+  RESOURCE_EXHAUSTED, recognised by name: this module imports no JAX), else ''."""
+  text = str(error)
+  if type(error).__name__ not in ('JaxRuntimeError', 'XlaRuntimeError') or not text.startswith(
+      'RESOURCE_EXHAUSTED'):
+    return ''
+  first = text.splitlines()[0][:300].rstrip('.')
+  return (f'out of memory: {first}; the program needs more memory than the device has: '
+          'lower the per-device batch (the batch size, or more gradient accumulation '
+          'steps), the model\'s max_seq_len, or turn on model.remat')
 
 
 # --------------------------------------------------------------------------------------

@@ -121,7 +121,7 @@ class MetricWriter:
 
 
 class _FileHandler(logging.Handler):
-  """Copies Python logging warnings (e.g. ``eval.glue_data``'s) into a log file."""
+  """Copies Python logging warnings (e.g. ``eval.glue.data``'s) into a log file."""
 
   def __init__(self, file):
     super().__init__(level=logging.WARNING)
