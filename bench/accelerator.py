@@ -83,7 +83,7 @@ def measure(preset: str, batch_sizes: List[int], precisions: List[str], *, seq_l
       data = ours.example_batch(batch * devices, seq_len)
       row = {'precision': precision, 'per_device_batch': batch, 'devices': devices}
       try:
-        compiled = ours.train_step(config, params, data)
+        compiled = ours.train(config, params, data)
         times = timing.interleaved({'step': compiled.run}, warmup=warmup, repeats=repeats)
       except Exception as e:  # pylint: disable=broad-except
         if not _is_out_of_memory(e):

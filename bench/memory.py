@@ -73,7 +73,7 @@ def measure_point(preset: str, kind: str, precision: str, batch: int, seq_len: i
   params = ours.init_params(config, config.max_seq_len)
   param_bytes = ours.param_bytes(params)
   data = ours.example_batch(batch, seq_len)
-  build = {'forward': ours.forward, 'train': ours.train_step}[kind]
+  build = {'forward': ours.forward, 'train': ours.train}[kind]
   compiled = build(config, params, data)
   del params   # the train step holds its own (replicated) state; the forward its params
   compiled.run()

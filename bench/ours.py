@@ -140,7 +140,7 @@ def forward_backward(config, params, batch) -> Compiled:
                   **_xla_info(compiled))
 
 
-def train_step(config, params, batch, optimizer=None, mesh_config=None) -> Compiled:
+def train(config, params, batch, optimizer=None, mesh_config=None) -> Compiled:
   """One step of ``train.mlm``: its own (``driver.Run.train_step`` of ``train.mlm.build``),
   jitted over the mesh of ``mesh_config`` (default: data parallel over every device), state
   donated, LAMB from ``perceiver.training.optim``.

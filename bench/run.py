@@ -258,7 +258,7 @@ class Runner:
       self.peer_optimizer, optimizer_name = self.peer_lib.make_optimizer(self.peer_model)
     optimizer = self.ours.optimizer_config(FLAGS.lamb)
     rows = self._sweep(
-        'train', lambda *args: self.ours.train_step(*args, optimizer=optimizer),
+        'train', lambda *args: self.ours.train(*args, optimizer=optimizer),
         lambda data, p: self.peer_lib.train_step_fn(self.peer_model, self.peer_optimizer,
                                                     data, p),
         peer_extra={'optimizer': optimizer_name},

@@ -84,7 +84,7 @@ def time_part(preset: str, seq_len: int, warmup: int, repeats: int) -> Dict:
   rows, runs = {}, {}
   for name, (data, fsdp) in (('replicated', (devices, 1)), ('fsdp', (1, devices))):
     mesh = mesh_lib.make(_mesh_config(data, fsdp))
-    compiled = ours.train_step(config, params, batch, mesh_config=_mesh_config(data, fsdp))
+    compiled = ours.train(config, params, batch, mesh_config=_mesh_config(data, fsdp))
     runs[name] = compiled.run
     shapes = jax.eval_shape(lambda p: p, params)
     param_bytes = mesh_lib.per_device_bytes(shapes, mesh_lib.state_shardings(mesh, shapes))
