@@ -86,14 +86,17 @@ def _trained_lamb_state(params, steps=3):
   unlike a fresh ``init``'s, the count at ``steps``."""
   opt = optax.lamb(1e-3)
   opt_state = opt.init(params)
-  leaves, treedef = jax.tree.flatten(params)
-  update = jax.jit(opt.update)
-  for step in range(steps):
-    keys = jax.random.split(jax.random.key(step), len(leaves))
-    grads = jax.tree.unflatten(treedef, [jax.random.normal(k, np.shape(x), jnp.float32)
-                                         for k, x in zip(keys, leaves)])
-    updates, opt_state = update(grads, opt_state, params)
-    params = optax.apply_updates(params, updates)
+  rng = np.random.default_rng(0)
+
+  @jax.jit
+  def update(grads, opt_state, params):
+    updates, opt_state = opt.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+  for _ in range(steps):
+    grads = jax.tree.map(lambda x: rng.standard_normal(np.shape(x)).astype(np.float32),
+                         params)
+    params, opt_state = update(grads, opt_state, params)
   return opt, opt_state
 
 
