@@ -284,7 +284,7 @@ def test_decoding_chosen_positions_equals_the_full_decoder(tiny):
 def test_classifier_and_encoder_share_the_trunk_names(tiny):
   config, _, params, ids, mask = tiny
   clf = transform.classifier(config, num_classes=3)
-  clf_params = clf.init(jax.random.PRNGKey(0), ids, mask)
+  clf_params = helpers.params_like(clf, ids, mask)   # its tree; values do not matter here
   trunk = {k for k in params if not k.startswith(('basic_decoder', 'embedding_decoder'))}
   assert trunk <= set(clf_params)
   assert {k for k in clf_params if k not in trunk} == {
@@ -300,8 +300,8 @@ def test_classifier_and_encoder_share_the_trunk_names(tiny):
       'classification_decoder/~/basic_decoder/cross_attention/mlp/linear_1',
       'classification_head/linear', 'classification_head/linear_1'}
   assert clf_params['classification_head/linear_1']['w'].shape == (config.d_model, 3)
-  assert clf.apply(clf_params, None, ids, mask).shape == (2, 3)
-  latents = transform.encoder(config).apply(params, None, ids, mask)
+  assert jax.jit(clf.apply)(clf_params, None, ids, mask).shape == (2, 3)
+  latents = jax.jit(transform.encoder(config).apply)(params, None, ids, mask)
   assert latents.shape == (2, config.encoder.z_index_dim, config.encoder.num_z_channels)
 
 
