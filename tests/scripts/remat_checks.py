@@ -14,7 +14,7 @@ import numpy as np
 from bench import lowering
 from perceiver import configs
 from perceiver.training import mesh as mesh_lib
-from tests import mesh_checks
+from tests.scripts import mesh_checks
 
 LAYOUTS = {'one device': (1, 1), 'data 8': (8, 1), 'fsdp 8': (1, 8)}
 
