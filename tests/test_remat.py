@@ -120,12 +120,13 @@ def eight_devices():
 @pytest.mark.slow
 def test_remat_and_layouts_train_like_one_device_without_them(eight_devices):
   """3 steps with dropout from the same start on the same batches: remat off and on, on
-  one device, data 8 and fsdp 8, against one device without remat."""
+  one device, data 8 and fsdp 8, against one device without remat. The parameters must
+  agree to a thousandth of how far the 3 steps moved them."""
   assert len(eight_devices['runs']) == 6
   for name, run in eight_devices['runs'].items():
     np.testing.assert_allclose(run['losses'], run['reference_losses'], rtol=1e-5,
                                err_msg=name)
-    assert run['max_param_difference'] < 1e-4, (name, run['max_param_difference'])
+    assert run['param_difference'] < 1e-3 * run['param_movement'], (name, run)
 
 
 @pytest.mark.slow
