@@ -31,8 +31,6 @@ from perceiver.training import mesh as mesh_lib
 from perceiver.training import step as step_lib
 from perceiver.training import writer as writer_lib
 
-FINISHED = epochs.FINISHED
-Stopped = epochs.Stopped
 
 
 class Task(epochs.Task, Protocol):
@@ -68,7 +66,7 @@ def finetune(task: Task, trunk: transfer.Trunk, config, run_dir: str,
   ``epochs.train`` and ``task.write_best`` write (a resumed run must share ``settings``).
 
   Raises:
-    Stopped: a signal stopped the run (its state is saved).
+    epochs.Stopped: a signal stopped the run (its state is saved).
   """
   start_time = time.time()
   train_split = task.data['train']
@@ -138,7 +136,7 @@ def load_trunk(init_checkpoint: Optional[str], config, log: writer_lib.RunLog, *
 
 def write_finished(directory: str, summary: Dict[str, Any]) -> str:
   """Writes ``summary`` as ``directory``'s ``dev_metrics.json``: the run is finished."""
-  return atomic.write_json(os.path.join(directory, FINISHED), summary)
+  return atomic.write_json(os.path.join(directory, epochs.FINISHED), summary)
 
 
 def define_flags(config_file: str, what: str) -> None:
@@ -164,7 +162,7 @@ def make_main(command: Callable[[], Any], saved: str) -> Callable:
     def stoppable():
       try:
         command()
-      except Stopped as e:
+      except epochs.Stopped as e:
         print(f'{e}', file=sys.stderr)
 
     return cli.run(stoppable, saved=saved, stop_status=0)

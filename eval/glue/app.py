@@ -68,7 +68,6 @@ from perceiver.training import writer as writer_lib
 
 CONFIG_FILE = os.path.join(os.path.dirname(os.path.dirname(__file__)), 'configs', 'glue.py')
 GlueError = glue_task.GlueError
-FINISHED = finetune.FINISHED
 
 
 def available_tasks(data_dir: str) -> tuple:
@@ -150,7 +149,7 @@ def run(task: str, config, data_dir: str, workdir: str, init_checkpoint: Optiona
           f'{name} ({glue_data.TASKS[name].directory}/)' for name in missing) +
                '; shown as "-" in the table')
     for name in summaries:
-      log.note(f'{name}: finished earlier ({os.path.join(workdir, name, FINISHED)}); '
+      log.note(f'{name}: finished earlier ({os.path.join(workdir, name, epochs.FINISHED)}); '
                'skipped (--overwrite retrains it)')
     # Every file of every task to train is read and checked before any of them trains.
     for name in to_train:

@@ -26,10 +26,9 @@ from perceiver.training import epochs
 from perceiver.training import writer as writer_lib
 
 SUBMISSION_DIR = 'submission'
-FINISHED = finetune.FINISHED
 GlueError = glue_task.GlueError
 
-_OUTPUT_FILES = (FINISHED, 'metrics.jsonl', 'sweep.json', 'log.txt')
+_OUTPUT_FILES = (epochs.FINISHED, 'metrics.jsonl', 'sweep.json', 'log.txt')
 
 
 def resolve_max_seq_len(config, model_config) -> int:
@@ -73,7 +72,7 @@ def _point(glue: glue_task.GlueTask, trunk, config, log, point, resume: bool, *,
   """One run (``point``: batch size, learning rate, field) in ``glue.run_dir``; with
   ``sweep``, a finished point's summary is read back, not rerun, and written when done."""
   batch_size, lr, field = point
-  finished = os.path.join(glue.run_dir, FINISHED)
+  finished = os.path.join(glue.run_dir, epochs.FINISHED)
   if sweep and resume and os.path.exists(finished):
     with open(finished, encoding='utf-8') as f:
       summary = json.load(f)

@@ -61,7 +61,6 @@ from perceiver.training import writer as writer_lib
 
 CONFIG_FILE = os.path.join(os.path.dirname(os.path.dirname(__file__)), 'configs',
                            'tagging.py')
-FINISHED = finetune.FINISHED
 TaggingError = tagging_task.TaggingError
 
 
@@ -93,7 +92,7 @@ def resolve_window(config, model_config) -> int:
   return window
 
 
-_OUTPUTS = (FINISHED, 'metrics.jsonl', 'log.txt', 'dev_predictions.txt',
+_OUTPUTS = (epochs.FINISHED, 'metrics.jsonl', 'log.txt', 'dev_predictions.txt',
             'test_predictions.txt', 'dev_entity_table.txt', 'test_entity_table.txt')
 
 
@@ -173,7 +172,7 @@ def run(config, data_dir: str, workdir: str, init_checkpoint: Optional[str] = No
   finished = epochs.finished_summary(workdir, resume=resume, overwrite=overwrite,
                                      error=TaggingError)
   if finished is not None:
-    log.note(f'{os.path.join(workdir, FINISHED)}: finished earlier (main score '
+    log.note(f'{os.path.join(workdir, epochs.FINISHED)}: finished earlier (main score '
              f'{finished["main_score"]:.4f}); --overwrite retrains it')
     return finished
   splits, labels, metric = _read(config, data_dir)
