@@ -113,15 +113,48 @@ def _assert_same(a, b):
     assert json.loads(json.dumps(px)) == json.loads(json.dumps(py))
 
 
-def test_streams_interleave_and_resume_exactly(tmp_path):
+def _stream_examples(spec, j, count):
+  """Stream ``j``'s first ``count`` examples (ids), straight from its ExampleStream."""
+  return next(spec.stream(j).chunks(count))[0]
+
+
+def test_a_host_batch_takes_its_rows_from_every_stream_in_turn_and_resumes_exactly(tmp_path):
+  """Batch n of 4 rows takes, stream by stream, as many next examples of stream j as
+  rows 4n..4n+3 have k % 3 == j: batch 0 takes 2, 1, 1; batch 1 1, 2, 1; batch 2 1, 1, 2."""
   specs = [_spec(_two_sources(tmp_path), streams=3)]
   straight = _take(data.interleave(specs), 9)
-  # Batch n comes from stream n % 3: its position counts that stream's batches.
   assert [p['batches'] for _, p in straight] == list(range(1, 10))
-  assert [s['batches'] for s in straight[4][1]['streams']] == [2, 2, 1]
+  assert {p['layout'] for _, p in straight} == {'rows'}
+  rows = np.concatenate([b['labels'] for b, _ in straight])     # 36 rows
+  counts = [[2, 1, 1], [1, 2, 1], [1, 1, 2]] * 3
+  assert [data.stream_rows(4, 3, n) for n in range(9)] == counts
+  owner = [j for c in counts for j, rows in enumerate(c) for _ in range(rows)]
+  for j in range(3):
+    mine = [k for k in range(36) if owner[k] == j]
+    assert len(mine) == 12
+    # labels hold every original id (PAD where padded): the examples themselves
+    np.testing.assert_array_equal(rows[mine], _stream_examples(specs[0], j, 12))
   for cut in (1, 4, 7):
     position = json.loads(json.dumps(straight[cut - 1][1]))
     _assert_same(_take(data.interleave(specs, position), 9 - cut), straight[cut:])
+
+
+def test_a_position_written_before_rows_were_spread_resumes_one_stream_a_batch(tmp_path):
+  """A position without 'layout' (earlier runs) keeps their layout: host batch n is the
+  next whole batch of stream n % 3."""
+  specs = [_spec(_two_sources(tmp_path), streams=3)]
+  old_start = {'batches': 0, 'streams': [None, None, None]}
+  straight = _take(data.interleave(specs, old_start), 6)
+  assert {p['layout'] for _, p in straight} == {'batches'}
+  assert [s['batches'] for s in straight[4][1]['streams']] == [2, 2, 1]
+  for j in range(3):
+    expected = _stream_examples(specs[0], j, 8)
+    got = np.concatenate([straight[n][0]['labels'] for n in (j, j + 3)])
+    np.testing.assert_array_equal(got, expected)
+  position = json.loads(json.dumps(straight[3][1]))
+  _assert_same(_take(data.interleave(specs, position), 2), straight[4:])
+  with pytest.raises(data.DataError, match="layout 'columns'"):
+    data.start_positions(specs, dict(old_start, layout='columns'))
 
 
 @pytest.mark.slow

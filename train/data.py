@@ -24,11 +24,14 @@ numpy (and pyarrow for Parquet) only. Per host:
    concatenations (where each starts, how many crops were taken) at the block's start,
    plus the index in the block -- and a resumed run sees exactly the examples it would
    have seen.
-4. ``batches``: masked batches of one stream, the masking RNG seeded by the batch's number.
+4. ``MaskedBatches``: masked rows of one stream, the masking RNG seeded by the stream's
+   count of takes.
 5. ``StreamSpec`` and ``interleave``: a host's data is ``streams`` such streams (each a
-   disjoint share of the host's share, like a host of its own), batch ``n`` taken from
-   stream ``n % streams``. The order is a function of the seed and ``streams``, not of
-   how many worker processes compute the streams (``train/workers.py``).
+   disjoint share of the host's share, like a host of its own). Host batch ``n`` takes
+   its rows from every stream in turn (``schedule``: about ``batch / streams`` each), so
+   even a stream whose share ends its epoch on a few long documents fills only its own
+   rows of a batch. The order is a function of the seed and ``streams``, not of how many
+   worker processes compute the streams (``train/workers.py``).
 
 Formats, by file name: ``*.json.gz``/``*.jsonl.gz`` (C4 as released: gzipped JSON lines,
 the ``text`` field), ``*.json``/``*.jsonl`` (JSON lines, e.g. a Wikipedia export),
@@ -587,7 +590,7 @@ class ExampleStream:
     return StreamState(0, 0, {s.name: _Interleaved.initial_state(self.open_concatenations)
                               for s in self.sources})
 
-  def _build_block(self, block: int, crops: Sequence[_Interleaved]) -> np.ndarray:
+  def build_block(self, block: int, crops: Sequence[_Interleaved]) -> np.ndarray:
     """Block #``block``: ``block_size`` crops, each from a source drawn by the weights."""
     rng = np.random.default_rng([self.seed, self.process_index, block])
     examples = np.full((self.block_size, self.seq_len), tokenizer_lib.PAD_ID, np.int32)
@@ -597,35 +600,17 @@ class ExampleStream:
       examples[row, :len(crop)] = crop
     return examples
 
+  def reader(self, state: Optional[StreamState] = None) -> 'Examples':
+    """The examples from ``state`` (None: the start) on, taken any number at a time."""
+    return Examples(self, state or self.initial_state())
+
   def chunks(self, count: int, state: Optional[StreamState] = None
              ) -> Iterator[Tuple[np.ndarray, StreamState]]:
     """Yields (ids [count, seq_len]: the next ``count`` examples, state after them)
-    forever; PAD marks padding. Examples come in their block's order, so a chunk within
-    a block is a slice of it, not a copy."""
-    state = state or self.initial_state()
-    crops = [_Interleaved(s, state.sources[s.name], docs=self.docs_per_example,
-                          separator=self.separator, seq_len=self.seq_len,
-                          count=self.open_concatenations, seed=self.seed,
-                          reader=self.process_index)
-             for s in self.sources]
-    block, index, at_block_start = state.block, state.index, dict(state.sources)
-    examples, at_end = None, None
+    forever; PAD marks padding."""
+    reader = self.reader(state)
     while True:
-      parts, need = [], count
-      while need:
-        if examples is None or index == self.block_size:
-          if examples is not None:
-            block, index, at_block_start = block + 1, 0, at_end
-          examples = self._build_block(block, crops)
-          at_end = {c.source.name: c.snapshot() for c in crops}
-        take = min(need, self.block_size - index)
-        parts.append(examples[index:index + take])
-        index, need = index + take, need - take
-      if index == self.block_size:
-        after = StreamState(block + 1, 0, at_end)
-      else:
-        after = StreamState(block, index, at_block_start)
-      yield parts[0] if len(parts) == 1 else np.concatenate(parts), after
+      yield reader.take(count)
 
   def examples(self, state: Optional[StreamState] = None
                ) -> Iterator[Tuple[np.ndarray, StreamState]]:
@@ -634,24 +619,76 @@ class ExampleStream:
       yield ids[0], after
 
 
+class Examples:
+  """One ``ExampleStream``'s examples from a state, ``take(count)`` at a time (the count
+  may change from one call to the next: a host batch takes a few rows of each stream)."""
+
+  def __init__(self, stream: ExampleStream, state: StreamState):
+    self.stream = stream
+    self.crops = [_Interleaved(s, state.sources[s.name], docs=stream.docs_per_example,
+                               separator=stream.separator, seq_len=stream.seq_len,
+                               count=stream.open_concatenations, seed=stream.seed,
+                               reader=stream.process_index)
+                  for s in stream.sources]
+    self.block, self.index, self.at_block_start = state.block, state.index, dict(state.sources)
+    self._examples: Optional[np.ndarray] = None
+    self._at_end: Optional[Dict[str, dict]] = None
+
+  def take(self, count: int) -> Tuple[np.ndarray, StreamState]:
+    """(ids [count, seq_len], the state after them). Examples come in their block's
+    order, so a count within a block is a slice of it, not a copy."""
+    size = self.stream.block_size
+    parts, need = [], count
+    while need:
+      if self._examples is None or self.index == size:
+        if self._examples is not None:
+          self.block, self.index, self.at_block_start = self.block + 1, 0, self._at_end
+        self._examples = self.stream.build_block(self.block, self.crops)
+        self._at_end = {c.source.name: c.snapshot() for c in self.crops}
+      take = min(need, size - self.index)
+      parts.append(self._examples[self.index:self.index + take])
+      self.index, need = self.index + take, need - take
+    if self.index == size:
+      after = StreamState(self.block + 1, 0, self._at_end)
+    else:
+      after = StreamState(self.block, self.index, self.at_block_start)
+    return (parts[0] if len(parts) == 1 else np.concatenate(parts)), after
+
+
 # --------------------------------------------------------------------------------------
 # Batches.
 
+class MaskedBatches:
+  """One stream's masked batches (and JSON state after each) from ``state`` on, any
+  number of rows at a time; ``state`` resumes exactly.
+
+  The masking RNG is seeded by the stream's count of batches taken, so a resumed run
+  masks identically.
+  """
+
+  def __init__(self, stream: ExampleStream, masker, state: Optional[dict] = None):
+    self.stream, self.masker = stream, masker
+    if state is None:
+      self._examples, self.count = stream.reader(), 0
+    else:
+      self._examples = stream.reader(StreamState.from_json(state['stream']))
+      self.count = state['batches']
+
+  def take(self, rows: int) -> Tuple[Dict[str, np.ndarray], dict]:
+    ids, after = self._examples.take(rows)
+    rng = np.random.default_rng([self.stream.seed, self.stream.process_index, 1 << 20,
+                                 self.count])
+    batch = self.masker(ids, (ids != tokenizer_lib.PAD_ID).astype(np.int32), rng)
+    self.count += 1
+    return batch, {'stream': after.to_json(), 'batches': self.count}
+
+
 def batches(stream: ExampleStream, batch_size: int, masker, state: Optional[dict] = None
             ) -> Iterator[Tuple[Dict[str, np.ndarray], dict]]:
-  """Yields (masked batch, JSON state after it); ``state`` resumes exactly.
-
-  The masking RNG is seeded by the batch's number, so a resumed run masks identically.
-  """
-  if state is None:
-    stream_state, count = None, 0
-  else:
-    stream_state, count = StreamState.from_json(state['stream']), state['batches']
-  for ids, stream_state in stream.chunks(batch_size, stream_state):
-    rng = np.random.default_rng([stream.seed, stream.process_index, 1 << 20, count])
-    batch = masker(ids, (ids != tokenizer_lib.PAD_ID).astype(np.int32), rng)
-    count += 1
-    yield batch, {'stream': stream_state.to_json(), 'batches': count}
+  """Yields (masked batch of ``batch_size``, JSON state after it) forever."""
+  it = MaskedBatches(stream, masker, state)
+  while True:
+    yield it.take(batch_size)
 
 
 # --------------------------------------------------------------------------------------
@@ -700,9 +737,10 @@ class StreamSpec:
                          seed=self.seed,
                          process_index=reader)
 
-  def batches(self, j: int, state: Optional[dict] = None):
-    """Stream ``j``'s (masked batch, state) pairs from ``state`` on."""
-    return batches(self.stream(j), self.batch_size, self.masker, state)
+  def batches(self, j: int, state: Optional[dict] = None) -> MaskedBatches:
+    """Stream ``j``'s masked rows from ``state`` on (``batch_size`` is the share's host
+    batch: ``schedule`` says how many rows of it each stream gives)."""
+    return MaskedBatches(self.stream(j), self.masker, state)
 
 
 def fitting_streams(sources: Sequence[SourceSpec], hosts: int, streams: int
@@ -742,34 +780,62 @@ def fitting_streams(sources: Sequence[SourceSpec], hosts: int, streams: int
   return streams, None
 
 
-def schedule(specs: Sequence[StreamSpec], n: int) -> List[Tuple[int, int]]:
-  """The (share, stream) pairs whose next batches, concatenated, make host batch ``n``."""
-  return [(s, n % spec.streams) for s, spec in enumerate(specs)]
+# How a host batch takes its rows from a share's streams. 'rows': stream by stream, as
+# many rows of stream j as rows n*B .. n*B+B-1 of the share's data have index k with
+# k % streams == j; so a batch of B holds B // streams or one more rows of each stream,
+# each stream gives the same number of rows over time whatever B, and a batch's
+# documents come from every stream's share of the corpus. 'batches': each whole batch
+# from one stream, batch n from stream n % streams -- the layout of positions written
+# before 'rows' existed (they hold no 'layout'), in which such runs resume.
+LAYOUTS = ('rows', 'batches')
 
 
-def start_positions(specs: Sequence[StreamSpec], position) -> Tuple[int, List[List]]:
-  """(next host batch, per share the per-stream states) of a position (None: the start).
+def stream_rows(batch: int, streams: int, n: int, layout: str = 'rows') -> List[int]:
+  """How many rows of host batch ``n`` (of ``batch`` rows a share) each stream gives."""
+  if layout == 'batches':
+    return [batch if j == n % streams else 0 for j in range(streams)]
+  first = n * batch   # rows [first, first + batch) of the share's data
+  return [(first + batch - 1 - j) // streams - (first - 1 - j) // streams
+          for j in range(streams)]
 
-  A position is ``{'batches': n, 'streams': [state of each stream]}`` for one share, a
-  list of them for several (``data.hosts``).
+
+def schedule(specs: Sequence[StreamSpec], n: int, layout: str = 'rows'
+             ) -> List[Tuple[int, int, int]]:
+  """The (share, stream, rows) whose next rows, concatenated, make host batch ``n``."""
+  return [(s, j, rows) for s, spec in enumerate(specs)
+          for j, rows in enumerate(stream_rows(spec.batch_size, spec.streams, n, layout))
+          if rows]
+
+
+def start_positions(specs: Sequence[StreamSpec], position
+                    ) -> Tuple[int, List[List], str]:
+  """(next host batch, per share the per-stream states, layout) of a position (None: the
+  start, in the 'rows' layout).
+
+  A position is ``{'batches': n, 'streams': [state of each stream], 'layout': ...}`` for
+  one share, a list of them for several (``data.hosts``).
 
   Raises:
     DataError: when the position was written with another number of streams or shares.
   """
   if position is None:
-    return 0, [[None] * spec.streams for spec in specs]
+    return 0, [[None] * spec.streams for spec in specs], 'rows'
   positions = position if isinstance(position, list) else [position]
   if (len(positions) != len(specs) or any(
       not isinstance(p, dict) or 'streams' not in p or len(p['streams']) != spec.streams
       for p, spec in zip(positions, specs))):
     raise DataError(f'the checkpoint\'s data position does not fit {len(specs)} share(s) '
                     f'of {specs[0].streams} stream(s) (data.hosts, data.streams)')
-  return positions[0]['batches'], [list(p['streams']) for p in positions]
+  layout = positions[0].get('layout', 'batches')
+  if layout not in LAYOUTS:
+    raise DataError(f'the checkpoint\'s data position has layout {layout!r}; this '
+                    f'version reads {", ".join(LAYOUTS)}')
+  return positions[0]['batches'], [list(p['streams']) for p in positions], layout
 
 
-def make_position(specs: Sequence[StreamSpec], n: int, states: List[List]):
+def make_position(specs: Sequence[StreamSpec], n: int, states: List[List], layout: str):
   """The position after host batch ``n - 1`` (see ``start_positions``)."""
-  positions = [{'batches': n, 'streams': list(s)} for s in states]
+  positions = [{'batches': n, 'streams': list(s), 'layout': layout} for s in states]
   return positions[0] if len(specs) == 1 else positions
 
 
@@ -782,15 +848,15 @@ def concatenate(items: Sequence[Dict[str, np.ndarray]]) -> Dict[str, np.ndarray]
 def interleave(specs: Sequence[StreamSpec], position=None
                ) -> Iterator[Tuple[Dict[str, np.ndarray], object]]:
   """Host batches of these shares' streams in this process: batch ``n`` concatenates, for
-  each share, the next batch of its stream ``n % streams``. Yields (batch, position)."""
-  n, states = start_positions(specs, position)
-  iters = {}
+  each share, the next rows of its streams (``schedule``). Yields (batch, position)."""
+  n, states, layout = start_positions(specs, position)
+  readers = {}
   while True:
     items = []
-    for s, j in schedule(specs, n):
-      if (s, j) not in iters:
-        iters[s, j] = specs[s].batches(j, states[s][j])
-      batch, states[s][j] = next(iters[s, j])
+    for s, j, rows in schedule(specs, n, layout):
+      if (s, j) not in readers:
+        readers[s, j] = specs[s].batches(j, states[s][j])
+      batch, states[s][j] = readers[s, j].take(rows)
       items.append(batch)
     n += 1
-    yield concatenate(items), make_position(specs, n, states)
+    yield concatenate(items), make_position(specs, n, states, layout)

@@ -4,13 +4,13 @@
 processes, so the rate grows with the host's cores instead of stopping at one Python
 thread's GIL. Stream ``g`` (share ``s``, stream ``j``: ``g = s * streams + j``) runs in
 worker ``g % workers``; each worker walks the same schedule as ``data.interleave`` (host
-batch ``n`` takes stream ``n % streams`` of every share) and sends, in that order, the
-batches of the streams it owns. The training process receives them in the schedule's
+batch ``n`` takes a few rows of every stream of every share, ``data.schedule``) and
+sends, in that order, the rows of the streams it owns. The training process receives them in the schedule's
 order, so the batches are exactly ``data.interleave``'s -- the same at 0, 1, 2 or 8
 workers -- and the position after each batch (every stream's state) resumes exactly.
 
-Each worker sends through its own pipe, one batch at a time, so it runs at most one
-batch ahead of what was received (the ``Prefetcher`` thread that receives keeps the
+Each worker sends through its own pipe, one stream's rows at a time, so it runs at most
+one host batch ahead of what was received (the ``Prefetcher`` thread that receives keeps the
 queue ahead of the train step). Ids travel as int16 and 0/1 arrays as uint8 (6 bytes a
 position instead of 16) and are widened back on arrival.
 
@@ -68,20 +68,21 @@ def _widen(packed) -> Dict[str, np.ndarray]:
   return {k: v.astype(dtype, copy=False) for k, (v, dtype) in packed.items()}
 
 
-def _worker_main(specs, states, start: int, index: int, count: int, conn) -> None:
-  """Runs in worker ``index``: sends its streams' batches in the schedule's order."""
+def _worker_main(specs, states, start: int, layout: str, index: int, count: int,
+                 conn) -> None:
+  """Runs in worker ``index``: sends its streams' rows in the schedule's order."""
   signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C is the training process's to handle
-  iters = {}
+  readers = {}
   n = start
   try:
     while True:
-      for s, j in data_lib.schedule(specs, n):
+      for s, j, rows in data_lib.schedule(specs, n, layout):
         g = s * specs[s].streams + j
         if g % count != index:
           continue
-        if (s, j) not in iters:
-          iters[s, j] = specs[s].batches(j, states[s][j])
-        batch, state = next(iters[s, j])
+        if (s, j) not in readers:
+          readers[s, j] = specs[s].batches(j, states[s][j])
+        batch, state = readers[s, j].take(rows)
         conn.send(('batch', _narrow(batch), state))
       n += 1
   except (BrokenPipeError, EOFError, KeyboardInterrupt):
@@ -114,7 +115,7 @@ class WorkerPool:
   def __init__(self, specs: Sequence[data_lib.StreamSpec], workers: int, position=None,
                poll_s: float = 0.2):
     self.specs = list(specs)
-    self._n, self._states = data_lib.start_positions(self.specs, position)
+    self._n, self._states, self._layout = data_lib.start_positions(self.specs, position)
     total = sum(spec.streams for spec in self.specs)
     self.workers = max(1, min(workers, total))
     self._poll_s = poll_s
@@ -126,8 +127,8 @@ class WorkerPool:
     for index in range(self.workers):
       receive, send = ctx.Pipe(duplex=False)
       process = ctx.Process(target=_worker_main, name=f'data-worker-{index}', daemon=True,
-                            args=(self.specs, self._states, self._n, index, self.workers,
-                                  send))
+                            args=(self.specs, self._states, self._n, self._layout, index,
+                                  self.workers, send))
       process.start()
       send.close()    # the worker holds the only write end: its death is EOF here
       self._processes.append(process)
@@ -175,13 +176,14 @@ class WorkerPool:
 
   def __next__(self):
     items = []
-    for s, j in data_lib.schedule(self.specs, self._n):
+    for s, j, _ in data_lib.schedule(self.specs, self._n, self._layout):
       g = s * self.specs[s].streams + j
       batch, self._states[s][j] = self._receive(g % self.workers)
       items.append(batch)
     self._n += 1
     return (data_lib.concatenate(items),
-            data_lib.make_position(self.specs, self._n, [list(s) for s in self._states]))
+            data_lib.make_position(self.specs, self._n, [list(s) for s in self._states],
+                                   self._layout))
 
   def pids(self) -> List[int]:
     return [p.pid for p in self._processes]

@@ -48,19 +48,21 @@ def _base() -> ml_collections.ConfigDict:
   # seeded together; a resumed run rebuilds the block it stopped in).
   c.data.block_size = 1024
   # Chosen here: each source keeps this many concatenations open and takes its crops
-  # from them in turn, in a seeded order each round (train/data.py). Guarantee: while at
-  # least B of a source's concatenations are open, a batch of B sequences of one stream
-  # holds at most 2 crops of one concatenation (of docs_per_example documents), whatever
-  # the document lengths and max_seq_len, where one long document's consecutive crops once
-  # filled whole batches (tests/test_input_pipeline.py). A stream's share with fewer
-  # documents than that ends each epoch with fewer open: its longest documents' last crops
-  # then fill the epoch's last batches (bench.mixing, bench/RESULTS.md).
+  # from them in turn, in a seeded order each round (train/data.py), and a host batch of
+  # B takes B // data.streams (or one more) rows of every stream (disjoint shares of the
+  # corpus). Guarantee: a batch holds at most 2 crops of one concatenation (of
+  # docs_per_example documents) while each stream has at least B / data.streams of its
+  # concatenations open -- whatever the document lengths and max_seq_len -- and never more
+  # than B / data.streams rounded up (a stream's share with fewer documents than that ends
+  # each epoch on its longest ones), where one long document's consecutive crops once
+  # filled whole batches (tests/test_input_pipeline.py; bench.mixing measures it).
   # Memory: the open concatenations, 2 bytes a byte (C4, 10 documents: about 45 MB per
   # source and stream).
   c.data.open_concatenations = 1024
   c.data.prefetch = 8            # host batches prepared ahead by a background thread
   # Chosen here: each host's data is this many streams, each reading its own share of the
-  # host's shards (as that many hosts would), host batch n taken from stream n % streams.
+  # host's shards (as that many hosts would); each host batch takes its rows from all of
+  # them (see open_concatenations).
   # The batches depend on it (a resumed run must keep it), not on data.workers; at most
   # this many workers can be busy. A source with fewer records (in its largest file) than
   # hosts x streams readers, and fewer files, e.g. one document, would leave readers with
