@@ -377,6 +377,31 @@ def test_a_batch_holds_at_most_two_crops_of_one_long_document(
     assert worst <= 2
 
 
+def test_a_small_share_ending_its_epoch_fills_only_its_own_rows_of_a_batch(tmp_path):
+  """16 long documents over 4 streams (4 each, 64 open slots): each stream's epoch ends
+  on its longest document, whose last crops are all it has left. A batch of 16 takes 4
+  rows of each stream, so one document never has more than 4 of them, and documents
+  from all four streams are in every batch (one stream a batch, as before, filled whole
+  batches with one document)."""
+  files = [('long', [_long_documents(tmp_path, 16, (500, 9000))], 1.0)]
+  spec = _spec(files, streams=4, batch=16, docs_per_example=1, open_concatenations=64)
+  owner = {}   # document -> the stream whose share holds it
+  for j in range(4):
+    for ids in next(spec.stream(j).chunks(400))[0]:
+      for d in set(re.findall(rb'\[(\d{4})\]', np.clip(ids - NUM_SPECIAL, 0, 255)
+                                .astype(np.uint8).tobytes())):
+        owner[d] = j
+  assert len(owner) == 16
+  worst, one_document_rows = 0, 0
+  for batch, _ in _take(data.interleave([spec]), 150):   # several epochs of each share
+    rows = _documents_per_row(batch)
+    counts = collections.Counter(d for docs in rows for d in docs)
+    worst = max(worst, max(counts.values()))
+    assert {owner[d] for docs in rows for d in docs} == {0, 1, 2, 3}
+    one_document_rows += sum(len(docs) == 1 for docs in rows)
+  assert worst == 4 and one_document_rows > 1000   # the bound is reached, not passed
+
+
 def test_interleaved_crops_resume_exactly_across_refills_and_epochs(tmp_path):
   """Few open concatenations, long documents and a small share: slots are refilled and
   epochs end many times within the run; every cut resumes to the straight run."""
