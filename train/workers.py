@@ -64,8 +64,12 @@ def _narrow(batch: Dict[str, np.ndarray]):
           for k, v in batch.items()}
 
 
-def _widen(packed) -> Dict[str, np.ndarray]:
-  return {k: v.astype(dtype, copy=False) for k, (v, dtype) in packed.items()}
+def _widen(pieces) -> Dict[str, np.ndarray]:
+  """One host batch from the narrow pieces of its streams: joined while narrow, then
+  widened (one pass over the wide arrays)."""
+  first = pieces[0]
+  return {k: (np.concatenate([p[k][0] for p in pieces]) if len(pieces) > 1 else v
+              ).astype(dtype, copy=False) for k, (v, dtype) in first.items()}
 
 
 def _worker_main(specs, states, start: int, layout: str, index: int, count: int,
@@ -169,7 +173,7 @@ class WorkerPool:
             f'{_ended(process)}; the input pipeline cannot continue') from None
     if kind == 'error':
       raise payload
-    return _widen(payload), state
+    return payload, state
 
   def __iter__(self):
     return self
@@ -178,10 +182,10 @@ class WorkerPool:
     items = []
     for s, j, _ in data_lib.schedule(self.specs, self._n, self._layout):
       g = s * self.specs[s].streams + j
-      batch, self._states[s][j] = self._receive(g % self.workers)
-      items.append(batch)
+      piece, self._states[s][j] = self._receive(g % self.workers)
+      items.append(piece)
     self._n += 1
-    return (data_lib.concatenate(items),
+    return (_widen(items),
             data_lib.make_position(self.specs, self._n, [list(s) for s in self._states],
                                    self._layout))
 
