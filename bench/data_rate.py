@@ -249,8 +249,8 @@ def stages(path: str, docs: int = 4000, seq_len: int = 2048, docs_per_example: i
   # To the training process (narrowed, pickled, read back, widened): what a worker adds.
   t = clock()
   for b in masked:
-    workers._widen(pickle.loads(pickle.dumps(  # pylint: disable=protected-access
-        workers._narrow(b), protocol=5)))  # pylint: disable=protected-access
+    workers._widen([pickle.loads(pickle.dumps(  # pylint: disable=protected-access
+        workers._narrow(b), protocol=5))])  # pylint: disable=protected-access
   pipe_s = clock() - t
   import jax  # pylint: disable=import-outside-toplevel
   t = clock()
