@@ -260,6 +260,35 @@ def test_masked_positions_list_every_masked_byte_and_cap_whole_words():
       assert batch['weights'][row][words == w].all()
 
 
+@pytest.mark.parametrize('settings', [
+    dict(), dict(unit='byte'), dict(include_leading_space=False, bert_replacement=True),
+    dict(max_predictions=6)])
+def test_a_batch_joined_from_pieces_is_masked_as_each_piece_alone(settings):
+  """What lets a host batch of several streams be masked in one call: pieces of 3, 1 and
+  4 rows with their own generators give exactly the rows each gives masked alone."""
+  rng = np.random.default_rng(0)
+  words = ['a', 'bb', 'ccc', 'dddd', '  ', 'caf\u00e9']
+  ids = np.stack([TOK.to_int(''.join(rng.choice(words, 40)))[:48] for _ in range(8)])
+  ids[5, 30:] = tok_lib.PAD_ID
+  ids[2, 10] = tok_lib.SEP_ID
+  masker = masking.WordMasker(0.3, **settings)
+  pieces = [(3, 10), (1, 11), (4, 12)]
+  joined = masker(ids, (ids != tok_lib.PAD_ID).astype(np.int32),
+                  [(rows, np.random.default_rng(seed)) for rows, seed in pieces])
+  at = 0
+  for rows, seed in pieces:
+    part = ids[at:at + rows]
+    alone = masker(part, (part != tok_lib.PAD_ID).astype(np.int32),
+                   np.random.default_rng(seed))
+    assert alone.keys() == joined.keys()
+    for key, value in alone.items():
+      np.testing.assert_array_equal(joined[key][at:at + rows], value, err_msg=key)
+    at += rows
+  assert joined['weights'].sum() > 0
+  with pytest.raises(ValueError, match='do not add up'):
+    masker(ids, np.ones_like(ids), [(3, np.random.default_rng(0))])
+
+
 def _one_document(tmp_path, suffix, size=2000):
   text = ('a few words of one document ' * 100)[:size]
   path = tmp_path / f'one{suffix}'

@@ -24,8 +24,8 @@ numpy (and pyarrow for Parquet) only. Per host:
    concatenations (where each starts, how many crops were taken) at the block's start,
    plus the index in the block -- and a resumed run sees exactly the examples it would
    have seen.
-4. ``MaskedBatches``: masked rows of one stream, the masking RNG seeded by the stream's
-   count of takes.
+4. ``StreamRows``: rows of one stream, each take with a masking RNG seeded by the
+   stream's count of takes; ``mask`` masks a batch joined from several takes.
 5. ``StreamSpec`` and ``interleave``: a host's data is ``streams`` such streams (each a
    disjoint share of the host's share, like a host of its own). Host batch ``n`` takes
    its rows from every stream in turn (``schedule``: about ``batch / streams`` each), so
@@ -658,37 +658,47 @@ class Examples:
 # --------------------------------------------------------------------------------------
 # Batches.
 
-class MaskedBatches:
-  """One stream's masked batches (and JSON state after each) from ``state`` on, any
-  number of rows at a time; ``state`` resumes exactly.
+class StreamRows:
+  """One stream's rows (and JSON state after each take) from ``state`` on, any number at
+  a time, each take with its masking generator; ``state`` resumes exactly.
 
-  The masking RNG is seeded by the stream's count of batches taken, so a resumed run
-  masks identically.
+  The generator is seeded by the stream's count of takes, so a resumed run masks
+  identically; a host batch joined from several streams' takes is masked in one call
+  (``mask``), each take's rows as they would be alone.
   """
 
-  def __init__(self, stream: ExampleStream, masker, state: Optional[dict] = None):
-    self.stream, self.masker = stream, masker
+  def __init__(self, stream: ExampleStream, state: Optional[dict] = None):
+    self.stream = stream
     if state is None:
       self._examples, self.count = stream.reader(), 0
     else:
       self._examples = stream.reader(StreamState.from_json(state['stream']))
       self.count = state['batches']
 
-  def take(self, rows: int) -> Tuple[Dict[str, np.ndarray], dict]:
+  def take(self, rows: int) -> Tuple[np.ndarray, np.random.Generator, dict]:
+    """(ids [rows, seq_len], their masking generator, the state after them)."""
     ids, after = self._examples.take(rows)
     rng = np.random.default_rng([self.stream.seed, self.stream.process_index, 1 << 20,
                                  self.count])
-    batch = self.masker(ids, (ids != tokenizer_lib.PAD_ID).astype(np.int32), rng)
     self.count += 1
-    return batch, {'stream': after.to_json(), 'batches': self.count}
+    return ids, rng, {'stream': after.to_json(), 'batches': self.count}
+
+
+def mask(masker, takes: Sequence[Tuple[np.ndarray, np.random.Generator]]
+         ) -> Dict[str, np.ndarray]:
+  """One masked batch of ``takes`` (ids, generator), joined in order."""
+  ids = takes[0][0] if len(takes) == 1 else np.concatenate([t[0] for t in takes])
+  return masker(ids, (ids != tokenizer_lib.PAD_ID).astype(np.int32),
+                [(len(t[0]), t[1]) for t in takes])
 
 
 def batches(stream: ExampleStream, batch_size: int, masker, state: Optional[dict] = None
             ) -> Iterator[Tuple[Dict[str, np.ndarray], dict]]:
   """Yields (masked batch of ``batch_size``, JSON state after it) forever."""
-  it = MaskedBatches(stream, masker, state)
+  rows = StreamRows(stream, state)
   while True:
-    yield it.take(batch_size)
+    ids, rng, after = rows.take(batch_size)
+    yield mask(masker, [(ids, rng)]), after
 
 
 # --------------------------------------------------------------------------------------
@@ -737,10 +747,10 @@ class StreamSpec:
                          seed=self.seed,
                          process_index=reader)
 
-  def batches(self, j: int, state: Optional[dict] = None) -> MaskedBatches:
-    """Stream ``j``'s masked rows from ``state`` on (``batch_size`` is the share's host
-    batch: ``schedule`` says how many rows of it each stream gives)."""
-    return MaskedBatches(self.stream(j), self.masker, state)
+  def rows(self, j: int, state: Optional[dict] = None) -> StreamRows:
+    """Stream ``j``'s rows from ``state`` on (``batch_size`` is the share's host batch:
+    ``schedule`` says how many rows of it each stream gives)."""
+    return StreamRows(self.stream(j), state)
 
 
 def fitting_streams(sources: Sequence[SourceSpec], hosts: int, streams: int
@@ -839,12 +849,6 @@ def make_position(specs: Sequence[StreamSpec], n: int, states: List[List], layou
   return positions[0] if len(specs) == 1 else positions
 
 
-def concatenate(items: Sequence[Dict[str, np.ndarray]]) -> Dict[str, np.ndarray]:
-  if len(items) == 1:
-    return items[0]
-  return {key: np.concatenate([b[key] for b in items]) for key in items[0]}
-
-
 def interleave(specs: Sequence[StreamSpec], position=None
                ) -> Iterator[Tuple[Dict[str, np.ndarray], object]]:
   """Host batches of these shares' streams in this process: batch ``n`` concatenates, for
@@ -852,11 +856,11 @@ def interleave(specs: Sequence[StreamSpec], position=None
   n, states, layout = start_positions(specs, position)
   readers = {}
   while True:
-    items = []
+    takes = []
     for s, j, rows in schedule(specs, n, layout):
       if (s, j) not in readers:
-        readers[s, j] = specs[s].batches(j, states[s][j])
-      batch, states[s][j] = readers[s, j].take(rows)
-      items.append(batch)
+        readers[s, j] = specs[s].rows(j, states[s][j])
+      ids, rng, states[s][j] = readers[s, j].take(rows)
+      takes.append((ids, rng))
     n += 1
-    yield concatenate(items), make_position(specs, n, states, layout)
+    yield mask(specs[0].masker, takes), make_position(specs, n, states, layout)

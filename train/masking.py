@@ -94,9 +94,13 @@ class WordMasker:
     has_word[unit[_WORD_START.take(code).astype(bool)]] = True
     return np.where(member & has_word[unit], unit, -1)
 
-  def __call__(self, ids: np.ndarray, input_mask: np.ndarray, rng: np.random.Generator
-               ) -> Dict[str, np.ndarray]:
+  def __call__(self, ids: np.ndarray, input_mask: np.ndarray, rng) -> Dict[str, np.ndarray]:
     """Returns the masked batch.
+
+    ``rng``: a ``np.random.Generator``, or a list of (rows, Generator) covering the batch
+    in order -- a batch joined from pieces masked as each piece alone would be with its
+    own generator (the pieces of several streams, ``train.data``), in one pass over the
+    whole batch.
 
     Returns:
       dict with ``input_ids`` (masked), ``input_mask``, ``labels`` (the original ids),
@@ -105,27 +109,47 @@ class WordMasker:
       decoding the masked positions only.
     """
     ids = np.asarray(ids, np.int32)
-    words = self.word_ids(ids)
-    num_words = int(words.max()) + 1 if words.size else 0
-    chosen = rng.random(num_words) < self.mask_prob
-    masked = (words >= 0) & chosen[np.maximum(words, 0)] & (input_mask > 0)
+    pieces = [(len(ids), rng)] if isinstance(rng, np.random.Generator) else list(rng)
+    if sum(rows for rows, _ in pieces) != len(ids):
+      raise ValueError(f'the pieces\' rows {[rows for rows, _ in pieces]} do not add up to '
+                       f'the batch\'s {len(ids)}')
+    masked = np.empty(ids.shape, bool)
+    words = np.empty(ids.shape, np.int32)
+    action = np.empty(ids.shape) if self.bert_replacement else None
+    at = 0
+    for rows, generator in pieces:
+      self._choose(ids[at:at + rows], generator, masked[at:at + rows], words[at:at + rows],
+                   None if action is None else action[at:at + rows])
+      at += rows
+    masked &= input_mask > 0
     if self.max_predictions is not None:
       masked = self._fit(masked, words)
     inputs = ids.copy()
     if self.bert_replacement:
-      action = rng.random(num_words)[np.maximum(words, 0)]   # one draw per word
-      random_bytes = rng.integers(tokenizer_lib.NUM_SPECIAL, tokenizer_lib.VOCAB_SIZE,
-                                  size=ids.shape, dtype=np.int32)
+      random_bytes = np.concatenate([
+          generator.integers(tokenizer_lib.NUM_SPECIAL, tokenizer_lib.VOCAB_SIZE,
+                             size=(rows,) + ids.shape[1:], dtype=np.int32)
+          for rows, generator in pieces])
       inputs = np.where(masked & (action < 0.8), tokenizer_lib.MASK_ID, inputs)
       inputs = np.where(masked & (action >= 0.8) & (action < 0.9), random_bytes, inputs)
     else:
-      inputs = np.where(masked, tokenizer_lib.MASK_ID, inputs)
-    batch = {'input_ids': inputs.astype(np.int32),
+      inputs[masked] = tokenizer_lib.MASK_ID
+    batch = {'input_ids': inputs,
              'input_mask': np.asarray(input_mask, np.int32),
              'labels': ids, 'weights': masked.astype(np.float32)}
     if self.max_predictions is not None:
       batch.update(self._positions(masked, ids))
     return batch
+
+  def _choose(self, ids, rng, masked, words, action) -> None:
+    """One piece: its units (into ``words``), which are masked (into ``masked``) and, with
+    BERT's rule, each masked unit's draw (into ``action``), from its own ``rng``."""
+    words[:] = self.word_ids(ids)
+    num_words = int(words.max()) + 1 if words.size else 0
+    chosen = rng.random(num_words) < self.mask_prob
+    masked[:] = (words >= 0) & chosen[np.maximum(words, 0)]
+    if action is not None:
+      action[:] = rng.random(num_words)[np.maximum(words, 0)]   # one draw per word
 
   def _fit(self, masked: np.ndarray, words: np.ndarray) -> np.ndarray:
     """Unmasks whole words from the end of rows with more than max_predictions bytes."""

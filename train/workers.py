@@ -85,9 +85,9 @@ def _worker_main(specs, states, start: int, layout: str, index: int, count: int,
         if g % count != index:
           continue
         if (s, j) not in readers:
-          readers[s, j] = specs[s].batches(j, states[s][j])
-        batch, state = readers[s, j].take(rows)
-        conn.send(('batch', _narrow(batch), state))
+          readers[s, j] = specs[s].rows(j, states[s][j])
+        ids, rng, state = readers[s, j].take(rows)
+        conn.send(('batch', _narrow(data_lib.mask(specs[s].masker, [(ids, rng)])), state))
       n += 1
   except (BrokenPipeError, EOFError, KeyboardInterrupt):
     return     # the training process has gone, or closed the pool
