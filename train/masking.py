@@ -68,10 +68,16 @@ class WordMasker:
 
     With ``unit='byte'`` every non-special byte is its own "word".
     """
+    return self._units(ids)[0]
+
+  def _units(self, ids: np.ndarray):
+    """(``word_ids``, and per position the number of units started up to it, minus one:
+    the word index before units without a word are dropped, so the rows of a piece
+    number their words from that count at the piece's first row)."""
     special = ids < tokenizer_lib.NUM_SPECIAL
     if self.unit == 'byte':
       unit = np.cumsum(~special.reshape(-1)).reshape(ids.shape) - 1
-      return np.where(special, -1, unit)
+      return np.where(special, -1, unit), unit
     # Each position's class (0 special, 1 whitespace, 2 other byte) and its left
     # neighbour's (0 at a row's start), combined into one code looked up in small tables:
     # a few passes over uint8 arrays instead of many over bool ones.
@@ -92,7 +98,7 @@ class WordMasker:
     # unit: a unit counts if a word starts in it.
     has_word = np.zeros(int(unit[-1, -1]) + 2 if unit.size else 1, bool)
     has_word[unit[_WORD_START.take(code).astype(bool)]] = True
-    return np.where(member & has_word[unit], unit, -1)
+    return np.where(member & has_word[unit], unit, -1), unit
 
   def __call__(self, ids: np.ndarray, input_mask: np.ndarray, rng) -> Dict[str, np.ndarray]:
     """Returns the masked batch.
@@ -113,14 +119,10 @@ class WordMasker:
     if sum(rows for rows, _ in pieces) != len(ids):
       raise ValueError(f'the pieces\' rows {[rows for rows, _ in pieces]} do not add up to '
                        f'the batch\'s {len(ids)}')
-    masked = np.empty(ids.shape, bool)
-    words = np.empty(ids.shape, np.int32)
-    action = np.empty(ids.shape) if self.bert_replacement else None
-    at = 0
-    for rows, generator in pieces:
-      self._choose(ids[at:at + rows], generator, masked[at:at + rows], words[at:at + rows],
-                   None if action is None else action[at:at + rows])
-      at += rows
+    words, unit = self._units(ids)
+    chosen, action = self._draws(pieces, words, unit)
+    index = np.maximum(words, 0)
+    masked = (words >= 0) & chosen[index]
     masked &= input_mask > 0
     if self.max_predictions is not None:
       masked = self._fit(masked, words)
@@ -130,6 +132,7 @@ class WordMasker:
           generator.integers(tokenizer_lib.NUM_SPECIAL, tokenizer_lib.VOCAB_SIZE,
                              size=(rows,) + ids.shape[1:], dtype=np.int32)
           for rows, generator in pieces])
+      action = action[index]
       inputs = np.where(masked & (action < 0.8), tokenizer_lib.MASK_ID, inputs)
       inputs = np.where(masked & (action >= 0.8) & (action < 0.9), random_bytes, inputs)
     else:
@@ -141,15 +144,23 @@ class WordMasker:
       batch.update(self._positions(masked, ids))
     return batch
 
-  def _choose(self, ids, rng, masked, words, action) -> None:
-    """One piece: its units (into ``words``), which are masked (into ``masked``) and, with
-    BERT's rule, each masked unit's draw (into ``action``), from its own ``rng``."""
-    words[:] = self.word_ids(ids)
-    num_words = int(words.max()) + 1 if words.size else 0
-    chosen = rng.random(num_words) < self.mask_prob
-    masked[:] = (words >= 0) & chosen[np.maximum(words, 0)]
-    if action is not None:
-      action[:] = rng.random(num_words)[np.maximum(words, 0)]   # one draw per word
+  def _draws(self, pieces, words: np.ndarray, unit: np.ndarray):
+    """(chosen, action): per word of the batch, whether it is masked and (BERT's rule,
+    else None) its replacement draw, each from its own piece's generator. A piece alone
+    numbers its words from 0; in the batch they are numbered from the units started
+    before its first row, so its draws fill that range (plus one unused entry at the end,
+    for a batch with no word)."""
+    chosen, action, at, end = [], [], 0, 0
+    for rows, generator in pieces:
+      first = int(unit[end - 1, -1]) + 1 if end else 0
+      end += rows
+      count = max(int(words[end - rows:end].max(initial=-1)) + 1 - first, 0)
+      chosen += [np.zeros(first - at, bool), generator.random(count) < self.mask_prob]
+      if self.bert_replacement:   # one draw per word, after the piece's choices
+        action += [np.zeros(first - at), generator.random(count)]
+      at = first + count
+    chosen = np.concatenate(chosen + [np.zeros(1, bool)])
+    return chosen, (np.concatenate(action + [np.zeros(1)]) if action else None)
 
   def _fit(self, masked: np.ndarray, words: np.ndarray) -> np.ndarray:
     """Unmasks whole words from the end of rows with more than max_predictions bytes."""
