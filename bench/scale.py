@@ -34,6 +34,11 @@ XLA:CPU otherwise turns optimization barriers into control dependencies before m
 common subexpressions, which merges each recomputed block back into the forward pass,
 where a GPU or TPU compiler keeps the barrier. It changes no program without barriers
 (the GPU program without remat has none).
+
+What the temporaries hold (weights gathered whole, gradients all-reduced whole, the rest)
+and which part divides with fsdp: add ``--xla_dump_to=DIR`` to ``XLA_FLAGS`` and read the
+dumped programs with ``python -m bench.live DIR`` (its docstring says what XLA:CPU does
+there that a GPU compiler does not).
 """
 
 from __future__ import annotations

@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import pathlib
 import statistics
 import subprocess
@@ -178,3 +179,85 @@ def test_scale_placed_state_of_the_released_model():
   assert one['param_bytes'] == 4 * 201_108_230
   assert one['state_and_grad_bytes'] == 16 * 201_108_230
   assert one['param_bytes'] / 8 < eight['param_bytes'] < one['param_bytes'] / 7.9
+
+
+_ASSIGNMENT = """BufferAssignment:
+allocation 0: size 64, parameter 0, shape |f32[16]| at ShapeIndex {}:
+ value: <1 param @0> (size=64,offset=0): f32[16]{0}
+allocation 1: size 2097408, preallocated-temp:
+ value: <2 all-gather.1 @0> (size=100,offset=0): f32[25]{0}
+ value: <3 all-reduce.2{} @0> (size=16,offset=128): (f32[], f32[512,1024]{1,0})
+ value: <4 all-reduce.2{0} @0> (size=4,offset=144): f32[]
+ value: <5 all-reduce.2{1} @0> (size=2097152,offset=256): f32[512,1024]{1,0}
+ value: <6 fusion.3 @0> (size=50,offset=160): f32[12]{0}
+"""
+_RANGES = """HloLiveRange (max 4):
+  BufferLiveRange:
+    param{}:0-4
+    all-gather.1{}:0-2
+    all-reduce.2{}:2-2
+    all-reduce.2{0}:2-2
+    all-reduce.2{1}:2-4
+    fusion.3{}:1-3
+  Live ranges at 2 (peak):
+    all-gather.1{}: 100 bytes
+"""
+
+
+def test_live_sums_each_kind_of_temporary_over_the_schedule():
+  """Worked by hand: the parameter is not a temporary; at position 2 the gathered 100
+  bytes, the 2 MiB gradient and the 16 + 4 + 50 other bytes are live together."""
+  from bench import live  # pylint: disable=import-outside-toplevel
+  total, sizes = live.temp_values(_ASSIGNMENT)
+  assert total == 2097408 and 'param{}' not in sizes
+  assert sizes['all-gather.1{}'] == 100 and sizes['all-reduce.2{1}'] == 2097152
+  profile = live.profile(sizes, live.live_ranges(_RANGES))
+  assert profile == {'gathered': [100, 100, 100, 0, 0], 'reduced': [0, 0, 2097152, 2097152, 2097152],
+                     'other': [0, 50, 70, 50, 0]}
+  out = live.summary(profile, fsdp=4)
+  assert out['peak_position'] == 2 and out['peak_live'] == 100 + 2097152 + 70
+  assert out['at_peak'] == {'gathered': 100, 'reduced': 2097152, 'other': 70}
+  assert out['most_reduced_live'] == 2097152
+  # Position 2 again, the gradient counted as a quarter: 100 + 524288 + 70.
+  assert out['sharded_estimate'] == 100 + 524288 + 70
+
+
+_FSDP_CHILD = r"""
+import json, sys
+import jax, jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
+sys.path.insert(0, sys.argv[2])
+from bench import live
+mesh = jax.sharding.Mesh(jax.devices(), ('fsdp',))
+split = {'w1': NamedSharding(mesh, P(None, 'fsdp')), 'w2': NamedSharding(mesh, P('fsdp'))}
+batch = NamedSharding(mesh, P('fsdp'))
+def step(w, x):
+  loss = lambda w: jnp.sum(jnp.tanh(x @ w['w1']) @ w['w2'])
+  return jax.tree.map(lambda p, g: p - 0.1 * g, w, jax.grad(loss)(w))
+shapes = {'w1': jax.ShapeDtypeStruct((256, 1024), jnp.float32, sharding=split['w1']),
+          'w2': jax.ShapeDtypeStruct((1024, 256), jnp.float32, sharding=split['w2'])}
+x = jax.ShapeDtypeStruct((4096, 256), jnp.float32, sharding=batch)
+compiled = jax.jit(step, out_shardings=split).lower(shapes, x).compile()
+rows = live.read_dump(sys.argv[1], fsdp=4)
+print(json.dumps({'temp': compiled.memory_analysis().temp_size_in_bytes, 'rows': rows}))
+"""
+
+
+@pytest.mark.slow
+def test_live_reads_what_xla_cpu_dumps_for_an_fsdp_step(tmp_path):
+  """A two-weight FSDP step on 4 simulated devices: the dump's temporaries are the
+  compiled memory analysis's to the byte, the values live at the peak add up to them
+  (within what XLA reuses in place), and a 1 MiB gradient is all-reduced whole (XLA:CPU
+  has no reduce-scatter)."""
+  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=(
+      f'--xla_force_host_platform_device_count=4 --xla_dump_to={tmp_path} '
+      '--xla_dump_hlo_module_re=jit_step'))
+  done = subprocess.run([sys.executable, '-c', _FSDP_CHILD, str(tmp_path), str(ROOT)],
+                        env=env, capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr[-3000:]
+  out = json.loads(done.stdout.strip().splitlines()[-1])
+  (row,) = out['rows']
+  assert row['temp_allocation'] == out['temp']
+  assert 0.9 * out['temp'] <= row['peak_live'] <= 1.01 * out['temp']
+  assert sum(row['at_peak'].values()) == row['peak_live']
+  assert row['most_reduced_live'] >= 1 << 20
