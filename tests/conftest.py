@@ -13,6 +13,8 @@ per process instead of once per test. What is computed does not change, and noth
 kept between sessions.
 """
 
+import os
+
 import jax
 from jax.experimental.compilation_cache import compilation_cache
 import pytest
@@ -46,10 +48,25 @@ def pytest_collection_modifyitems(config, items):
       item.add_marker('hf')
   if config.getoption('--slow') or config.getoption('-m'):
     return
-  slow = [item for item in items if 'slow' in item.keywords]
+  named = _named_tests(config)
+  slow = [item for item in items if 'slow' in item.keywords
+          and item.nodeid.split('[')[0] not in named and item.nodeid not in named]
   if slow:
     config.hook.pytest_deselected(items=slow)
-    items[:] = [item for item in items if 'slow' not in item.keywords]
+    dropped = set(map(id, slow))
+    items[:] = [item for item in items if id(item) not in dropped]
+
+
+def _named_tests(config):
+  """The tests named by node id on the command line (``path::test``), as node ids: a test
+  named so runs whether it is slow or not."""
+  named = set()
+  for arg in config.args:
+    path, sep, rest = str(arg).partition('::')
+    if sep:
+      relative = os.path.relpath(os.path.abspath(path), str(config.rootpath))
+      named.add(f'{relative}::{rest}')
+  return named
 
 
 @pytest.fixture(autouse=True, scope='session')
