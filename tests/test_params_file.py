@@ -12,7 +12,6 @@ import textwrap
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
