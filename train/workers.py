@@ -5,12 +5,13 @@ processes, so the rate grows with the host's cores instead of stopping at one Py
 thread's GIL. Stream ``g`` (share ``s``, stream ``j``: ``g = s * streams + j``) runs in
 worker ``g % workers``; each worker walks the same schedule as ``data.interleave`` (host
 batch ``n`` takes a few rows of every stream of every share, ``data.schedule``) and
-sends, in that order, the rows of the streams it owns. The training process receives them in the schedule's
-order, so the batches are exactly ``data.interleave``'s -- the same at 0, 1, 2 or 8
-workers -- and the position after each batch (every stream's state) resumes exactly.
+sends, in that order, the masked rows of the streams it owns. The training process
+receives them in the schedule's order and joins them, so the batches are exactly
+``data.interleave``'s -- the same at 0, 1, 2 or 8 workers -- and the position after each
+batch (every stream's state) resumes exactly.
 
-Each worker sends through its own pipe, one stream's rows at a time, so it runs at most
-one host batch ahead of what was received (the ``Prefetcher`` thread that receives keeps the
+Each worker sends through its own pipe, one stream's rows at a time, so it runs about one
+host batch ahead of what was received (the ``Prefetcher`` thread that receives keeps the
 queue ahead of the train step). Ids travel as int16 and 0/1 arrays as uint8 (6 bytes a
 position instead of 16) and are widened back on arrival.
 
