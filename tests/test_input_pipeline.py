@@ -186,6 +186,15 @@ def _zombie(pid):
     return True
 
 
+def _assert_all_end(pids, within_s):
+  """Every process of ``pids`` has ended (or is a zombie awaiting its parent) within
+  ``within_s`` seconds."""
+  deadline = time.time() + within_s
+  while time.time() < deadline and not all(_zombie(p) for p in pids):
+    time.sleep(0.1)
+  assert all(_zombie(p) for p in pids)
+
+
 @pytest.mark.slow
 def test_a_killed_worker_stops_the_pipeline_with_one_error(tmp_path):
   specs = [_spec(_two_sources(tmp_path), streams=2)]
@@ -305,10 +314,7 @@ def test_kill_9_mid_run_with_workers_then_resume_equals_a_straight_run(tmp_path)
   proc.kill()
   proc.wait()
   # The workers end by themselves once the training process has gone.
-  deadline = time.time() + 60
-  while time.time() < deadline and not all(_zombie(p) for p in data_workers):
-    time.sleep(0.2)
-  assert all(_zombie(p) for p in data_workers)
+  _assert_all_end(data_workers, 60)
   saved = max(int(p.name[5:14]) for p in killed.glob('ckpt_*[0-9]'))
   end = saved + 2
   for workdir, workers_count in ((killed, 1), (tmp_path / 'straight', 0)):
@@ -328,10 +334,7 @@ def test_closing_the_prefetcher_ends_the_workers_and_waits_are_counted(tmp_path)
   next(prefetcher)      # waits at least for the workers to start and build a block
   assert prefetcher.waited_s > 0
   prefetcher.close()
-  deadline = time.time() + 30
-  while time.time() < deadline and not all(_zombie(p) for p in pool.pids()):
-    time.sleep(0.1)
-  assert all(_zombie(p) for p in pool.pids())
+  _assert_all_end(pool.pids(), 30)
 
 
 def test_the_data_suite_computes_the_devices_need_from_the_flops():
@@ -462,10 +465,7 @@ def test_a_stopped_worker_is_named_with_its_pid_after_the_bound_on_one_wait(tmp_
     assert any(f'on data worker 1 of 2 (pid {stopped}' in note for note in notes)
   finally:
     prefetcher.close()
-  deadline = time.time() + 20
-  while time.time() < deadline and not all(_zombie(p) for p in pool.pids()):
-    time.sleep(0.1)
-  assert all(_zombie(p) for p in pool.pids())
+  _assert_all_end(pool.pids(), 20)
 
 
 def test_the_bound_on_one_wait_names_the_reading_thread_without_workers():
